@@ -1,0 +1,26 @@
+"""twisted-httpwasm: run http-wasm middleware guests in front of twisted.web resources.
+
+Three lines put a guest in front of a resource::
+
+    from twisted_httpwasm import Guest, GuestResource
+    guest = Guest.load("examples/router.wat")
+    site = Site(GuestResource(guest, MyResource()))
+"""
+
+from .abi import BodyKind, Feature, HeaderKind, LogLevel
+from .guest import Execution, Guest, GuestLoadError, GuestTrap, Mount
+from .resource import FailurePolicy, GuestResource
+
+__all__ = [
+    "BodyKind",
+    "Execution",
+    "FailurePolicy",
+    "Feature",
+    "Guest",
+    "GuestLoadError",
+    "GuestResource",
+    "GuestTrap",
+    "HeaderKind",
+    "LogLevel",
+    "Mount",
+]

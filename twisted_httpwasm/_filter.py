@@ -1,0 +1,484 @@
+"""The per-request filter: pins one guest instance from request to response.
+
+A :class:`RequestFilter` is made for each request that reaches a
+:class:`~twisted_httpwasm.resource.GuestResource`.  It
+
+1. snapshots the request as plain data and runs ``handle_request`` (in a
+   worker thread or inline) on an instance it takes from the pool and pins;
+2. applies what the guest changed to the real ``Request`` on the reactor
+   thread, redoes resource traversal on the (possibly rewritten) path and
+   renders the downstream resource, watching its ``write``/``finish``;
+3. runs ``handle_response`` on the *same* instance when the downstream is
+   done, failed, or the client went away, then gives the instance back to the
+   pool exactly once.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.interfaces import IPullProducer, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.http_headers import Headers
+from twisted.web.resource import getChildForRequest
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ._pool import GuestUnavailable
+from ._state import BodyTooLarge, RequestState
+from .abi import Feature
+from .guest import GuestInstance, GuestTrap
+
+if TYPE_CHECKING:
+    from .resource import GuestResource
+
+__all__ = ["RequestFilter"]
+
+_log = Logger(namespace="httpwasm")
+
+_ERROR_BODIES = {
+    http.INTERNAL_SERVER_ERROR: b"Internal Server Error\n",
+    http.BAD_GATEWAY: b"Bad Gateway\n",
+    http.SERVICE_UNAVAILABLE: b"Service Unavailable\n",
+    http.REQUEST_ENTITY_TOO_LARGE: b"Request Entity Too Large\n",
+}
+
+_HOOKED = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
+
+
+class _Stage(enum.Enum):
+    GUEST_REQUEST = "handle_request"
+    DOWNSTREAM = "downstream"
+    GUEST_RESPONSE = "handle_response"
+    DONE = "done"
+
+
+def _source_addr(request: Request) -> bytes:
+    address = request.getClientAddress()
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return b""
+    if ":" in host:
+        return f"[{host}]:{port}".encode()
+    return f"{host}:{port}".encode()
+
+
+def _protocol(request: Request) -> bytes:
+    proto = request.clientproto or b"HTTP/1.0"
+    return b"HTTP/2.0" if proto in (b"HTTP/2", b"HTTP/2.0") else proto
+
+
+def _abort(request: Request) -> None:
+    transport = getattr(request.channel, "transport", None)
+    abort = getattr(transport, "abortConnection", None) or getattr(transport, "loseConnection", None)
+    if abort is not None:
+        abort()
+
+
+def _raw_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(name.lower(), value) for name, values in headers.getAllRawHeaders() for value in values]
+
+
+class RequestFilter:
+    """One request's passage through a guest, holding its pinned instance."""
+
+    def __init__(self, wrapper: GuestResource, request: Request):
+        self.wrapper = wrapper
+        self.guest = wrapper.guest
+        self.request = request
+        self.instance: GuestInstance | None = None
+        self.stage = _Stage.GUEST_REQUEST
+        self.req_ctx = 0
+        self.next_called = False
+        self.client_gone = False
+        self.downstream_failure: Failure | None = None
+        self._buffering = False
+        self._buffer = bytearray()
+        self._prefix = b""
+        self._original_response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
+        self._producer: Any = None
+        self._mount = list(request.prepath or [])
+        body = request.content
+        if body is not None:
+            body.seek(0)
+        length = request.getHeader(b"content-length")
+        self._content_length = int(length) if length is not None and length.isdigit() else 0
+        self.state = RequestState(
+            method=request.method,
+            uri=request.uri,
+            protocol=_protocol(request),
+            source_addr=_source_addr(request),
+            headers=_raw_headers(request.requestHeaders),
+            body=body,
+            max_buffer_bytes=self.guest.max_buffer_bytes,
+        )
+
+    # -- 1. handle_request ---------------------------------------------------------
+
+    def start(self) -> object:
+        """Render entry point: always answers asynchronously (NOT_DONE_YET)."""
+        self.request.notifyFinish().addErrback(self._connection_lost)
+        self.wrapper.runner.run(self._run_handle_request, self._after_handle_request, self._handle_request_failed)
+        return NOT_DONE_YET
+
+    def _run_handle_request(self) -> bool:
+        """Worker side: pin an instance and run ``handle_request``."""
+        instance = self.guest.pool.acquire()
+        self.instance = instance
+        if instance.features & Feature.BUFFER_REQUEST:
+            self._check_request_size()
+        ctx = instance.handle_request(self.state)
+        self.req_ctx = ctx.req_ctx
+        if not ctx.next:
+            self._release()
+        return ctx.next
+
+    def _check_request_size(self) -> None:
+        self.state.check_size(self._content_length)
+
+    def _handle_request_failed(self, error: BaseException) -> None:
+        if isinstance(error, BodyTooLarge):
+            self._release()
+            self._log_refusal("request body too large for buffer_request", error)
+            self._fail(http.REQUEST_ENTITY_TOO_LARGE)
+            return
+        self._release()
+        if isinstance(error, GuestUnavailable):
+            self._log_refusal("no guest instance available", error)
+            self.request.setHeader(b"retry-after", b"1")
+            self._fail(http.SERVICE_UNAVAILABLE)
+            return
+        reason = error.reason if isinstance(error, GuestTrap) else repr(error)
+        _log.error(
+            "guest {guest} failed in handle_request for {method} {uri}: {reason}",
+            guest=self.guest.name,
+            method=self.request.method,
+            uri=self.request.uri,
+            reason=reason,
+        )
+        if self.wrapper.fail_open and not self.client_gone:
+            # Pass the untouched request on, without the guest.
+            self.stage = _Stage.DOWNSTREAM
+            if self.request.content is not None:
+                self.request.content.seek(0)
+            self._render_downstream(hooked=False)
+            return
+        self._fail(http.INTERNAL_SERVER_ERROR)
+
+    def _after_handle_request(self, next_: bool) -> None:
+        if not next_:
+            self.stage = _Stage.DONE
+            if not self.client_gone:
+                self._send_guest_response()
+            return
+        self.next_called = True
+        state = self.state
+        if self.client_gone:
+            self._enter_response_phase(self.request.code, [], None)
+            self._run_handle_response(is_error=True)
+            return
+        if state.features & Feature.BUFFER_REQUEST:
+            try:
+                self._check_request_size()
+            except BodyTooLarge as error:
+                self._log_refusal("request body too large for buffer_request", error)
+                self._enter_response_phase(http.REQUEST_ENTITY_TOO_LARGE, [], None)
+                self._run_handle_response(is_error=True, then_status=http.REQUEST_ENTITY_TOO_LARGE)
+                return
+        self._apply_request_changes()
+        self.stage = _Stage.DOWNSTREAM
+        self._render_downstream(hooked=True)
+
+    def _send_guest_response(self) -> None:
+        request, state = self.request, self.state
+        request.setResponseCode(state.status)
+        request.responseHeaders = Headers()
+        for name, value in state.response_headers.items():
+            request.responseHeaders.addRawHeader(name, value)
+        body = bytes(state.response_body or b"")
+        request.responseHeaders.removeHeader(b"transfer-encoding")
+        if request.code not in http.NO_BODY_CODES:
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            request.write(body)
+        request.finish()
+
+    # -- 2. the downstream -------------------------------------------------------------
+
+    def _apply_request_changes(self) -> None:
+        request, state = self.request, self.state
+        if state.method_changed:
+            request.method = state.method
+        if state.request_headers.changed:
+            headers = Headers()
+            for name, value in state.request_headers.items():
+                headers.addRawHeader(name, value)
+            request.requestHeaders = headers
+        body: bytes | None = None
+        if state.request_body is not None:
+            body = bytes(state.request_body)
+        elif state.request_reader.consumed and not state.features & Feature.BUFFER_REQUEST:
+            body = state.request_reader.rest()  # what the guest read is gone
+        if body is not None:
+            request.content = io.BytesIO(body)
+            request.requestHeaders.removeHeader(b"transfer-encoding")
+            request.requestHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        elif request.content is not None:
+            request.content.seek(0)
+        if state.uri_changed:
+            request.uri = state.uri
+            path, _, query = state.uri.partition(b"?")
+            request.path = path
+            request.args = http.parse_qs(query, 1)
+            segments = [unquote_to_bytes(segment) for segment in path[1:].split(b"/")]
+            mount = self._mount
+            if segments[: len(mount)] == mount:
+                segments = segments[len(mount) :]
+            request.prepath = list(mount)
+            request.postpath = segments
+        # What the guest set on the response before next is part of the final response.
+        for name in state.response_headers.names():
+            request.responseHeaders.setRawHeaders(name, state.response_headers.values(name))
+        if state.status_changed:
+            request.setResponseCode(state.status)
+        self._prefix = bytes(state.response_body or b"")
+        self._buffering = bool(state.features & Feature.BUFFER_RESPONSE)
+        if self._buffering:
+            self._buffer = bytearray(self._prefix)
+            self._prefix = b""
+
+    def _render_downstream(self, hooked: bool) -> None:
+        request = self.request
+        if hooked:
+            self._hook()
+        resource = getChildForRequest(self.wrapper.downstream, request)
+        try:
+            request.render(resource)
+        except BaseException:
+            request.processingFailed(Failure())
+
+    def _hook(self) -> None:
+        request: Any = self.request
+        request.write = self._downstream_write
+        request.finish = self._downstream_finish
+        request.processingFailed = self._downstream_failed
+        if self._buffering:
+            request.registerProducer = self._register_producer
+            request.unregisterProducer = self._unregister_producer
+
+    def _unhook(self) -> None:
+        request: Any = self.request
+        for name in _HOOKED:
+            request.__dict__.pop(name, None)
+
+    def _downstream_write(self, data: bytes) -> None:
+        if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
+            return  # late write from a downstream whose request already ended
+        if self._buffering:
+            self._buffer += data
+            if len(self._buffer) > self.guest.max_buffer_bytes:
+                self._buffer_overflow()
+            return
+        if self._prefix:
+            prefix, self._prefix = self._prefix, b""
+            length = self.request.responseHeaders.getRawHeaders(b"content-length")
+            if length and length[0].isdigit():
+                self.request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (int(length[0]) + len(prefix))])
+            Request.write(self.request, prefix)
+        Request.write(self.request, data)
+
+    def _buffer_overflow(self) -> None:
+        _log.error(
+            "guest {guest}: buffered response for {uri} exceeds {limit} bytes; answering 502",
+            guest=self.guest.name,
+            uri=self.request.uri,
+            limit=self.guest.max_buffer_bytes,
+        )
+        self._buffer = bytearray()
+        self._stop_producer()
+        self.stage = _Stage.GUEST_RESPONSE
+        self._enter_response_phase(http.BAD_GATEWAY, [], None)
+        self._run_handle_response(is_error=True, then_status=http.BAD_GATEWAY)
+
+    def _downstream_finish(self) -> None:
+        if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
+            return
+        self.stage = _Stage.GUEST_RESPONSE
+        if self._prefix and not self._buffering:
+            self._downstream_write_prefix_only()
+        request = self.request
+        headers = _raw_headers(request.responseHeaders)
+        headers += [(b"set-cookie", cookie) for cookie in request.cookies]
+        if self._buffering:
+            body = bytes(self._buffer)
+            self._buffer = bytearray()
+            self._original_response = (request.code, headers, body)
+            self._enter_response_phase(request.code, headers, body)
+        else:
+            self._enter_response_phase(request.code, headers, None)
+        self._run_handle_response(is_error=False)
+
+    def _downstream_write_prefix_only(self) -> None:
+        prefix, self._prefix = self._prefix, b""
+        if not self.request.startedWriting and not self.request.responseHeaders.hasHeader(b"content-length"):
+            self.request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(prefix)])
+        Request.write(self.request, prefix)
+
+    def _downstream_failed(self, reason: Failure) -> Failure:
+        if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
+            return reason
+        self.stage = _Stage.GUEST_RESPONSE
+        self.downstream_failure = reason
+        self._stop_producer()
+        self._enter_response_phase(http.INTERNAL_SERVER_ERROR, [], None)
+        self._run_handle_response(is_error=True)
+        return reason
+
+    def _register_producer(self, producer: Any, streaming: bool) -> None:
+        """Buffer mode: the transport never sees the bytes, so drive producers here."""
+        self._producer = producer
+        if not streaming and IPullProducer.providedBy(producer):
+            self._pump()
+
+    def _pump(self) -> None:
+        producer = self._producer
+        if producer is None or self.stage is not _Stage.DOWNSTREAM:
+            return
+        producer.resumeProducing()
+        if self._producer is producer:
+            self.wrapper.reactor.callLater(0, self._pump)
+
+    def _unregister_producer(self) -> None:
+        self._producer = None
+
+    def _stop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None and (IPushProducer.providedBy(producer) or IPullProducer.providedBy(producer)):
+            try:
+                producer.stopProducing()
+            except Exception:  # noqa: BLE001 - the downstream's own problem; the request is ending
+                _log.failure("stopping the downstream's producer failed")
+
+    # -- 3. handle_response --------------------------------------------------------------
+
+    def _enter_response_phase(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None) -> None:
+        self.stage = _Stage.GUEST_RESPONSE
+        self.state.enter_response_phase(status, headers, body)
+
+    def _run_handle_response(self, *, is_error: bool, then_status: int | None = None) -> None:
+        def work() -> None:
+            instance = self.instance
+            assert instance is not None
+            try:
+                instance.handle_response(self.state, self.req_ctx, is_error)
+            finally:
+                self._release()
+
+        def done(_: None) -> None:
+            self._after_handle_response(then_status)
+
+        def failed(error: BaseException) -> None:
+            self._handle_response_failed(error, then_status)
+
+        self.state.is_error = is_error
+        self.wrapper.runner.run(work, done, failed)
+
+    def _after_handle_response(self, then_status: int | None) -> None:
+        self.stage = _Stage.DONE
+        self._unhook()
+        if self.client_gone:
+            return
+        if then_status is not None:
+            self._fail(then_status)
+        elif self.downstream_failure is not None:
+            self.request.processingFailed(self.downstream_failure)
+        elif self._buffering:
+            self._send_buffered(self.state.status, self.state.response_headers.items(), bytes(self.state.response_body or b""))
+        else:
+            self.request.finish()
+
+    def _send_buffered(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        request = self.request
+        request.setResponseCode(status)
+        request.cookies = []
+        request.responseHeaders = Headers()
+        for name, value in headers:
+            request.responseHeaders.addRawHeader(name, value)
+        request.responseHeaders.removeHeader(b"transfer-encoding")
+        if status not in http.NO_BODY_CODES:
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            request.write(body)
+        request.finish()
+
+    def _handle_response_failed(self, error: BaseException, then_status: int | None) -> None:
+        self.stage = _Stage.DONE
+        reason = error.reason if isinstance(error, GuestTrap) else repr(error)
+        _log.error(
+            "guest {guest} failed in handle_response for {method} {uri}: {reason}",
+            guest=self.guest.name,
+            method=self.request.method,
+            uri=self.request.uri,
+            reason=reason,
+        )
+        self._unhook()
+        if self.client_gone:
+            return
+        request = self.request
+        if then_status is not None:
+            self._fail(then_status)
+        elif self.downstream_failure is not None:
+            request.processingFailed(self.downstream_failure)
+        elif self.wrapper.fail_open and self._original_response is not None:
+            self._send_buffered(*self._original_response)
+        elif self.wrapper.fail_open and not self._buffering:
+            request.finish()
+        elif request.startedWriting:
+            # Part of the response is on the wire: the only honest signal left is to cut it.
+            _abort(request)
+        else:
+            self._fail(http.INTERNAL_SERVER_ERROR)
+
+    # -- endings ----------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        """Give the pinned instance back, exactly once (thread-safe: pool is locked)."""
+        instance, self.instance = self.instance, None
+        if instance is not None:
+            self.guest.pool.release(instance)
+
+    def _fail(self, status: int) -> None:
+        request = self.request
+        if self.client_gone or request.finished:
+            return
+        self._unhook()
+        body = _ERROR_BODIES.get(status, b"Error\n")
+        request.setResponseCode(status)
+        request.cookies = []
+        retry_after = request.responseHeaders.getRawHeaders(b"retry-after")
+        request.responseHeaders = Headers({b"content-type": [b"text/plain; charset=utf-8"]})
+        if retry_after:
+            request.responseHeaders.setRawHeaders(b"retry-after", retry_after)
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        request.write(body)
+        request.finish()
+
+    def _log_refusal(self, what: str, error: BaseException) -> None:
+        _log.warn("guest {guest}: {what} for {uri}: {error}", guest=self.guest.name, what=what, uri=self.request.uri, error=error)
+
+    def _connection_lost(self, reason: Failure) -> None:
+        """The client went away: release everything without writing again."""
+        self.client_gone = True
+        self._stop_producer()
+        if self.stage is _Stage.DOWNSTREAM:
+            self._unhook()
+            if self.next_called:
+                self._enter_response_phase(self.request.code, [], None)
+                self._run_handle_response(is_error=True)
+            else:
+                self.stage = _Stage.DONE
+        # GUEST_REQUEST / GUEST_RESPONSE: the running call sees client_gone when it returns.
+

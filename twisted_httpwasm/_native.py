@@ -1,0 +1,266 @@
+"""The fast path into wasmtime's C API, through wasmtime-py's ctypes library.
+
+wasmtime-py's public ``Func.__call__`` and ``Linker.define_func`` convert every
+value through ``Val`` objects (8-18 µs per call), and they pass a host
+function's exception back through one process-global slot, which is not safe
+when several threads run guests.  The C API's *unchecked* entry points take
+raw value slots instead: this module is the only place that uses them, so the
+rest of the host stays on wasmtime-py's public types.
+
+Tested with the wasmtime range pinned in ``setup.cfg``; ``tests/test_native.py``
+compares this path with the public API on the same guests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import wasmtime
+from wasmtime import _ffi as ffi
+
+__all__ = [
+    "GuestCallError",
+    "HostTrap",
+    "NativeFunc",
+    "NativeMemory",
+    "current",
+    "define_host_function",
+    "increment_epoch",
+    "set_epoch_deadline",
+]
+
+_dll = ffi.dll
+_c_void_p = ctypes.c_void_p
+_c_size_t = ctypes.c_size_t
+
+# One wasmtime_val_raw_t slot is 16 bytes (it can hold a v128); i32/i64 sit at offset 0.
+_SLOT = 16
+
+
+def _proto(name: str, restype: Any, *argtypes: Any) -> Any:
+    return ctypes.CFUNCTYPE(restype, *argtypes)((name, _dll))
+
+
+_memory_data = _proto("wasmtime_memory_data", _c_void_p, _c_void_p, _c_void_p)
+_memory_data_size = _proto("wasmtime_memory_data_size", _c_size_t, _c_void_p, _c_void_p)
+_func_call_unchecked = _proto(
+    "wasmtime_func_call_unchecked", _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_size_t, _c_void_p
+)
+_trap_new = _proto("wasmtime_trap_new", _c_void_p, ctypes.c_char_p, _c_size_t)
+_set_epoch_deadline = _proto("wasmtime_context_set_epoch_deadline", None, _c_void_p, ctypes.c_uint64)
+_increment_epoch = _proto("wasmtime_engine_increment_epoch", None, _c_void_p)
+
+_UncheckedCallback = ctypes.CFUNCTYPE(_c_size_t, _c_void_p, _c_void_p, _c_void_p, _c_size_t)
+_define_func_unchecked = _proto(
+    "wasmtime_linker_define_func_unchecked",
+    _c_void_p,
+    _c_void_p,
+    ctypes.c_char_p,
+    _c_size_t,
+    ctypes.c_char_p,
+    _c_size_t,
+    _c_void_p,
+    _UncheckedCallback,
+    _c_void_p,
+    _c_void_p,
+)
+
+_string_at = ctypes.string_at
+_memmove = ctypes.memmove
+_c_int32 = ctypes.c_int32
+_c_int64 = ctypes.c_int64
+
+
+class HostTrap(Exception):
+    """Raised by a host function to trap the calling guest with a reason."""
+
+
+class GuestCallError(Exception):
+    """A guest call ended in a trap, a WASI exit, or an engine error.
+
+    ``exit_code`` is set when the guest called WASI ``proc_exit``;
+    ``interrupted`` when its epoch deadline (time limit) passed.
+    """
+
+    def __init__(self, message: str, *, exit_code: int | None = None, interrupted: bool = False):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.interrupted = interrupted
+
+
+class _Current(threading.local):
+    """The object whose guest this thread is running, for host callbacks."""
+
+    target: Any = None
+
+
+current = _Current()
+
+HostFunction = Callable[..., int | None]
+OnHostError = Callable[[BaseException], None]
+
+
+def define_host_function(
+    linker: wasmtime.Linker,
+    module: str,
+    name: str,
+    params: Sequence[wasmtime.ValType],
+    results: Sequence[wasmtime.ValType],
+    function: HostFunction,
+    on_host_error: OnHostError,
+) -> Any:
+    """Define ``module.name`` in ``linker`` as an unchecked host function.
+
+    ``function`` receives the i32 parameters as Python ints (signed, as wasm
+    passes them) and returns the single result, or ``None``.  Raising
+    :class:`HostTrap` traps the guest with that message; any other exception
+    is handed to ``on_host_error`` and traps the guest with a generic message.
+    Returns the callback object, which the caller must keep alive as long as
+    the linker.
+    """
+    for param in params:
+        if str(param) != "i32":
+            raise ValueError(f"{name}: only i32 parameters are supported, got {param}")
+    n_params = len(params)
+    unpack = struct.Struct("<" + "i12x" * n_params).unpack
+    span = _SLOT * n_params
+    result = str(results[0]) if results else None
+    result_type = {"i32": _c_int32, "i64": _c_int64, None: None}[result]
+
+    def callback(_env: int, _caller: int, slots: int, _n: int) -> int:
+        try:
+            value = function(*unpack(_string_at(slots, span))) if n_params else function()
+            if result_type is not None:
+                result_type.from_address(slots).value = value
+            return 0
+        except HostTrap as trap:
+            return _new_trap(str(trap))
+        except BaseException as error:  # noqa: BLE001 - a host bug must trap, never unwind into wasm
+            on_host_error(error)
+            return _new_trap(f"host error in {name}")
+
+    native_callback = _UncheckedCallback(callback)
+    functype = wasmtime.FuncType(list(params), list(results))
+    module_bytes = module.encode()
+    name_bytes = name.encode()
+    error = _define_func_unchecked(
+        ctypes.cast(linker.ptr(), _c_void_p),
+        module_bytes,
+        len(module_bytes),
+        name_bytes,
+        len(name_bytes),
+        ctypes.cast(functype.ptr(), _c_void_p),
+        native_callback,
+        None,
+        None,
+    )
+    if error:
+        raise _error_from(error)
+    return native_callback
+
+
+def _new_trap(message: str) -> int:
+    data = message.encode("utf-8", "replace")
+    return int(_trap_new(data, len(data)))
+
+
+def _error_from(error: int) -> GuestCallError:
+    wrapped = wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
+    if isinstance(wrapped, wasmtime.ExitTrap):
+        return GuestCallError(f"guest exited with code {wrapped.code}", exit_code=wrapped.code)
+    return GuestCallError(_reason(str(wrapped)))
+
+
+def _trap_from(trap: int) -> GuestCallError:
+    wrapped = wasmtime.Trap._from_ptr(ctypes.cast(trap, ctypes.POINTER(ffi.wasm_trap_t)))
+    interrupted = wrapped.trap_code == wasmtime.TrapCode.INTERRUPT
+    message = _reason(wrapped.message)
+    return GuestCallError(message, interrupted=interrupted)
+
+
+def _reason(message: str) -> str:
+    """The cause of a wasmtime error message, without its backtrace."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if "Caused by:" in lines:
+        cause = lines[lines.index("Caused by:") + 1 :]
+        if cause:
+            return cause[-1]
+    return lines[0] if lines else "trap"
+
+
+class NativeFunc:
+    """A guest export called through ``wasmtime_func_call_unchecked``.
+
+    Not thread-safe: one call at a time, like the store it belongs to.
+    """
+
+    __slots__ = ("_context", "_func", "_slots", "_slots_address", "_trap", "_trap_ref", "_count")
+
+    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, n_params: int, n_results: int):
+        self._context = ctypes.cast(store._context(), _c_void_p).value
+        self._func = func._func  # keep the wasmtime_func_t alive
+        self._count = max(n_params, n_results, 1)
+        self._slots = (ctypes.c_byte * (_SLOT * self._count))()
+        self._slots_address = ctypes.addressof(self._slots)
+        self._trap = _c_void_p()
+        self._trap_ref = ctypes.byref(self._trap)
+
+    def __call__(self, *args: int) -> int:
+        """Call with i32 arguments; return the first result slot as an i64."""
+        address = self._slots_address
+        for index, arg in enumerate(args):
+            _c_int64.from_address(address + _SLOT * index).value = arg
+        self._trap.value = None
+        error = _func_call_unchecked(
+            self._context, ctypes.addressof(self._func), address, self._count, self._trap_ref
+        )
+        if error:
+            raise _error_from(error)
+        if self._trap.value:
+            raise _trap_from(self._trap.value)
+        return int(_c_int64.from_address(address).value)
+
+
+class NativeMemory:
+    """Bounds-checked access to a guest's exported linear memory."""
+
+    __slots__ = ("_context", "_memory", "_memory_address")
+
+    def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory):
+        self._context = ctypes.cast(store._context(), _c_void_p).value
+        self._memory = memory._memory
+        self._memory_address = ctypes.addressof(self._memory)
+
+    def size(self) -> int:
+        return int(_memory_data_size(self._context, self._memory_address))
+
+    def read(self, ptr: int, length: int) -> bytes:
+        """``length`` bytes at ``ptr`` (both as the guest's unsigned i32)."""
+        ptr &= 0xFFFFFFFF
+        length &= 0xFFFFFFFF
+        if ptr + length > _memory_data_size(self._context, self._memory_address):
+            raise HostTrap(f"out of bounds memory access: {length} bytes at {ptr}")
+        if not length:
+            return b""
+        return _string_at(_memory_data(self._context, self._memory_address) + ptr, length)
+
+    def write(self, ptr: int, data: bytes) -> None:
+        """Write ``data`` at ``ptr``; traps if any byte falls outside memory."""
+        ptr &= 0xFFFFFFFF
+        length = len(data)
+        if ptr + length > _memory_data_size(self._context, self._memory_address):
+            raise HostTrap(f"out of bounds memory access: {length} bytes at {ptr}")
+        if length:
+            _memmove(_memory_data(self._context, self._memory_address) + ptr, data, length)
+
+
+def set_epoch_deadline(store: wasmtime.Store, ticks: int) -> None:
+    _set_epoch_deadline(ctypes.cast(store._context(), _c_void_p), ticks)
+
+
+def increment_epoch(engine: wasmtime.Engine) -> None:
+    _increment_epoch(ctypes.cast(engine.ptr(), _c_void_p))

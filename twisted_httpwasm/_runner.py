@@ -1,0 +1,71 @@
+"""Where guest calls run: a worker thread, or inline on the reactor thread.
+
+Both runners take the work and two continuations, which always run on the
+reactor thread.  Thread mode hands the work to a thread pool and comes back
+with ``callFromThread`` (what ``deferToThreadPool`` does, without building a
+Deferred per call); inline mode calls straight through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+__all__ = ["InlineRunner", "Runner", "ThreadRunner"]
+
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    def run(
+        self,
+        work: Callable[[], T],
+        on_result: Callable[[T], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None: ...
+
+
+class InlineRunner:
+    """Runs guest calls on the calling (reactor) thread."""
+
+    def run(
+        self,
+        work: Callable[[], T],
+        on_result: Callable[[T], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        try:
+            result = work()
+        except Exception as error:  # noqa: BLE001 - handed to the request, never lost
+            on_error(error)
+            return
+        on_result(result)
+
+
+class ThreadRunner:
+    """Runs guest calls in ``threadpool``; continuations come back to the reactor."""
+
+    def __init__(self, reactor: IReactorFromThreads, threadpool: ThreadPool):
+        self._reactor = reactor
+        self._threadpool = threadpool
+
+    def run(
+        self,
+        work: Callable[[], T],
+        on_result: Callable[[T], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        call_from_thread = self._reactor.callFromThread
+
+        def done(success: bool, result: Any) -> None:
+            if success:
+                call_from_thread(on_result, result)
+            else:
+                error = result.value if isinstance(result, Failure) else result
+                call_from_thread(on_error, error)
+
+        self._threadpool.callInThreadWithCallback(done, work)

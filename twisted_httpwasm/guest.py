@@ -1,0 +1,398 @@
+"""Loading a guest: compile once, validate, and make initialised instances.
+
+A :class:`Guest` is one guest binary with its options.  It knows wasmtime and
+nothing of twisted.web; many resources may share it.  Each
+:class:`GuestInstance` owns a store and runs one request at a time.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+from twisted.logger import Logger
+from twisted.python import threadable
+
+from . import _native
+from ._engine import deadline_ticks, shared_engine
+from ._hostfuncs import HOST_FUNCTIONS
+from ._native import GuestCallError, NativeFunc, NativeMemory
+from ._pool import GuestPool
+from ._state import Phase, RequestState
+from .abi import HOST_MODULE, WASI_MODULE, CtxNext, Feature, LogLevel, unpack_ctx_next
+
+__all__ = [
+    "DEFAULT_MAX_BUFFER_BYTES",
+    "DEFAULT_MEMORY_LIMIT",
+    "DEFAULT_TIMEOUT",
+    "Execution",
+    "Guest",
+    "GuestInstance",
+    "GuestLoadError",
+    "GuestTrap",
+    "Mount",
+]
+
+DEFAULT_TIMEOUT = 1.0
+DEFAULT_MEMORY_LIMIT = 64 * 1024 * 1024
+DEFAULT_MAX_BUFFER_BYTES = 16 * 1024 * 1024
+
+_I32 = "i32"
+_I64 = "i64"
+
+
+class Execution(enum.Enum):
+    """Where guest code runs: a worker thread (default) or the reactor thread."""
+
+    THREAD = "thread"
+    INLINE = "inline"
+
+
+class GuestLoadError(Exception):
+    """The guest cannot be used; the message says why."""
+
+
+class GuestTrap(Exception):
+    """A guest call failed: trap, time limit, exit, or a refused host call."""
+
+    def __init__(self, reason: str, *, timed_out: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory the guest may see through WASI (opt-in)."""
+
+    host_dir: str
+    guest_dir: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class _ExportSpec:
+    params: tuple[str, ...]
+    results: tuple[str, ...]
+
+
+_REQUIRED_FUNCTIONS = {
+    "handle_request": _ExportSpec((), (_I64,)),
+    "handle_response": _ExportSpec((_I32, _I32), ()),
+}
+_INIT_FUNCTIONS = ("_initialize", "_start")
+
+
+def _signature(ty: wasmtime.FuncType) -> str:
+    params = " ".join(str(p) for p in ty.params)
+    results = " ".join(str(r) for r in ty.results)
+    return f"({params}) -> ({results})"
+
+
+class Guest:
+    """One compiled guest and its options; makes pooled instances.
+
+    ``source`` is a path (``.wasm`` or ``.wat``) or the bytes of a binary or
+    text module.  Loading compiles the guest, checks its imports and exports,
+    and creates one instance eagerly, so that a broken guest is refused here,
+    with :class:`GuestLoadError` naming the problem.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        *,
+        name: str | None = None,
+        config: bytes = b"",
+        log_level: LogLevel = LogLevel.INFO,
+        execution: Execution = Execution.THREAD,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+        env: Sequence[tuple[str, str]] = (),
+        mounts: Sequence[Mount] = (),
+    ):
+        binary, default_name = _read_source(source)
+        self.name = name or default_name
+        self.config = bytes(config)
+        self.log_level = LogLevel(log_level)
+        self.execution = Execution(execution)
+        self.timeout = timeout
+        self.memory_limit = memory_limit
+        self.max_buffer_bytes = max_buffer_bytes
+        self.env = tuple(env)
+        self.mounts = tuple(mounts)
+        self.log = Logger(namespace=f"httpwasm.guest.{self.name}")
+        self.engine = shared_engine()
+        try:
+            self.module = wasmtime.Module(self.engine, binary)
+        except wasmtime.WasmtimeError as error:
+            raise GuestLoadError(f"guest {self.name!r} does not compile: {_first_line(error)}") from None
+        self.uses_wasi = self._check_imports()
+        self._check_exports()
+        self._linker, self._callbacks = self._make_linker()
+        try:
+            self._pre = self._linker.instantiate_pre(self.module)
+        except wasmtime.WasmtimeError as error:
+            raise GuestLoadError(f"guest {self.name!r} cannot be linked: {_first_line(error)}") from None
+        self._deadline = deadline_ticks(timeout) if timeout is not None else 2**62
+        self.pool = GuestPool(self._new_instance)
+        try:
+            self.pool.release(self.pool.acquire())
+        except GuestTrap as error:
+            raise GuestLoadError(f"guest {self.name!r} failed to initialise: {error.reason}") from None
+
+    @classmethod
+    def load(cls, source: str | os.PathLike[str] | bytes, **options: object) -> Guest:
+        """Same as ``Guest(source, **options)``; reads well at call sites."""
+        return cls(source, **options)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"<Guest {self.name!r} execution={self.execution.value}>"
+
+    # -- loading ----------------------------------------------------------------
+
+    def _check_imports(self) -> bool:
+        expected = {spec.name: spec for spec in HOST_FUNCTIONS}
+        uses_wasi = False
+        for item in self.module.imports:
+            where = f"{item.module}.{item.name}"
+            if item.module == WASI_MODULE:
+                uses_wasi = True
+                continue
+            if item.module != HOST_MODULE:
+                raise GuestLoadError(f"guest {self.name!r} imports {where}, which this host does not provide")
+            spec = expected.get(item.name or "")
+            if spec is None:
+                raise GuestLoadError(f"guest {self.name!r} imports {where}, which is not an http_handler function")
+            ty = item.type
+            want = f"({' '.join([_I32] * spec.params)}) -> ({spec.result or ''})"
+            if not isinstance(ty, wasmtime.FuncType) or _signature(ty) != want:
+                got = _signature(ty) if isinstance(ty, wasmtime.FuncType) else type(ty).__name__
+                raise GuestLoadError(f"guest {self.name!r} imports {where} as {got}; the ABI says {want}")
+        return uses_wasi
+
+    def _check_exports(self) -> None:
+        exports = {item.name: item.type for item in self.module.exports}
+        if not isinstance(exports.get("memory"), wasmtime.MemoryType):
+            raise GuestLoadError(f"guest {self.name!r} does not export a memory named 'memory'")
+        for name, spec in _REQUIRED_FUNCTIONS.items():
+            ty = exports.get(name)
+            want = f"({' '.join(spec.params)}) -> ({' '.join(spec.results)})"
+            if ty is None:
+                raise GuestLoadError(f"guest {self.name!r} does not export {name} {want}")
+            if not isinstance(ty, wasmtime.FuncType) or _signature(ty) != want:
+                got = _signature(ty) if isinstance(ty, wasmtime.FuncType) else type(ty).__name__
+                raise GuestLoadError(f"guest {self.name!r} exports {name} as {got}; the ABI says {want}")
+        for name in _INIT_FUNCTIONS:
+            ty = exports.get(name)
+            if ty is not None and (not isinstance(ty, wasmtime.FuncType) or _signature(ty) != "() -> ()"):
+                raise GuestLoadError(f"guest {self.name!r} exports {name} with the wrong type; it must be () -> ()")
+
+    def _make_linker(self) -> tuple[wasmtime.Linker, list[object]]:
+        linker = wasmtime.Linker(self.engine)
+        i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
+        callbacks: list[object] = []
+        current = _native.current
+        for spec in HOST_FUNCTIONS:
+            function = spec.function
+
+            def bound(*args: int, _function: object = function) -> int | None:
+                return _function(current.target, *args)  # type: ignore[operator, no-any-return]
+
+            results = [] if spec.result is None else [i32 if spec.result == _I32 else i64]
+            callbacks.append(
+                _native.define_host_function(
+                    linker, HOST_MODULE, spec.name, [i32] * spec.params, results, bound, self._host_error
+                )
+            )
+        if self.uses_wasi:
+            linker.define_wasi()
+        return linker, callbacks
+
+    def _host_error(self, error: BaseException) -> None:
+        self.log.error("internal error in a host function: {error!r}", error=error)
+
+    def _wasi_config(self) -> wasmtime.WasiConfig:
+        wasi = wasmtime.WasiConfig()
+        wasi.stdout_custom = self._guest_output("stdout")
+        wasi.stderr_custom = self._guest_output("stderr")
+        if self.env:
+            wasi.env = [list(pair) for pair in self.env]
+        for mount in self.mounts:
+            wasi.preopen_dir(mount.host_dir, mount.guest_dir, fs_mutable=not mount.read_only)
+        return wasi
+
+    def _guest_output(self, stream: str) -> _GuestOutput:
+        return _GuestOutput(self, stream)
+
+    # -- instances ---------------------------------------------------------------
+
+    def _new_instance(self) -> GuestInstance:
+        return GuestInstance(self)
+
+    def emit(self, level: LogLevel, message: str) -> None:
+        """Log a guest message at ``level``, on the reactor thread."""
+        method = {
+            LogLevel.DEBUG: self.log.debug,
+            LogLevel.INFO: self.log.info,
+            LogLevel.WARN: self.log.warn,
+            LogLevel.ERROR: self.log.error,
+        }[level]
+        if threadable.isInIOThread():
+            method("{guest}: {message}", guest=self.name, message=message)
+        else:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(  # type: ignore[attr-defined]
+                method, "{guest}: {message}", guest=self.name, message=message
+            )
+
+
+class _GuestOutput:
+    """WASI stdout/stderr of a guest, line-buffered into the log."""
+
+    def __init__(self, guest: Guest, stream: str):
+        self._guest = guest
+        self._stream = stream
+        self._pending = b""
+        self._lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> int:
+        with self._lock:
+            self._pending += data
+            *lines, self._pending = self._pending.split(b"\n")
+            if len(self._pending) > 4096:
+                lines.append(self._pending)
+                self._pending = b""
+        level = LogLevel.INFO if self._stream == "stdout" else LogLevel.WARN
+        if level >= self._guest.log_level:
+            for line in lines:
+                self._guest.emit(level, f"[{self._stream}] {line.decode('utf-8', 'replace')}")
+        return len(data)
+
+
+class GuestInstance:
+    """One initialised instance of a guest, with its own store.
+
+    Not thread-safe: the pool lends it to one request at a time.  ``state``
+    is that request's :class:`RequestState`, or None between requests.
+    """
+
+    def __init__(self, guest: Guest):
+        self.guest = guest
+        self.config = guest.config
+        self.log_level = guest.log_level
+        self.features = Feature.NONE
+        self.state: RequestState | None = None
+        self.trapped = False
+        store = wasmtime.Store(guest.engine)
+        store.set_limits(memory_size=guest.memory_limit)
+        if guest.uses_wasi:
+            store.set_wasi(guest._wasi_config())
+        self._store = store
+        _native.set_epoch_deadline(store, guest._deadline)
+        previous = _native.current.target
+        _native.current.target = self
+        try:
+            try:
+                instance = guest._pre.instantiate(store)
+            except (wasmtime.WasmtimeError, wasmtime.Trap) as error:
+                raise GuestTrap(f"instantiation failed: {_first_line(error)}") from None
+            exports = instance.exports(store)
+            memory = exports["memory"]
+            assert isinstance(memory, wasmtime.Memory)
+            self.memory = NativeMemory(store, memory)
+            self._handle_request = self._export(exports, "handle_request", 0, 1)
+            self._handle_response = self._export(exports, "handle_response", 2, 0)
+            for name in _INIT_FUNCTIONS:
+                if name in exports:
+                    self._run_init(self._export(exports, name, 0, 0), name)
+                    break
+        finally:
+            _native.current.target = previous
+
+    def _export(self, exports: wasmtime.InstanceExports, name: str, n_params: int, n_results: int) -> NativeFunc:
+        func = exports[name]
+        assert isinstance(func, wasmtime.Func)
+        return NativeFunc(self._store, func, n_params, n_results)
+
+    def _run_init(self, init: NativeFunc, name: str) -> None:
+        try:
+            init()
+        except GuestCallError as error:
+            if error.exit_code == 0:
+                return  # a WASI command that ends _start with proc_exit(0) initialised fine
+            raise GuestTrap(f"{name} failed: {error}", timed_out=error.interrupted) from None
+
+    def log(self, level: LogLevel, message: str) -> None:
+        self.guest.emit(level, message)
+
+    def _call(self, function: NativeFunc, state: RequestState, *args: int) -> int:
+        _native.set_epoch_deadline(self._store, self.guest._deadline)
+        current = _native.current
+        previous = current.target
+        current.target = self
+        self.state = state
+        try:
+            return function(*args)
+        except GuestCallError as error:
+            self.trapped = True
+            reason = state.trap_reason or str(error)
+            if error.interrupted:
+                reason = f"guest exceeded its time limit of {self.guest.timeout} s"
+            elif error.exit_code is not None:
+                reason = f"guest called proc_exit({error.exit_code}) during {state.phase.value}"
+            state.trap_reason = reason
+            raise GuestTrap(reason, timed_out=error.interrupted) from None
+        finally:
+            self.state = None
+            current.target = previous
+
+    def handle_request(self, state: RequestState) -> CtxNext:
+        """Run ``handle_request`` for ``state``; raises :class:`GuestTrap`."""
+        state.features |= self.features
+        state.phase = Phase.REQUEST
+        return unpack_ctx_next(self._call(self._handle_request, state))
+
+    def handle_response(self, state: RequestState, req_ctx: int, is_error: bool) -> None:
+        """Run ``handle_response``; ``state`` must be in the response phase."""
+        req_ctx &= 0xFFFFFFFF
+        if req_ctx & 0x80000000:
+            req_ctx -= 1 << 32
+        self._call(self._handle_response, state, req_ctx, 1 if is_error else 0)
+
+
+def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        name = "guest"
+    else:
+        path = Path(source)
+        name = path.stem
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise GuestLoadError(f"cannot read guest {str(path)!r}: {error.strerror or error}") from None
+    if not data.startswith(b"\0asm"):
+        try:
+            data = wasmtime.wat2wasm(data.decode("utf-8"))
+        except (UnicodeDecodeError, wasmtime.WasmtimeError) as error:
+            raise GuestLoadError(f"guest {name!r} is neither a wasm binary nor valid WAT: {_first_line(error)}") from None
+    return data, name
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Caused by:" in lines:
+        rest = lines[lines.index("Caused by:") + 1 :]
+        if rest:
+            return " / ".join([lines[0], *rest])
+    return lines[0] if lines else type(error).__name__
+

@@ -1,0 +1,78 @@
+"""The twisted.web resource that puts a guest in front of another resource."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorCore, IReactorThreads
+from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from ._filter import RequestFilter
+from ._runner import InlineRunner, Runner, ThreadRunner
+from .guest import Execution, Guest
+
+__all__ = ["FailurePolicy", "GuestResource"]
+
+
+class FailurePolicy:
+    """What a failing guest means for its request."""
+
+    FAIL_CLOSED = "fail-closed"  # answer 500, nothing passes
+    FAIL_OPEN = "fail-open"  # pass the request on untouched, log the failure
+    ALL = (FAIL_CLOSED, FAIL_OPEN)
+
+
+@implementer(IResource)
+class GuestResource(Resource):
+    """Runs ``guest`` on every request before and after ``downstream``.
+
+    The guest sees each request first; what it changes (method, URI, headers,
+    body) is what ``downstream`` sees, and traversal is redone on the new path.
+    Each request gets a :class:`RequestFilter` that pins one guest instance
+    from ``handle_request`` to ``handle_response``.
+
+    ``reactor`` defaults to the global reactor.  In thread mode guest calls run
+    in ``threadpool`` (default: the reactor's thread pool, as
+    ``deferToThread`` uses); in inline mode they run on the reactor thread.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        guest: Guest,
+        downstream: IResource,
+        *,
+        reactor: Any = None,
+        threadpool: ThreadPool | None = None,
+        on_guest_error: str = FailurePolicy.FAIL_CLOSED,
+    ):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        if on_guest_error not in FailurePolicy.ALL:
+            raise ValueError(f"on_guest_error must be one of {', '.join(FailurePolicy.ALL)}, not {on_guest_error!r}")
+        self.guest = guest
+        self.downstream = downstream
+        self.reactor: IReactorCore = reactor
+        self.fail_open = on_guest_error == FailurePolicy.FAIL_OPEN
+        self.runner: Runner
+        if guest.execution is Execution.INLINE:
+            self.runner = InlineRunner()
+        else:
+            pool = threadpool
+            if pool is None:
+                assert IReactorThreads.providedBy(reactor), "thread mode needs a reactor with a thread pool"
+                pool = reactor.getThreadPool()
+            self.runner = ThreadRunner(reactor, pool)
+
+    def render(self, request: Request) -> Any:
+        return RequestFilter(self, request).start()
+
+    def __repr__(self) -> str:
+        return f"<GuestResource {self.guest!r} in front of {self.downstream!r}>"
