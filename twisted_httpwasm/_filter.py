@@ -397,7 +397,9 @@ class RequestFilter:
         elif self.downstream_failure is not None:
             self.request.processingFailed(self.downstream_failure)
         elif self._buffering:
-            self._send_buffered(self.state.status, self.state.response_headers.items(), bytes(self.state.response_body or b""))
+            self._send_buffered(
+                self.state.status, self.state.response_headers.items(), bytes(self.state.response_body or b"")
+            )
         else:
             self.request.finish()
 
@@ -467,7 +469,13 @@ class RequestFilter:
         request.finish()
 
     def _log_refusal(self, what: str, error: BaseException) -> None:
-        _log.warn("guest {guest}: {what} for {uri}: {error}", guest=self.guest.name, what=what, uri=self.request.uri, error=error)
+        _log.warn(
+            "guest {guest}: {what} for {uri}: {error}",
+            guest=self.guest.name,
+            what=what,
+            uri=self.request.uri,
+            error=error,
+        )
 
     def _connection_lost(self, reason: Failure) -> None:
         """The client went away: release everything without writing again."""
@@ -481,4 +489,3 @@ class RequestFilter:
             else:
                 self.stage = _Stage.DONE
         # GUEST_REQUEST / GUEST_RESPONSE: the running call sees client_gone when it returns.
-

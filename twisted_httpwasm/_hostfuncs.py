@@ -18,7 +18,7 @@ from ._native import HostTrap, NativeMemory
 from ._state import BodyTooLarge, HeaderList, Phase, RequestState
 from .abi import BodyKind, Feature, HeaderKind, LogLevel, encode_nul_list, pack_count_len, pack_eof_len
 
-__all__ = ["HOST_FUNCTIONS", "HostContext", "HostFunctionSpec", "SUPPORTED_FEATURES"]
+__all__ = ["HOST_FUNCTIONS", "SUPPORTED_FEATURES", "HostContext", "HostFunctionSpec"]
 
 _U32 = 0xFFFFFFFF
 

@@ -129,13 +129,13 @@ def define_host_function(
     unpack = struct.Struct("<" + "i12x" * n_params).unpack
     span = _SLOT * n_params
     result = str(results[0]) if results else None
-    result_type = {"i32": _c_int32, "i64": _c_int64, None: None}[result]
+    result_type: Any = {"i32": _c_int32, "i64": _c_int64, None: None}[result]
 
     def callback(_env: int, _caller: int, slots: int, _n: int) -> int:
         try:
             value = function(*unpack(_string_at(slots, span))) if n_params else function()
             if result_type is not None:
-                result_type.from_address(slots).value = value
+                result_type.from_address(slots).value = value or 0
             return 0
         except HostTrap as trap:
             return _new_trap(str(trap))
@@ -198,10 +198,10 @@ class NativeFunc:
     Not thread-safe: one call at a time, like the store it belongs to.
     """
 
-    __slots__ = ("_context", "_func", "_slots", "_slots_address", "_trap", "_trap_ref", "_count")
+    __slots__ = ("_context", "_count", "_func", "_slots", "_slots_address", "_trap", "_trap_ref")
 
     def __init__(self, store: wasmtime.Store, func: wasmtime.Func, n_params: int, n_results: int):
-        self._context = ctypes.cast(store._context(), _c_void_p).value
+        self._context = _address(store._context())
         self._func = func._func  # keep the wasmtime_func_t alive
         self._count = max(n_params, n_results, 1)
         self._slots = (ctypes.c_byte * (_SLOT * self._count))()
@@ -215,9 +215,7 @@ class NativeFunc:
         for index, arg in enumerate(args):
             _c_int64.from_address(address + _SLOT * index).value = arg
         self._trap.value = None
-        error = _func_call_unchecked(
-            self._context, ctypes.addressof(self._func), address, self._count, self._trap_ref
-        )
+        error = _func_call_unchecked(self._context, ctypes.addressof(self._func), address, self._count, self._trap_ref)
         if error:
             raise _error_from(error)
         if self._trap.value:
@@ -231,7 +229,7 @@ class NativeMemory:
     __slots__ = ("_context", "_memory", "_memory_address")
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory):
-        self._context = ctypes.cast(store._context(), _c_void_p).value
+        self._context = _address(store._context())
         self._memory = memory._memory
         self._memory_address = ctypes.addressof(self._memory)
 
@@ -256,6 +254,13 @@ class NativeMemory:
             raise HostTrap(f"out of bounds memory access: {length} bytes at {ptr}")
         if length:
             _memmove(_memory_data(self._context, self._memory_address) + ptr, data, length)
+
+
+def _address(pointer: Any) -> int:
+    value = ctypes.cast(pointer, _c_void_p).value
+    if not value:
+        raise ValueError("null wasmtime pointer")
+    return value
 
 
 def set_epoch_deadline(store: wasmtime.Store, ticks: int) -> None:

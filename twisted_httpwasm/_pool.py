@@ -34,7 +34,7 @@ class GuestUnavailable(Exception):
 class PoolStats:
     """Counters an operator and the tests can read."""
 
-    __slots__ = ("created", "discarded", "in_use", "peak_in_use", "idle", "creation_failures")
+    __slots__ = ("created", "creation_failures", "discarded", "idle", "in_use", "peak_in_use")
 
     def __init__(self) -> None:
         self.created = 0

@@ -72,7 +72,7 @@ class HeaderList:
 class BodyReader:
     """Reads a body stream once, in order: the stateful side of ``read_body``."""
 
-    __slots__ = ("_stream", "_eof", "consumed")
+    __slots__ = ("_eof", "_stream", "consumed")
 
     def __init__(self, stream: BinaryIO | None):
         self._stream = stream

@@ -8,25 +8,26 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
     "HOST_MODULE",
     "WASI_MODULE",
     "BodyKind",
-    "CtxNext",
     "CountLen",
+    "CtxNext",
     "EofLen",
     "Feature",
     "HeaderKind",
     "LogLevel",
+    "encode_nul_list",
     "pack_count_len",
     "pack_ctx_next",
     "pack_eof_len",
     "unpack_count_len",
     "unpack_ctx_next",
     "unpack_eof_len",
-    "encode_nul_list",
 ]
 
 HOST_MODULE = "http_handler"
@@ -86,7 +87,8 @@ class CtxNext(NamedTuple):
     req_ctx: int
 
 
-class CountLen(NamedTuple):
+@dataclass(frozen=True)
+class CountLen:
     """The unpacked result of the header-list host functions."""
 
     count: int

@@ -13,10 +13,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import wasmtime
 from twisted.logger import Logger
-from twisted.python import threadable
 
 from . import _native
 from ._engine import deadline_ticks, shared_engine
@@ -244,14 +244,12 @@ class Guest:
             LogLevel.WARN: self.log.warn,
             LogLevel.ERROR: self.log.error,
         }[level]
-        if threadable.isInIOThread():
+        if threading.current_thread() is threading.main_thread():
             method("{guest}: {message}", guest=self.name, message=message)
         else:
             from twisted.internet import reactor
 
-            reactor.callFromThread(  # type: ignore[attr-defined]
-                method, "{guest}: {message}", guest=self.name, message=message
-            )
+            reactor.callFromThread(method, "{guest}: {message}", guest=self.name, message=message)
 
 
 class _GuestOutput:
@@ -317,7 +315,7 @@ class GuestInstance:
         finally:
             _native.current.target = previous
 
-    def _export(self, exports: wasmtime.InstanceExports, name: str, n_params: int, n_results: int) -> NativeFunc:
+    def _export(self, exports: Any, name: str, n_params: int, n_results: int) -> NativeFunc:
         func = exports[name]
         assert isinstance(func, wasmtime.Func)
         return NativeFunc(self._store, func, n_params, n_results)
@@ -369,6 +367,7 @@ class GuestInstance:
 
 
 def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
+    data: bytes
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
         name = "guest"
@@ -381,9 +380,11 @@ def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
             raise GuestLoadError(f"cannot read guest {str(path)!r}: {error.strerror or error}") from None
     if not data.startswith(b"\0asm"):
         try:
-            data = wasmtime.wat2wasm(data.decode("utf-8"))
+            data = bytes(wasmtime.wat2wasm(data.decode("utf-8")))
         except (UnicodeDecodeError, wasmtime.WasmtimeError) as error:
-            raise GuestLoadError(f"guest {name!r} is neither a wasm binary nor valid WAT: {_first_line(error)}") from None
+            raise GuestLoadError(
+                f"guest {name!r} is neither a wasm binary nor valid WAT: {_first_line(error)}"
+            ) from None
     return data, name
 
 
@@ -395,4 +396,3 @@ def _first_line(error: BaseException) -> str:
         if rest:
             return " / ".join([lines[0], *rest])
     return lines[0] if lines else type(error).__name__
-

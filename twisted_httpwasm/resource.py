@@ -50,7 +50,7 @@ class GuestResource(Resource):
         threadpool: ThreadPool | None = None,
         on_guest_error: str = FailurePolicy.FAIL_CLOSED,
     ):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
