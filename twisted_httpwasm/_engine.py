@@ -15,10 +15,13 @@ import wasmtime
 
 from . import _native
 
-__all__ = ["EPOCH_INTERVAL", "deadline_ticks", "shared_engine"]
+__all__ = ["ENGINE_SETTINGS", "EPOCH_INTERVAL", "deadline_ticks", "shared_engine"]
 
 #: Seconds between two epoch ticks: the resolution of guest time limits.
 EPOCH_INTERVAL = 0.01
+
+#: Everything about the engine that changes compiled code (part of the compile cache key).
+ENGINE_SETTINGS = "epoch_interruption=1;max_wasm_stack=524288"
 
 _lock = threading.Lock()
 _engine: wasmtime.Engine | None = None

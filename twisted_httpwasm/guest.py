@@ -19,7 +19,8 @@ import wasmtime
 from twisted.logger import Logger
 
 from . import _native
-from ._engine import deadline_ticks, shared_engine
+from ._cache import CompileCache, default_cache_dir
+from ._engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
 from ._hostfuncs import HOST_FUNCTIONS
 from ._native import GuestCallError, NativeFunc, NativeMemory
 from ._pool import GuestPool
@@ -101,6 +102,9 @@ class Guest:
     text module.  Loading compiles the guest, checks its imports and exports,
     and creates one instance eagerly, so that a broken guest is refused here,
     with :class:`GuestLoadError` naming the problem.
+
+    Compiled code is cached on disk (``cache``: True for the default
+    directory, a path, or False) so that a restart skips compilation.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class Guest:
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         env: Sequence[tuple[str, str]] = (),
         mounts: Sequence[Mount] = (),
+        cache: str | os.PathLike[str] | bool = True,
     ):
         binary, default_name = _read_source(source)
         self.name = name or default_name
@@ -129,8 +134,15 @@ class Guest:
         self.mounts = tuple(mounts)
         self.log = Logger(namespace=f"httpwasm.guest.{self.name}")
         self.engine = shared_engine()
+        self.compile_cache: CompileCache | None = None
+        if cache is not False:
+            directory = default_cache_dir() if cache is True else Path(cache)
+            self.compile_cache = CompileCache(directory, ENGINE_SETTINGS)
         try:
-            self.module = wasmtime.Module(self.engine, binary)
+            if self.compile_cache is not None:
+                self.module = self.compile_cache.load(self.engine, binary)
+            else:
+                self.module = wasmtime.Module(self.engine, binary)
         except wasmtime.WasmtimeError as error:
             raise GuestLoadError(f"guest {self.name!r} does not compile: {_first_line(error)}") from None
         self.uses_wasi = self._check_imports()
