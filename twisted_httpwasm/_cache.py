@@ -62,7 +62,7 @@ class CompileCache:
             return module
         self.misses += 1
         module = wasmtime.Module(engine, wasm)
-        self._write(path, module.serialize())
+        self._write(path, bytes(module.serialize()))
         return module
 
     def _read(self, engine: wasmtime.Engine, path: Path) -> wasmtime.Module | None:
