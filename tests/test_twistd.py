@@ -1,0 +1,284 @@
+"""End to end: the ``twistd httpwasm`` plugin in a real ``twistd`` subprocess, over loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.web.resource import Resource
+
+from .support import NOOP_RESPONSE, ServerTestCase, module
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Runs twistd in this interpreter; argv[0] makes its messages say "twistd".
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+
+#: How long twistd may take to start listening, or to exit.
+DEADLINE = 60.0
+POLL_INTERVAL = 0.05
+
+#: Sets ``x-guest: seen`` on every response and passes the request on.
+HEADER_GUEST = (
+    """
+  (data (i32.const 0) "x-guest")
+  (data (i32.const 16) "seen")
+  (func (export "handle_request") (result i64)
+    (call $set_header_value (i32.const 1) (i32.const 0) (i32.const 7) (i32.const 16) (i32.const 4))
+    (i64.const 1))
+"""
+    + NOOP_RESPONSE
+)
+
+#: Answers ``/guest...`` itself: status 418, its configuration as the body.  Passes anything else on.
+ANSWERING_GUEST = (
+    """
+  (func (export "handle_request") (result i64)
+    (local $len i32)
+    (drop (call $get_uri (i32.const 100) (i32.const 100)))
+    (if (i32.eq (i32.load8_u (i32.const 101)) (i32.const 103))
+      (then
+        (local.set $len (call $get_config (i32.const 1024) (i32.const 1024)))
+        (call $set_status_code (i32.const 418))
+        (call $write_body (i32.const 1) (i32.const 1024) (local.get $len))
+        (return (i64.const 0))))
+    (i64.const 1))
+"""
+    + NOOP_RESPONSE
+)
+
+#: Refused at load: no handle_response.
+BROKEN_GUEST = """
+  (func (export "handle_request") (result i64) (i64.const 1))
+"""
+
+
+class Hello(Resource):
+    """The downstream that twistd serves with ``--class tests.test_twistd.Hello``."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"downstream saw " + request.uri
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Twistd:
+    """One ``twistd -n httpwasm ...`` subprocess, its output collected in a file."""
+
+    def __init__(self, args: list[str], output_path: str):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        self.output_path = output_path
+        with open(output_path, "wb") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "httpwasm", *args],
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def output(self) -> str:
+        return Path(self.output_path).read_text(errors="replace")
+
+    def exited(self) -> bool:
+        return self.process.poll() is not None
+
+
+def poll(condition: Callable[[], Any], deadline: float) -> Deferred[bool]:
+    """Fire with True once ``condition()`` (which may return a Deferred) is true, False past ``deadline``."""
+
+    @inlineCallbacks
+    def loop() -> Generator[Any, Any, bool]:
+        end = time.monotonic() + deadline
+        while True:
+            if (yield condition()):
+                return True
+            if time.monotonic() > end:
+                return False
+            yield deferLater(reactor, POLL_INTERVAL, lambda: None)
+
+    return loop()
+
+
+@inlineCallbacks
+def accepts_connections(port: int) -> Generator[Any, Any, bool]:
+    """True if something accepts TCP connections on 127.0.0.1:``port`` now."""
+    try:
+        protocol = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), Protocol())
+    except ConnectError:
+        return False
+    protocol.transport.loseConnection()
+    return True
+
+
+class TwistdTestCase(ServerTestCase):
+    """Start ``twistd httpwasm`` subprocesses; each is stopped after its test."""
+
+    def mktemp(self) -> str:
+        """A fresh path in a temporary directory removed after the test (trial's is under the cwd)."""
+        directory = tempfile.mkdtemp(prefix="httpwasm-test-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        return os.path.join(directory, "temp")
+
+    def guest_file(self, *body: str) -> str:
+        path = self.mktemp() + ".wat"
+        Path(path).write_bytes(module(*body))
+        return path
+
+    def twistd(self, *args: str) -> Twistd:
+        server = Twistd(list(args), self.mktemp() + ".log")
+        self.addCleanup(self.stop, server)
+        return server
+
+    @inlineCallbacks
+    def stop(self, server: Twistd) -> Generator[Any, Any, None]:
+        """SIGTERM, wait a bounded time, then SIGKILL."""
+        if server.exited():
+            return
+        server.process.terminate()
+        if not (yield poll(server.exited, 10)):
+            server.process.kill()
+            server.process.wait()
+
+    @inlineCallbacks
+    def start_server(self, *args: str) -> Generator[Any, Any, str]:
+        """Start twistd with ``args`` on a free loopback port; return its base URL once it accepts connections."""
+        port = free_port()
+        server = self.twistd(*args, "--listen", f"tcp:{port}:interface=127.0.0.1")
+        ready = yield poll(lambda: server.exited() or accepts_connections(port), DEADLINE)
+        if server.exited() or not ready:
+            self.fail(
+                f"twistd did not start listening on {port} (exit status {server.process.poll()}):\n{server.output()}"
+            )
+        self.server = server
+        return f"http://127.0.0.1:{port}"
+
+    @inlineCallbacks
+    def exit_status(self, *args: str) -> Generator[Any, Any, tuple[int, str]]:
+        """Run twistd with ``args`` to its end; return its exit status and output."""
+        server = self.twistd(*args)
+        if not (yield poll(server.exited, DEADLINE)):
+            self.fail(f"twistd still runs after {DEADLINE} s:\n{server.output()}")
+        return server.process.returncode, server.output()
+
+
+class ServingTests(TwistdTestCase):
+    @inlineCallbacks
+    def check_guest_chain(self, execution: str) -> Generator[Any, Any, None]:
+        """Two guests in front of a --class downstream: both act, in order, with their own config."""
+        url = yield self.start_server(
+            "--guest",
+            self.guest_file(HEADER_GUEST),
+            "--guest",
+            self.guest_file(ANSWERING_GUEST),
+            "--guest-config",
+            "answered by the guest",
+            "--class",
+            f"{__name__}.Hello",
+            "--execution",
+            execution,
+        )
+        status, headers, body = yield self.fetch("GET", url + "/hello?x=1")
+        self.assertEqual((status, body), (200, b"downstream saw /hello?x=1"))
+        self.assertEqual(headers.getRawHeaders("x-guest"), ["seen"])
+
+        status, _, body = yield self.fetch("GET", url + "/guest")
+        self.assertEqual((status, body), (418, b"answered by the guest"))
+
+        output = self.server.output()
+        self.assertIn("httpwasm: guests ", output)
+        self.assertIn(f"in front of --class {__name__}.Hello", output)
+        self.assertIn(f"execution {execution}", output)
+
+    def test_thread_execution(self) -> Deferred[None]:
+        """In the default thread mode, twistd serves the guests in front of the downstream."""
+        return self.check_guest_chain("thread")
+
+    def test_inline_execution(self) -> Deferred[None]:
+        """With --execution inline, twistd serves the guests in front of the downstream."""
+        return self.check_guest_chain("inline")
+
+    @inlineCallbacks
+    def test_outer_headers_kept_when_inner_guest_answers(self) -> Generator[Any, Any, None]:
+        """Headers the outer guest set before next stay on the response the inner guest answers with."""
+        url = yield self.start_server(
+            "--guest",
+            self.guest_file(HEADER_GUEST),
+            "--guest",
+            self.guest_file(ANSWERING_GUEST),
+            "--class",
+            f"{__name__}.Hello",
+        )
+        status, headers, _ = yield self.fetch("GET", url + "/guest")
+        self.assertEqual(status, 418)
+        self.assertEqual(headers.getRawHeaders("x-guest"), ["seen"])
+
+    test_outer_headers_kept_when_inner_guest_answers.todo = (  # type: ignore[attr-defined]
+        "RequestFilter._send_guest_response replaces request.responseHeaders, dropping the outer guest's headers"
+    )
+
+    @inlineCallbacks
+    def test_static_path_downstream(self) -> Generator[Any, Any, None]:
+        """--path serves a directory behind the guest, as twistd web --path does."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        Path(directory, "page.txt").write_bytes(b"static page")
+        url = yield self.start_server("--guest", self.guest_file(HEADER_GUEST), "--path", directory)
+        status, headers, body = yield self.fetch("GET", url + "/page.txt")
+        self.assertEqual((status, body), (200, b"static page"))
+        self.assertEqual(headers.getRawHeaders("x-guest"), ["seen"])
+
+
+class StartupFailureTests(TwistdTestCase):
+    @inlineCallbacks
+    def test_broken_guest_exits_nonzero_with_reason(self) -> Generator[Any, Any, None]:
+        """A guest that cannot load makes twistd exit non-zero, printing which guest and why."""
+        broken = self.guest_file(BROKEN_GUEST)
+        status, output = yield self.exit_status(
+            "--guest", broken, "--class", f"{__name__}.Hello", "--listen", f"tcp:{free_port()}:interface=127.0.0.1"
+        )
+        self.assertNotEqual(status, 0, output)
+        self.assertIn(f"--guest {broken}", output)
+        self.assertIn("does not export handle_response", output)
+        self.assertNotIn("Traceback", output)
+
+    @inlineCallbacks
+    def test_invalid_option_exits_nonzero_with_reason(self) -> Generator[Any, Any, None]:
+        """An invalid option value makes twistd exit non-zero, printing the usage error."""
+        status, output = yield self.exit_status(
+            "--guest", self.guest_file(HEADER_GUEST), "--path", ".", "--guest-memory-limit", "64MB"
+        )
+        self.assertNotEqual(status, 0, output)
+        self.assertIn("--guest-memory-limit: '64MB' is not a size", output)
+
+    @inlineCallbacks
+    def test_help_lists_the_guest_options(self) -> Generator[Any, Any, None]:
+        """``twistd httpwasm --help`` documents the guest options next to twistd web's."""
+        status, output = yield self.exit_status("--help")
+        self.assertEqual(status, 0, output)
+        for option in ("--guest=", "--guest-config=", "--guest-mount=", "--on-guest-error=", "--listen=", "--path="):
+            self.assertIn(option, output)
