@@ -1,0 +1,1 @@
+"""Load and micro benchmarks for twisted-httpwasm (see bench/README.md)."""
