@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
-from twisted.web.resource import getChildForRequest
+from twisted.web.resource import _IEncodingResource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ._pool import GuestUnavailable
@@ -100,8 +100,15 @@ class RequestFilter:
         self._buffering = False
         self._buffer = bytearray()
         self._prefix = b""
+        self._held = b""  # the last byte of a sized streamed response, sent once handle_response succeeded
+        self._declared_length: int | None = None
+        self._accepted = 0  # body bytes the downstream wrote, sent or held
         self._original_response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
         self._producer: Any = None
+        self._detached_body: Any = None
+        self._hooked = False
+        self._saved_hooks: dict[str, Any] = {}
+        self._forward_write: Any = None
         self._mount = list(request.prepath or [])
         body = request.content
         if body is not None:
@@ -122,6 +129,11 @@ class RequestFilter:
 
     def start(self) -> object:
         """Render entry point: always answers asynchronously (NOT_DONE_YET)."""
+        # Twisted closes request.content when the client goes away, which must not
+        # happen under a guest reading it in a worker: the request has no body
+        # until handle_request is over.
+        self._detached_body = self.request.content
+        self.request.content = None
         self.request.notifyFinish().addErrback(self._connection_lost)
         self.wrapper.runner.run(self._run_handle_request, self._after_handle_request, self._handle_request_failed)
         return NOT_DONE_YET
@@ -141,7 +153,13 @@ class RequestFilter:
     def _check_request_size(self) -> None:
         self.state.check_size(self._content_length)
 
+    def _reattach_body(self) -> None:
+        """Give the request its body back for the downstream (kept by the filter if the client left)."""
+        if not self.client_gone:
+            self.request.content, self._detached_body = self._detached_body, None
+
     def _handle_request_failed(self, error: BaseException) -> None:
+        self._reattach_body()
         if isinstance(error, BodyTooLarge):
             self._release()
             self._log_refusal("request body too large for buffer_request", error)
@@ -171,6 +189,7 @@ class RequestFilter:
         self._fail(http.INTERNAL_SERVER_ERROR)
 
     def _after_handle_request(self, next_: bool) -> None:
+        self._reattach_body()
         if not next_:
             self.stage = _Stage.DONE
             if not self.client_gone:
@@ -197,9 +216,9 @@ class RequestFilter:
     def _send_guest_response(self) -> None:
         request, state = self.request, self.state
         request.setResponseCode(state.status)
-        request.responseHeaders = Headers()
-        for name, value in state.response_headers.items():
-            request.responseHeaders.addRawHeader(name, value)
+        # Added to what is already there: an outer guest's headers, when chained.
+        for name in state.response_headers.names():
+            request.responseHeaders.setRawHeaders(name, state.response_headers.values(name))
         body = bytes(state.response_body or b"")
         request.responseHeaders.removeHeader(b"transfer-encoding")
         if request.code not in http.NO_BODY_CODES:
@@ -252,17 +271,30 @@ class RequestFilter:
             self._prefix = b""
 
     def _render_downstream(self, hooked: bool) -> None:
+        """Traverse and render the downstream as ``Request.process`` would have."""
         request = self.request
         if hooked:
             self._hook()
-        resource = getChildForRequest(self.wrapper.downstream, request)
         try:
+            resource = getChildForRequest(self.wrapper.downstream, request)
+            if _IEncodingResource.providedBy(resource):
+                encoder = resource.getEncoder(request)
+                if encoder is not None:
+                    request._encoder = encoder
             request.render(resource)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - as Request.process: any failure is the request's 500
             request.processingFailed(Failure())
 
     def _hook(self) -> None:
+        """Watch the downstream's writes and ending.
+
+        What was there before is kept and forwarded to: the request's own methods,
+        or the hooks of an outer guest's filter when guests are chained.
+        """
         request: Any = self.request
+        self._hooked = True
+        self._saved_hooks = {name: request.__dict__[name] for name in _HOOKED if name in request.__dict__}
+        self._forward_write = request.write
         request.write = self._downstream_write
         request.finish = self._downstream_finish
         request.processingFailed = self._downstream_failed
@@ -271,9 +303,15 @@ class RequestFilter:
             request.unregisterProducer = self._unregister_producer
 
     def _unhook(self) -> None:
+        if not self._hooked:
+            return  # never touch hooks that are not ours (an outer guest's, when chained)
+        self._hooked = False
         request: Any = self.request
         for name in _HOOKED:
-            request.__dict__.pop(name, None)
+            if name in self._saved_hooks:
+                setattr(request, name, self._saved_hooks[name])
+            else:
+                request.__dict__.pop(name, None)
 
     def _downstream_write(self, data: bytes) -> None:
         if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
@@ -288,8 +326,42 @@ class RequestFilter:
             length = self.request.responseHeaders.getRawHeaders(b"content-length")
             if length and length[0].isdigit():
                 self.request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (int(length[0]) + len(prefix))])
-            Request.write(self.request, prefix)
-        Request.write(self.request, data)
+            data = prefix + data
+        self._stream(data)
+
+    def _stream(self, data: bytes) -> None:
+        """Send body bytes on, holding back the last byte of a response with a Content-Length.
+
+        Without buffer_response the response is on the wire before ``handle_response``
+        runs; holding back its last byte keeps a failure there visible to the client
+        (an incomplete response), instead of a complete response that hides it.
+        """
+        request = self.request
+        if not request.startedWriting:
+            self._declared_length = self._sized_body_length()
+        self._accepted += len(data)
+        data, self._held = self._held + data, b""
+        if self._declared_length is not None and self._accepted >= self._declared_length and data:
+            data, self._held = data[:-1], data[-1:]
+        if data or not request.startedWriting:
+            self._forward_write(data)
+
+    def _sized_body_length(self) -> int | None:
+        """The Content-Length the body will be sent with, if it is sent as is."""
+        request = self.request
+        if request.method == b"HEAD" or request.code in http.NO_BODY_CODES:
+            return None
+        if getattr(request, "_encoder", None) is not None:
+            return None  # an encoder (gzip) drops Content-Length and changes the length
+        length = request.responseHeaders.getRawHeaders(b"content-length")
+        return int(length[0]) if length and length[0].isdigit() else None
+
+    def _finish_streamed(self) -> None:
+        """The streamed response succeeded: send what was held back and finish."""
+        held, self._held = self._held, b""
+        if held:
+            self.request.write(held)
+        self.request.finish()
 
     def _buffer_overflow(self) -> None:
         _log.error(
@@ -326,7 +398,7 @@ class RequestFilter:
         prefix, self._prefix = self._prefix, b""
         if not self.request.startedWriting and not self.request.responseHeaders.hasHeader(b"content-length"):
             self.request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(prefix)])
-        Request.write(self.request, prefix)
+        self._stream(prefix)
 
     def _downstream_failed(self, reason: Failure) -> Failure:
         if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
@@ -389,19 +461,51 @@ class RequestFilter:
 
     def _after_handle_response(self, then_status: int | None) -> None:
         self.stage = _Stage.DONE
-        self._unhook()
         if self.client_gone:
-            return
+            return  # the hooks stay: they swallow the downstream's late writes and finish
+        self._unhook()
         if then_status is not None:
             self._fail(then_status)
         elif self.downstream_failure is not None:
-            self.request.processingFailed(self.downstream_failure)
+            self._answer_downstream_failure(self.downstream_failure)
         elif self._buffering:
             self._send_buffered(
                 self.state.status, self.state.response_headers.items(), bytes(self.state.response_body or b"")
             )
         else:
-            self.request.finish()
+            self._finish_streamed()
+
+    def _answer_downstream_failure(self, failure: Failure) -> None:
+        """Twisted's usual 500, unless part of the downstream's response is already sent.
+
+        A failure whose exception names an ``http_status`` (the proxy's ``BadGateway``)
+        is answered with that status and a short plain body instead.
+        """
+        request = self.request
+        status = getattr(failure.value, "http_status", None)
+        if not request.startedWriting and isinstance(status, int) and 400 <= status <= 599:
+            _log.failure(
+                "downstream of guest {guest} failed for {method} {uri}; answering {status}",
+                failure=failure,
+                guest=self.guest.name,
+                method=request.method,
+                uri=request.uri,
+                status=status,
+            )
+            self._fail(status)
+            return
+        if not request.startedWriting:
+            request.processingFailed(failure)
+            return
+        # An error page glued to a partial body would pass for a whole response.
+        _log.failure(
+            "downstream of guest {guest} failed after starting its response to {method} {uri}; closing",
+            failure=failure,
+            guest=self.guest.name,
+            method=request.method,
+            uri=request.uri,
+        )
+        _abort(request)
 
     def _send_buffered(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         request = self.request
@@ -412,7 +516,10 @@ class RequestFilter:
             request.responseHeaders.addRawHeader(name, value)
         request.responseHeaders.removeHeader(b"transfer-encoding")
         if status not in http.NO_BODY_CODES:
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            # A HEAD response has no body to measure: it keeps the Content-Length a GET would
+            # have, as the downstream (and the guest) set it, unless the guest wrote a body.
+            if request.method != b"HEAD" or body:
+                request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
             request.write(body)
         request.finish()
 
@@ -426,18 +533,18 @@ class RequestFilter:
             uri=self.request.uri,
             reason=reason,
         )
-        self._unhook()
         if self.client_gone:
-            return
+            return  # the hooks stay: they swallow the downstream's late writes and finish
+        self._unhook()
         request = self.request
         if then_status is not None:
             self._fail(then_status)
         elif self.downstream_failure is not None:
-            request.processingFailed(self.downstream_failure)
+            self._answer_downstream_failure(self.downstream_failure)
         elif self.wrapper.fail_open and self._original_response is not None:
             self._send_buffered(*self._original_response)
         elif self.wrapper.fail_open and not self._buffering:
-            request.finish()
+            self._finish_streamed()
         elif request.startedWriting:
             # Part of the response is on the wire: the only honest signal left is to cut it.
             _abort(request)
@@ -451,6 +558,10 @@ class RequestFilter:
         instance, self.instance = self.instance, None
         if instance is not None:
             self.guest.pool.release(instance)
+        if self.client_gone and self._detached_body is not None:
+            # No guest call and no downstream will read it any more.
+            body, self._detached_body = self._detached_body, None
+            body.close()
 
     def _fail(self, status: int) -> None:
         request = self.request
@@ -482,7 +593,8 @@ class RequestFilter:
         self.client_gone = True
         self._stop_producer()
         if self.stage is _Stage.DOWNSTREAM:
-            self._unhook()
+            # The hooks stay on: a downstream that does not watch notifyFinish may still
+            # write and finish, which Twisted would answer with RuntimeError.
             if self.next_called:
                 self._enter_response_phase(self.request.code, [], None)
                 self._run_handle_response(is_error=True)

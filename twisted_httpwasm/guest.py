@@ -257,11 +257,11 @@ class Guest:
             LogLevel.ERROR: self.log.error,
         }[level]
         if threading.current_thread() is threading.main_thread():
-            method("{guest}: {message}", guest=self.name, message=message)
+            method("{guest}: {text}", guest=self.name, text=message)
         else:
             from twisted.internet import reactor
 
-            reactor.callFromThread(method, "{guest}: {message}", guest=self.name, message=message)
+            reactor.callFromThread(method, "{guest}: {text}", guest=self.name, text=message)
 
 
 class _GuestOutput:
