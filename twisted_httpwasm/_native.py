@@ -42,16 +42,26 @@ _SLOT = 16
 
 
 def _proto(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A C function that releases the GIL while it runs (it may run wasm)."""
     return ctypes.CFUNCTYPE(restype, *argtypes)((name, _dll))
 
 
-_memory_data = _proto("wasmtime_memory_data", _c_void_p, _c_void_p, _c_void_p)
-_memory_data_size = _proto("wasmtime_memory_data_size", _c_size_t, _c_void_p, _c_void_p)
+def _quick(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A short, non-blocking C function, called without releasing the GIL.
+
+    Releasing and retaking the GIL costs more than these calls themselves, and
+    under load hands the GIL to another thread at the worst moment.
+    """
+    return ctypes.PYFUNCTYPE(restype, *argtypes)((name, _dll))
+
+
+_memory_data = _quick("wasmtime_memory_data", _c_void_p, _c_void_p, _c_void_p)
+_memory_data_size = _quick("wasmtime_memory_data_size", _c_size_t, _c_void_p, _c_void_p)
 _func_call_unchecked = _proto(
     "wasmtime_func_call_unchecked", _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_size_t, _c_void_p
 )
-_trap_new = _proto("wasmtime_trap_new", _c_void_p, ctypes.c_char_p, _c_size_t)
-_set_epoch_deadline = _proto("wasmtime_context_set_epoch_deadline", None, _c_void_p, ctypes.c_uint64)
+_trap_new = _quick("wasmtime_trap_new", _c_void_p, ctypes.c_char_p, _c_size_t)
+_set_epoch_deadline = _quick("wasmtime_context_set_epoch_deadline", None, _c_void_p, ctypes.c_uint64)
 _increment_epoch = _proto("wasmtime_engine_increment_epoch", None, _c_void_p)
 
 _UncheckedCallback = ctypes.CFUNCTYPE(_c_size_t, _c_void_p, _c_void_p, _c_void_p, _c_size_t)
@@ -198,9 +208,9 @@ class NativeFunc:
     Not thread-safe: one call at a time, like the store it belongs to.
     """
 
-    __slots__ = ("_context", "_count", "_func", "_slots", "_slots_address", "_trap", "_trap_ref")
+    __slots__ = ("_context", "_count", "_func", "_slots", "_slots_address", "_trap", "_trap_ref", "deadline")
 
-    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, n_params: int, n_results: int):
+    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, n_params: int, n_results: int, deadline: int):
         self._context = _address(store._context())
         self._func = func._func  # keep the wasmtime_func_t alive
         self._count = max(n_params, n_results, 1)
@@ -208,9 +218,14 @@ class NativeFunc:
         self._slots_address = ctypes.addressof(self._slots)
         self._trap = _c_void_p()
         self._trap_ref = ctypes.byref(self._trap)
+        self.deadline = deadline
 
     def __call__(self, *args: int) -> int:
-        """Call with i32 arguments; return the first result slot as an i64."""
+        """Call with i32 arguments; return the first result slot as an i64.
+
+        The epoch deadline (the time limit, in ticks) is re-armed for every call.
+        """
+        _set_epoch_deadline(self._context, self.deadline)
         address = self._slots_address
         for index, arg in enumerate(args):
             _c_int64.from_address(address + _SLOT * index).value = arg

@@ -330,7 +330,7 @@ class GuestInstance:
     def _export(self, exports: Any, name: str, n_params: int, n_results: int) -> NativeFunc:
         func = exports[name]
         assert isinstance(func, wasmtime.Func)
-        return NativeFunc(self._store, func, n_params, n_results)
+        return NativeFunc(self._store, func, n_params, n_results, self.guest._deadline)
 
     def _run_init(self, init: NativeFunc, name: str) -> None:
         try:
@@ -344,7 +344,6 @@ class GuestInstance:
         self.guest.emit(level, message)
 
     def _call(self, function: NativeFunc, state: RequestState, *args: int) -> int:
-        _native.set_epoch_deadline(self._store, self.guest._deadline)
         current = _native.current
         previous = current.target
         current.target = self
