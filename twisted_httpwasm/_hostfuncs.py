@@ -57,32 +57,32 @@ def _request(ctx: HostContext, function: str) -> RequestState:
     return ctx.state
 
 
-def _write_value(ctx: HostContext, buf: int, buf_limit: int, value: bytes) -> int:
+def _write_value(ctx: HostContext, function: str, buf: int, buf_limit: int, value: bytes) -> int:
     """The buf/buf_limit rule: write only if it fits; return the length either way."""
     if len(value) <= buf_limit & _U32:
-        _write(ctx, buf, value)
+        _write(ctx, function, buf, value)
     return len(value)
 
 
-def _write(ctx: HostContext, ptr: int, data: bytes) -> None:
+def _write(ctx: HostContext, function: str, ptr: int, data: bytes) -> None:
     try:
         ctx.memory.write(ptr, data)
     except HostTrap as trap:
-        raise _trap(ctx, str(trap)) from None
+        raise _trap(ctx, f"{function}: {trap}") from None
 
 
-def _read(ctx: HostContext, ptr: int, length: int) -> bytes:
+def _read(ctx: HostContext, function: str, ptr: int, length: int) -> bytes:
     try:
         return ctx.memory.read(ptr, length)
     except HostTrap as trap:
-        raise _trap(ctx, str(trap)) from None
+        raise _trap(ctx, f"{function}: {trap}") from None
 
 
-def _write_list(ctx: HostContext, buf: int, buf_limit: int, items: list[bytes]) -> int:
+def _write_list(ctx: HostContext, function: str, buf: int, buf_limit: int, items: list[bytes]) -> int:
     count, data = encode_nul_list(items)
     if not count:
         return 0
-    _write_value(ctx, buf, buf_limit, data)
+    _write_value(ctx, function, buf, buf_limit, data)
     return pack_count_len(count, len(data))
 
 
@@ -101,7 +101,7 @@ def _body_kind(ctx: HostContext, function: str, kind: int) -> BodyKind:
 
 
 def _header_name(ctx: HostContext, function: str, name: int, name_len: int) -> bytes:
-    raw = _read(ctx, name, name_len)
+    raw = _read(ctx, function, name, name_len)
     if not raw:
         raise _trap(ctx, f"{function}: empty header name")
     return raw
@@ -163,7 +163,7 @@ def enable_features(ctx: HostContext, features: int) -> int:
 
 
 def get_config(ctx: HostContext, buf: int, buf_limit: int) -> int:
-    return _write_value(ctx, buf, buf_limit, ctx.config)
+    return _write_value(ctx, "get_config", buf, buf_limit, ctx.config)
 
 
 def log(ctx: HostContext, level: int, message: int, message_len: int) -> None:
@@ -184,13 +184,13 @@ def log_enabled(ctx: HostContext, level: int) -> int:
 
 
 def get_method(ctx: HostContext, buf: int, buf_limit: int) -> int:
-    return _write_value(ctx, buf, buf_limit, _request(ctx, "get_method").method)
+    return _write_value(ctx, "get_method", buf, buf_limit, _request(ctx, "get_method").method)
 
 
 def set_method(ctx: HostContext, ptr: int, length: int) -> None:
     state = _request(ctx, "set_method")
     _require_request_phase(ctx, state, "set_method", "method")
-    method = _read(ctx, ptr, length)
+    method = _read(ctx, "set_method", ptr, length)
     if not method:
         raise _trap(ctx, "set_method: empty method")
     if not _TOKEN.match(method):
@@ -200,13 +200,13 @@ def set_method(ctx: HostContext, ptr: int, length: int) -> None:
 
 
 def get_uri(ctx: HostContext, buf: int, buf_limit: int) -> int:
-    return _write_value(ctx, buf, buf_limit, _request(ctx, "get_uri").uri)
+    return _write_value(ctx, "get_uri", buf, buf_limit, _request(ctx, "get_uri").uri)
 
 
 def set_uri(ctx: HostContext, ptr: int, length: int) -> None:
     state = _request(ctx, "set_uri")
     _require_request_phase(ctx, state, "set_uri", "URI")
-    uri = _read(ctx, ptr, length) or b"/"
+    uri = _read(ctx, "set_uri", ptr, length) or b"/"
     if not _REQUEST_TARGET.match(uri):
         raise _trap(ctx, f"set_uri: not an origin-form URI (path starting with '/', no spaces): {uri[:64]!r}")
     state.uri = uri
@@ -214,11 +214,11 @@ def set_uri(ctx: HostContext, ptr: int, length: int) -> None:
 
 
 def get_protocol_version(ctx: HostContext, buf: int, buf_limit: int) -> int:
-    return _write_value(ctx, buf, buf_limit, _request(ctx, "get_protocol_version").protocol)
+    return _write_value(ctx, "get_protocol_version", buf, buf_limit, _request(ctx, "get_protocol_version").protocol)
 
 
 def get_source_addr(ctx: HostContext, buf: int, buf_limit: int) -> int:
-    return _write_value(ctx, buf, buf_limit, _request(ctx, "get_source_addr").source_addr)
+    return _write_value(ctx, "get_source_addr", buf, buf_limit, _request(ctx, "get_source_addr").source_addr)
 
 
 # -- host functions: headers ------------------------------------------------------
@@ -227,20 +227,20 @@ def get_source_addr(ctx: HostContext, buf: int, buf_limit: int) -> int:
 def get_header_names(ctx: HostContext, kind: int, buf: int, buf_limit: int) -> int:
     state = _request(ctx, "get_header_names")
     headers = _headers_to_read(ctx, state, _header_kind(ctx, "get_header_names", kind))
-    return _write_list(ctx, buf, buf_limit, headers.names() if headers is not None else [])
+    return _write_list(ctx, "get_header_names", buf, buf_limit, headers.names() if headers is not None else [])
 
 
 def get_header_values(ctx: HostContext, kind: int, name: int, name_len: int, buf: int, buf_limit: int) -> int:
     state = _request(ctx, "get_header_values")
     headers = _headers_to_read(ctx, state, _header_kind(ctx, "get_header_values", kind))
     key = _header_name(ctx, "get_header_values", name, name_len)
-    return _write_list(ctx, buf, buf_limit, headers.values(key) if headers is not None else [])
+    return _write_list(ctx, "get_header_values", buf, buf_limit, headers.values(key) if headers is not None else [])
 
 
 def set_header_value(ctx: HostContext, kind: int, name: int, name_len: int, value: int, value_len: int) -> None:
     headers = _headers_to_change(ctx, "set_header_value", kind)
     key = _header_name(ctx, "set_header_value", name, name_len)
-    data = _read(ctx, value, value_len)
+    data = _read(ctx, "set_header_value", value, value_len)
     _checked_field(ctx, "set_header_value", key, data)
     headers.set(key, data)
 
@@ -248,7 +248,7 @@ def set_header_value(ctx: HostContext, kind: int, name: int, name_len: int, valu
 def add_header_value(ctx: HostContext, kind: int, name: int, name_len: int, value: int, value_len: int) -> None:
     headers = _headers_to_change(ctx, "add_header_value", kind)
     key = _header_name(ctx, "add_header_value", name, name_len)
-    data = _read(ctx, value, value_len)
+    data = _read(ctx, "add_header_value", value, value_len)
     _checked_field(ctx, "add_header_value", key, data)
     headers.add(key, data)
 
@@ -282,14 +282,14 @@ def read_body(ctx: HostContext, kind: int, buf: int, buf_limit: int) -> int:
         chunk = bytes(body[start : start + limit])
         state.response_reader_position = start + len(chunk)
         eof = state.response_reader_position >= len(body)
-    _write(ctx, buf, chunk)
+    _write(ctx, "read_body", buf, chunk)
     return pack_eof_len(eof, len(chunk))
 
 
 def write_body(ctx: HostContext, kind: int, ptr: int, length: int) -> None:
     state = _request(ctx, "write_body")
     body_kind = _body_kind(ctx, "write_body", kind)
-    data = _read(ctx, ptr, length)
+    data = _read(ctx, "write_body", ptr, length)
     if body_kind is BodyKind.REQUEST:
         _require_request_phase(ctx, state, "write_body", "request body")
         if state.first_write(body_kind) or state.request_body is None:
