@@ -23,6 +23,7 @@ from ._cache import CompileCache, default_cache_dir
 from ._engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
 from ._hostfuncs import HOST_FUNCTIONS
 from ._native import GuestCallError, NativeFunc, NativeMemory
+from ._output import CapturedOutput
 from ._pool import GuestPool
 from ._state import Phase, RequestState
 from .abi import HOST_MODULE, WASI_MODULE, CtxNext, Feature, LogLevel, unpack_ctx_next
@@ -232,16 +233,11 @@ class Guest:
 
     def _wasi_config(self) -> wasmtime.WasiConfig:
         wasi = wasmtime.WasiConfig()
-        wasi.stdout_custom = self._guest_output("stdout")
-        wasi.stderr_custom = self._guest_output("stderr")
         if self.env:
             wasi.env = [list(pair) for pair in self.env]
         for mount in self.mounts:
             wasi.preopen_dir(mount.host_dir, mount.guest_dir, fs_mutable=not mount.read_only)
         return wasi
-
-    def _guest_output(self, stream: str) -> _GuestOutput:
-        return _GuestOutput(self, stream)
 
     # -- instances ---------------------------------------------------------------
 
@@ -264,29 +260,6 @@ class Guest:
             reactor.callFromThread(method, "{guest}: {text}", guest=self.name, text=message)
 
 
-class _GuestOutput:
-    """WASI stdout/stderr of a guest, line-buffered into the log."""
-
-    def __init__(self, guest: Guest, stream: str):
-        self._guest = guest
-        self._stream = stream
-        self._pending = b""
-        self._lock = threading.Lock()
-
-    def __call__(self, data: bytes) -> int:
-        with self._lock:
-            self._pending += data
-            *lines, self._pending = self._pending.split(b"\n")
-            if len(self._pending) > 4096:
-                lines.append(self._pending)
-                self._pending = b""
-        level = LogLevel.INFO if self._stream == "stdout" else LogLevel.WARN
-        if level >= self._guest.log_level:
-            for line in lines:
-                self._guest.emit(level, f"[{self._stream}] {line.decode('utf-8', 'replace')}")
-        return len(data)
-
-
 class GuestInstance:
     """One initialised instance of a guest, with its own store.
 
@@ -303,8 +276,13 @@ class GuestInstance:
         self.trapped = False
         store = wasmtime.Store(guest.engine)
         store.set_limits(memory_size=guest.memory_limit)
+        self._outputs: tuple[CapturedOutput, ...] = ()
         if guest.uses_wasi:
-            store.set_wasi(guest._wasi_config())
+            wasi = guest._wasi_config()
+            self._outputs = (CapturedOutput("stdout"), CapturedOutput("stderr"))
+            for output in self._outputs:
+                output.attach(wasi)
+            store.set_wasi(wasi)
         self._store = store
         _native.set_epoch_deadline(store, guest._deadline)
         previous = _native.current.target
@@ -326,6 +304,7 @@ class GuestInstance:
                     break
         finally:
             _native.current.target = previous
+            self._log_output()
 
     def _export(self, exports: Any, name: str, n_params: int, n_results: int) -> NativeFunc:
         func = exports[name]
@@ -362,6 +341,22 @@ class GuestInstance:
         finally:
             self.state = None
             current.target = previous
+            if self._outputs:
+                self._log_output()
+
+    def _log_output(self) -> None:
+        """Log what the guest wrote to WASI stdout/stderr during the last call."""
+        guest = self.guest
+        for output in self._outputs:
+            level = LogLevel.INFO if output.stream == "stdout" else LogLevel.WARN
+            lines = output.lines()
+            if level >= guest.log_level:
+                for line in lines:
+                    guest.emit(level, f"[{output.stream}] {line}")
+            if output.exhausted and not self.trapped:
+                # Retired like a trapped instance: the pool makes a fresh one, with fresh files.
+                self.trapped = True
+                guest.emit(LogLevel.WARN, f"[{output.stream}] output limit reached; the instance is retired")
 
     def handle_request(self, state: RequestState) -> CtxNext:
         """Run ``handle_request`` for ``state``; raises :class:`GuestTrap`."""
