@@ -48,6 +48,8 @@ _ERROR_BODIES = {
 }
 
 _HOOKED = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
+_BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
+_BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
 
 
 class _Stage(enum.Enum):
@@ -81,7 +83,8 @@ def _abort(request: Request) -> None:
 
 
 def _raw_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
-    return [(name.lower(), value) for name, values in headers.getAllRawHeaders() for value in values]
+    """Every (name, value) pair, in order; RequestState lowercases the names."""
+    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
 class RequestFilter:
@@ -142,7 +145,7 @@ class RequestFilter:
         """Worker side: pin an instance and run ``handle_request``."""
         instance = self.guest.pool.acquire()
         self.instance = instance
-        if instance.features & Feature.BUFFER_REQUEST:
+        if instance.features & _BUFFER_REQUEST:
             self._check_request_size()
         ctx = instance.handle_request(self.state)
         self.req_ctx = ctx.req_ctx
@@ -201,7 +204,7 @@ class RequestFilter:
             self._enter_response_phase(self.request.code, [], None)
             self._run_handle_response(is_error=True)
             return
-        if state.features & Feature.BUFFER_REQUEST:
+        if state.features & _BUFFER_REQUEST:
             try:
                 self._check_request_size()
             except BodyTooLarge as error:
@@ -240,7 +243,7 @@ class RequestFilter:
         body: bytes | None = None
         if state.request_body is not None:
             body = bytes(state.request_body)
-        elif state.request_reader.consumed and not state.features & Feature.BUFFER_REQUEST:
+        elif state.request_reader.consumed and not state.features & _BUFFER_REQUEST:
             body = state.request_reader.rest()  # what the guest read is gone
         if body is not None:
             request.content = io.BytesIO(body)
@@ -265,7 +268,7 @@ class RequestFilter:
         if state.status_changed:
             request.setResponseCode(state.status)
         self._prefix = bytes(state.response_body or b"")
-        self._buffering = bool(state.features & Feature.BUFFER_RESPONSE)
+        self._buffering = bool(state.features & _BUFFER_RESPONSE)
         if self._buffering:
             self._buffer = bytearray(self._prefix)
             self._prefix = b""
@@ -293,7 +296,9 @@ class RequestFilter:
         """
         request: Any = self.request
         self._hooked = True
-        self._saved_hooks = {name: request.__dict__[name] for name in _HOOKED if name in request.__dict__}
+        attributes = request.__dict__
+        if "write" in attributes or "finish" in attributes:  # an outer guest's hooks
+            self._saved_hooks = {name: attributes[name] for name in _HOOKED if name in attributes}
         self._forward_write = request.write
         request.write = self._downstream_write
         request.finish = self._downstream_finish

@@ -24,6 +24,9 @@ _U32 = 0xFFFFFFFF
 
 #: Twisted cannot send HTTP trailers, so ``trailers`` is never enabled.
 SUPPORTED_FEATURES = Feature.BUFFER_REQUEST | Feature.BUFFER_RESPONSE
+_SUPPORTED = int(SUPPORTED_FEATURES)
+_BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
+_BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FIELD_VALUE_FORBIDDEN = re.compile(rb"[\x00\r\n]")
@@ -35,7 +38,7 @@ class HostContext(Protocol):
 
     memory: NativeMemory
     state: RequestState | None
-    features: Feature
+    features: int
     config: bytes
     log_level: LogLevel
 
@@ -134,7 +137,7 @@ def _require_request_phase(ctx: HostContext, state: RequestState, function: str,
 
 
 def _require_response_writable(ctx: HostContext, state: RequestState, function: str, what: str) -> None:
-    if state.phase is Phase.RESPONSE and not state.features & Feature.BUFFER_RESPONSE:
+    if state.phase is Phase.RESPONSE and not state.features & _BUFFER_RESPONSE:
         raise _trap(
             ctx,
             f"{function}: the {what} may already be sent; enable buffer_response to change it in handle_response",
@@ -152,14 +155,14 @@ def _checked_field(ctx: HostContext, function: str, name: bytes, value: bytes) -
 
 
 def enable_features(ctx: HostContext, features: int) -> int:
-    wanted = Feature(features & int(SUPPORTED_FEATURES))
+    wanted = features & _SUPPORTED
     state = ctx.state
     if state is None:
         ctx.features |= wanted
-        return int(ctx.features)
+        return ctx.features
     if state.phase is Phase.REQUEST:
         state.features |= wanted
-    return int(state.features)
+    return state.features
 
 
 def get_config(ctx: HostContext, buf: int, buf_limit: int) -> int:
@@ -271,11 +274,11 @@ def read_body(ctx: HostContext, kind: int, buf: int, buf_limit: int) -> int:
     if (buf & _U32) + limit > ctx.memory.size():
         raise _trap(ctx, f"read_body: buffer of {limit} bytes at {buf & _U32} is outside memory")
     if body_kind is BodyKind.REQUEST:
-        if state.phase is Phase.RESPONSE and not state.features & Feature.BUFFER_REQUEST:
+        if state.phase is Phase.RESPONSE and not state.features & _BUFFER_REQUEST:
             raise _trap(ctx, "read_body: the request body is gone; enable buffer_request to read it in handle_response")
         chunk, eof = state.request_reader.read(limit)
     else:
-        if state.phase is Phase.RESPONSE and not state.features & Feature.BUFFER_RESPONSE:
+        if state.phase is Phase.RESPONSE and not state.features & _BUFFER_RESPONSE:
             raise _trap(ctx, "read_body: enable buffer_response to read the response body")
         body = state.response_body or b""
         start = state.response_reader_position

@@ -12,7 +12,7 @@ import enum
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from .abi import BodyKind, Feature
+from .abi import BodyKind
 
 __all__ = ["BodyTooLarge", "HeaderList", "Phase", "RequestState"]
 
@@ -114,11 +114,11 @@ class RequestState:
         source_addr: bytes,
         headers: Iterable[tuple[bytes, bytes]],
         body: BinaryIO | None,
-        features: Feature = Feature.NONE,
+        features: int = 0,
         max_buffer_bytes: int | None = None,
     ):
         self.phase = Phase.REQUEST
-        self.features = features
+        self.features = int(features)  # a plain int: IntFlag arithmetic is slow on the hot path
         self.max_buffer_bytes = max_buffer_bytes
         self.method = method
         self.uri = uri or b"/"

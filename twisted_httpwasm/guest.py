@@ -26,7 +26,7 @@ from ._native import GuestCallError, NativeFunc, NativeMemory
 from ._output import CapturedOutput
 from ._pool import GuestPool
 from ._state import Phase, RequestState
-from .abi import HOST_MODULE, WASI_MODULE, CtxNext, Feature, LogLevel, unpack_ctx_next
+from .abi import HOST_MODULE, WASI_MODULE, CtxNext, LogLevel, unpack_ctx_next
 
 __all__ = [
     "DEFAULT_MAX_BUFFER_BYTES",
@@ -271,7 +271,7 @@ class GuestInstance:
         self.guest = guest
         self.config = guest.config
         self.log_level = guest.log_level
-        self.features = Feature.NONE
+        self.features = 0  # set by enable_features during init: applies to every request
         self.state: RequestState | None = None
         self.trapped = False
         store = wasmtime.Store(guest.engine)

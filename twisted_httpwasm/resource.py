@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IReactorCore, IReactorThreads
+from twisted.internet.interfaces import IReactorCore
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
@@ -12,6 +12,7 @@ from zope.interface import implementer
 
 from ._filter import RequestFilter
 from ._runner import InlineRunner, Runner, ThreadRunner
+from ._worker import workers_for
 from .guest import Execution, Guest
 
 __all__ = ["FailurePolicy", "GuestResource"]
@@ -35,8 +36,9 @@ class GuestResource(Resource):
     from ``handle_request`` to ``handle_response``.
 
     ``reactor`` defaults to the global reactor.  In thread mode guest calls run
-    in ``threadpool`` (default: the reactor's thread pool, as
-    ``deferToThread`` uses); in inline mode they run on the reactor thread.
+    in the process's shared :class:`GuestWorkers` (dedicated threads, results
+    handed back in batches), or in ``threadpool`` if you pass one (as
+    ``deferToThreadPool`` would); in inline mode they run on the reactor thread.
     """
 
     isLeaf = True
@@ -64,12 +66,10 @@ class GuestResource(Resource):
         self.runner: Runner
         if guest.execution is Execution.INLINE:
             self.runner = InlineRunner()
+        elif threadpool is not None:
+            self.runner = ThreadRunner(reactor, threadpool)
         else:
-            pool = threadpool
-            if pool is None:
-                assert IReactorThreads.providedBy(reactor), "thread mode needs a reactor with a thread pool"
-                pool = reactor.getThreadPool()
-            self.runner = ThreadRunner(reactor, pool)
+            self.runner = workers_for(reactor)
 
     def render(self, request: Request) -> Any:
         return RequestFilter(self, request).start()

@@ -1,0 +1,152 @@
+"""The dedicated guest worker threads used by thread mode."""
+
+from __future__ import annotations
+
+import threading
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.static import Data
+
+from twisted_httpwasm._worker import GuestWorkers
+
+from .support import NOOP_RESPONSE, ServerTestCase, make_guest
+
+
+class GuestWorkersTests(TestCase):
+    def run_on(self, workers: GuestWorkers, work: object) -> Deferred[tuple[str, object, str]]:
+        """Run ``work``; fire with (outcome, value, name of the thread the continuation ran on)."""
+        done: Deferred[tuple[str, object, str]] = Deferred()
+        workers.run(
+            work,  # type: ignore[arg-type]
+            lambda value: done.callback(("result", value, threading.current_thread().name)),
+            lambda error: done.callback(("error", error, threading.current_thread().name)),
+        )
+        return done
+
+    def make_workers(self, **options: object) -> GuestWorkers:
+        workers = GuestWorkers(reactor, **options)  # type: ignore[arg-type]
+        self.addCleanup(workers.stop)
+        return workers
+
+    @inlineCallbacks
+    def test_work_runs_in_a_worker_and_continues_on_the_reactor_thread(self):
+        """The work sees a worker thread; its continuation runs on the reactor (main) thread."""
+        workers = self.make_workers()
+        outcome, value, continued_on = yield self.run_on(workers, lambda: threading.current_thread().name)
+        self.assertEqual(outcome, "result")
+        self.assertTrue(str(value).startswith("httpwasm-guest"))
+        self.assertEqual(continued_on, threading.main_thread().name)
+
+    @inlineCallbacks
+    def test_exceptions_reach_on_error(self):
+        """An exception from the work is handed to on_error, not lost."""
+        workers = self.make_workers()
+
+        def fail() -> None:
+            raise ValueError("boom")
+
+        outcome, value, _ = yield self.run_on(workers, fail)
+        self.assertEqual(outcome, "error")
+        self.assertIsInstance(value, ValueError)
+
+    @inlineCallbacks
+    def test_a_failing_continuation_does_not_strand_the_others(self):
+        """Results delivered in one batch all run even if one continuation raises."""
+        workers = self.make_workers()
+        release = threading.Event()
+        results: list[int] = []
+        last: Deferred[None] = Deferred()
+
+        def boom(_: object) -> None:
+            raise RuntimeError("continuation bug")
+
+        workers.run(release.wait, boom, lambda error: None)
+        for index in range(5):
+            workers.run(lambda index=index: index, results.append, lambda error: None)
+        workers.run(lambda: None, last.callback, last.errback)
+        release.set()
+        yield last
+        self.assertEqual(results, [0, 1, 2, 3, 4])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @inlineCallbacks
+    def test_a_stalled_worker_gets_company(self):
+        """Work queued behind a call that has held the only thread too long runs on a new thread."""
+        workers = self.make_workers(max_size=3)
+        self.assertEqual(workers.size, 1)
+        release = threading.Event()
+        slow = self.run_on(workers, lambda: release.wait(10))
+        started = threading.Event()
+        workers.run(started.set, lambda value: None, lambda error: None)  # queued behind the slow call
+        # Wait (bounded) until the slow call has held the thread longer than STALL, then queue more.
+        waited = yield _poll(lambda: workers._stalled(), timeout=5)
+        self.assertTrue(waited)
+        fast = yield self.run_on(workers, lambda: "fast")
+        self.assertEqual(fast[:2], ("result", "fast"))
+        self.assertEqual(workers.size, 2)
+        release.set()
+        yield slow
+
+    def test_size_never_exceeds_the_maximum(self):
+        """With every thread stalled at the maximum, work waits instead of adding threads."""
+        workers = self.make_workers(max_size=1)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        workers.run(lambda: release.wait(10), lambda value: None, lambda error: None)
+        for _ in range(3):
+            workers.run(lambda: None, lambda value: None, lambda error: None)
+        self.assertEqual(workers.size, 1)
+
+
+def _poll(predicate: object, timeout: float) -> Deferred[bool]:
+    """Fire True once ``predicate()`` holds, False after ``timeout`` seconds."""
+    from twisted.internet import task
+
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    result: Deferred[bool] = Deferred()
+
+    def check() -> None:
+        if predicate():  # type: ignore[operator]
+            result.callback(True)
+        elif reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            result.callback(False)
+        else:
+            task.deferLater(reactor, 0.002, check)
+
+    check()
+    return result
+
+
+SLOW_GUEST = """
+  (func (export "handle_request") (result i64) (local $i i32)
+    (drop (call $get_uri (i32.const 100) (i32.const 100)))
+    ;; "/slow": spin for a while (well under the time limit)
+    (if (i32.eq (i32.load8_u (i32.const 101)) (i32.const 0x73)) (then
+      (local.set $i (i32.const 150000000))
+      (loop $spin (local.set $i (i32.sub (local.get $i) (i32.const 1))) (br_if $spin (local.get $i)))))
+    (i64.const 1))
+"""
+
+
+class SlowGuestTests(ServerTestCase):
+    @inlineCallbacks
+    def test_a_slow_guest_does_not_hold_up_other_requests(self):
+        """In thread mode a fast request completes while a slow guest call is still running."""
+        root = Resource()
+        root.putChild(b"slow", Data(b"slow", "text/plain"))
+        root.putChild(b"fast", Data(b"fast", "text/plain"))
+        guest = make_guest(SLOW_GUEST, NOOP_RESPONSE, timeout=10)
+        url = self.serve_guest(guest, root)
+        finished: list[str] = []
+        slow = self.fetch("GET", url + "/slow")
+        slow.addCallback(lambda result: finished.append("slow") or result)
+        # Once the slow call holds a worker, the fast request must get through first.
+        yield _poll(lambda: guest.pool.stats.in_use == 1, timeout=5)
+        status, _, body = yield self.fetch("GET", url + "/fast")
+        finished.append("fast")
+        self.assertEqual((status, body), (200, b"fast"))
+        yield slow
+        self.assertEqual(finished, ["fast", "slow"])
