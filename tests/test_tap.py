@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import runpy
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,17 +14,21 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import script, static, wsgi
 from twisted.web import tap as web_tap
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from twisted.web.test.requesthelper import DummyRequest
 
 from twisted_httpwasm import tap
+from twisted_httpwasm._workers_process import TCPListen, WorkersService
 from twisted_httpwasm.abi import LogLevel
+from twisted_httpwasm.demo import BUNDLED_GUESTS, DemoPage, bundled_guest
 from twisted_httpwasm.guest import DEFAULT_MAX_BUFFER_BYTES, DEFAULT_MEMORY_LIMIT, Execution, Mount
+from twisted_httpwasm.proxy import ProxyResource
 from twisted_httpwasm.resource import FailurePolicy, GuestResource
 from twisted_httpwasm.tap import Options, makeService, parse_size
 
@@ -129,10 +135,15 @@ class GuestOptionTests(OptionsTestCase):
         self.assertEqual(options["guest-env"], [])
         self.assertEqual(options["guest-mounts"], [])
         self.assertEqual(options["ports"], ["tcp:8080"])
+        self.assertEqual(options["workers"], 1)
+        self.assertFalse(options["demo"])
 
-    def test_guest_is_required(self) -> None:
-        """A command line without --guest is refused."""
-        self.assertUsageError(["--class", f"{__name__}.Downstream"], "--guest")
+    def test_guest_is_required_with_a_downstream(self) -> None:
+        """A downstream without --guest is refused: a forgotten guest must not serve the downstream unfiltered."""
+        self.assertUsageError(
+            ["--class", f"{__name__}.Downstream"], f"in front of --class {__name__}.Downstream with --guest PATH"
+        )
+        self.assertUsageError(["--path", "."], "--guest PATH")
 
     def test_guests_keep_their_order(self) -> None:
         """Several --guest options make a chain, in command-line order."""
@@ -312,9 +323,15 @@ class DownstreamOptionTests(OptionsTestCase):
         self.assertIsInstance(options["root"], script.ResourceScriptWrapper)
         self.assertEqual(options["downstream"], "--resource-script site.rpy")
 
-    def test_downstream_is_required(self) -> None:
-        """Without a downstream there is nothing for the guest to stand in front of."""
-        self.assertUsageError(["--guest", "g.wasm"], "--path, --class, --wsgi, --resource-script or --user")
+    def test_guest_without_downstream_fronts_the_demo_page(self) -> None:
+        """--guest without a downstream puts the guest in front of the demo page, on the demo's endpoint."""
+        options = self.parse("--guest", "g.wasm")
+        self.assertIsInstance(options["root"], DemoPage)
+        self.assertFalse(options["root"].demo_guest)
+        self.assertEqual(options["downstream"], "the demo page")
+        self.assertEqual(options["guests"], [{"path": "g.wasm", "config": b""}])
+        self.assertFalse(options["demo"])
+        self.assertEqual(options["ports"], [tap.DEMO_LISTEN])
 
     def test_only_one_downstream(self) -> None:
         """A second downstream option is refused, naming both."""
@@ -506,6 +523,236 @@ class MakeServiceTests(OptionsTestCase):
         options = self.parse("--guest", big, "--path", ".", "--guest-memory-limit", "64KiB")
         error = self.assertRaises(SystemExit, makeService, options)
         self.assertIn(f"--guest {big}", str(error.code))
+
+
+class DemoDefaultsTests(OptionsTestCase):
+    """With no guest and no downstream, ``twistd httpwasm`` serves the bundled demo."""
+
+    def capture_log(self) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        self.patch(tap, "_log", Logger(namespace="httpwasm", observer=events.append))
+        return events
+
+    def test_no_arguments_mean_the_demo(self) -> None:
+        """No arguments: the bundled 'demo' guest, the demo page, on port 8080 of the loopback interface only."""
+        options = self.parse()
+        self.assertTrue(options["demo"])
+        self.assertEqual(options["guests"], [{"path": str(bundled_guest("demo")), "config": b""}])
+        self.assertIsInstance(options["root"], DemoPage)
+        self.assertTrue(options["root"].demo_guest)
+        self.assertEqual(options["downstream"], "the demo page")
+        self.assertEqual(options["ports"], ["tcp:8080:interface=127.0.0.1"])
+        self.assertEqual(tap.DEMO_LISTEN, "tcp:8080:interface=127.0.0.1")
+
+    def test_listen_replaces_the_demo_endpoint(self) -> None:
+        """--listen (or the deprecated --port) replaces the demo's default endpoint."""
+        self.assertEqual(self.parse("--listen", "tcp:9090")["ports"], ["tcp:9090"])
+        self.assertEqual(self.parse("--port", "tcp:9091")["ports"], ["tcp:9091"])
+        self.flushWarnings()  # --port is deprecated in twistd web
+
+    def test_demo_guest_ships_as_source(self) -> None:
+        """The bundled guests are WebAssembly text in the package; no binary is shipped."""
+        self.assertEqual(bundled_guest("demo"), BUNDLED_GUESTS / "demo.wat")
+        self.assertTrue(bundled_guest("demo").read_text().lstrip().startswith(";;"))
+        self.assertEqual(list(BUNDLED_GUESTS.glob("*.wasm")), [])
+        error = self.assertRaises(ValueError, bundled_guest, "nope")
+        self.assertIn("'nope'", str(error))
+        self.assertIn("demo", str(error))
+
+    def test_make_service_wires_the_demo(self) -> None:
+        """makeService with no arguments: the demo guest in front of the demo page, listening on 127.0.0.1:8080."""
+        self.capture_log()
+        service = makeService(self.parse())
+        (child,) = list(service)
+        self.assertIsInstance(child, StreamServerEndpointService)
+        self.assertEqual((child.endpoint._interface, child.endpoint._port), ("127.0.0.1", 8080))
+        self.assertFalse(child.running)
+        root = child.factory.resource
+        self.assertIsInstance(root, GuestResource)
+        self.assertEqual(root.guest.name, "demo")
+        self.assertIsInstance(root.downstream, DemoPage)
+
+    def test_demo_logs_what_is_served_where_and_how_to_try_it(self) -> None:
+        """One log line: the guest, the demo page, the URL, and a curl command to try."""
+        events = self.capture_log()
+        makeService(self.parse())
+        self.assertEqual(
+            [formatEvent(event) for event in events],
+            [
+                "httpwasm demo: guest 'demo' in front of the demo page on http://127.0.0.1:8080/"
+                " \u2014 try: curl -i http://127.0.0.1:8080/hello"
+            ],
+        )
+
+    def test_demo_log_names_the_listen_endpoint(self) -> None:
+        """The URL in the demo's line follows --listen; an endpoint without a fixed TCP port is named as given."""
+        events = self.capture_log()
+        makeService(self.parse("--listen", "tcp:9090", "--execution", "inline"))
+        makeService(self.parse("--listen", "tcp6:9091:interface=\\:\\:1", "--execution", "inline"))
+        makeService(self.parse("--listen", "tcp:0", "--execution", "inline"))
+        texts = [formatEvent(event) for event in events]
+        self.assertIn("on http://127.0.0.1:9090/ \u2014 try: curl -i http://127.0.0.1:9090/hello", texts[0])
+        self.assertIn("on http://[::1]:9091/ ", texts[1])
+        self.assertIn("on tcp:0 \u2014 try: a request for /hello", texts[2])
+
+
+class DemoPageTests(SynchronousTestCase):
+    """The demo's downstream shows the request as it received it."""
+
+    def render(self, page: DemoPage, **headers: str) -> tuple[DummyRequest, str]:
+        request = DummyRequest([b"some", b"path"])
+        request.method = b"POST"
+        request.uri = b"/some/path?x=1"
+        request.content = io.BytesIO(b"12345")
+        for name, value in headers.items():
+            request.requestHeaders.addRawHeader(name.replace("_", "-"), value)
+        body = page.render(request)
+        return request, body.decode("utf-8")
+
+    def test_plain_text_shows_the_request(self) -> None:
+        """Method, URI, protocol, every header (lowercase) and the body size, in plain text by default."""
+        request, text = self.render(DemoPage(), X_Httpwasm_Guest="demo", Accept="*/*")
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])
+        self.assertIn("  POST /some/path?x=1 HTTP/1.0\n", text)
+        self.assertIn("  x-httpwasm-guest: demo\n", text)
+        self.assertIn("  accept: */*\n", text)
+        self.assertIn("(body: 5 bytes)", text)
+        self.assertIn("bundled demo guest", text)
+        self.assertIn(str(bundled_guest("demo")), text)
+
+    def test_html_for_browsers_is_escaped(self) -> None:
+        """A client that accepts HTML gets the same text in a page, with the request's text escaped."""
+        request, page = self.render(DemoPage(), Accept="text/html", X_Evil="<script>")
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"])
+        self.assertIn("x-evil: &lt;script&gt;", page)
+        self.assertNotIn("<script>", page)
+
+    def test_other_guests_are_not_described_as_the_demo(self) -> None:
+        """In front of guests given with --guest, the page does not describe the demo guest."""
+        _, text = self.render(DemoPage(demo_guest=False))
+        self.assertNotIn("bundled demo guest", text)
+        self.assertIn("--guest", text)
+
+
+class ProxyOptionTests(OptionsTestCase):
+    """--proxy URL: a reverse-proxy downstream."""
+
+    def test_proxy_is_a_downstream(self) -> None:
+        """--proxy builds a ProxyResource for the URL; its path prefixes every URI."""
+        options = self.parse("--guest", "g.wasm", "--proxy", "http://127.0.0.1:8081/base/")
+        proxy = options["root"]
+        self.assertIsInstance(proxy, ProxyResource)
+        self.assertEqual((proxy.scheme, proxy.netloc, proxy.base_path), (b"http", b"127.0.0.1:8081", b"/base"))
+        self.assertEqual(options["downstream"], "--proxy http://127.0.0.1:8081/base/")
+        https = self.parse("--guest", "g.wasm", "--proxy", "https://backend.example")["root"]
+        self.assertEqual((https.scheme, https.netloc), (b"https", b"backend.example"))
+
+    def test_proxy_urls_are_checked(self) -> None:
+        """A URL without an http(s) scheme or a host, with a bad port, a query or a fragment is refused."""
+        for url in ("ftp://host/", "127.0.0.1:8081", "http://", "http://:8080/", "//host:80", "backend"):
+            self.assertUsageError(["--guest", "g.wasm", "--proxy", url], f"--proxy {url}", "http or https scheme")
+        self.assertUsageError(["--guest", "g.wasm", "--proxy", "http://host:http/"], "not a valid port")
+        self.assertUsageError(["--guest", "g.wasm", "--proxy", "http://host:0/"], "port 0")
+        self.assertUsageError(["--guest", "g.wasm", "--proxy", "http://host/?q=1"], "--proxy http://host/?q=1", "query")
+        self.assertUsageError(["--guest", "g.wasm", "--proxy", "http://host/#top"], "fragment")
+
+    def test_proxy_excludes_other_downstreams(self) -> None:
+        """--proxy is one more downstream: it and --path, --class, --wsgi or --resource-script exclude each other."""
+        url = "http://127.0.0.1:8081"
+        for other in (["--path", "."], ["--class", f"{__name__}.Downstream"], ["--resource-script", "a.rpy"]):
+            self.assertUsageError(["--guest", "g.wasm", "--proxy", url, *other], f"{other[0]} ", f"--proxy {url}")
+            self.assertUsageError(["--guest", "g.wasm", *other, "--proxy", url], f"--proxy {url}", f"{other[0]} ")
+        self.assertUsageError(
+            ["--guest", "g.wasm", "--proxy", url, "--wsgi", f"{__name__}.wsgi_application"], "--wsgi", "--proxy"
+        )
+
+    def test_proxy_is_behind_the_guest_and_closed_on_stop(self) -> None:
+        """makeService puts the guest in front of the proxy and closes its connections when the service stops."""
+        service = makeService(
+            self.parse(
+                "--guest", self.guest_file(PASS_THROUGH), "--proxy", "http://127.0.0.1:8081", "--execution", "inline"
+            )
+        )
+        endpoints = [child for child in service if isinstance(child, StreamServerEndpointService)]
+        closers = [child for child in service if isinstance(child, tap._ClosingService)]
+        self.assertEqual(len(endpoints), 1)
+        self.assertEqual(len(closers), 1)
+        proxy = endpoints[0].factory.resource.downstream
+        self.assertIsInstance(proxy, ProxyResource)
+        self.assertIs(closers[0].proxy, proxy)
+        closed: list[object] = []
+        self.patch(proxy, "close", lambda: closed.append(True))
+        closers[0].startService()
+        closers[0].stopService()
+        self.assertEqual(closed, [True])
+
+
+class WorkersOptionTests(OptionsTestCase):
+    """--workers N: N processes share the tcp: endpoints."""
+
+    def test_workers_count(self) -> None:
+        """--workers takes a positive number of processes."""
+        self.assertEqual(self.parse_with_guest("--workers", "4")["workers"], 4)
+        self.assertEqual(self.parse_with_guest("--workers", "1")["workers"], 1)
+        for bad in ("0", "-2", "two", "1.5", ""):
+            self.assertUsageError(["--workers", bad], "--workers must be a positive number", repr(bad))
+
+    def test_workers_need_tcp_endpoints(self) -> None:
+        """More than one worker needs tcp: or tcp6: endpoints; any other --listen is refused, by name."""
+        self.parse_with_guest("--workers", "2", "--listen", "tcp:8081", "--listen", "tcp6:8082")
+        self.parse_with_guest("--workers", "1", "--listen", "unix:/tmp/httpwasm.sock")
+        self.assertUsageError(
+            ["--guest", "g.wasm", "--path", ".", "--workers", "2", "--listen", "tcp:8081", "--listen", "unix:/tmp/s"],
+            "--workers 2",
+            "--listen unix:/tmp/s is not one",
+        )
+
+    def test_command_line_and_directory_are_kept(self) -> None:
+        """The options remember the command line and the directory it was parsed in, for the workers to re-run."""
+        args = ["--guest", "g.wasm", "--class", f"{__name__}.Downstream", "--workers", "3"]
+        options = self.parse(*args)
+        self.assertEqual(options.argv, args)
+        self.assertEqual(options.cwd, os.getcwd())
+
+    def test_tcp_listen_parsing(self) -> None:
+        """TCPListen reads port, interface and backlog of tcp: and tcp6: endpoints, and nothing else."""
+        endpoint = TCPListen.parse("tcp:8081:interface=127.0.0.1:backlog=7")
+        self.assertEqual(endpoint, TCPListen("tcp:8081:interface=127.0.0.1:backlog=7", "127.0.0.1", 8081, 7))
+        assert endpoint is not None
+        self.assertEqual(endpoint.family, socket.AF_INET)
+        six = TCPListen.parse("tcp6:8082")
+        assert six is not None
+        self.assertEqual((six.interface, six.port, six.family), ("::", 8082, socket.AF_INET6))
+        self.assertIsNone(TCPListen.parse("unix:/tmp/s"))
+
+    def test_make_service_with_workers(self) -> None:
+        """With --workers 3, one WorkersService serves every endpoint, with the command line to re-run."""
+        events: list[dict[str, Any]] = []
+        self.patch(tap, "_log", Logger(namespace="httpwasm", observer=events.append))
+        options = self.parse(
+            "--guest",
+            self.guest_file(PASS_THROUGH),
+            "--class",
+            f"{__name__}.Downstream",
+            "--workers",
+            "3",
+            "--listen",
+            "tcp:8081:interface=127.0.0.1",
+            "--listen",
+            "tcp6:8082",
+            "--execution",
+            "inline",
+        )
+        service = makeService(options)
+        (child,) = list(service)
+        self.assertIsInstance(child, WorkersService)
+        self.assertEqual(child.workers, 3)
+        self.assertEqual([(e.interface, e.port) for e in child.listen], [("127.0.0.1", 8081), ("::", 8082)])
+        self.assertEqual(child.argv, options.argv)
+        self.assertEqual(child.cwd, options.cwd)
+        self.assertIsInstance(child.site.resource, GuestResource)
+        self.assertFalse(child.running)
+        self.assertIn(", 3 processes)", formatEvent(events[0]))
 
 
 class PluginTests(SynchronousTestCase):

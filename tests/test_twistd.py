@@ -76,6 +76,18 @@ class Hello(Resource):
         return b"downstream saw " + request.uri
 
 
+class Backend(Resource):
+    """A backend for --proxy, served by the test process: says what it received."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setHeader(b"x-backend", b"yes")
+        host = request.getHeader(b"host") or b""
+        guest_mark = request.getHeader(b"x-httpwasm-guest") or b"-"
+        return b"backend saw %s %s host=%s guest=%s" % (request.method, request.uri, host, guest_mark)
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -237,10 +249,6 @@ class ServingTests(TwistdTestCase):
         self.assertEqual(status, 418)
         self.assertEqual(headers.getRawHeaders("x-guest"), ["seen"])
 
-    test_outer_headers_kept_when_inner_guest_answers.todo = (  # type: ignore[attr-defined]
-        "RequestFilter._send_guest_response replaces request.responseHeaders, dropping the outer guest's headers"
-    )
-
     @inlineCallbacks
     def test_static_path_downstream(self) -> Generator[Any, Any, None]:
         """--path serves a directory behind the guest, as twistd web --path does."""
@@ -251,6 +259,77 @@ class ServingTests(TwistdTestCase):
         status, headers, body = yield self.fetch("GET", url + "/page.txt")
         self.assertEqual((status, body), (200, b"static page"))
         self.assertEqual(headers.getRawHeaders("x-guest"), ["seen"])
+
+
+class DemoTests(TwistdTestCase):
+    @inlineCallbacks
+    def test_no_guest_and_no_downstream_serve_the_demo(self) -> Generator[Any, Any, None]:
+        """Without --guest and a downstream, twistd serves the bundled guest in front of the demo page."""
+        url = yield self.start_server()
+
+        status, headers, body = yield self.fetch("GET", url + "/hello?name=x")
+        self.assertEqual(status, 200)
+        self.assertTrue(body.startswith(b"hello from the demo guest"), body)
+        self.assertEqual(headers.getRawHeaders("x-httpwasm"), ["demo"])
+
+        status, headers, body = yield self.fetch("GET", url + "/some/path?x=1", headers={"X-Test": "yes"})
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders("x-httpwasm"), ["demo"])
+        self.assertIn(b"  GET /some/path?x=1 HTTP/1.1\n", body)
+        self.assertIn(b"  x-httpwasm-guest: demo\n", body)
+        self.assertIn(b"  x-test: yes\n", body)
+
+        self.assertIn(
+            f"httpwasm demo: guest 'demo' in front of the demo page on {url}/ \u2014 try: curl -i {url}/hello",
+            self.server.output(),
+        )
+
+    @inlineCallbacks
+    def test_guest_without_downstream_fronts_the_demo_page(self) -> Generator[Any, Any, None]:
+        """--guest alone puts that guest in front of the demo page, which shows what the guest changed."""
+        url = yield self.start_server("--guest", self.guest_file(HEADER_GUEST))
+        status, headers, body = yield self.fetch("GET", url + "/anything")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders("x-guest"), ["seen"])
+        self.assertIsNone(headers.getRawHeaders("x-httpwasm"))
+        self.assertIn(b"  GET /anything HTTP/1.1\n", body)
+        self.assertIn("in front of the demo page, listening on tcp:", self.server.output())
+
+
+class ProxyTests(TwistdTestCase):
+    @inlineCallbacks
+    def test_guest_in_front_of_a_proxied_backend(self) -> Generator[Any, Any, None]:
+        """--proxy URL forwards what the guest let through to a real backend, below the URL's path."""
+        backend = self.serve(Backend())
+        url = yield self.start_server("--guest", self.guest_file(HEADER_GUEST), "--proxy", backend + "/base")
+        status, headers, body = yield self.fetch("GET", url + "/path?q=1")
+        self.assertEqual(status, 200)
+        backend_host = backend.removeprefix("http://").encode()
+        self.assertEqual(body, b"backend saw GET /base/path?q=1 host=" + backend_host + b" guest=-")
+        self.assertEqual(headers.getRawHeaders("x-backend"), ["yes"])
+        self.assertEqual(headers.getRawHeaders("x-guest"), ["seen"])
+        self.assertIn(f"in front of --proxy {backend}/base", self.server.output())
+
+    @inlineCallbacks
+    def test_demo_guest_in_front_of_a_proxy(self) -> Generator[Any, Any, None]:
+        """The bundled guest, like any, may front a proxy: its request header reaches the backend."""
+        backend = self.serve(Backend())
+        demo_guest = str(REPO_ROOT / "twisted_httpwasm" / "guests" / "demo.wat")
+        url = yield self.start_server("--guest", demo_guest, "--proxy", backend)
+        status, headers, body = yield self.fetch("POST", url + "/x", data=b"payload")
+        self.assertEqual(status, 200)
+        self.assertTrue(body.startswith(b"backend saw POST /x host="), body)
+        self.assertTrue(body.endswith(b" guest=demo"), body)
+        self.assertEqual(headers.getRawHeaders("x-httpwasm"), ["demo"])
+
+    @inlineCallbacks
+    def test_unreachable_backend(self) -> Generator[Any, Any, None]:
+        """A backend that refuses connections makes a 502 Bad Gateway."""
+        url = yield self.start_server(
+            "--guest", self.guest_file(HEADER_GUEST), "--proxy", f"http://127.0.0.1:{free_port()}"
+        )
+        status, _, _ = yield self.fetch("GET", url + "/")
+        self.assertEqual(status, 502)
 
 
 class StartupFailureTests(TwistdTestCase):
@@ -280,5 +359,22 @@ class StartupFailureTests(TwistdTestCase):
         """``twistd httpwasm --help`` documents the guest options next to twistd web's."""
         status, output = yield self.exit_status("--help")
         self.assertEqual(status, 0, output)
-        for option in ("--guest=", "--guest-config=", "--guest-mount=", "--on-guest-error=", "--listen=", "--path="):
+        for option in (
+            "--guest=",
+            "--guest-config=",
+            "--guest-mount=",
+            "--on-guest-error=",
+            "--listen=",
+            "--path=",
+            "--proxy=",
+            "--workers=",
+        ):
             self.assertIn(option, output)
+        self.assertIn("With no --guest and no downstream", output)
+
+    @inlineCallbacks
+    def test_downstream_without_guest_exits_nonzero(self) -> Generator[Any, Any, None]:
+        """A downstream without --guest is refused, rather than served unfiltered."""
+        status, output = yield self.exit_status("--path", ".")
+        self.assertNotEqual(status, 0, output)
+        self.assertIn("give the guest to run in front of --path . with --guest PATH", output)

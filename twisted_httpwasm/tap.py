@@ -3,8 +3,10 @@
 The options extend ``twistd web``'s (:class:`twisted.web.tap.Options`): the
 downstream resource (``--path``, ``--class``, ``--wsgi``, ``--resource-script``)
 and the endpoints (``--listen``) mean exactly what they mean there.  The guest
-options are added on top.  :func:`makeService` loads the guests, puts them in
-front of the downstream and listens on every endpoint.
+options, ``--proxy`` (a reverse-proxy downstream) and ``--workers`` are added on
+top.  :func:`makeService` loads the guests, puts them in front of the
+downstream and listens on every endpoint.  Without a guest and a downstream it
+serves the bundled demo (:mod:`twisted_httpwasm.demo`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application import service, strports
 from twisted.internet import interfaces
@@ -24,7 +28,9 @@ from twisted.web import tap as web_tap
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from ._workers_process import TCPListen, WorkersService
 from .abi import LogLevel
+from .demo import DEMO_GUEST, DemoPage, bundled_guest
 from .guest import (
     DEFAULT_MAX_BUFFER_BYTES,
     DEFAULT_MEMORY_LIMIT,
@@ -34,15 +40,19 @@ from .guest import (
     GuestLoadError,
     Mount,
 )
+from .proxy import ProxyResource
 from .resource import FailurePolicy, GuestResource
 
-__all__ = ["Options", "makeService", "parse_size"]
+__all__ = ["DEMO_LISTEN", "Options", "makeService", "make_site", "parse_size"]
 
 _log = Logger(namespace="httpwasm")
 
 _SIZE = re.compile(r"\s*([0-9]+)\s*([A-Za-z]*)\s*")
 _SIZE_UNITS = {"": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-_DOWNSTREAM_OPTIONS = "--path, --class, --wsgi, --resource-script or --user"
+_DEMO_PAGE = "the demo page"
+
+#: Where the demo listens when no --listen is given: this machine only.
+DEMO_LISTEN = "tcp:8080:interface=127.0.0.1"
 
 
 def parse_size(text: str) -> int:
@@ -72,11 +82,18 @@ class Options(web_tap.Options):
     ``--guest``, in command-line order (the first is outermost); each
     ``--guest-config`` or ``--guest-config-file`` sets the config of the most
     recent ``--guest`` before it.  ``self["root"]`` is the downstream that
-    ``twistd web``'s own option handlers built; ``self["downstream"]`` says
-    which option named it.
+    ``twistd web``'s own option handlers (or ``--proxy``) built;
+    ``self["downstream"]`` says which option named it.  ``self["demo"]`` is
+    true when neither a guest nor a downstream was given: the bundled demo
+    guest and page are served.  ``argv`` and ``cwd`` are the command line and
+    the working directory it was parsed in, which worker processes re-run.
     """
 
-    synopsis = "--guest PATH [guest options] (--path DIR | --class FQPN | --wsgi FQPN | --resource-script PATH)"
+    synopsis = (
+        "[--guest PATH [guest options]...]"
+        " [--path DIR | --proxy URL | --class FQPN | --wsgi FQPN | --resource-script PATH]"
+        " [--listen ENDPOINT]... [--workers N]"
+    )
 
     longdesc = """\
 Runs http-wasm guests in front of a twisted.web resource. --guest loads a guest
@@ -85,18 +102,35 @@ outermost: it sees each request first and each response last.
 --guest-config and --guest-config-file set the configuration (what get_config
 returns) of the most recent preceding --guest, once per guest. The other guest
 options apply to every guest. The downstream is exactly one of --path, --class,
---wsgi, --resource-script or --user, meaning what they mean for `twistd web`,
-as do --index, --processor, --mime-type, --ignore-ext, --allow-ignore-ext,
---listen (repeatable), --logfile, --display-tracebacks, --add-header (added to
-the downstream's responses, not to those a guest answers itself) and the
-deprecated --port, --https, --certificate and --privkey. --personal is not
-supported.
+--wsgi, --resource-script, --proxy or --user; all but --proxy mean what they
+mean for `twistd web`, as do --index, --processor, --mime-type, --ignore-ext,
+--allow-ignore-ext, --listen (repeatable), --logfile, --display-tracebacks,
+--add-header (added to the downstream's responses, not to those a guest answers
+itself) and the deprecated --port, --https, --certificate and --privkey.
+--personal is not supported.
+
+With no --guest and no downstream, `twistd -n httpwasm` serves a demo: the
+bundled guest 'demo' (answers /hello itself, marks everything else with
+x-httpwasm: demo) in front of a page that shows each request as it arrived,
+on tcp:8080:interface=127.0.0.1 unless --listen says otherwise. --guest without
+a downstream puts those guests in front of the demo page (same default
+endpoint), which is a quick way to watch what a guest does to requests. A
+downstream without --guest is refused, so that a forgotten --guest never
+serves the downstream unfiltered.
+
+--workers N serves the same endpoints from N processes (tcp: and tcp6:
+endpoints only): this one and N-1 workers that inherit its listening sockets,
+re-run this command line from the same directory (reading the guests and
+configuration files again, as the user twistd runs as) and keep their own
+guest instances. Their log goes to this process's log. Workers stop with the
+main process, and one that dies is replaced.
 """
 
     def __init__(self) -> None:
         web_tap.Options.__init__(self)
         self["guests"] = []
         self["downstream"] = None
+        self["demo"] = False
         self["log-level"] = LogLevel.INFO
         self["execution"] = Execution.THREAD
         self["guest-timeout"] = DEFAULT_TIMEOUT
@@ -105,12 +139,21 @@ supported.
         self["on-guest-error"] = FailurePolicy.FAIL_CLOSED
         self["guest-env"] = []
         self["guest-mounts"] = []
+        self["workers"] = 1
         self._configured_guests: set[int] = set()
+        self.argv: list[str] = []
+        self.cwd = os.getcwd()
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse ``options`` (default: ``sys.argv[1:]``), remembering them for worker processes."""
+        self.argv = list(sys.argv[1:] if options is None else options)
+        self.cwd = os.getcwd()
+        web_tap.Options.parseOptions(self, options)
 
     # -- guests -------------------------------------------------------------------
 
     def opt_guest(self, path: str) -> None:
-        """A guest (.wasm or .wat) in front of the downstream; repeat for a chain, the first outermost. Required."""
+        """A guest (.wasm or .wat) in front of the downstream; repeat for a chain, the first outermost."""
         self["guests"].append({"path": path, "config": b""})
 
     def opt_guest_config(self, text: str) -> None:
@@ -246,6 +289,42 @@ supported.
         self._claim_downstream(f"--resource-script {name}")
         web_tap.Options.opt_resource_script(self, name)
 
+    def opt_proxy(self, url: str) -> None:
+        """Downstream: the HTTP server at this http:// or https:// URL, as a reverse proxy; its path prefixes URIs."""
+        self._claim_downstream(f"--proxy {url}")
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            raise usage.UsageError(f"--proxy {url}: not a valid port") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise usage.UsageError(
+                f"--proxy {url}: give the backend's URL with an http or https scheme and a host, "
+                "e.g. http://127.0.0.1:8081"
+            )
+        if port == 0:
+            raise usage.UsageError(f"--proxy {url}: port 0 is not a backend's port")
+        try:
+            self["root"] = ProxyResource(url)
+        except ValueError as error:
+            raise usage.UsageError(f"--proxy {url}: {error}") from None
+
+    def opt_listen(self, description: str) -> None:
+        """An endpoint to serve on (strports description); repeatable. [default: tcp:8080; for the demo page
+        tcp:8080:interface=127.0.0.1]
+        """
+        web_tap.Options.opt_listen(self, description)
+
+    def opt_workers(self, count: str) -> None:
+        """Processes serving the endpoints: this one and N-1 workers sharing its tcp: sockets. [default: 1]"""
+        try:
+            workers = int(count)
+        except ValueError:
+            workers = 0
+        if workers < 1:
+            raise usage.UsageError(f"--workers must be a positive number of processes, not {count!r}")
+        self["workers"] = workers
+
     def opt_user(self) -> None:
         """Downstream: ~/public_html and ~/.twistd-web-pb of every user, as `twistd web --user`."""
         self._claim_downstream("--user")
@@ -254,14 +333,25 @@ supported.
     opt_u = opt_user
 
     def postOptions(self) -> None:
-        """Check that the guests, the downstream and the endpoints are usable."""
+        """Fill in the demo defaults; check that the guests, the downstream and the endpoints are usable."""
         if self["personal"]:
             raise usage.UsageError("--personal is not supported: httpwasm serves HTTP, not a PB resource publisher")
-        web_tap.Options.postOptions(self)
-        if not self["guests"]:
-            raise usage.UsageError("give the guest to run with --guest PATH")
         if self["downstream"] is None:
-            raise usage.UsageError(f"name the downstream resource with one of {_DOWNSTREAM_OPTIONS}")
+            if self["guests"]:
+                self["root"] = DemoPage(demo_guest=False)
+            else:
+                self["demo"] = True
+                self["guests"].append({"path": str(bundled_guest(DEMO_GUEST)), "config": b""})
+                self["root"] = DemoPage(demo_guest=True)
+            self["downstream"] = _DEMO_PAGE
+            if not (self["ports"] or self["port"] or self["https"]):
+                self["ports"].append(DEMO_LISTEN)
+        elif not self["guests"]:
+            raise usage.UsageError(
+                f"give the guest to run in front of {self['downstream']} with --guest PATH "
+                "(without --guest and a downstream, httpwasm serves its demo)"
+            )
+        web_tap.Options.postOptions(self)
         from twisted.internet import endpoints, reactor
 
         for description in self["ports"]:
@@ -269,6 +359,13 @@ supported.
                 endpoints.serverFromString(reactor, description)  # type: ignore[no-untyped-call]
             except (ValueError, TypeError, KeyError, OSError) as error:
                 raise usage.UsageError(f"--listen {description}: not a usable endpoint: {error}") from None
+        if self["workers"] > 1:
+            for description in self["ports"]:
+                if TCPListen.parse(description) is None:
+                    raise usage.UsageError(
+                        f"--workers {self['workers']} shares tcp: and tcp6: endpoints between processes; "
+                        f"--listen {description} is not one"
+                    )
 
 
 def _load_guests(config: Options) -> list[Guest]:
@@ -294,41 +391,104 @@ def _load_guests(config: Options) -> list[Guest]:
     return guests
 
 
-def makeService(config: Options) -> service.MultiService:
-    """The guests in front of the downstream, served by one ``Site`` on every ``--listen`` endpoint.
+def make_site(config: Options, parent: service.MultiService) -> Site:
+    """The ``Site`` of ``config``: its guests in front of its downstream.
 
-    Raises :class:`SystemExit` with the reason when a guest cannot be loaded.
+    ``parent`` is the service collection that ``--path`` resources may reach
+    (as under ``twistd web``) and that closes a ``--proxy`` downstream's
+    connections when it stops.  Raises :class:`SystemExit` with the reason
+    when a guest cannot be loaded.
     """
-    top = service.MultiService()  # type: ignore[no-untyped-call]
     downstream: Any = config["root"]
     if config["indexes"]:
         downstream.indexNames = config["indexes"]
     if isinstance(downstream, static.File):
-        downstream.registry.setComponent(interfaces.IServiceCollection, top)
+        downstream.registry.setComponent(interfaces.IServiceCollection, parent)
+    if isinstance(downstream, ProxyResource):
+        _ClosingService(downstream).setServiceParent(parent)  # type: ignore[no-untyped-call]
     if config["extraHeaders"]:
         downstream = web_tap._AddHeadersResource(downstream, config["extraHeaders"])
 
-    guests = _load_guests(config)
     root = downstream
-    for guest in reversed(guests):
+    for guest in reversed(_load_guests(config)):
         root = GuestResource(guest, root, on_guest_error=config["on-guest-error"])
 
     site = Site(root, logPath=config["logfile"]) if config["logfile"] else Site(root)
     if config["display-tracebacks"]:
         site.displayTracebacks = True
-    for description in config["ports"]:
-        # Site provides IProtocolFactory; mypy cannot see zope interface declarations.
-        strports.service(description, site).setServiceParent(top)  # type: ignore[arg-type, no-untyped-call]
+    return site
 
+
+class _ClosingService(service.Service):
+    """Closes a proxy downstream's idle backend connections when the server stops."""
+
+    def __init__(self, proxy: ProxyResource):
+        self.proxy = proxy
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)  # type: ignore[no-untyped-call]
+        return self.proxy.close()
+
+
+def makeService(config: Options) -> service.MultiService:
+    """The guests in front of the downstream, served by one ``Site`` on every ``--listen`` endpoint.
+
+    With ``--workers N`` (N > 1) the endpoints are served by this process and
+    N-1 worker processes (:class:`~twisted_httpwasm._workers_process.WorkersService`).
+    Raises :class:`SystemExit` with the reason when a guest cannot be loaded.
+    """
+    top = service.MultiService()  # type: ignore[no-untyped-call]
+    site = make_site(config, top)
+    workers: int = config["workers"]
+    if workers > 1:
+        listen = [endpoint for endpoint in map(TCPListen.parse, config["ports"]) if endpoint is not None]
+        shared = WorkersService(site, listen, workers, argv=config.argv, cwd=config.cwd)
+        shared.setServiceParent(top)  # type: ignore[no-untyped-call]
+    else:
+        for description in config["ports"]:
+            # Site provides IProtocolFactory; mypy cannot see zope interface declarations.
+            strports.service(description, site).setServiceParent(top)  # type: ignore[arg-type, no-untyped-call]
+
+    processes = f", {workers} processes" if workers > 1 else ""
+    if config["demo"]:
+        url = _url_of(config["ports"][0])
+        _log.info(
+            "httpwasm demo: guest {guest!r} in front of the demo page on {where}{processes} \u2014 try: {try_it}",
+            guest=DEMO_GUEST,
+            where=url or config["ports"][0],
+            processes=processes,
+            try_it=f"curl -i {url}hello" if url else "a request for /hello",
+        )
+        return top
     _log.info(
         "httpwasm: {guests} in front of {downstream}, listening on {endpoints}"
-        " (execution {execution}, {policy}, guest memory limit {memory}, time limit {timeout} s)",
-        guests=("guest " if len(guests) == 1 else "guests ") + " -> ".join(e["path"] for e in config["guests"]),
+        " (execution {execution}, {policy}, guest memory limit {memory}, time limit {timeout} s{processes})",
+        guests=("guest " if len(config["guests"]) == 1 else "guests ")
+        + " -> ".join(e["path"] for e in config["guests"]),
         downstream=config["downstream"],
         endpoints=", ".join(config["ports"]),
         execution=config["execution"].value,
         policy=config["on-guest-error"],
         memory=_format_size(config["guest-memory-limit"]),
         timeout=config["guest-timeout"],
+        processes=processes,
     )
     return top
+
+
+def _url_of(description: str) -> str | None:
+    """``http://host:port/`` for a TCP endpoint with a fixed port; None otherwise."""
+    try:
+        endpoint = TCPListen.parse(description)
+    except (ValueError, TypeError, KeyError):
+        return None
+    if endpoint is None or endpoint.port == 0:
+        return None
+    host = endpoint.interface
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{endpoint.port}/"

@@ -1,0 +1,493 @@
+"""Several processes serving the same listening sockets: ``twistd httpwasm --workers N``.
+
+The main process binds every ``tcp:``/``tcp6:`` endpoint itself, serves them,
+and starts ``N - 1`` worker processes (``python -m twisted_httpwasm._workers_process``)
+that inherit the listening sockets and re-run the same command line, so that
+each process loads its own guests and keeps its own instance pools.  The kernel
+hands each new connection to whichever process accepts it first.
+
+A worker's log events reach the main process's log as JSON lines on its stdout.
+Workers end with the main process: it stops them when its service stops, and
+if it dies without doing so, ``PR_SET_PDEATHSIG`` (Linux) and the end of the
+worker's stdin pipe stop them too.  A worker that exits on its own after it was
+ready is replaced.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError, ProcessDone, ProcessExitedAlready, ReactorNotRunning
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import (
+    ILogObserver,
+    InvalidLogLevelError,
+    LogEvent,
+    Logger,
+    LogLevel,
+    eventAsText,
+    globalLogBeginner,
+)
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+from zope.interface import implementer
+
+__all__ = ["TCPListen", "WorkersService", "main"]
+
+_log = Logger(namespace="httpwasm")
+
+#: The module a worker process runs.
+WORKER_MODULE = "twisted_httpwasm._workers_process"
+
+#: The environment variable that hands a worker its specification (JSON).
+SPEC_VARIABLE = "HTTPWASM_WORKER_SPEC"
+
+#: The first file descriptor of the inherited listening sockets in a worker.
+FIRST_SOCKET_FD = 3
+
+#: Seconds before a worker that exited on its own is replaced.
+RESTART_DELAY = 1.0
+
+#: Seconds a worker has to exit after SIGTERM before it gets SIGKILL.
+STOP_TIMEOUT = 10.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class TCPListen:
+    """A ``tcp:`` or ``tcp6:`` server endpoint, as the socket it binds."""
+
+    description: str
+    interface: str
+    port: int
+    backlog: int
+
+    @classmethod
+    def parse(cls, description: str) -> TCPListen | None:
+        """The TCP endpoint ``description`` names, or None if it is another kind of endpoint.
+
+        Raises what ``serverFromString`` raises for a description that does not parse.
+        """
+        from twisted.internet import endpoints, reactor
+
+        endpoint = endpoints.serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+        if not isinstance(endpoint, endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint):
+            return None
+        return cls(description, endpoint._interface, endpoint._port, endpoint._backlog)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        """IPv6 for an IPv6 interface (``tcp6:`` listens on ``::`` by default), else IPv4."""
+        return socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+
+    def bind(self) -> socket.socket:
+        """A non-blocking socket bound and listening as the endpoint would; :class:`CannotListenError` if not."""
+        try:
+            infos = socket.getaddrinfo(
+                self.interface or None, self.port, self.family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            )
+            family, kind, proto, _, address = infos[0]
+            listening = socket.socket(family, kind, proto)
+            try:
+                listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listening.bind(address)
+                listening.listen(self.backlog)
+                listening.setblocking(False)
+            except BaseException:
+                listening.close()
+                raise
+        except OSError as error:
+            raise CannotListenError(self.interface, self.port, error) from None  # type: ignore[no-untyped-call]
+        return listening
+
+
+class WorkersService(service.Service):
+    """Serves ``site`` on ``listen`` in this process and in ``workers - 1`` worker processes.
+
+    Each worker runs ``argv`` (the ``twistd httpwasm`` command line) from the
+    directory ``cwd`` and serves the sockets this service bound.  The sockets
+    are bound in :meth:`privilegedStartService` (before ``twistd`` drops
+    privileges), the workers started in :meth:`startService`.
+    """
+
+    def __init__(
+        self,
+        site: Site,
+        listen: Sequence[TCPListen],
+        workers: int,
+        *,
+        argv: Sequence[str],
+        cwd: str,
+        reactor: Any = None,
+    ):
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.site = site
+        self.listen = tuple(listen)
+        self.workers = workers
+        self.argv = list(argv)
+        self.cwd = cwd
+        self.reactor = reactor
+        self.sockets: list[socket.socket] = []
+        self.ports: list[Any] = []  # IListeningPort
+        #: The running worker processes, by worker number (2 to ``workers``).
+        self.processes: dict[int, WorkerProtocol] = {}
+        self._restarts: dict[int, Any] = {}  # IDelayedCall
+
+    def _bind(self) -> None:
+        if self.sockets:
+            return
+        try:
+            for endpoint in self.listen:
+                self.sockets.append(endpoint.bind())
+        except BaseException:
+            self._close_sockets()
+            raise
+
+    def _close_sockets(self) -> None:
+        sockets, self.sockets = self.sockets, []
+        for listening in sockets:
+            listening.close()
+
+    def privilegedStartService(self) -> None:
+        self._bind()
+        service.Service.privilegedStartService(self)  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        self._bind()
+        service.Service.startService(self)  # type: ignore[no-untyped-call]
+        for listening in self.sockets:
+            self.ports.append(self.reactor.adoptStreamPort(listening.fileno(), listening.family, self.site))
+        _log.info(
+            "httpwasm worker 1 of {workers} (pid {pid}, the main process) serving {endpoints}",
+            workers=self.workers,
+            pid=os.getpid(),
+            endpoints=", ".join(endpoint.description for endpoint in self.listen),
+        )
+        for number in range(2, self.workers + 1):
+            self._spawn(number)
+
+    def _spawn(self, number: int) -> None:
+        self._restarts.pop(number, None)
+        spec = {
+            "argv": self.argv,
+            "cwd": self.cwd,
+            "sys_path": [entry for entry in sys.path if entry],
+            "parent": os.getpid(),
+            "worker": number,
+            "workers": self.workers,
+            "listen": [
+                {"fd": FIRST_SOCKET_FD + index, "family": int(listening.family), "description": endpoint.description}
+                for index, (listening, endpoint) in enumerate(zip(self.sockets, self.listen, strict=True))
+            ],
+        }
+        env = dict(os.environ)
+        spec["pythonpath"] = env.get("PYTHONPATH")
+        env[SPEC_VARIABLE] = json.dumps(spec)
+        # The worker must import this package, wherever this process found it.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        for index, listening in enumerate(self.sockets):
+            child_fds[FIRST_SOCKET_FD + index] = listening.fileno()
+        protocol = WorkerProtocol(self, number)
+        self.processes[number] = protocol
+        self.reactor.spawnProcess(
+            protocol,
+            sys.executable,
+            [sys.executable, "-m", WORKER_MODULE, f"--worker={number}"],
+            env=env,
+            path=self.cwd,
+            childFDs=child_fds,
+        )
+
+    def worker_ended(self, protocol: WorkerProtocol, reason: Failure) -> None:
+        """A worker process ended: replace it if it served and was not asked to stop."""
+        number = protocol.number
+        if self.processes.get(number) is protocol:
+            del self.processes[number]
+        status = describe_exit(reason)
+        if protocol.stopping or not self.running:
+            _log.info(
+                "httpwasm worker {number} (pid {pid}) stopped: {status}", number=number, pid=protocol.pid, status=status
+            )
+        elif protocol.ready:
+            _log.warn(
+                "httpwasm worker {number} (pid {pid}) {status}; starting another in {delay} s",
+                number=number,
+                pid=protocol.pid,
+                status=status,
+                delay=RESTART_DELAY,
+            )
+            self._restarts[number] = self.reactor.callLater(RESTART_DELAY, self._spawn, number)
+        else:
+            _log.error(
+                "httpwasm worker {number} (pid {pid}) {status} before it was ready; not restarting it",
+                number=number,
+                pid=protocol.pid,
+                status=status,
+            )
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop listening here, stop every worker (SIGTERM, then SIGKILL after a while); fires when all are gone."""
+        service.Service.stopService(self)  # type: ignore[no-untyped-call]
+        restarts, self._restarts = self._restarts, {}
+        for call in restarts.values():
+            if call.active():
+                call.cancel()
+        waiting: list[defer.Deferred[Any]] = []
+        ports, self.ports = self.ports, []
+        for port in ports:
+            stopped = port.stopListening()
+            if isinstance(stopped, defer.Deferred):
+                waiting.append(stopped)
+        for protocol in list(self.processes.values()):
+            waiting.append(protocol.stop(STOP_TIMEOUT))
+        self._close_sockets()
+        done: defer.Deferred[Any] = defer.gatherResults(waiting, consumeErrors=True)
+        return done.addCallback(lambda _: None)
+
+
+class WorkerProtocol(ProcessProtocol):
+    """The main process's end of one worker: relays its log, notices its end, stops it."""
+
+    def __init__(self, workers: WorkersService, number: int):
+        self.workers = workers
+        self.number = number
+        self.pid: int | None = None
+        self.ready = False
+        self.stopping = False
+        self.ended = False
+        self._buffers = {1: b"", 2: b""}
+        self._waiting: list[defer.Deferred[None]] = []
+        self._kill: Any = None  # IDelayedCall
+
+    def connectionMade(self) -> None:
+        self.pid = getattr(self.transport, "pid", None)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        *lines, self._buffers[childFD] = (self._buffers.get(childFD, b"") + data).split(b"\n")
+        for line in lines:
+            self._relay(childFD, line)
+
+    def _relay(self, childFD: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if not text:
+            return
+        system = f"worker {self.number}"
+        level = LogLevel.warn if childFD == 2 else LogLevel.info
+        if childFD == 1:
+            try:
+                record = json.loads(text)
+                level = LogLevel.levelWithName(record["level"])
+                system = f"{system}|{record['system']}"
+                text = str(record["text"])
+                if record.get("ready"):
+                    self.ready = True
+            except (ValueError, KeyError, TypeError, InvalidLogLevelError):
+                pass
+        _log.emit(level, "{text}", text=text, log_system=system)
+
+    def processEnded(self, reason: Failure) -> None:
+        for childFD, rest in self._buffers.items():
+            if rest:
+                self._relay(childFD, rest)
+        self._buffers = {1: b"", 2: b""}
+        self.ended = True
+        if self._kill is not None and self._kill.active():
+            self._kill.cancel()
+        self.workers.worker_ended(self, reason)
+        waiting, self._waiting = self._waiting, []
+        for stopped in waiting:
+            stopped.callback(None)
+
+    def stop(self, timeout: float) -> defer.Deferred[None]:
+        """SIGTERM and the end of stdin now, SIGKILL after ``timeout``; fires when the process ended."""
+        if self.ended:
+            return defer.succeed(None)
+        stopped: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(stopped)
+        if not self.stopping:
+            self.stopping = True
+            transport: Any = self.transport
+            transport.closeStdin()
+            self._signal("TERM")
+            self._kill = self.workers.reactor.callLater(timeout, self._signal, "KILL")
+        return stopped
+
+    def _signal(self, name: str) -> None:
+        transport: Any = self.transport
+        try:
+            transport.signalProcess(name)
+        except ProcessExitedAlready:
+            pass
+
+
+def describe_exit(reason: Failure) -> str:
+    """``exited with status 3``, ``was killed by signal 9``, ...: how a process ended."""
+    if reason.check(ProcessDone):
+        return "exited with status 0"
+    value: Any = reason.value
+    if getattr(value, "signal", None) is not None:
+        return f"was killed by signal {value.signal}"
+    if getattr(value, "exitCode", None) is not None:
+        return f"exited with status {value.exitCode}"
+    return f"ended: {reason.getErrorMessage()}"
+
+
+# -- the worker process -----------------------------------------------------------
+
+
+@implementer(ILogObserver)
+class _JSONLinesObserver:
+    """Writes each log event as one JSON line, for the main process to relay."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+
+    def __call__(self, event: LogEvent) -> None:
+        level = event.get("log_level", LogLevel.info)
+        system = event.get("log_system") or f"{event.get('log_namespace', '-')}#{level.name}"
+        record = {
+            "level": level.name,
+            "system": str(system),
+            "text": eventAsText(event, includeTimestamp=False, includeSystem=False),
+            "ready": bool(event.get("httpwasm_worker_ready")),
+        }
+        try:
+            self.stream.write(json.dumps(record) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # the main process is gone; the stdin watch stops this process
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux for SIGTERM when the main process dies; exit now if it already did."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the stdin watch is the only guard
+    if os.getppid() != parent:
+        raise SystemExit("httpwasm worker: the main process is already gone")
+
+
+def _watch_stdin(reactor: Any) -> None:
+    """Stop the reactor when stdin (a pipe from the main process) ends: the main process is gone or stops us."""
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        reactor.callFromThread(_main_process_gone, reactor)
+
+    threading.Thread(target=watch, name="httpwasm-main-process-watch", daemon=True).start()
+
+
+def _main_process_gone(reactor: Any) -> None:
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        return  # already stopping (the main process sends SIGTERM too)
+    _log.info("httpwasm worker: the main process closed our stdin; stopping")
+
+
+class _AdoptedPortsService(service.Service):
+    """Serves ``site`` on listening sockets inherited from the main process."""
+
+    def __init__(self, site: Site, sockets: Sequence[dict[str, Any]], number: int, workers: int, reactor: Any):
+        self.site = site
+        self.sockets = list(sockets)
+        self.number = number
+        self.workers = workers
+        self.reactor = reactor
+        self.ports: list[Any] = []  # IListeningPort
+
+    def startService(self) -> None:
+        service.Service.startService(self)  # type: ignore[no-untyped-call]
+        for entry in self.sockets:
+            self.ports.append(self.reactor.adoptStreamPort(entry["fd"], entry["family"], self.site))
+            os.close(entry["fd"])  # the port holds its own duplicate
+        _log.info(
+            "httpwasm worker {number} of {workers} (pid {pid}) serving {endpoints}",
+            number=self.number,
+            workers=self.workers,
+            pid=os.getpid(),
+            endpoints=", ".join(entry["description"] for entry in self.sockets),
+            httpwasm_worker_ready=True,
+        )
+
+    def stopService(self) -> defer.Deferred[Any] | None:
+        service.Service.stopService(self)  # type: ignore[no-untyped-call]
+        ports, self.ports = self.ports, []
+        stopping = [port.stopListening() for port in ports]
+        return defer.gatherResults([d for d in stopping if isinstance(d, defer.Deferred)], consumeErrors=True)
+
+
+def main() -> None:
+    """Run one worker process, as the main process's :class:`WorkersService` describes it in the environment."""
+    spec = json.loads(os.environ.pop(SPEC_VARIABLE))
+    _die_with_parent(spec["parent"])
+    # Processes this worker starts (CGI scripts, ...) get the main process's environment.
+    if spec["pythonpath"] is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = spec["pythonpath"]
+    for entry in reversed(spec["sys_path"]):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    stdout = sys.stdout
+    observer: Any = _JSONLinesObserver(stdout)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=True)
+
+    from twisted.internet import reactor as global_reactor
+
+    reactor: Any = global_reactor
+    from twisted.python import usage
+
+    from . import tap
+
+    config = tap.Options()
+    try:
+        config.parseOptions(spec["argv"])
+    except usage.UsageError as error:
+        _log.error("httpwasm worker {number}: {error}", number=spec["worker"], error=error)
+        raise SystemExit(2) from None
+    top = service.MultiService()  # type: ignore[no-untyped-call]
+    try:
+        site = tap.make_site(config, top)
+    except SystemExit as error:
+        _log.error("{reason}", reason=error.code)
+        raise SystemExit(1) from None
+    ports = _AdoptedPortsService(site, spec["listen"], spec["worker"], spec["workers"], reactor)
+    ports.setServiceParent(top)  # type: ignore[no-untyped-call]
+    _watch_stdin(reactor)
+    reactor.callWhenRunning(top.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    # Run the copy that ``tap`` imports too, not this ``__main__`` one: one module, one set of classes.
+    from twisted_httpwasm._workers_process import main as worker_main
+
+    worker_main()
