@@ -20,6 +20,7 @@ from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.static import Data
 from twisted.web.test.requesthelper import DummyRequest
 
 from twisted_httpwasm import Execution
@@ -317,6 +318,19 @@ class ProxyBehindGuestMixin:
         self.assertEqual(guest.pool.stats.in_use, 0)
 
     @inlineCallbacks
+    def test_head_gets_headers_only(self) -> Any:
+        """HEAD is forwarded as HEAD: the backend's status and Content-Length, no body."""
+        root = Resource()
+        root.putChild(b"eleven", Data(b"eleven long", "text/plain"))
+        guest, url = self.front(FORWARD_GUEST, serve_backend(self, root))
+        response = yield self.http.request("HEAD", url + "/eleven")  # type: ignore[attr-defined]
+        head_body = yield response.content()
+        self.assertEqual((response.code, head_body), (200, b""))
+        self.assertEqual(response.headers.getRawHeaders("content-length"), ["11"])
+        self.assertEqual(response.headers.getRawHeaders("x-guest-response"), ["yes"])
+        self.assertEqual(guest.pool.stats.in_use, 0)
+
+    @inlineCallbacks
     def test_body_streamed_as_it_arrives(self) -> Any:
         """The client gets the backend's first chunk while the backend is still working."""
         slow = BackendSlow()
@@ -539,6 +553,15 @@ class ProxyUnitTests(SynchronousTestCase):
         self.assertEqual(proxy.backend_url(request), b"http://backend:81/base/a/b?c=%20")
         bare = ProxyResource("https://backend", agent=object())  # type: ignore[arg-type]
         self.assertEqual(bare.backend_url(request), b"https://backend/a/b?c=%20")
+
+    def test_absolute_form_uri_keeps_path_and_query(self) -> None:
+        """A request in absolute form ("GET http://front/a?b") is forwarded as /a?b."""
+        proxy = ProxyResource("http://backend/base", agent=object())  # type: ignore[arg-type]
+        request = DummyRequest([b""])
+        request.uri = b"http://front:8080/a/b?c=1"
+        self.assertEqual(proxy.backend_url(request), b"http://backend/base/a/b?c=1")
+        request.uri = b"http://front:8080"
+        self.assertEqual(proxy.backend_url(request), b"http://backend/base/")
 
     def test_hop_by_hop_headers_dropped(self) -> None:
         """RFC 9110 hop-by-hop headers, proxy-*, and those the Connection header names go."""

@@ -74,18 +74,19 @@ class GuestWorkersTests(TestCase):
 
     @inlineCallbacks
     def test_a_stalled_worker_gets_company(self):
-        """Work queued behind a call that has held the only thread too long runs on a new thread."""
+        """Work queued behind a call that holds the only thread too long runs on a new thread.
+
+        The work is queued at once, before the slow call counts as stalled: the
+        reactor looks again after STALL and adds the thread then.
+        """
         workers = self.make_workers(max_size=3)
         self.assertEqual(workers.size, 1)
         release = threading.Event()
+        self.addCleanup(release.set)
         slow = self.run_on(workers, lambda: release.wait(10))
-        started = threading.Event()
-        workers.run(started.set, lambda value: None, lambda error: None)  # queued behind the slow call
-        # Wait (bounded) until the slow call has held the thread longer than STALL, then queue more.
-        waited = yield _poll(lambda: workers._stalled(), timeout=5)
-        self.assertTrue(waited)
         fast = yield self.run_on(workers, lambda: "fast")
         self.assertEqual(fast[:2], ("result", "fast"))
+        self.assertFalse(release.is_set())  # the slow call was still running
         self.assertEqual(workers.size, 2)
         release.set()
         yield slow

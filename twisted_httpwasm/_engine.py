@@ -54,8 +54,8 @@ class _EpochClock(threading.Thread):
     def __init__(self, engine: wasmtime.Engine):
         super().__init__(name="httpwasm-epoch", daemon=True)
         self._engine = engine
-        self._stop = threading.Event()
+        self._stopping = threading.Event()  # not _stop: that would hide Thread._stop
 
     def run(self) -> None:
-        while not self._stop.wait(EPOCH_INTERVAL):
+        while not self._stopping.wait(EPOCH_INTERVAL):
             _native.increment_epoch(self._engine)

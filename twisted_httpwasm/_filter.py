@@ -76,8 +76,11 @@ def _protocol(request: Request) -> bytes:
 
 
 def _abort(request: Request) -> None:
-    transport = getattr(request.channel, "transport", None)
-    abort = getattr(transport, "abortConnection", None) or getattr(transport, "loseConnection", None)
+    """Cut the response: reset the HTTP/2 stream, or abort the HTTP/1 connection."""
+    abort = getattr(request.channel, "abortConnection", None)  # H2Stream: RST_STREAM
+    if abort is None:
+        transport = getattr(request.channel, "transport", None)
+        abort = getattr(transport, "abortConnection", None) or getattr(transport, "loseConnection", None)
     if abort is not None:
         abort()
 
@@ -489,12 +492,13 @@ class RequestFilter:
         request = self.request
         status = getattr(failure.value, "http_status", None)
         if not request.startedWriting and isinstance(status, int) and 400 <= status <= 599:
-            _log.failure(
-                "downstream of guest {guest} failed for {method} {uri}; answering {status}",
-                failure=failure,
+            # An expected failure (the proxy's dead backend): a warning, not a traceback.
+            _log.warn(
+                "downstream of guest {guest} failed for {method} {uri}: {reason}; answering {status}",
                 guest=self.guest.name,
                 method=request.method,
                 uri=request.uri,
+                reason=failure.getErrorMessage(),
                 status=status,
             )
             self._fail(status)

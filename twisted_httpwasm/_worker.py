@@ -11,9 +11,10 @@ batches: one reactor wake-up serves every result that is ready by then.
 Measured here, one thread gives the best throughput (more threads only fight
 over the GIL), but one slow guest would then hold up every other request.  So
 the pool starts with one thread and adds another (up to ``max_size``) when
-work is queued while every thread has been busy with one call for longer
-than :data:`STALL`: fast guests share one thread, slow ones cannot starve
-them.  Threads are never removed, so the count stays stable under load.
+work waits while every thread has been busy with one call for longer than
+:data:`STALL` (a monitor thread looks every STALL while work is queued):
+fast guests share one thread, slow ones cannot starve them.  Threads are
+never removed, so the count stays stable under load.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class GuestWorkers:
         self._busy_since: list[float | None] = []  # per thread: when its current call began
         self._threads: list[threading.Thread] = []
         self._grow_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._queued = threading.Event()  # set while work may be waiting: the monitor watches
+        threading.Thread(target=self._monitor, name=f"{name}-monitor", daemon=True).start()
         self._add_thread()
         if IReactorCore.providedBy(reactor):
             reactor.addSystemEventTrigger("during", "shutdown", self.stop)
@@ -77,6 +81,24 @@ class GuestWorkers:
         now = self._clock()
         return all(since is not None and now - since > STALL for since in self._busy_since)
 
+    def _monitor(self) -> None:
+        """While work is queued, add a thread once every thread has stalled.
+
+        A plain thread, not a reactor timer: it needs no reactor, and it leaves
+        no pending delayed call behind in tests.
+        """
+        queued, stopping = self._queued, self._stopping
+        while not stopping.is_set():
+            queued.wait()
+            if stopping.wait(STALL):
+                return
+            queued.clear()  # cleared before looking, so work queued from now on sets it again
+            if self._calls.empty():
+                continue
+            queued.set()
+            if len(self._threads) < self.max_size and self._stalled():
+                self._add_thread()
+
     def run(
         self,
         work: Callable[[], T],
@@ -85,11 +107,13 @@ class GuestWorkers:
     ) -> None:
         """Queue ``work``; its continuation runs later on the reactor thread."""
         self._calls.put((work, on_result, on_error))
-        if len(self._threads) < self.max_size and self._stalled():
-            self._add_thread()
+        if not self._queued.is_set():
+            self._queued.set()
 
     def stop(self) -> None:
         """Let every thread finish what is queued, then exit."""
+        self._stopping.set()
+        self._queued.set()
         for _ in self._threads:
             self._calls.put(_STOP)
 

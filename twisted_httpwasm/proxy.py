@@ -52,6 +52,9 @@ HOP_BY_HOP_HEADERS = frozenset(
 
 _BAD_GATEWAY_BODY = b"Bad Gateway\n"
 
+#: Idle connections to the backend kept open for reuse.
+MAX_IDLE_CONNECTIONS = 10
+
 
 class HTTPAgent(TypingProtocol):
     """What the proxy needs of an agent: ``twisted.web.iweb.IAgent.request``."""
@@ -174,6 +177,7 @@ class ProxyResource(Resource):
         self.pool: HTTPConnectionPool | None = None
         if agent is None:
             self.pool = HTTPConnectionPool(reactor, persistent=True)
+            self.pool.maxPersistentPerHost = MAX_IDLE_CONNECTIONS
             agent = Agent(reactor, pool=self.pool)
         self.agent: HTTPAgent = agent
 
@@ -188,8 +192,14 @@ class ProxyResource(Resource):
         return closed
 
     def backend_url(self, request: Request) -> bytes:
-        """The URL the backend is asked for: base path + the request's URI."""
-        uri = request.uri if request.uri.startswith(b"/") else b"/" + request.uri
+        """The URL the backend is asked for: base path + the request's URI (path and query)."""
+        uri = request.uri
+        if not uri.startswith(b"/"):
+            parts = urlsplit(uri)
+            if parts.scheme:  # absolute-form ("GET http://host/path"): keep path and query
+                uri = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
+            else:
+                uri = b"/" + uri
         return self.scheme + b"://" + self.netloc + self.base_path + uri
 
     def backend_headers(self, request: Request) -> Headers:
@@ -247,7 +257,7 @@ class _ProxiedRequest:
     def _answer(self, response: Any) -> None:
         self.pending = None
         if self.client_gone:
-            response.deliverBody(_Discard())
+            response.deliverBody(_Abandon())
             return
         request = self.request
         request.setResponseCode(response.code, response.phrase)
@@ -354,5 +364,9 @@ class _BodyRelay(Protocol):
         proxied.fail()
 
 
-class _Discard(Protocol):
-    """Swallows a body nobody will read, so the connection can be reused."""
+class _Abandon(Protocol):
+    """Drops the connection of a body nobody will read (it may be long, or endless)."""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.stopProducing()

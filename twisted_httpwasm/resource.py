@@ -46,7 +46,7 @@ class GuestResource(Resource):
     def __init__(
         self,
         guest: Guest,
-        downstream: IResource,
+        downstream: IResource | Resource,
         *,
         reactor: Any = None,
         threadpool: ThreadPool | None = None,
