@@ -14,6 +14,7 @@ compares this path with the public API on the same guests.
 from __future__ import annotations
 
 import ctypes
+import re
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -125,8 +126,9 @@ def define_host_function(
 ) -> Any:
     """Define ``module.name`` in ``linker`` as an unchecked host function.
 
-    ``function`` receives the i32 parameters as Python ints (signed, as wasm
-    passes them) and returns the single result, or ``None``.  Raising
+    ``function`` receives ``current.target`` (the object whose guest this
+    thread is running) and the i32 parameters as Python ints (signed, as wasm
+    passes them), and returns the single result, or ``None``.  Raising
     :class:`HostTrap` traps the guest with that message; any other exception
     is handed to ``on_host_error`` and traps the guest with a generic message.
     Returns the callback object, which the caller must keep alive as long as
@@ -141,9 +143,12 @@ def define_host_function(
     result = str(results[0]) if results else None
     result_type: Any = {"i32": _c_int32, "i64": _c_int64, None: None}[result]
 
+    local = current
+
     def callback(_env: int, _caller: int, slots: int, _n: int) -> int:
         try:
-            value = function(*unpack(_string_at(slots, span))) if n_params else function()
+            target = local.target
+            value = function(target, *unpack(_string_at(slots, span))) if n_params else function(target)
             if result_type is not None:
                 result_type.from_address(slots).value = value or 0
             return 0
@@ -192,13 +197,24 @@ def _trap_from(trap: int) -> GuestCallError:
     return GuestCallError(message, interrupted=interrupted)
 
 
+_CAUSE_NUMBER = re.compile(r"\d+: ")
+
+
 def _reason(message: str) -> str:
-    """The cause of a wasmtime error message, without its backtrace."""
+    """The cause of a wasmtime error message, without its backtrace.
+
+    Several causes come numbered (``0: memory fault at ...``, ``1: wasm trap: out
+    of bounds memory access``): the last, most general one leads, the first follows
+    in parentheses.
+    """
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     if "Caused by:" in lines:
-        cause = lines[lines.index("Caused by:") + 1 :]
-        if cause:
-            return cause[-1]
+        causes = lines[lines.index("Caused by:") + 1 :]
+        if len(causes) > 1:
+            causes = [_CAUSE_NUMBER.sub("", cause, count=1) for cause in causes]
+            return f"{causes[-1]} ({causes[0]})"
+        if causes:
+            return causes[0]
     return lines[0] if lines else "trap"
 
 

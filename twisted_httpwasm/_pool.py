@@ -3,8 +3,10 @@
 Uncapped, as the seed design says: the server's own concurrency limits how
 many instances exist.  Thread-safe, because thread mode acquires and releases
 in worker threads.  When new instances cannot be made (the guest's init
-traps), creation is retried only after a growing back-off, so a broken guest
-cannot make every request pay for a failing instantiation.
+traps), every request that needs one is refused with :class:`GuestUnavailable`
+(HTTP 503), and creation is retried only after a growing back-off, by one
+caller at a time, so a broken guest cannot make every request pay for a
+failing instantiation.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ _MAX_BACKOFF = 30.0
 
 
 class GuestUnavailable(Exception):
-    """No instance can be created right now; retry later (HTTP 503)."""
+    """No instance can be created right now; retry later (HTTP 503).
+
+    ``retry_after`` is the number of seconds until the pool tries again.  When
+    raised for a failed creation, the factory's error is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PoolStats:
@@ -58,27 +68,43 @@ class GuestPool(Generic[InstanceT]):
         self._lock = threading.Lock()
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._probing = False
         self._last_error: BaseException | None = None
         self.stats = PoolStats()
 
     def acquire(self) -> InstanceT:
-        """An idle instance, or a new one; raises the factory's error or GuestUnavailable."""
+        """An idle instance, or a new one; raises :class:`GuestUnavailable` if none can be made.
+
+        During a back-off no creation is attempted; once it is over, one caller
+        tries while the others are still refused.
+        """
+        probing = False
         with self._lock:
             if self._idle:
                 instance = self._idle.pop()
                 self._lent()
                 return instance
-            if self._backoff and self._clock() < self._retry_at:
-                raise GuestUnavailable(f"guest instances cannot be created: {self._last_error}")
+            if self._backoff:
+                now = self._clock()
+                if self._probing or now < self._retry_at:
+                    raise GuestUnavailable(
+                        f"guest instances cannot be created: {self._last_error}",
+                        retry_after=max(self._retry_at - now, 0.0) or self._backoff,
+                    )
+                self._probing = probing = True  # this caller tries; the others are refused until it knows
         try:
             instance = self._factory()
-        except BaseException as error:
+        except Exception as error:
             with self._lock:
                 self.stats.creation_failures += 1
                 self._backoff = min(_MAX_BACKOFF, self._backoff * 2 or _FIRST_BACKOFF)
                 self._retry_at = self._clock() + self._backoff
                 self._last_error = error
-            raise
+                backoff = self._backoff
+            raise GuestUnavailable(f"guest instances cannot be created: {error}", retry_after=backoff) from error
+        finally:
+            if probing:
+                self._probing = False
         with self._lock:
             self._backoff = 0.0
             self.stats.created += 1

@@ -24,7 +24,7 @@ from ._engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
 from ._hostfuncs import HOST_FUNCTIONS
 from ._native import GuestCallError, NativeFunc, NativeMemory
 from ._output import CapturedOutput
-from ._pool import GuestPool
+from ._pool import GuestPool, GuestUnavailable
 from ._state import Phase, RequestState
 from .abi import HOST_MODULE, WASI_MODULE, CtxNext, LogLevel, unpack_ctx_next
 
@@ -157,8 +157,10 @@ class Guest:
         self.pool = GuestPool(self._new_instance)
         try:
             self.pool.release(self.pool.acquire())
-        except GuestTrap as error:
-            raise GuestLoadError(f"guest {self.name!r} failed to initialise: {error.reason}") from None
+        except GuestUnavailable as error:
+            cause = error.__cause__
+            reason = cause.reason if isinstance(cause, GuestTrap) else _first_line(cause or error)
+            raise GuestLoadError(f"guest {self.name!r} failed to initialise: {reason}") from None
 
     @classmethod
     def load(cls, source: str | os.PathLike[str] | bytes, **options: object) -> Guest:
@@ -211,17 +213,11 @@ class Guest:
         linker = wasmtime.Linker(self.engine)
         i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
         callbacks: list[object] = []
-        current = _native.current
         for spec in HOST_FUNCTIONS:
-            function = spec.function
-
-            def bound(*args: int, _function: object = function) -> int | None:
-                return _function(current.target, *args)  # type: ignore[operator, no-any-return]
-
             results = [] if spec.result is None else [i32 if spec.result == _I32 else i64]
             callbacks.append(
                 _native.define_host_function(
-                    linker, HOST_MODULE, spec.name, [i32] * spec.params, results, bound, self._host_error
+                    linker, HOST_MODULE, spec.name, [i32] * spec.params, results, spec.function, self._host_error
                 )
             )
         if self.uses_wasi:
