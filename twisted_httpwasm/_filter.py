@@ -85,6 +85,10 @@ def _abort(request: Request) -> None:
         abort()
 
 
+def _ignore(*args: object) -> None:
+    """Stands in for the request methods of a downstream the filter has cut off."""
+
+
 def _raw_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
     """Every (name, value) pair, in order; RequestState lowercases the names."""
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
@@ -115,12 +119,13 @@ class RequestFilter:
         self._hooked = False
         self._saved_hooks: dict[str, Any] = {}
         self._forward_write: Any = None
+        self._cut_off = False  # the downstream was stopped mid-response (buffer limit)
         self._mount = list(request.prepath or [])
         body = request.content
+        self._content_length = 0  # the body as received: Twisted holds all of it by now, sized or chunked
         if body is not None:
+            self._content_length = body.seek(0, io.SEEK_END)
             body.seek(0)
-        length = request.getHeader(b"content-length")
-        self._content_length = int(length) if length is not None and length.isdigit() else 0
         self.state = RequestState(
             method=request.method,
             uri=request.uri,
@@ -379,6 +384,7 @@ class RequestFilter:
             limit=self.guest.max_buffer_bytes,
         )
         self._buffer = bytearray()
+        self._cut_off = True
         self._stop_producer()
         self.stage = _Stage.GUEST_RESPONSE
         self._enter_response_phase(http.BAD_GATEWAY, [], None)
@@ -587,6 +593,9 @@ class RequestFilter:
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         request.write(body)
         request.finish()
+        if self._cut_off:
+            # A downstream that was cut off may still write and finish: those calls go nowhere.
+            request.write = request.finish = request.unregisterProducer = _ignore  # type: ignore[method-assign]
 
     def _log_refusal(self, what: str, error: BaseException) -> None:
         _log.warn(

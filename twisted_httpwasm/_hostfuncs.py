@@ -18,9 +18,12 @@ from ._native import HostTrap, NativeMemory
 from ._state import BodyTooLarge, HeaderList, Phase, RequestState
 from .abi import BodyKind, Feature, HeaderKind, LogLevel, encode_nul_list, pack_count_len, pack_eof_len
 
-__all__ = ["HOST_FUNCTIONS", "SUPPORTED_FEATURES", "HostContext", "HostFunctionSpec"]
+__all__ = ["HOST_FUNCTIONS", "MAX_LOG_MESSAGE", "SUPPORTED_FEATURES", "HostContext", "HostFunctionSpec"]
 
 _U32 = 0xFFFFFFFF
+
+#: Bytes of one guest log message that reach the log; the rest is counted, not copied.
+MAX_LOG_MESSAGE = 16 * 1024
 
 #: Twisted cannot send HTTP trailers, so ``trailers`` is never enabled.
 SUPPORTED_FEATURES = Feature.BUFFER_REQUEST | Feature.BUFFER_RESPONSE
@@ -144,6 +147,15 @@ def _require_response_writable(ctx: HostContext, state: RequestState, function: 
         )
 
 
+def _check_header_room(ctx: HostContext, function: str, size: int) -> None:
+    """Headers count against the buffer limit too: a guest adding values in a loop is stopped."""
+    assert ctx.state is not None  # _headers_to_change checked it
+    try:
+        ctx.state.check_size(size, "headers")
+    except BodyTooLarge as error:
+        raise _trap(ctx, f"{function}: {error}") from None
+
+
 def _checked_field(ctx: HostContext, function: str, name: bytes, value: bytes) -> None:
     if not _TOKEN.match(name):
         raise _trap(ctx, f"{function}: invalid header name {name[:64]!r}")
@@ -173,7 +185,13 @@ def log(ctx: HostContext, level: int, message: int, message_len: int) -> None:
     if not log_enabled(ctx, level):
         return
     try:
-        text = ctx.memory.read(message, message_len).decode("utf-8", "replace")
+        length = message_len & _U32
+        if (message & _U32) + length > ctx.memory.size():
+            return  # outside memory: not logged, as if reading it had failed
+        # Only so much is copied and logged: a guest cannot make the host hold its whole memory per call.
+        text = ctx.memory.read(message, min(length, MAX_LOG_MESSAGE)).decode("utf-8", "replace")
+        if length > MAX_LOG_MESSAGE:
+            text += f"... [{length - MAX_LOG_MESSAGE} more bytes not logged]"
         ctx.log(LogLevel(max(min(level, LogLevel.ERROR), LogLevel.DEBUG)), text)
     except Exception:  # noqa: BLE001 - the ABI says a failure to log is ignored, never a trap
         return
@@ -245,6 +263,7 @@ def set_header_value(ctx: HostContext, kind: int, name: int, name_len: int, valu
     key = _header_name(ctx, "set_header_value", name, name_len)
     data = _read(ctx, "set_header_value", value, value_len)
     _checked_field(ctx, "set_header_value", key, data)
+    _check_header_room(ctx, "set_header_value", headers.size - headers.size_of(key) + len(key) + len(data))
     headers.set(key, data)
 
 
@@ -253,6 +272,7 @@ def add_header_value(ctx: HostContext, kind: int, name: int, name_len: int, valu
     key = _header_name(ctx, "add_header_value", name, name_len)
     data = _read(ctx, "add_header_value", value, value_len)
     _checked_field(ctx, "add_header_value", key, data)
+    _check_header_room(ctx, "add_header_value", headers.size + len(key) + len(data))
     headers.add(key, data)
 
 

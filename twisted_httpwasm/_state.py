@@ -30,12 +30,17 @@ class BodyTooLarge(Exception):
 
 
 class HeaderList:
-    """An ordered multi-map of header names (lowercase bytes) to values."""
+    """An ordered multi-map of header names (lowercase bytes) to values.
 
-    __slots__ = ("_entries", "changed")
+    ``size`` is the bytes of every name and value, kept up to date so that the
+    host can hold a guest's header changes to its buffer limit.
+    """
+
+    __slots__ = ("_entries", "changed", "size")
 
     def __init__(self, entries: Iterable[tuple[bytes, bytes]] = ()):
         self._entries: list[tuple[bytes, bytes]] = [(name.lower(), value) for name, value in entries]
+        self.size = sum(len(name) + len(value) for name, value in self._entries)
         self.changed = False
 
     def names(self) -> list[bytes]:
@@ -46,13 +51,17 @@ class HeaderList:
         name = name.lower()
         return [value for key, value in self._entries if key == name]
 
+    def size_of(self, name: bytes) -> int:
+        """The bytes the entries named ``name`` take (what ``set`` would replace)."""
+        return sum(len(name) + len(value) for value in self.values(name))
+
     def set(self, name: bytes, value: bytes) -> None:
         self.remove(name)
-        self._entries.append((name.lower(), value))
-        self.changed = True
+        self.add(name, value)
 
     def add(self, name: bytes, value: bytes) -> None:
         self._entries.append((name.lower(), value))
+        self.size += len(name) + len(value)
         self.changed = True
 
     def remove(self, name: bytes) -> None:
@@ -60,6 +69,7 @@ class HeaderList:
         kept = [entry for entry in self._entries if entry[0] != name]
         if len(kept) != len(self._entries):
             self._entries = kept
+            self.size = sum(len(key) + len(value) for key, value in kept)
         self.changed = True
 
     def items(self) -> list[tuple[bytes, bytes]]:
@@ -155,6 +165,7 @@ class RequestState:
         self._written.add(kind)
         return True
 
-    def check_size(self, size: int) -> None:
+    def check_size(self, size: int, what: str = "body") -> None:
+        """Raise :class:`BodyTooLarge` if ``size`` bytes of ``what`` would pass the buffer limit."""
         if self.max_buffer_bytes is not None and size > self.max_buffer_bytes:
-            raise BodyTooLarge(f"body of {size} bytes exceeds the limit of {self.max_buffer_bytes}")
+            raise BodyTooLarge(f"{what} of {size} bytes exceeds the limit of {self.max_buffer_bytes}")
