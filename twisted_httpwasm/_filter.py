@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import io
+import math
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
@@ -179,7 +180,8 @@ class RequestFilter:
         self._release()
         if isinstance(error, GuestUnavailable):
             self._log_refusal("no guest instance available", error)
-            self.request.setHeader(b"retry-after", b"1")
+            # When the pool will try to create an instance again (whole seconds, at least 1).
+            self.request.setHeader(b"retry-after", b"%d" % max(1, math.ceil(error.retry_after)))
             self._fail(http.SERVICE_UNAVAILABLE)
             return
         reason = error.reason if isinstance(error, GuestTrap) else repr(error)
