@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import os
-import time
 
 import wasmtime
-from twisted.internet import reactor
 from twisted.logger import LogLevel as TwistedLogLevel
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
-from wasmtime import _wasi as wasmtime_wasi
 
 from twisted_httpwasm import Guest
 from twisted_httpwasm.guest import GuestLoadError
@@ -265,28 +261,11 @@ class InitTests(SynchronousTestCase):
         self.assertEqual(counters(Guest(counting_init("other").encode()), 1), [0])
 
 
-def wait_for_wasi_outputs_released(before: int, timeout: float = 5.0) -> None:
-    """Wait until wasmtime has finalised the WASI output callbacks of the stores dropped since ``before``.
-
-    Workaround: wasmtime finalises a dropped store's custom stdout/stderr on a tokio
-    worker thread, which calls back into Python; if that happens while the
-    interpreter is exiting, the process aborts ("panic in a function that cannot
-    unwind").  So tests drop their WASI stores and wait here, instead of leaving
-    them for interpreter exit.
-    """
-    deadline = time.monotonic() + timeout
-    gc.collect()
-    while len(wasmtime_wasi.CUSTOM_OUTPUTS.handles) > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
 class WasiTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.events: list[dict[str, object]] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-        # The guest's output may be handed to the reactor thread; with no reactor running, deliver it at once.
-        self.patch(reactor, "callFromThread", lambda f, *args, **kwargs: f(*args, **kwargs))
 
     def guest_log(self, name: str) -> list[tuple[object, str]]:
         namespace = f"httpwasm.guest.{name}"
@@ -296,7 +275,6 @@ class WasiTests(SynchronousTestCase):
 
     def test_wasi_command_exiting_zero_loads_and_logs_its_output(self) -> None:
         """``_start`` that prints and ends with ``proc_exit(0)`` initialises fine; its stdout goes to the log."""
-        self.addCleanup(wait_for_wasi_outputs_released, len(wasmtime_wasi.CUSTOM_OUTPUTS.handles))
         guest = Guest(WASI_COMMAND.replace("EXIT_CODE", "0").encode(), name="command")
         self.addCleanup(guest.pool.clear)
         self.assertTrue(guest.uses_wasi)

@@ -217,7 +217,6 @@ class TimeLimitThreadTests(TimeLimitTestsMixin, ServerTestCase):
         status, _, body, _ = yield self.get(url + "/ok")
         self.assertEqual((status, body), (200, b"ok"))
         self.assertFalse(looping.called, "the fast request should finish while the guest still loops")
-        self.assertLess(time.monotonic() - started, 0.9)
         status, _, body, _ = yield looping
         elapsed = time.monotonic() - started
         longest_gap = ticks.stop()
