@@ -69,7 +69,7 @@ class GuestPool(Generic[InstanceT]):
         self._backoff = 0.0
         self._retry_at = 0.0
         self._probing = False
-        self._last_error: BaseException | None = None
+        self._last_error = ""  # the reason only: keeping the exception would keep its frames alive
         self.stats = PoolStats()
 
     def acquire(self) -> InstanceT:
@@ -99,7 +99,7 @@ class GuestPool(Generic[InstanceT]):
                 self.stats.creation_failures += 1
                 self._backoff = min(_MAX_BACKOFF, self._backoff * 2 or _FIRST_BACKOFF)
                 self._retry_at = self._clock() + self._backoff
-                self._last_error = error
+                self._last_error = str(error)
                 backoff = self._backoff
             raise GuestUnavailable(f"guest instances cannot be created: {error}", retry_after=backoff) from error
         finally:
