@@ -32,16 +32,23 @@ class BodyTooLarge(Exception):
 class HeaderList:
     """An ordered multi-map of header names (lowercase bytes) to values.
 
-    ``size`` is the bytes of every name and value, kept up to date so that the
-    host can hold a guest's header changes to its buffer limit.
+    ``size`` is the bytes of every name and value, so that the host can hold a
+    guest's header changes to its buffer limit.  It is counted the first time it
+    is asked for (most requests never change a header) and kept up to date after.
     """
 
-    __slots__ = ("_entries", "changed", "size")
+    __slots__ = ("_entries", "_size", "changed")
 
     def __init__(self, entries: Iterable[tuple[bytes, bytes]] = ()):
         self._entries: list[tuple[bytes, bytes]] = [(name.lower(), value) for name, value in entries]
-        self.size = sum(len(name) + len(value) for name, value in self._entries)
+        self._size: int | None = None
         self.changed = False
+
+    @property
+    def size(self) -> int:
+        if self._size is None:
+            self._size = sum(len(name) + len(value) for name, value in self._entries)
+        return self._size
 
     def names(self) -> list[bytes]:
         """Each name once, in the order first seen."""
@@ -61,7 +68,8 @@ class HeaderList:
 
     def add(self, name: bytes, value: bytes) -> None:
         self._entries.append((name.lower(), value))
-        self.size += len(name) + len(value)
+        if self._size is not None:
+            self._size += len(name) + len(value)
         self.changed = True
 
     def remove(self, name: bytes) -> None:
@@ -69,7 +77,7 @@ class HeaderList:
         kept = [entry for entry in self._entries if entry[0] != name]
         if len(kept) != len(self._entries):
             self._entries = kept
-            self.size = sum(len(key) + len(value) for key, value in kept)
+            self._size = None
         self.changed = True
 
     def items(self) -> list[tuple[bytes, bytes]]:
