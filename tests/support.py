@@ -1,4 +1,5 @@
-"""Shared test helpers: WAT guests written inline, real loopback servers, clients.
+"""Shared test helpers: WAT guests written inline, real loopback servers, clients,
+temporary files, guest logs, polling, and C guests built at test time.
 
 Tests are ``twisted.trial`` test cases, so the suite runs under ``trial tests``
 and under ``pytest`` alike.
@@ -6,20 +7,36 @@ and under ``pytest`` alike.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
-from collections.abc import Iterable
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Generator, Iterable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor as global_reactor
+from twisted.internet import task
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.internet.protocol import Factory
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from twisted_httpwasm import Execution, Guest, GuestResource
 from twisted_httpwasm._state import RequestState
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 #: Every http_handler import, named after the function, for inline WAT guests.
 IMPORTS = """
@@ -47,9 +64,11 @@ IMPORTS = """
 NOOP_RESPONSE = '(func (export "handle_response") (param i32 i32))'
 
 
-def module(*body: str, memory_pages: int = 1) -> bytes:
-    """A WAT guest with every import, one exported memory and ``body``."""
-    return ("(module" + IMPORTS + f'(memory (export "memory") {memory_pages})\n' + "\n".join(body) + ")").encode()
+def module(*body: str, memory_pages: int = 1, imports: str = "") -> bytes:
+    """A WAT guest with every http_handler import and ``imports``, one exported memory and ``body``."""
+    return (
+        "(module" + IMPORTS + imports + f'(memory (export "memory") {memory_pages})\n' + "\n".join(body) + ")"
+    ).encode()
 
 
 def make_guest(*body: str, **options: Any) -> Guest:
@@ -75,6 +94,26 @@ def request_state(
     )
 
 
+class TempFilesMixin:
+    """For a trial test case: temporary paths outside the working directory, and guest files."""
+
+    def mktemp(self) -> str:
+        """A fresh path in a temporary directory removed after the test.
+
+        trial's own ``mktemp`` is relative to the working directory, which under
+        pytest is the repository root.
+        """
+        directory = tempfile.mkdtemp(prefix="httpwasm-test-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)  # type: ignore[attr-defined]
+        return os.path.join(directory, "temp")
+
+    def guest_file(self, *body: str) -> str:
+        """A ``.wat`` file holding :func:`module` of ``body``; its path."""
+        path = self.mktemp() + ".wat"
+        Path(path).write_bytes(module(*body))
+        return path
+
+
 class ServerTestCase(TestCase):
     """A trial test case with real loopback servers and a clean HTTP client."""
 
@@ -83,11 +122,15 @@ class ServerTestCase(TestCase):
         self.http = HTTPClient(Agent(global_reactor, pool=self.pool))
         self.addCleanup(self.pool.closeCachedConnections)
 
-    def serve(self, resource: IResource) -> str:
-        """Listen on a loopback port; return its base URL."""
-        port = global_reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    def listen(self, factory: Factory) -> str:
+        """Listen with ``factory`` (a Site, say) on a loopback port until the end of the test; its base URL."""
+        port = global_reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return f"http://127.0.0.1:{port.getHost().port}"
+
+    def serve(self, resource: IResource) -> str:
+        """Serve ``resource`` on a loopback port; return its base URL."""
+        return self.listen(Site(resource))
 
     def serve_guest(self, guest: Guest, downstream: IResource, **options: Any) -> str:
         return self.serve(GuestResource(guest, downstream, **options))
@@ -103,7 +146,131 @@ class ServerTestCase(TestCase):
 EXECUTIONS = (Execution.THREAD, Execution.INLINE)
 
 
-def deferred_later(seconds: float, value: Any = None) -> Deferred[Any]:
-    from twisted.internet import task
+# -- logs, streams, waiting ---------------------------------------------------------
 
+
+class LogCapture:
+    """Events of one guest's log namespace, collected for a test."""
+
+    def __init__(self, test: SynchronousTestCase, guest_name: str = "guest"):
+        self.namespace = f"httpwasm.guest.{guest_name}"
+        self.events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(self._observe)
+        test.addCleanup(globalLogPublisher.removeObserver, self._observe)
+
+    def _observe(self, event: dict[str, object]) -> None:
+        if event.get("log_namespace") == self.namespace:
+            self.events.append(event)
+
+    def messages(self) -> list[tuple[object, str]]:
+        """(level, text as a log file shows it) of each event."""
+        return [(event["log_level"], formatEvent(event)) for event in self.events]
+
+
+def guest_text(event: dict[str, Any]) -> str:
+    """The message of a guest's log event (``text``; ``message`` in older hosts)."""
+    return str(event.get("text", event.get("message")))
+
+
+def on_guest_log(guest: Guest, callback: Callable[[dict[str, Any]], None]) -> None:
+    """Call ``callback`` with every event ``guest`` logs from now on.
+
+    The observer sits on the guest's own Logger (so only this guest's lines count),
+    ahead of the global publisher and of anything that edits events in place.
+    """
+    forward = guest.log.observer
+
+    def observer(event: dict[str, Any]) -> None:
+        callback(event)
+        forward(event)
+
+    guest.log.observer = observer
+
+
+def collect_streamed(response: Any) -> tuple[list[bytes], Deferred[None], Deferred[None]]:
+    """Read ``response``'s body as it arrives.
+
+    (the chunks received so far, a Deferred that fires at the first chunk, treq's Deferred
+    for the whole body).
+    """
+    chunks: list[bytes] = []
+    first: Deferred[None] = Deferred()
+
+    def collect(data: bytes) -> None:
+        chunks.append(data)
+        if not first.called:
+            first.callback(None)
+
+    return chunks, first, treq.collect(response, collect)
+
+
+def poll(condition: Callable[[], Any], timeout: float, interval: float = 0.05) -> Deferred[bool]:
+    """Fire with True once ``condition()`` (which may return a Deferred) is true, False past ``timeout`` seconds.
+
+    ``condition`` is checked at once, then every ``interval`` seconds.
+    """
+
+    @inlineCallbacks
+    def loop() -> Generator[Any, Any, bool]:
+        end = time.monotonic() + timeout
+        while True:
+            if (yield condition()):
+                return True
+            if time.monotonic() > end:
+                return False
+            yield task.deferLater(global_reactor, interval, lambda: None)
+
+    return loop()
+
+
+def deferred_later(seconds: float, value: Any = None) -> Deferred[Any]:
     return task.deferLater(global_reactor, seconds, lambda: value)
+
+
+# -- C guests, built at test time ---------------------------------------------------
+
+
+def load_example_module(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (examples/ is not a package)."""
+    path = EXAMPLES / f"{name}.py" if not name.startswith("c/") else EXAMPLES / "c" / f"{name[2:]}.py"
+    spec = importlib.util.spec_from_file_location(f"httpwasm_example_{name.replace('/', '_')}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def c_build_module() -> ModuleType:
+    """examples/c/build.py, imported once."""
+    return load_example_module("c/build")
+
+
+_c_build_dir: tempfile.TemporaryDirectory[str] | None = None
+_c_built: dict[Path, Path] = {}
+
+
+def c_guest_binary(source: Path, *, wasi: bool, skip_missing_tools: bool = False) -> Path:
+    """The C file ``source`` built with examples/c/build.py into a temporary directory (once per run).
+
+    Skips the test, saying what is missing, when clang is absent; with ``skip_missing_tools``
+    also when the build finds another tool or library missing.
+    """
+    global _c_build_dir
+    if source not in _c_built:
+        build = c_build_module()
+        try:
+            build.find_clang()
+        except build.BuildError as error:
+            raise SkipTest(f"{source.name} is a C guest and needs clang: {error}") from None
+        if _c_build_dir is None:
+            _c_build_dir = tempfile.TemporaryDirectory(prefix="httpwasm-c-guests-")
+        output = Path(_c_build_dir.name) / source.parent.name / source.with_suffix(".wasm").name
+        try:
+            _c_built[source] = build.build(source, output, wasi=wasi)
+        except build.BuildError as error:
+            if skip_missing_tools and "not found" in str(error):
+                raise SkipTest(f"cannot build {source.name}: {error}") from None
+            raise
+    return _c_built[source]

@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from twisted_httpwasm import Execution, GuestResource
 
-from .support import EXECUTIONS, ServerTestCase, make_guest
+from .support import EXECUTIONS, ServerTestCase, guest_text, make_guest, on_guest_log
 
 #: Outer guest: request header x-order += "a", response header x-a: 1, "/x..." -> "/y...";
 #: handle_response adds x-order-response += "a" (buffer_response, so it may) and logs "A done".
@@ -126,13 +126,7 @@ class ChainMixin:
         b = make_guest(GUEST_B, name="B", execution=self.execution)
         messages: list[str] = []
         for guest in (a, b):
-            forward = guest.log.observer
-
-            def observer(event: dict[str, Any], forward: Any = forward) -> None:
-                messages.append(str(event.get("text", event.get("message"))))
-                forward(event)
-
-            guest.log.observer = observer
+            on_guest_log(guest, lambda event: messages.append(guest_text(event)))
         url = self.serve(GuestResource(a, GuestResource(b, downstream)))  # type: ignore[attr-defined]
         return a, b, url, messages
 

@@ -10,45 +10,33 @@ imported and also run as scripts.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any, NamedTuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.static import File
 
 from twisted_httpwasm import Execution, Guest, GuestLoadError
 
-from .support import EXECUTIONS, ServerTestCase
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-
-
-def load_example_module(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` (examples/ is not a package)."""
-    path = EXAMPLES / f"{name}.py" if not name.startswith("c/") else EXAMPLES / "c" / f"{name[2:]}.py"
-    spec = importlib.util.spec_from_file_location(f"httpwasm_example_{name.replace('/', '_')}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_BUILD_DIR = tempfile.TemporaryDirectory(prefix="httpwasm-example-guests-")
-_built: dict[str, Path] = {}
+from .support import (
+    EXAMPLES,
+    EXECUTIONS,
+    ROOT,
+    ServerTestCase,
+    c_build_module,
+    c_guest_binary,
+    guest_text,
+    load_example_module,
+    on_guest_log,
+)
 
 
 def c_guest(name: str) -> Path:
@@ -56,23 +44,8 @@ def c_guest(name: str) -> Path:
 
     Skips the test, saying what is missing, when clang or its WebAssembly tools are absent.
     """
-    if name not in _built:
-        build = load_example_module("c/build")
-        try:
-            build.find_clang()
-        except build.BuildError as error:
-            raise SkipTest(f"C example guests need clang: {error}") from None
-        try:
-            _built[name] = build.build(
-                EXAMPLES / "c" / name,
-                Path(_BUILD_DIR.name) / Path(name).with_suffix(".wasm"),
-                wasi=build.EXAMPLES[name],
-            )
-        except build.BuildError as error:
-            if "not found" in str(error):
-                raise SkipTest(f"cannot build {name}: {error}") from None
-            raise
-    return _built[name]
+    wasi = c_build_module().EXAMPLES[name]
+    return c_guest_binary(EXAMPLES / "c" / name, wasi=wasi, skip_missing_tools=True)
 
 
 def watch_log(guest: Guest) -> list[tuple[str, str]]:
@@ -81,13 +54,7 @@ def watch_log(guest: Guest) -> list[tuple[str, str]]:
     The observer sits on the guest's own Logger, so only this guest's lines count.
     """
     lines: list[tuple[str, str]] = []
-    forward = guest.log.observer
-
-    def observer(event: dict[str, Any]) -> None:
-        lines.append((event["log_level"].name, str(event.get("text", event.get("message")))))
-        forward(event)
-
-    guest.log.observer = observer
+    on_guest_log(guest, lambda event: lines.append((event["log_level"].name, guest_text(event))))
     return lines
 
 
@@ -466,9 +433,8 @@ class EmbeddingTests(ServerTestCase):
         directory = Path(self.mktemp())
         directory.mkdir()
         (directory / "hello.txt").write_bytes(b"hello, static\n")
-        port = reactor.listenTCP(0, embed_static.build_site(directory), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        status, headers, body = yield self.fetch("GET", f"http://127.0.0.1:{port.getHost().port}/hello.txt")
+        url = self.listen(embed_static.build_site(directory))
+        status, headers, body = yield self.fetch("GET", url + "/hello.txt")
         self.assertEqual((status, body), (200, b"hello, static\n"))
         self.assertEqual(headers.getRawHeaders("x-frame-options"), ["DENY"])
 
@@ -479,10 +445,7 @@ class EmbeddingTests(ServerTestCase):
         directory = Path(self.mktemp())
         directory.mkdir()
         (directory / "hello.txt").write_bytes(b"hello, static\n")
-        site = embed_static.build_site(directory, EXAMPLES / "router.wat")
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        url = f"http://127.0.0.1:{port.getHost().port}"
+        url = self.listen(embed_static.build_site(directory, EXAMPLES / "router.wat"))
         status, _, body = yield self.fetch("GET", url + "/api/hello.txt")
         self.assertEqual((status, body), (200, b"hello, static\n"))
         status, _, body = yield self.fetch("GET", url + "/host")
@@ -493,9 +456,7 @@ class EmbeddingTests(ServerTestCase):
         """The WSGI app sees the guest's x-request-id (HTTP_X_REQUEST_ID), the path, query and
         body; the client gets the same id."""
         embed_wsgi = load_example_module("embed_wsgi")
-        port = reactor.listenTCP(0, embed_wsgi.build_site(), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        url = f"http://127.0.0.1:{port.getHost().port}"
+        url = self.listen(embed_wsgi.build_site())
         status, headers, body = yield self.fetch("POST", url + "/app/path?x=1", data=b"posted")
         self.assertEqual(status, 200)
         seen = json.loads(body)

@@ -6,13 +6,12 @@ import os
 
 import wasmtime
 from twisted.logger import LogLevel as TwistedLogLevel
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm import Guest
 from twisted_httpwasm.guest import GuestLoadError
 
-from .support import IMPORTS, NOOP_RESPONSE, module, request_state
+from .support import IMPORTS, NOOP_RESPONSE, LogCapture, module, request_state
 
 HANDLE_REQUEST = '(func (export "handle_request") (result i64) (i64.const 0))'
 MINIMAL = f'(module (memory (export "memory") 1) {HANDLE_REQUEST} {NOOP_RESPONSE})'
@@ -263,15 +262,7 @@ class InitTests(SynchronousTestCase):
 
 class WasiTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.events: list[dict[str, object]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
-    def guest_log(self, name: str) -> list[tuple[object, str]]:
-        namespace = f"httpwasm.guest.{name}"
-        return [
-            (event["log_level"], formatEvent(event)) for event in self.events if event.get("log_namespace") == namespace
-        ]
+        self.log = LogCapture(self, "command")
 
     def test_wasi_command_exiting_zero_loads_and_logs_its_output(self) -> None:
         """``_start`` that prints and ends with ``proc_exit(0)`` initialises fine; its stdout goes to the log."""
@@ -281,7 +272,7 @@ class WasiTests(SynchronousTestCase):
         instance = guest.pool.acquire()
         self.assertEqual(instance.handle_request(request_state()).next, False)
         guest.pool.release(instance)
-        self.assertIn((TwistedLogLevel.info, "command: [stdout] hello, world"), self.guest_log("command"))
+        self.assertIn((TwistedLogLevel.info, "command: [stdout] hello, world"), self.log.messages())
 
     def test_wasi_command_exiting_nonzero_is_refused(self) -> None:
         """``proc_exit(1)`` in ``_start`` refuses the guest, with the exit code."""

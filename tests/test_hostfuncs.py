@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from twisted.logger import LogLevel as TwistedLogLevel
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm import Guest
@@ -20,7 +19,7 @@ from twisted_httpwasm._state import RequestState
 from twisted_httpwasm.abi import CtxNext, Feature, LogLevel, pack_count_len, pack_eof_len
 from twisted_httpwasm.guest import GuestInstance, GuestLoadError, GuestTrap
 
-from .support import make_guest, request_state
+from .support import LogCapture, make_guest, request_state
 
 #: Results: slot ``n`` is the i64 at ``RESULT + 8 * n`` (i32 results are sign-extended).
 RESULT = 0
@@ -1074,24 +1073,6 @@ class GetConfigTests(HostFunctionTestCase):
     def test_writing_outside_memory_traps(self) -> None:
         """A config that fits ``buf_limit`` but not in memory traps."""
         self.assertRequestTraps([call("get_config", PAGE - 1, 64)], "get_config", "out of bounds", config=b"abc")
-
-
-class LogCapture:
-    """Events of one guest's log namespace, collected for a test."""
-
-    def __init__(self, test: SynchronousTestCase, guest_name: str = "guest"):
-        self.namespace = f"httpwasm.guest.{guest_name}"
-        self.events: list[dict[str, object]] = []
-        globalLogPublisher.addObserver(self._observe)
-        test.addCleanup(globalLogPublisher.removeObserver, self._observe)
-
-    def _observe(self, event: dict[str, object]) -> None:
-        if event.get("log_namespace") == self.namespace:
-            self.events.append(event)
-
-    def messages(self) -> list[tuple[object, str]]:
-        """(level, text as a log file shows it) of each event."""
-        return [(event["log_level"], formatEvent(event)) for event in self.events]
 
 
 class LogTests(HostFunctionTestCase):

@@ -13,54 +13,26 @@ looks for traces of it on the next.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import SkipTest
 
 from twisted_httpwasm import Execution, Guest, GuestLoadError, Mount
 
-from .support import ServerTestCase
+from .support import ServerTestCase, c_guest_binary
 from .test_resource import Echo, GuestTestMixin, Strings
 from .test_resource_response import hello
 
-ROOT = Path(__file__).resolve().parent.parent
 GUEST_SOURCE = Path(__file__).resolve().parent / "guests" / "isolation.c"
-
-_build_dir = tempfile.TemporaryDirectory(prefix="httpwasm-isolation-")
-_built: dict[str, Path] = {}
-
-
-def _load_build_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("httpwasm_examples_c_build", ROOT / "examples" / "c" / "build.py")
-    assert spec is not None and spec.loader is not None
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build
-
-
-def isolation_guest_binary() -> Path:
-    """tests/guests/isolation.c built with wasi-libc (once per run); skips only without clang."""
-    if "isolation" not in _built:
-        build = _load_build_module()
-        try:
-            build.find_clang()
-        except build.BuildError as error:
-            raise SkipTest(f"the isolation probe is a C guest and needs clang: {error}") from None
-        _built["isolation"] = build.build(GUEST_SOURCE, Path(_build_dir.name) / "isolation.wasm", wasi=True)
-    return _built["isolation"]
 
 
 class IsolationTestsMixin(GuestTestMixin):
     def setUp(self) -> None:
         super().setUp()  # type: ignore[misc]
-        self.binary = isolation_guest_binary()
+        self.binary = c_guest_binary(GUEST_SOURCE, wasi=True)  # with wasi-libc; skips only without clang
         host = Path(self.mktemp())  # type: ignore[attr-defined]
         self.data = host / "data"
         self.data.mkdir(parents=True)

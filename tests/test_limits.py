@@ -24,8 +24,9 @@ from twisted_httpwasm._hostfuncs import MAX_LOG_MESSAGE
 from twisted_httpwasm._pool import GuestPool, GuestUnavailable
 from twisted_httpwasm.guest import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT
 
-from .support import IMPORTS, ServerTestCase
+from .support import ServerTestCase, module, poll
 from .test_resource import Echo, GuestTestMixin, Strings, event_text, log_text, raw_connect, split_response
+from .test_resource_failures import log_is_error
 from .test_resource_response import HELLO, hello
 
 PAGE = 65536
@@ -90,15 +91,7 @@ HELPERS = """
 
 def wasi_module(*body: str, memory_pages: int = 1) -> bytes:
     """A guest with every http_handler import, WASI's clock and proc_exit, the helpers and ``body``."""
-    return (
-        "(module"
-        + IMPORTS
-        + WASI_IMPORTS
-        + f'(memory (export "memory") {memory_pages})\n'
-        + HELPERS
-        + "\n".join(body)
-        + ")"
-    ).encode()
+    return module(HELPERS, *body, memory_pages=memory_pages, imports=WASI_IMPORTS)
 
 
 def next_with_ctx(value: str) -> str:
@@ -111,18 +104,11 @@ class WasiGuestMixin(GuestTestMixin):
         return Guest(wasi_module(*body, memory_pages=memory_pages), execution=self.execution, **options)
 
 
-def poll(predicate: Any, timeout: float = 5.0, interval: float = 0.005) -> Deferred[None]:
+@inlineCallbacks
+def eventually(predicate: Any, timeout: float = 5.0) -> Any:
     """Fires once ``predicate()`` holds; fails with AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-
-    @inlineCallbacks
-    def wait() -> Any:
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not true within {timeout} s: {predicate}")
-            yield task.deferLater(reactor, interval, lambda: None)
-
-    return wait()
+    if not (yield poll(predicate, timeout, interval=0.005)):
+        raise AssertionError(f"not true within {timeout} s: {predicate}")
 
 
 class TickRecorder:
@@ -213,7 +199,7 @@ class TimeLimitThreadTests(TimeLimitTestsMixin, ServerTestCase):
         ticks = TickRecorder()
         started = time.monotonic()
         looping = self.get(url + "/loop")
-        yield poll(lambda: guest.pool.stats.in_use == 1)
+        yield eventually(lambda: guest.pool.stats.in_use == 1)
         status, _, body, _ = yield self.get(url + "/ok")
         self.assertEqual((status, body), (200, b"ok"))
         self.assertFalse(looping.called, "the fast request should finish while the guest still loops")
@@ -244,7 +230,7 @@ class TimeLimitInlineTests(TimeLimitTestsMixin, ServerTestCase):
             return result
 
         looping = self.get(url + "/loop").addCallback(record, "loop")
-        yield poll(lambda: len(ticks.ticks) > 0)
+        yield eventually(lambda: len(ticks.ticks) > 0)
         fast = self.get(url + "/ok").addCallback(record, "ok")
         (loop_status, _, _, _), (ok_status, _, ok_body, _) = yield gatherResults([looping, fast])
         longest_gap = ticks.stop()
@@ -619,17 +605,9 @@ LIMIT = 1000
 
 
 def buffering(init_features: int, request_features: int) -> str:
-    s = Strings()
-    return s.wrap(f"""
-  (func (export "_initialize") (drop (call $enable_features (i32.const {init_features}))))
-  (func (export "handle_request") (result i64)
-    (drop (call $enable_features (i32.const {request_features})))
-    (i64.const 1))
-  (func (export "handle_response") (param $ctx i32) (param $is_error i32)
-    (if (local.get $is_error)
-      (then (call $log (i32.const 0) {s("handle_response is_error=1")}))
-      (else (call $log (i32.const 0) {s("handle_response is_error=0")}))))
-""")
+    """:func:`log_is_error` with ``request_features``, and ``init_features`` enabled at init."""
+    initialize = f'(func (export "_initialize") (drop (call $enable_features (i32.const {init_features}))))'
+    return initialize + log_is_error(request_features)
 
 
 class Counting(Echo):

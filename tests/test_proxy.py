@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -26,7 +25,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from twisted_httpwasm import Execution
 from twisted_httpwasm.proxy import BadGateway, ProxyResource, end_to_end_headers
 
-from .support import EXECUTIONS, ServerTestCase, make_guest
+from .support import EXECUTIONS, ServerTestCase, collect_streamed, guest_text, make_guest, on_guest_log, poll
 
 # -- guests ---------------------------------------------------------------------------
 
@@ -183,13 +182,11 @@ class ConnectionTracker(WrappingFactory):
         return done
 
 
-def serve_backend(case: Any, resource: Resource) -> str:
+def serve_backend(case: ServerTestCase, resource: Resource) -> str:
     """Serve ``resource`` on a loopback port for the test; close every connection at the end."""
     tracker = ConnectionTracker(Site(resource))
-    port = reactor.listenTCP(0, tracker, interface="127.0.0.1")  # type: ignore[attr-defined]
     case.addCleanup(tracker.close_all)
-    case.addCleanup(port.stopListening)
-    return f"http://127.0.0.1:{port.getHost().port}"
+    return case.listen(tracker)
 
 
 @inlineCallbacks
@@ -201,26 +198,15 @@ def dead_port() -> Any:
     return number
 
 
-def guest_text(event: dict[str, Any]) -> str:
-    """The message of a guest's log event (``text``; ``message`` in older hosts)."""
-    return str(event.get("text", event.get("message")))
-
-
 def wait_for_guest_log(guest: Any, text: str) -> Deferred[dict[str, Any]]:
-    """Fires with the first event whose guest message is ``text``.
-
-    The observer sits on the guest's own Logger (so only this guest's lines count),
-    ahead of the global publisher and of anything that edits events in place.
-    """
+    """Fires with (a copy of) the first event whose guest message is ``text``."""
     fired: Deferred[dict[str, Any]] = Deferred()
-    forward = guest.log.observer
 
     def observer(event: dict[str, Any]) -> None:
         if guest_text(event) == text and not fired.called:
             fired.callback(dict(event))
-        forward(event)
 
-    guest.log.observer = observer
+    on_guest_log(guest, observer)
     return fired
 
 
@@ -337,15 +323,7 @@ class ProxyBehindGuestMixin:
         backend = serve_backend(self, slow)
         guest, url = self.front(FORWARD_GUEST, backend)
         response = yield self.http.request("GET", url + "/slow", unbuffered=True)  # type: ignore[attr-defined]
-        chunks: list[bytes] = []
-        first: Deferred[None] = Deferred()
-
-        def collect(data: bytes) -> None:
-            chunks.append(data)
-            if not first.called:
-                first.callback(None)
-
-        done = treq.collect(response, collect)
+        chunks, first, done = collect_streamed(response)
         yield first
         self.assertEqual(b"".join(chunks), b"first chunk;")
         self.assertFalse(slow.finished)
@@ -364,21 +342,15 @@ class ProxyBehindGuestMixin:
         guest, url = self.front(FORWARD_GUEST, backend)
         logged = wait_for_guest_log(guest, "is_error=1")
         response = yield self.http.request("GET", url + "/breaks", unbuffered=True)  # type: ignore[attr-defined]
-        chunks: list[bytes] = []
-        first: Deferred[None] = Deferred()
-
-        def collect(data: bytes) -> None:
-            chunks.append(data)
-            if not first.called:
-                first.callback(None)
-
-        done = treq.collect(response, collect)
+        chunks, first, done = collect_streamed(response)
         yield first
         breaking.release.callback(None)
         yield self.assertFailure(done, ResponseFailed)  # type: ignore[attr-defined]
         yield logged
         self.assertEqual(b"".join(chunks), b"first chunk;")
-        self.assertEqual(guest.pool.stats.in_use, 0)
+        # The guest logs from inside handle_response; its worker gives the instance back just after.
+        released = yield poll(lambda: guest.pool.stats.in_use == 0, timeout=5, interval=0.005)
+        self.assertTrue(released, "the instance was not given back to the pool")
 
     @inlineCallbacks
     def test_buffer_response_guest_rewrites_proxied_body(self) -> Any:
@@ -472,15 +444,7 @@ class ProxyBehindGuestMixin:
         guest = make_guest(FORWARD_GUEST, execution=self.execution)
         url = self.serve_guest(guest, proxy)  # type: ignore[attr-defined]
         response = yield self.http.request("GET", url + "/slow", unbuffered=True)  # type: ignore[attr-defined]
-        first: Deferred[None] = Deferred()
-        chunks: list[bytes] = []
-
-        def collect(data: bytes) -> None:
-            chunks.append(data)
-            if not first.called:
-                first.callback(None)
-
-        done = treq.collect(response, collect)
+        chunks, first, done = collect_streamed(response)
         yield first
         (request,) = seen
         producer = request.producer
@@ -522,9 +486,7 @@ class ProxyAloneTests(ServerTestCase):
         """The proxy keeps one persistent connection to the backend and close() ends it."""
         backend = BackendEcho()
         tracker = ConnectionTracker(Site(backend))
-        port = reactor.listenTCP(0, tracker, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        proxy = ProxyResource(f"http://127.0.0.1:{port.getHost().port}")
+        proxy = ProxyResource(self.listen(tracker))
         url = self.serve(proxy)
         for _ in range(3):
             status, _, _ = yield self.fetch("GET", url + "/again")

@@ -6,7 +6,6 @@ import os
 import re
 from pathlib import Path
 
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.web.resource import Resource
 
@@ -41,9 +40,7 @@ class ReadmeEmbeddingTests(ServerTestCase):
         self.addCleanup(os.chdir, previous)
         namespace: dict[str, object] = {"my_resource": MyResource()}
         exec(snippet, namespace)
-        port = reactor.listenTCP(0, namespace["site"], interface="127.0.0.1")  # type: ignore[arg-type]
-        self.addCleanup(port.stopListening)
-        url = f"http://127.0.0.1:{port.getHost().port}"
+        url = self.listen(namespace["site"])  # type: ignore[arg-type]
         status, _, body = yield self.fetch("GET", url + "/host")
         self.assertEqual((status, body), (200, b"hello from the guest\n"))
         status, _, body = yield self.fetch("GET", url + "/other")

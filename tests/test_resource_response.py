@@ -6,7 +6,6 @@ import os
 import zlib
 from typing import Any
 
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.web.client import ResponseFailed
@@ -16,7 +15,7 @@ from twisted.web.static import Data, File
 
 from twisted_httpwasm import Execution
 
-from .support import NOOP_RESPONSE, ServerTestCase
+from .support import NOOP_RESPONSE, ServerTestCase, collect_streamed
 from .test_resource import GuestTestMixin, Strings, log_text, raw_connect, split_response
 
 HELLO = b"hello from downstream"
@@ -352,15 +351,7 @@ class StreamedResponseTestsMixin(GuestTestMixin):
         gate = Gate()
         url = self.serve_guest(self.guest(PASS), gate)
         response = yield self.http.get(url + "/")
-        received: list[bytes] = []
-        first: Deferred[None] = Deferred()
-
-        def collect(data: bytes) -> None:
-            received.append(data)
-            if not first.called:
-                first.callback(None)
-
-        done = treq.collect(response, collect)
+        received, first, done = collect_streamed(response)
         yield first
         self.assertTrue(b"first chunk;".startswith(b"".join(received)), received)
         self.assertFalse(done.called)
@@ -375,15 +366,7 @@ class StreamedResponseTestsMixin(GuestTestMixin):
         url = self.serve_guest(self.guest(PASS), gate)
         response = yield self.http.get(url + "/")
         self.assertEqual(response.length, 24)
-        received: list[bytes] = []
-        first: Deferred[None] = Deferred()
-
-        def collect(data: bytes) -> None:
-            received.append(data)
-            if not first.called:
-                first.callback(None)
-
-        done = treq.collect(response, collect)
+        received, first, done = collect_streamed(response)
         yield first
         self.assertTrue(b"first chunk;".startswith(b"".join(received)), received)
         gate.opened.callback(None)

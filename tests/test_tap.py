@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import os
 import runpy
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from twisted_httpwasm.proxy import ProxyResource
 from twisted_httpwasm.resource import FailurePolicy, GuestResource
 from twisted_httpwasm.tap import Options, makeService, parse_size
 
-from .support import NOOP_RESPONSE, module
+from .support import NOOP_RESPONSE, TempFilesMixin, module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,23 +64,8 @@ def wsgi_application(environ: Any, start_response: Any) -> list[bytes]:
     return [b"wsgi"]
 
 
-class OptionsTestCase(SynchronousTestCase):
+class OptionsTestCase(TempFilesMixin, SynchronousTestCase):
     """Helpers: temporary files, a guest file, and parsing a command line."""
-
-    def mktemp(self) -> str:
-        """A fresh path in a temporary directory removed after the test.
-
-        trial's own ``mktemp`` is relative to the working directory, which under
-        pytest is the repository root.
-        """
-        directory = tempfile.mkdtemp(prefix="httpwasm-test-")
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        return os.path.join(directory, "temp")
-
-    def guest_file(self, *body: str) -> str:
-        path = self.mktemp() + ".wat"
-        Path(path).write_bytes(module(*body))
-        return path
 
     def parse(self, *args: str) -> Options:
         options = Options()

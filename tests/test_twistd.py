@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +15,9 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 
-from .support import NOOP_RESPONSE, ServerTestCase, module
+from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, poll
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +26,6 @@ TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import
 
 #: How long twistd may take to start listening, or to exit.
 DEADLINE = 60.0
-POLL_INTERVAL = 0.05
 
 #: Sets ``x-guest: seen`` on every response and passes the request on.
 HEADER_GUEST = (
@@ -120,22 +115,6 @@ class Twistd:
         return self.process.poll() is not None
 
 
-def poll(condition: Callable[[], Any], deadline: float) -> Deferred[bool]:
-    """Fire with True once ``condition()`` (which may return a Deferred) is true, False past ``deadline``."""
-
-    @inlineCallbacks
-    def loop() -> Generator[Any, Any, bool]:
-        end = time.monotonic() + deadline
-        while True:
-            if (yield condition()):
-                return True
-            if time.monotonic() > end:
-                return False
-            yield deferLater(reactor, POLL_INTERVAL, lambda: None)
-
-    return loop()
-
-
 @inlineCallbacks
 def accepts_connections(port: int) -> Generator[Any, Any, bool]:
     """True if something accepts TCP connections on 127.0.0.1:``port`` now."""
@@ -147,19 +126,8 @@ def accepts_connections(port: int) -> Generator[Any, Any, bool]:
     return True
 
 
-class TwistdTestCase(ServerTestCase):
+class TwistdTestCase(TempFilesMixin, ServerTestCase):
     """Start ``twistd httpwasm`` subprocesses; each is stopped after its test."""
-
-    def mktemp(self) -> str:
-        """A fresh path in a temporary directory removed after the test (trial's is under the cwd)."""
-        directory = tempfile.mkdtemp(prefix="httpwasm-test-")
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        return os.path.join(directory, "temp")
-
-    def guest_file(self, *body: str) -> str:
-        path = self.mktemp() + ".wat"
-        Path(path).write_bytes(module(*body))
-        return path
 
     def twistd(self, *args: str) -> Twistd:
         server = Twistd(list(args), self.mktemp() + ".log")

@@ -12,7 +12,7 @@ from twisted.web.static import Data
 
 from twisted_httpwasm._worker import GuestWorkers
 
-from .support import NOOP_RESPONSE, ServerTestCase, make_guest
+from .support import NOOP_RESPONSE, ServerTestCase, make_guest, poll
 
 
 class GuestWorkersTests(TestCase):
@@ -102,25 +102,6 @@ class GuestWorkersTests(TestCase):
         self.assertEqual(workers.size, 1)
 
 
-def _poll(predicate: object, timeout: float) -> Deferred[bool]:
-    """Fire True once ``predicate()`` holds, False after ``timeout`` seconds."""
-    from twisted.internet import task
-
-    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
-    result: Deferred[bool] = Deferred()
-
-    def check() -> None:
-        if predicate():  # type: ignore[operator]
-            result.callback(True)
-        elif reactor.seconds() > deadline:  # type: ignore[attr-defined]
-            result.callback(False)
-        else:
-            task.deferLater(reactor, 0.002, check)
-
-    check()
-    return result
-
-
 SLOW_GUEST = """
   (func (export "handle_request") (result i64) (local $i i32)
     (drop (call $get_uri (i32.const 100) (i32.const 100)))
@@ -145,7 +126,7 @@ class SlowGuestTests(ServerTestCase):
         slow = self.fetch("GET", url + "/slow")
         slow.addCallback(lambda result: finished.append("slow") or result)
         # Once the slow call holds a worker, the fast request must get through first.
-        yield _poll(lambda: guest.pool.stats.in_use == 1, timeout=5)
+        yield poll(lambda: guest.pool.stats.in_use == 1, timeout=5, interval=0.002)
         status, _, body = yield self.fetch("GET", url + "/fast")
         finished.append("fast")
         self.assertEqual((status, body), (200, b"fast"))

@@ -37,7 +37,8 @@ from twisted_httpwasm._workers_process import (
     describe_exit,
 )
 
-from .test_twistd import DEADLINE, HEADER_GUEST, Twistd, TwistdTestCase, poll
+from .support import poll
+from .test_twistd import DEADLINE, HEADER_GUEST, Twistd, TwistdTestCase
 
 
 class Pid(Resource):
