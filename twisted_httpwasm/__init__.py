@@ -9,6 +9,7 @@ Three lines put a guest in front of a resource::
 
 from .abi import BodyKind, Feature, HeaderKind, LogLevel
 from .guest import Execution, Guest, GuestLoadError, GuestTrap, Mount
+from .proxy import ProxyResource
 from .resource import FailurePolicy, GuestResource
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "HeaderKind",
     "LogLevel",
     "Mount",
+    "ProxyResource",
 ]

@@ -1,0 +1,42 @@
+"""The public facade: what ``twisted_httpwasm`` exports, and nothing private leaks into it."""
+
+from __future__ import annotations
+
+import importlib
+
+from twisted.trial.unittest import SynchronousTestCase
+
+import twisted_httpwasm
+
+PUBLIC_MODULES = ("abi", "guest", "resource", "proxy", "tap")
+
+
+class PublicApiTests(SynchronousTestCase):
+    def test_every_exported_name_exists(self):
+        """Each name in ``__all__`` of the package and its public modules is really there."""
+        for module in [twisted_httpwasm, *(importlib.import_module(f"twisted_httpwasm.{m}") for m in PUBLIC_MODULES)]:
+            for name in module.__all__:
+                self.assertTrue(hasattr(module, name), f"{module.__name__}.{name}")
+
+    def test_the_facade_is_what_users_need(self):
+        """The package exports the names the README and docs/configuration.md use, no more, no less."""
+        self.assertEqual(
+            sorted(twisted_httpwasm.__all__),
+            [
+                "BodyKind",
+                "Execution",
+                "FailurePolicy",
+                "Feature",
+                "Guest",
+                "GuestLoadError",
+                "GuestResource",
+                "GuestTrap",
+                "HeaderKind",
+                "LogLevel",
+                "Mount",
+                "ProxyResource",
+            ],
+        )
+
+    def test_nothing_private_is_exported(self):
+        self.assertEqual([name for name in twisted_httpwasm.__all__ if name.startswith("_")], [])
