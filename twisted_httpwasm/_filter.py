@@ -184,14 +184,7 @@ class RequestFilter:
             self.request.setHeader(b"retry-after", b"%d" % max(1, math.ceil(error.retry_after)))
             self._fail(http.SERVICE_UNAVAILABLE)
             return
-        reason = error.reason if isinstance(error, GuestTrap) else repr(error)
-        _log.error(
-            "guest {guest} failed in handle_request for {method} {uri}: {reason}",
-            guest=self.guest.name,
-            method=self.request.method,
-            uri=self.request.uri,
-            reason=reason,
-        )
+        self._log_guest_failure("handle_request", error)
         if self.wrapper.fail_open and not self.client_gone:
             # Pass the untouched request on, without the guest.
             self.stage = _Stage.DOWNSTREAM
@@ -229,9 +222,7 @@ class RequestFilter:
     def _send_guest_response(self) -> None:
         request, state = self.request, self.state
         request.setResponseCode(state.status)
-        # Added to what is already there: an outer guest's headers, when chained.
-        for name in state.response_headers.names():
-            request.responseHeaders.setRawHeaders(name, state.response_headers.values(name))
+        self._merge_guest_response_headers()  # over an outer guest's, when chained
         body = bytes(state.response_body or b"")
         request.responseHeaders.removeHeader(b"transfer-encoding")
         if request.code not in http.NO_BODY_CODES:
@@ -273,8 +264,7 @@ class RequestFilter:
             request.prepath = list(mount)
             request.postpath = segments
         # What the guest set on the response before next is part of the final response.
-        for name in state.response_headers.names():
-            request.responseHeaders.setRawHeaders(name, state.response_headers.values(name))
+        self._merge_guest_response_headers()
         if state.status_changed:
             request.setResponseCode(state.status)
         self._prefix = bytes(state.response_body or b"")
@@ -282,6 +272,12 @@ class RequestFilter:
         if self._buffering:
             self._buffer = bytearray(self._prefix)
             self._prefix = b""
+
+    def _merge_guest_response_headers(self) -> None:
+        """Set each response header the guest set in handle_request, over what the request has."""
+        headers = self.state.response_headers
+        for name in headers.names():
+            self.request.responseHeaders.setRawHeaders(name, headers.values(name))
 
     def _render_downstream(self, hooked: bool) -> None:
         """Traverse and render the downstream as ``Request.process`` would have."""
@@ -542,14 +538,7 @@ class RequestFilter:
 
     def _handle_response_failed(self, error: BaseException, then_status: int | None) -> None:
         self.stage = _Stage.DONE
-        reason = error.reason if isinstance(error, GuestTrap) else repr(error)
-        _log.error(
-            "guest {guest} failed in handle_response for {method} {uri}: {reason}",
-            guest=self.guest.name,
-            method=self.request.method,
-            uri=self.request.uri,
-            reason=reason,
-        )
+        self._log_guest_failure("handle_response", error)
         if self.client_gone:
             return  # the hooks stay: they swallow the downstream's late writes and finish
         self._unhook()
@@ -598,6 +587,17 @@ class RequestFilter:
         if self._cut_off:
             # A downstream that was cut off may still write and finish: those calls go nowhere.
             request.write = request.finish = request.unregisterProducer = _ignore  # type: ignore[method-assign]
+
+    def _log_guest_failure(self, phase: str, error: BaseException) -> None:
+        """The reason a guest call failed goes to the log (never to the client)."""
+        _log.error(
+            "guest {guest} failed in {phase} for {method} {uri}: {reason}",
+            guest=self.guest.name,
+            phase=phase,
+            method=self.request.method,
+            uri=self.request.uri,
+            reason=error.reason if isinstance(error, GuestTrap) else repr(error),
+        )
 
     def _log_refusal(self, what: str, error: BaseException) -> None:
         _log.warn(
