@@ -28,6 +28,7 @@ from twisted.web import tap as web_tap
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from ._site import GuestSite
 from ._workers_process import TCPListen, WorkersService
 from .abi import LogLevel
 from .demo import DEMO_GUEST, DemoPage, bundled_guest
@@ -413,7 +414,7 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     for guest in reversed(_load_guests(config)):
         root = GuestResource(guest, root, on_guest_error=config["on-guest-error"])
 
-    site = Site(root, logPath=config["logfile"]) if config["logfile"] else Site(root)
+    site = GuestSite(root, logPath=config["logfile"]) if config["logfile"] else GuestSite(root)
     if config["display-tracebacks"]:
         site.displayTracebacks = True
     return site
