@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import queue
+import select
 import threading
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.static import Data
 
@@ -80,7 +83,6 @@ class GuestWorkersTests(TestCase):
         reactor looks again after STALL and adds the thread then.
         """
         workers = self.make_workers(max_size=3)
-        self.assertEqual(workers.size, 1)
         release = threading.Event()
         self.addCleanup(release.set)
         slow = self.run_on(workers, lambda: release.wait(10))
@@ -100,6 +102,85 @@ class GuestWorkersTests(TestCase):
         for _ in range(3):
             workers.run(lambda: None, lambda value: None, lambda error: None)
         self.assertEqual(workers.size, 1)
+
+
+class _QueueReactor:
+    """Just enough reactor: ``callFromThread`` queues, and the test's thread runs what is queued."""
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue[tuple[object, tuple[object, ...]]] = queue.SimpleQueue()
+
+    def callFromThread(self, function: object, *args: object) -> None:
+        self.calls.put((function, args))
+
+    def run_until(self, done: list[object], timeout: float) -> None:
+        while not done:
+            function, args = self.calls.get(timeout=timeout)
+            function(*args)  # type: ignore[operator]
+
+
+def _serve_one_call_in_a_forked_child(workers: GuestWorkers, reactor: _QueueReactor) -> bytes:
+    """Fork; the child runs one call through ``workers`` and writes what it got to a pipe.
+
+    Returns the child's report, or b"" if it said nothing within 10 s (it is killed then).
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into the test runner
+        status = 1
+        try:
+            os.close(read_end)
+            results: list[object] = []
+            workers.run(os.getpid, results.append, results.append)
+            reactor.run_until(results, timeout=8)
+            os.write(write_end, b"ran in %d, child is %d" % (results[0], os.getpid()))  # type: ignore[str-bytes-safe]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        readable, _, _ = select.select([read_end], [], [], 10)
+        report = os.read(read_end, 200) if readable else b""
+    finally:
+        os.close(read_end)
+        if not report:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    return report
+
+
+class ForkTests(SynchronousTestCase):
+    """twistd without -n loads the guests, then forks: the workers must serve in the child."""
+
+    def make_workers(self) -> tuple[GuestWorkers, _QueueReactor]:
+        reactor = _QueueReactor()
+        workers = GuestWorkers(reactor)
+        self.addCleanup(workers.stop)
+        return workers, reactor
+
+    def test_no_thread_starts_before_the_first_call(self):
+        """Creating the workers starts nothing: a fork right after it has nothing to lose."""
+        before = threading.active_count()
+        workers, _ = self.make_workers()
+        self.assertEqual((workers.size, threading.active_count()), (0, before))
+
+    def test_workers_made_before_a_fork_serve_in_the_child(self):
+        """Workers created (not yet used) before os.fork() run calls in the child, in the child."""
+        workers, reactor = self.make_workers()
+        report = _serve_one_call_in_a_forked_child(workers, reactor)
+        self.assertTrue(report.startswith(b"ran in "), report)
+        ran_in, child = report[len(b"ran in ") :].split(b", child is ")
+        self.assertEqual(ran_in, child)
+
+    def test_workers_used_before_a_fork_serve_in_the_child(self):
+        """Workers whose threads ran in the parent start fresh threads in the child."""
+        workers, reactor = self.make_workers()
+        results: list[object] = []
+        workers.run(lambda: "parent", results.append, results.append)
+        reactor.run_until(results, timeout=10)
+        self.assertEqual(results, ["parent"])
+        report = _serve_one_call_in_a_forked_child(workers, reactor)
+        self.assertTrue(report.startswith(b"ran in "), report)
 
 
 SLOW_GUEST = """

@@ -15,12 +15,19 @@ work waits while every thread has been busy with one call for longer than
 :data:`STALL` (a monitor thread looks every STALL while work is queued):
 fast guests share one thread, slow ones cannot starve them.  Threads are
 never removed, so the count stays stable under load.
+
+No thread starts before the first call: ``twistd`` (without ``-n``) loads the
+guests and then forks to daemonize, and threads do not survive a fork.  The
+first :meth:`GuestWorkers.run` in a process starts them, and a forked child
+forgets the parent's threads and queued work (``os.register_at_fork``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from queue import SimpleQueue
@@ -51,6 +58,14 @@ class GuestWorkers:
         self._name = name
         self._clock = clock
         self.max_size = max_size
+        self._reset()
+        _every_workers.add(self)
+        if IReactorCore.providedBy(reactor):
+            reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+
+    def _reset(self) -> None:
+        """No thread, nothing queued: the state before the first call (and in a forked child)."""
+        self._started = False
         self._calls: SimpleQueue[_Item] = SimpleQueue()
         self._done: deque[tuple[Callable[[Any], None], Any]] = deque()
         self._wake_scheduled = False
@@ -59,10 +74,15 @@ class GuestWorkers:
         self._grow_lock = threading.Lock()
         self._stopping = threading.Event()
         self._queued = threading.Event()  # set while work may be waiting: the monitor watches
-        threading.Thread(target=self._monitor, name=f"{name}-monitor", daemon=True).start()
+
+    def _start(self) -> None:
+        """Start the first thread and the monitor (once per process, on the first call)."""
+        with self._grow_lock:
+            if self._started or self._stopping.is_set():
+                return
+            self._started = True
+            threading.Thread(target=self._monitor, name=f"{self._name}-monitor", daemon=True).start()
         self._add_thread()
-        if IReactorCore.providedBy(reactor):
-            reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     @property
     def size(self) -> int:
@@ -106,6 +126,8 @@ class GuestWorkers:
         on_error: Callable[[BaseException], None],
     ) -> None:
         """Queue ``work``; its continuation runs later on the reactor thread."""
+        if not self._started:
+            self._start()
         self._calls.put((work, on_result, on_error))
         if not self._queued.is_set():
             self._queued.set()
@@ -149,6 +171,19 @@ class GuestWorkers:
             except Exception:  # noqa: BLE001 - one request's bug must not strand the others' results
                 _log.failure("continuation of a guest call failed")
 
+
+_every_workers: weakref.WeakSet[GuestWorkers] = weakref.WeakSet()
+
+
+def _forget_threads_after_fork() -> None:
+    """In a forked child: the parent's threads are gone; start afresh on the next call."""
+    global _shared_lock
+    _shared_lock = threading.Lock()  # a parent's thread may have held it at the fork
+    for workers in list(_every_workers):
+        workers._reset()
+
+
+os.register_at_fork(after_in_child=_forget_threads_after_fork)
 
 _shared: dict[int, GuestWorkers] = {}
 _shared_lock = threading.Lock()
