@@ -341,15 +341,20 @@ class RequestFilter:
         self._stream(data)
 
     def _stream(self, data: bytes) -> None:
-        """Send body bytes on, holding back the last byte of a response with a Content-Length.
+        """Send body bytes on, holding back what would complete the response.
 
         Without buffer_response the response is on the wire before ``handle_response``
-        runs; holding back its last byte keeps a failure there visible to the client
-        (an incomplete response), instead of a complete response that hides it.
+        runs; holding back its last byte (or, when it has no body bytes at all, its
+        headers) keeps a failure there visible to the client (a 500, or an incomplete
+        response) instead of a complete response that hides it.
         """
         request = self.request
         if not request.startedWriting:
+            if self._bodiless():
+                return  # the headers are the whole response: finish() sends them
             self._declared_length = self._sized_body_length()
+            if self._declared_length == 0:
+                return  # likewise; bytes past a length of 0 would desync the connection
         self._accepted += len(data)
         data, self._held = self._held + data, b""
         if self._declared_length is not None and self._accepted >= self._declared_length and data:
@@ -357,11 +362,14 @@ class RequestFilter:
         if data or not request.startedWriting:
             self._forward_write(data)
 
+    def _bodiless(self) -> bool:
+        """A response that never has body bytes: to HEAD, or with status 1xx, 204 or 304."""
+        request = self.request
+        return request.method == b"HEAD" or request.code in http.NO_BODY_CODES or 100 <= request.code < 200
+
     def _sized_body_length(self) -> int | None:
         """The Content-Length the body will be sent with, if it is sent as is."""
         request = self.request
-        if request.method == b"HEAD" or request.code in http.NO_BODY_CODES:
-            return None
         if getattr(request, "_encoder", None) is not None:
             return None  # an encoder (gzip) drops Content-Length and changes the length
         length = request.responseHeaders.getRawHeaders(b"content-length")
@@ -372,7 +380,15 @@ class RequestFilter:
         held, self._held = self._held, b""
         if held:
             self.request.write(held)
+        elif not self.request.startedWriting:
+            self._drop_length_of_no_content()
         self.request.finish()
+
+    def _drop_length_of_no_content(self) -> None:
+        """1xx and 204 responses carry no Content-Length (RFC 9110 8.6); Twisted's render sets one."""
+        request = self.request
+        if request.code == http.NO_CONTENT or 100 <= request.code < 200:
+            request.responseHeaders.removeHeader(b"content-length")
 
     def _buffer_overflow(self) -> None:
         _log.error(
