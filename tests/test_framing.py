@@ -17,15 +17,20 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.static import Data
 
-from twisted_httpwasm import Execution
+from twisted_httpwasm import Execution, GuestResource, ProxyResource
 
-from .support import ServerTestCase
-from .test_resource import GuestTestMixin, raw_connect
+from .support import ServerTestCase, TempFilesMixin, make_guest
+from .test_http2 import BIG, H2_SKIP, Http2Mixin, certificates, h2_fetch
+from .test_proxy import serve_backend
+from .test_resource import GuestTestMixin, Strings, event_text, raw_connect
 from .test_resource_failures import trap_in_response
-from .test_resource_response import Status, hello
+from .test_resource_response import Chunks, Status, hello, leaf_file
 
 # -- a strict raw HTTP/1.x response parser ------------------------------------------
 
@@ -209,4 +214,223 @@ class HoldBackThreadTests(HoldBackTestsMixin, ServerTestCase):
 
 
 class HoldBackInlineTests(HoldBackTestsMixin, ServerTestCase):
+    execution = Execution.INLINE
+
+
+# -- 2. guest-set framing headers never reach the wire --------------------------------
+
+TEN = b"0123456789"
+
+#: Wrong framing and connection headers a buggy or hostile guest may set on the response.
+BAD_FRAMINGS = {
+    "content-length": [("content-length", "2")],
+    "transfer-encoding": [("transfer-encoding", "chunked")],
+    "connection": [("connection", "close")],
+    "all": [
+        ("content-length", "2"),
+        ("transfer-encoding", "gzip, chunked"),
+        ("connection", "keep-alive, x-foo"),
+        ("keep-alive", "timeout=99"),
+    ],
+}
+
+
+def framing_guest(
+    headers: list[tuple[str, str]],
+    *,
+    answer: bytes | None = None,
+    status: int | None = None,
+    features: int = 0,
+    late: bool = False,
+) -> str:
+    """A guest that sets ``headers`` on the response in handle_request (or, ``late``, in handle_response).
+
+    With ``answer`` it answers itself with that body (next=0); ``status`` sets the status too.
+    """
+    s = Strings()
+    sets = "\n".join(f"(call $set_header_value (i32.const 1) {s(name)} {s(value)})" for name, value in headers)
+    status_call = f"(call $set_status_code (i32.const {status}))" if status is not None else ""
+    body_call = f"(call $write_body (i32.const 1) {s(answer)})" if answer else ""
+    return s.wrap(f"""
+  (func (export "handle_request") (result i64)
+    (drop (call $enable_features (i32.const {features})))
+    {status_call}
+    {"" if late else sets}
+    {body_call}
+    (i64.const {0 if answer is not None else 1}))
+  (func (export "handle_response") (param i32 i32)
+    {sets if late else ""})
+""")
+
+
+class ChunkedBackend(Resource):
+    """A proxy backend answering TEN in two chunks, without Content-Length (so chunked)."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> object:
+        request.write(TEN[:5])
+        request.write(TEN[5:])
+        request.finish()
+        return NOT_DONE_YET
+
+
+class FramingTestsMixin(GuestTestMixin):
+    """Every response of a pipelined pair (and of an HTTP/1.0 request) parses with its true body."""
+
+    def ten_bytes_file(self) -> Resource:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(TEN)
+        return leaf_file(path)
+
+    @inlineCallbacks
+    def exchange(self, url: str, requests: list[tuple[bytes, bytes]], version: bytes) -> Any:
+        """Send ``requests`` ((method, path)) pipelined on one connection, the last asking to close."""
+        raw = b"".join(
+            request_bytes(method, path, version, close=i == len(requests) - 1 and version == b"HTTP/1.1")
+            for i, (method, path) in enumerate(requests)
+        )
+        client = yield raw_connect(url, raw)
+        received = yield client.closed
+        return received
+
+    @inlineCallbacks
+    def assert_framed(self, make_guest: Any, downstream: Any, body: bytes, status: int = 200) -> Any:
+        """For every bad framing: GET and HEAD, pipelined over HTTP/1.1 and alone over HTTP/1.0."""
+        for framing, headers in BAD_FRAMINGS.items():
+            url = self.serve_guest(make_guest(headers), downstream())
+            for version, methods in [
+                (b"HTTP/1.1", [b"GET", b"GET"]),
+                (b"HTTP/1.1", [b"HEAD", b"GET"]),
+                (b"HTTP/1.0", [b"GET"]),
+                (b"HTTP/1.0", [b"HEAD"]),
+            ]:
+                case = f"{framing} {version.decode()} {b'+'.join(methods).decode()}"
+                raw = yield self.exchange(url, [(method, b"/a") for method in methods], version)
+                try:
+                    responses, rest = parse_responses(raw, methods)
+                except FramingError as error:
+                    self.fail(f"{case}: {error}: {raw!r}")
+                self.assertEqual((len(responses), rest), (len(methods), b""), f"{case}: {raw!r}")
+                for method, response in zip(methods, responses, strict=True):
+                    expected = b"" if method == b"HEAD" or status in (204, 304) else body
+                    self.assertEqual((response.status, response.body), (status, expected), f"{case}: {raw!r}")
+                    self.assertIsNone(response.header(b"keep-alive"), case)
+                    length = response.header(b"content-length")
+                    if method == b"HEAD" and length is not None:
+                        self.assertEqual(length, b"%d" % len(body), f"{case}: HEAD announces the GET's length")
+                # Only the host says how the connection goes on: close only where it closes.
+                first = responses[0]
+                if version == b"HTTP/1.1" and len(methods) > 1:
+                    self.assertIsNone(first.header(b"connection"), f"{case}: {raw!r}")
+
+    def test_static_file(self):
+        """In front of a static.File (Content-Length from the file)."""
+        guest_for = lambda headers: self.guest(framing_guest(headers))  # noqa: E731
+        return self.assert_framed(guest_for, self.ten_bytes_file, TEN)
+
+    def test_chunked_streaming_downstream(self):
+        """In front of a downstream that writes in chunks without Content-Length (chunked on HTTP/1.1)."""
+        guest_for = lambda headers: self.guest(framing_guest(headers))  # noqa: E731
+        return self.assert_framed(guest_for, lambda: Chunks(b"01234", b"56789"), TEN)
+
+    def test_guest_answered(self):
+        """A response the guest builds itself (next=0)."""
+        guest_for = lambda headers: self.guest(framing_guest(headers, answer=b"answered"))  # noqa: E731
+        return self.assert_framed(guest_for, hello, b"answered")
+
+    def test_buffered_response(self):
+        """With buffer_response, headers set in handle_request."""
+        guest_for = lambda headers: self.guest(framing_guest(headers, features=2))  # noqa: E731
+        return self.assert_framed(guest_for, lambda: Chunks(b"01234", b"56789"), TEN)
+
+    def test_buffered_response_set_in_handle_response(self):
+        """With buffer_response, headers set in handle_response, over a sized downstream."""
+        guest_for = lambda headers: self.guest(framing_guest(headers, features=2, late=True))  # noqa: E731
+        return self.assert_framed(guest_for, self.ten_bytes_file, TEN)
+
+    def test_chained_guests(self):
+        """Both of two chained guests set wrong framing (the inner one all of it)."""
+        guest_for = lambda headers: self.guest(framing_guest(headers))  # noqa: E731
+
+        def downstream() -> Resource:
+            return GuestResource(self.guest(framing_guest(BAD_FRAMINGS["all"])), Chunks(b"01234", b"56789"))
+
+        return self.assert_framed(guest_for, downstream, TEN)
+
+    def test_proxy_to_a_chunked_backend(self):
+        """In front of a ProxyResource whose backend answers chunked."""
+        backend = serve_backend(self, ChunkedBackend())  # type: ignore[arg-type]
+        guest_for = lambda headers: self.guest(framing_guest(headers))  # noqa: E731
+
+        def proxy() -> ProxyResource:
+            resource = ProxyResource(backend)
+            self.addCleanup(resource.close)
+            return resource
+
+        return self.assert_framed(guest_for, proxy, TEN)
+
+    def test_no_content_from_the_guest(self):
+        """A guest answering 204 with a body and Content-Length: 50 sends neither."""
+        guest_for = lambda headers: self.guest(  # noqa: E731
+            framing_guest([*headers, ("content-length", "50")], answer=b"no body for 204", status=204)
+        )
+        return self.assert_framed(guest_for, hello, b"", status=204)
+
+    def test_no_content_from_the_downstream(self):
+        """A downstream answering 204: no Content-Length, whatever the guest set."""
+        guest_for = lambda headers: self.guest(framing_guest([*headers, ("content-length", "50")]))  # noqa: E731
+        return self.assert_framed(guest_for, lambda: Status(204), b"", status=204)
+
+    def test_no_content_buffered(self):
+        guest_for = lambda headers: self.guest(  # noqa: E731
+            framing_guest([*headers, ("content-length", "50")], features=2, late=True)
+        )
+        return self.assert_framed(guest_for, lambda: Status(204), b"", status=204)
+
+    @inlineCallbacks
+    def test_dropped_framing_header_is_logged_once_at_debug(self):
+        events = self.capture_log()
+        url = self.serve_guest(self.guest(framing_guest(BAD_FRAMINGS["content-length"])), hello())
+        for _ in range(2):
+            yield self.exchange(url, [(b"GET", b"/")], b"HTTP/1.0")
+        lines = [event_text(e) for e in events if "frames responses itself" in event_text(e)]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("content-length", lines[0])
+        self.assertEqual([e["log_level"] for e in events if "frames responses" in event_text(e)], [LogLevel.debug])
+
+
+class FramingThreadTests(FramingTestsMixin, TempFilesMixin, ServerTestCase):
+    execution = Execution.THREAD
+
+
+class FramingInlineTests(FramingTestsMixin, TempFilesMixin, ServerTestCase):
+    execution = Execution.INLINE
+
+
+class Http2FramingTestsMixin:
+    """Over HTTP/2 (h2's client validates the headers and the length), wrong framing is not sent either."""
+
+    execution: Execution
+    timeout = 20
+    skip = H2_SKIP
+
+    @inlineCallbacks
+    def test_guest_framing_headers_are_not_sent_over_http2(self) -> Any:
+        guest = make_guest(framing_guest(BAD_FRAMINGS["all"]), execution=self.execution)
+        port = Http2Mixin.serve_tls(self, guest)  # type: ignore[arg-type]
+        ca_pem = certificates().ca_pem
+        for path, body in [("/data", b"downstream body\n"), ("/big", BIG)]:
+            answer = yield deferToThread(h2_fetch, port, ca_pem, "GET", path)
+            self.assertEqual((answer.protocol, answer.status, answer.body), ("h2", 200, body))  # type: ignore[attr-defined]
+            self.assertNotIn("connection", answer.headers)  # type: ignore[attr-defined]
+            self.assertNotIn("keep-alive", answer.headers)  # type: ignore[attr-defined]
+
+
+class Http2FramingThreadTests(Http2FramingTestsMixin, ServerTestCase):
+    execution = Execution.THREAD
+
+
+class Http2FramingInlineTests(Http2FramingTestsMixin, ServerTestCase):
     execution = Execution.INLINE

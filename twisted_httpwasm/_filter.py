@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import io
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
@@ -47,6 +48,21 @@ _ERROR_BODIES = {
     http.SERVICE_UNAVAILABLE: b"Service Unavailable\n",
     http.REQUEST_ENTITY_TOO_LARGE: b"Request Entity Too Large\n",
 }
+
+#: Response headers that frame the message or describe the connection: only the host sets
+#: them, to match the bytes it sends (RFC 9112 6, RFC 9110 7.6.1). A guest's are dropped.
+_FRAMING_HEADERS = frozenset(
+    {
+        b"connection",
+        b"content-length",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 
 _HOOKED = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
@@ -122,6 +138,8 @@ class RequestFilter:
         self._forward_write: Any = None
         self._cut_off = False  # the downstream was stopped mid-response (buffer limit)
         self._mount = list(request.prepath or [])
+        # Twisted's own Connection header (close, when the client asked for it), set before rendering.
+        self._host_connection = request.responseHeaders.getRawHeaders(b"connection")
         body = request.content
         self._content_length = 0  # the body as received: Twisted holds all of it by now, sized or chunked
         if body is not None:
@@ -225,10 +243,17 @@ class RequestFilter:
         self._merge_guest_response_headers()  # over an outer guest's, when chained
         body = bytes(state.response_body or b"")
         request.responseHeaders.removeHeader(b"transfer-encoding")
-        if request.code not in http.NO_BODY_CODES:
+        if self._has_body_status(request.code):
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
             request.write(body)
+        else:
+            request.responseHeaders.removeHeader(b"content-length")
         request.finish()
+
+    @staticmethod
+    def _has_body_status(status: int) -> bool:
+        """False for the statuses that never have a body: 1xx, 204, 304."""
+        return status >= 200 and status not in http.NO_BODY_CODES
 
     # -- 2. the downstream -------------------------------------------------------------
 
@@ -274,10 +299,38 @@ class RequestFilter:
             self._prefix = b""
 
     def _merge_guest_response_headers(self) -> None:
-        """Set each response header the guest set in handle_request, over what the request has."""
+        """Set each response header the guest set in handle_request, over what the request has.
+
+        Framing and connection headers are left out: the host sets those for the bytes it sends.
+        """
         headers = self.state.response_headers
         for name in headers.names():
-            self.request.responseHeaders.setRawHeaders(name, headers.values(name))
+            if name in _FRAMING_HEADERS:
+                self._note_dropped_framing(name)
+            else:
+                self.request.responseHeaders.setRawHeaders(name, headers.values(name))
+
+    def _note_dropped_framing(self, name: bytes) -> None:
+        """Say once per resource and header name why a guest's framing header is not sent."""
+        noted = self.wrapper.noted_framing_headers
+        if name not in noted:
+            noted.add(name)
+            _log.debug(
+                "guest {guest} set the response header {name}; the host frames responses itself "
+                "and does not send it (reported once)",
+                guest=self.guest.name,
+                name=name.decode("latin-1"),
+            )
+
+    def _fresh_response_headers(self, headers: Iterable[tuple[bytes, bytes]] = ()) -> Headers:
+        """``headers`` without framing headers, plus Twisted's own Connection header."""
+        fresh = Headers()
+        for name, value in headers:
+            if name.lower() not in _FRAMING_HEADERS:
+                fresh.addRawHeader(name, value)
+        if self._host_connection:
+            fresh.setRawHeaders(b"connection", self._host_connection)
+        return fresh
 
     def _render_downstream(self, hooked: bool) -> None:
         """Traverse and render the downstream as ``Request.process`` would have."""
@@ -540,15 +593,17 @@ class RequestFilter:
         request = self.request
         request.setResponseCode(status)
         request.cookies = []
-        request.responseHeaders = Headers()
-        for name, value in headers:
-            request.responseHeaders.addRawHeader(name, value)
-        request.responseHeaders.removeHeader(b"transfer-encoding")
-        if status not in http.NO_BODY_CODES:
-            # A HEAD response has no body to measure: it keeps the Content-Length a GET would
-            # have, as the downstream (and the guest) set it, unless the guest wrote a body.
+        request.responseHeaders = self._fresh_response_headers(headers)
+        if self._has_body_status(status):
             if request.method != b"HEAD" or body:
                 request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            else:
+                # A HEAD response has no body to measure: it keeps the Content-Length a GET
+                # would have, as the downstream set it.
+                original = self._original_response[1] if self._original_response is not None else []
+                lengths = [value for name, value in original if name.lower() == b"content-length"]
+                if lengths:
+                    request.responseHeaders.setRawHeaders(b"content-length", lengths[-1:])
             request.write(body)
         request.finish()
 
@@ -594,7 +649,7 @@ class RequestFilter:
         request.setResponseCode(status)
         request.cookies = []
         retry_after = request.responseHeaders.getRawHeaders(b"retry-after")
-        request.responseHeaders = Headers({b"content-type": [b"text/plain; charset=utf-8"]})
+        request.responseHeaders = self._fresh_response_headers([(b"content-type", b"text/plain; charset=utf-8")])
         if retry_after:
             request.responseHeaders.setRawHeaders(b"retry-after", retry_after)
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])

@@ -63,6 +63,8 @@ class GuestResource(Resource):
         self.downstream = downstream
         self.reactor: IReactorCore = reactor
         self.fail_open = on_guest_error == FailurePolicy.FAIL_OPEN
+        #: Framing headers a guest set and the host dropped, already reported in the log.
+        self.noted_framing_headers: set[bytes] = set()
         self.runner: Runner
         if guest.execution is Execution.INLINE:
             self.runner = InlineRunner()
