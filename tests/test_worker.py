@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import queue
 import select
+import sys
 import threading
+from collections.abc import Callable
+from unittest import skipUnless
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.static import Data
 
-from twisted_httpwasm._worker import GuestWorkers
+from twisted_httpwasm._worker import FAST_THREADS, GuestWorkers
 
 from .support import NOOP_RESPONSE, ServerTestCase, make_guest, poll
 
@@ -102,6 +107,111 @@ class GuestWorkersTests(TestCase):
         for _ in range(3):
             workers.run(lambda: None, lambda value: None, lambda error: None)
         self.assertEqual(workers.size, 1)
+
+    def time_flies(self) -> Callable[[], float]:
+        """A clock that is one second later at every reading: every running call looks stuck."""
+        return functools.partial(next, itertools.count())
+
+    def block(self, workers: GuestWorkers, count: int) -> tuple[threading.Event, list[Deferred[object]]]:
+        """Start ``count`` calls that hold their threads until the returned event is set."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+        blocked = [self.run_on(workers, lambda: release.wait(30)) for _ in range(count)]
+        return release, blocked
+
+    @inlineCallbacks
+    def test_a_fast_call_overtakes_calls_stuck_on_every_thread(self):
+        """A fast call queued behind more stuck calls than FAST_THREADS completes while they are still stuck.
+
+        The stuck calls hold every thread the pool has when the fast call comes;
+        the pool adds threads (one per waiting call) instead of making it wait.
+        """
+        workers = self.make_workers(clock=self.time_flies())
+        release, blocked = self.block(workers, FAST_THREADS + 4)
+        fast = self.run_on(workers, lambda: "fast").addTimeout(20, reactor)
+        outcome = yield fast
+        self.assertEqual(outcome[:2], ("result", "fast"))
+        self.assertFalse(any(call.called for call in blocked))  # all still stuck
+        self.assertGreater(workers.size, FAST_THREADS)
+        release.set()
+        yield gatherResults(blocked)
+
+    @inlineCallbacks
+    def test_threads_stay_within_the_maximum_under_stuck_calls(self):
+        """With more stuck calls than max_size, threads stop at max_size and the rest wait their turn."""
+        workers = self.make_workers(max_size=FAST_THREADS + 2, clock=self.time_flies())
+        release, _ = self.block(workers, FAST_THREADS + 6)
+        self.assertTrue((yield poll(lambda: workers.size == FAST_THREADS + 2, timeout=20, interval=0.01)))
+        waiting = self.run_on(workers, lambda: "waited")
+        yield poll(lambda: workers.size > FAST_THREADS + 2, timeout=0.2, interval=0.01)  # give it a chance
+        self.assertEqual(workers.size, FAST_THREADS + 2)
+        self.assertFalse(waiting.called)
+        release.set()
+        outcome = yield waiting
+        self.assertEqual(outcome[:2], ("result", "waited"))
+
+    @skipUnless(sys.platform.startswith("linux"), "per-thread priority is Linux's")
+    @inlineCallbacks
+    def test_a_stuck_call_runs_at_the_lowest_priority_and_its_thread_ends(self):
+        """A call past SLOW is demoted to nice 19 (the reactor and other calls first); its thread ends after it."""
+        workers = self.make_workers(clock=self.time_flies())
+        release = threading.Event()
+        self.addCleanup(release.set)
+        entered = threading.Event()
+
+        def stuck() -> tuple[int, str]:
+            entered.set()
+            release.wait(30)
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), threading.current_thread().name
+
+        call = self.run_on(workers, stuck)
+        self.assertTrue((yield poll(lambda: any(w.demoted for w in list(workers._workers)), timeout=20, interval=0.01)))
+        release.set()
+        outcome, (priority, thread_name), _ = yield call
+        self.assertEqual((outcome, priority), ("result", 19))
+        self.assertTrue((yield poll(lambda: thread_name not in {t.name for t in threading.enumerate()}, 20, 0.01)))
+        # A fresh thread, at normal priority, serves the next call.
+        _, (priority, _), _ = yield self.run_on(
+            workers, lambda: (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), "")
+        )
+        self.assertEqual(priority, os.getpriority(os.PRIO_PROCESS, 0))
+
+    @inlineCallbacks
+    def test_idle_threads_end_but_one_stays(self):
+        """Threads added for a burst end once idle for idle_exit seconds; the last one stays."""
+        workers = self.make_workers(max_size=4, idle_exit=0.05)
+        release, blocked = self.block(workers, 3)
+        self.assertTrue((yield poll(lambda: workers.size == 3, timeout=20, interval=0.01)))
+        release.set()
+        yield gatherResults(blocked)
+        self.assertTrue((yield poll(lambda: workers.size == 1, timeout=20, interval=0.01)))
+        outcome = yield self.run_on(workers, lambda: "still served")
+        self.assertEqual(outcome[:2], ("result", "still served"))
+
+    @inlineCallbacks
+    def test_calls_no_longer_wanted_are_dropped_unstarted(self):
+        """Calls whose still_wanted says no by the time a thread is free never run, nor their continuations."""
+        workers = self.make_workers(max_size=1)
+        release, blocked = self.block(workers, 1)
+        ran: list[int] = []
+        continued: list[object] = []
+        wanted = [True] * 6
+        for index in range(6):
+            workers.run(
+                lambda index=index: ran.append(index),
+                continued.append,
+                continued.append,
+                lambda index=index: wanted[index],
+            )
+        for index in (0, 2, 3, 5):
+            wanted[index] = False  # their clients left while the calls waited
+        last = self.run_on(workers, lambda: "last")
+        release.set()
+        yield blocked[0]
+        yield last
+        self.assertEqual(ran, [1, 4])
+        self.assertEqual(len(continued), 2)
+        self.assertEqual(workers.dropped, 4)
 
 
 class _QueueReactor:

@@ -4,6 +4,12 @@ Both runners take the work and two continuations, which always run on the
 reactor thread.  Thread mode hands the work to a thread pool and comes back
 with ``callFromThread`` (what ``deferToThreadPool`` does, without building a
 Deferred per call); inline mode calls straight through.
+
+A runner may also get a ``still_wanted`` predicate: a call that waited for a
+thread may be dropped, unstarted and without continuation, if it says no by
+then (the client went away while the call was queued).  The guest workers
+(:mod:`._worker`) do that; inline calls start at once, and an embedder's own
+``ThreadPool`` runs everything it was given.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class Runner(Protocol):
         work: Callable[[], T],
         on_result: Callable[[T], None],
         on_error: Callable[[BaseException], None],
+        still_wanted: Callable[[], bool] | None = None,
     ) -> None: ...
 
 
@@ -37,7 +44,9 @@ class InlineRunner:
         work: Callable[[], T],
         on_result: Callable[[T], None],
         on_error: Callable[[BaseException], None],
+        still_wanted: Callable[[], bool] | None = None,
     ) -> None:
+        # Nothing waits here: the call starts now, for a client that was there a moment ago.
         try:
             result = work()
         except Exception as error:  # noqa: BLE001 - handed to the request, never lost
@@ -58,6 +67,7 @@ class ThreadRunner:
         work: Callable[[], T],
         on_result: Callable[[T], None],
         on_error: Callable[[BaseException], None],
+        still_wanted: Callable[[], bool] | None = None,
     ) -> None:
         call_from_thread = self._reactor.callFromThread
 
@@ -68,4 +78,6 @@ class ThreadRunner:
                 error = result.value if isinstance(result, Failure) else result
                 call_from_thread(on_error, error)
 
+        # still_wanted is not asked: a Twisted ThreadPool runs what it was given, and
+        # embedders who pass their own pool keep its exact behaviour.
         self._threadpool.callInThreadWithCallback(done, work)

@@ -8,13 +8,26 @@ contract as the thread runner (work runs in a worker, continuations on the
 reactor thread) with dedicated threads and a C queue, and results go back in
 batches: one reactor wake-up serves every result that is ready by then.
 
-Measured here, one thread gives the best throughput (more threads only fight
-over the GIL), but one slow guest would then hold up every other request.  So
-the pool starts with one thread and adds another (up to ``max_size``) when
-work waits while every thread has been busy with one call for longer than
-:data:`STALL` (a monitor thread looks every STALL while work is queued):
-fast guests share one thread, slow ones cannot starve them.  Threads are
-never removed, so the count stays stable under load.
+**Slow calls do not hold up fast ones.**  Measured here, one thread gives the
+best throughput for fast guests (more threads only fight over the GIL), but a
+call that spins until its time limit holds its thread for that long.  So the
+pool starts with one thread and grows while work waits and every thread is
+stuck in one call: one thread at a time while there are fewer than
+:data:`FAST_THREADS` and every call has run for :data:`STALL`; past that, as
+many threads as there are calls waiting once every call has run for
+:data:`SLOW` (a fast guest waiting for the GIL is not mistaken for a stuck
+one).  Wasm runs with the GIL released, so stuck calls cost CPU, not the GIL;
+and a thread whose call has run for SLOW gets the lowest CPU priority (Linux:
+nice 19 for that thread), so the reactor and the calls that have not stalled
+get the CPU first, and ends after that call.  The pool never exceeds
+``max_size`` threads (:data:`MAX_THREADS`); with that many calls stuck at
+once, further calls wait their turn in order.  A thread idle for
+``idle_exit`` seconds ends (the last one stays).
+
+**Calls for clients that left are not started.**  :meth:`GuestWorkers.run`
+takes an optional ``still_wanted`` predicate, asked on the worker right before
+the call would start; a call no longer wanted is dropped without running
+(counted in :attr:`GuestWorkers.dropped`), and its continuations never run.
 
 No thread starts before the first call: ``twistd`` (without ``-n``) loads the
 guests and then forks to daemonize, and threads do not survive a fork.  The
@@ -24,39 +37,72 @@ forgets the parent's threads and queued work (``os.register_at_fork``).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
+import sys
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.logger import Logger
 
-__all__ = ["STALL", "GuestWorkers", "workers_for"]
+__all__ = ["FAST_THREADS", "IDLE_EXIT", "MAX_THREADS", "SLOW", "STALL", "GuestWorkers", "workers_for"]
 
 T = TypeVar("T")
 
-_Item = tuple[Callable[[], Any], Callable[[Any], None], Callable[[BaseException], None]]
+_Item = tuple[Callable[[], Any], Callable[[Any], None], Callable[[BaseException], None], Callable[[], bool] | None]
 _STOP: Any = object()
 
-#: Seconds one call may hold every worker before another thread is added.
+#: Seconds every call must have run before a thread is added, while there are fewer than FAST_THREADS.
 STALL = 0.005
+#: Threads that fast guests may grow the pool to (waiting for the GIL can look like a stall).
+FAST_THREADS = 8
+#: Past FAST_THREADS: seconds every call must have run before threads are added, one per waiting call.
+SLOW = 0.05
+#: Most threads one pool runs: the number of stuck calls that cannot hold up others.
+MAX_THREADS = 128
+#: Seconds a thread (other than the first) waits for work before it ends.
+IDLE_EXIT = 30.0
+#: Linux sets the nice value of one thread with setpriority(PRIO_PROCESS, thread id); elsewhere it is a process.
+_CAN_DEMOTE = sys.platform.startswith("linux") and hasattr(os, "setpriority")
+_LOWEST_PRIORITY = 19
 _log = Logger(namespace="httpwasm")
+
+
+class _Worker:
+    """One thread, and when its current call began (None while it waits for work)."""
+
+    __slots__ = ("demoted", "native_id", "since")
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.native_id: int | None = None
+        self.demoted = False  # runs at the lowest CPU priority; ends after its call
 
 
 class GuestWorkers:
     """Daemon threads (1 to ``max_size``) that run guest calls for one reactor."""
 
-    def __init__(self, reactor: Any, max_size: int = 8, name: str = "httpwasm-guest", clock: Any = time.monotonic):
+    def __init__(
+        self,
+        reactor: Any,
+        max_size: int = MAX_THREADS,
+        name: str = "httpwasm-guest",
+        clock: Callable[[], float] = time.monotonic,
+        idle_exit: float = IDLE_EXIT,
+    ):
         if max_size < 1:
             raise ValueError("a guest worker pool needs at least one thread")
         self._reactor: IReactorFromThreads = reactor
         self._name = name
         self._clock = clock
+        self._idle_exit = idle_exit
         self.max_size = max_size
         self._reset()
         _every_workers.add(self)
@@ -69,40 +115,76 @@ class GuestWorkers:
         self._calls: SimpleQueue[_Item] = SimpleQueue()
         self._done: deque[tuple[Callable[[Any], None], Any]] = deque()
         self._wake_scheduled = False
-        self._busy_since: list[float | None] = []  # per thread: when its current call began
-        self._threads: list[threading.Thread] = []
-        self._grow_lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._numbers = itertools.count()
+        self._lock = threading.Lock()  # guards _workers and dropped
         self._stopping = threading.Event()
         self._queued = threading.Event()  # set while work may be waiting: the monitor watches
+        #: Calls dropped because their ``still_wanted`` said no.
+        self.dropped = 0
 
     def _start(self) -> None:
         """Start the first thread and the monitor (once per process, on the first call)."""
-        with self._grow_lock:
+        with self._lock:
             if self._started or self._stopping.is_set():
                 return
             self._started = True
             threading.Thread(target=self._monitor, name=f"{self._name}-monitor", daemon=True).start()
-        self._add_thread()
+            self._add_thread()
 
     @property
     def size(self) -> int:
-        return len(self._threads)
+        """Threads running now."""
+        return len(self._workers)
 
     def _add_thread(self) -> None:
-        with self._grow_lock:
-            index = len(self._threads)
-            self._busy_since.append(None)
-            thread = threading.Thread(target=self._serve, args=(index,), name=f"{self._name}-{index}", daemon=True)
-            self._threads.append(thread)
-        thread.start()
+        """Start one more thread; the caller holds the lock."""
+        worker = _Worker()
+        self._workers.append(worker)
+        name = f"{self._name}-{next(self._numbers)}"
+        threading.Thread(target=self._serve, args=(worker,), name=name, daemon=True).start()
 
-    def _stalled(self) -> bool:
-        """Every thread has been inside one call for longer than STALL."""
+    def _demote_stuck(self) -> None:
+        """Lowest CPU priority for threads stuck past SLOW, so the reactor and fast calls run first.
+
+        A thread cannot get its priority back (that needs privileges), so a
+        demoted thread ends after its call; new threads start at normal priority.
+        """
+        if not _CAN_DEMOTE:
+            return
         now = self._clock()
-        return all(since is not None and now - since > STALL for since in self._busy_since)
+        with self._lock:
+            for worker in self._workers:
+                since = worker.since
+                if since is not None and now - since > SLOW and not worker.demoted and worker.native_id:
+                    worker.demoted = True
+                    with contextlib.suppress(OSError):
+                        os.setpriority(os.PRIO_PROCESS, worker.native_id, _LOWEST_PRIORITY)
+
+    def grow_if_stuck(self) -> int:
+        """Add threads if work waits behind calls that are all stuck; returns how many were added.
+
+        The monitor calls this every STALL while work is queued.
+        """
+        with self._lock:
+            workers = self._workers
+            room = self.max_size - len(workers)
+            if room <= 0 or self._stopping.is_set() or self._calls.empty():
+                return 0
+            fast = len(workers) < FAST_THREADS
+            threshold = STALL if fast else SLOW
+            now = self._clock()
+            for worker in workers:
+                since = worker.since
+                if since is None or now - since <= threshold:
+                    return 0  # this thread is free, or will be soon
+            count = 1 if fast else min(room, self._calls.qsize())
+            for _ in range(count):
+                self._add_thread()
+            return count
 
     def _monitor(self) -> None:
-        """While work is queued, add a thread once every thread has stalled.
+        """While work is queued, add threads once every thread is stuck in a call.
 
         A plain thread, not a reactor timer: it needs no reactor, and it leaves
         no pending delayed call behind in tests.
@@ -113,22 +195,27 @@ class GuestWorkers:
             if stopping.wait(STALL):
                 return
             queued.clear()  # cleared before looking, so work queued from now on sets it again
-            if self._calls.empty():
+            self._demote_stuck()
+            if self._calls.empty() and all(worker.since is None for worker in list(self._workers)):
                 continue
             queued.set()
-            if len(self._threads) < self.max_size and self._stalled():
-                self._add_thread()
+            self.grow_if_stuck()
 
     def run(
         self,
         work: Callable[[], T],
         on_result: Callable[[T], None],
         on_error: Callable[[BaseException], None],
+        still_wanted: Callable[[], bool] | None = None,
     ) -> None:
-        """Queue ``work``; its continuation runs later on the reactor thread."""
+        """Queue ``work``; its continuation runs later on the reactor thread.
+
+        ``still_wanted`` (called on the worker just before ``work`` would start)
+        returning false drops the call: neither ``work`` nor a continuation runs.
+        """
         if not self._started:
             self._start()
-        self._calls.put((work, on_result, on_error))
+        self._calls.put((work, on_result, on_error, still_wanted))
         if not self._queued.is_set():
             self._queued.set()
 
@@ -136,29 +223,52 @@ class GuestWorkers:
         """Let every thread finish what is queued, then exit."""
         self._stopping.set()
         self._queued.set()
-        for _ in self._threads:
-            self._calls.put(_STOP)
+        with self._lock:
+            for _ in self._workers:
+                self._calls.put(_STOP)
 
-    def _serve(self, index: int) -> None:
+    def _leave(self, worker: _Worker, idle: bool) -> bool:
+        """Take ``worker`` out of the pool; an idle one only if another thread stays."""
+        with self._lock:
+            if idle and (len(self._workers) <= 1 or self._stopping.is_set()):
+                return False
+            self._workers.remove(worker)
+            return True
+
+    def _serve(self, worker: _Worker) -> None:
         calls = self._calls
         done = self._done
-        busy_since = self._busy_since
         clock = self._clock
+        idle_exit = self._idle_exit
+        worker.native_id = threading.get_native_id()
         while True:
-            item = calls.get()
+            try:
+                item = calls.get(timeout=idle_exit)
+            except Empty:
+                if self._leave(worker, idle=True):
+                    return
+                continue
             if item is _STOP:
+                self._leave(worker, idle=False)
                 return
-            work, on_result, on_error = item
-            busy_since[index] = clock()
+            work, on_result, on_error, still_wanted = item
+            if still_wanted is not None and not still_wanted():
+                with self._lock:
+                    self.dropped += 1
+                continue
+            worker.since = clock()
             try:
                 done.append((on_result, work()))
             except BaseException as error:  # noqa: BLE001 - handed to the request, never lost
                 done.append((on_error, error))
-            busy_since[index] = None
+            worker.since = None
             # One reactor wake-up serves every result that lands before the reactor runs it.
             if not self._wake_scheduled:
                 self._wake_scheduled = True
                 self._reactor.callFromThread(self._deliver)
+            if worker.demoted:
+                self._leave(worker, idle=False)
+                return
 
     def _deliver(self) -> None:
         """Reactor side: run every continuation that is ready."""

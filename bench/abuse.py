@@ -1,0 +1,186 @@
+"""Hostile-load scenarios: what good requests see while other clients abuse the server.
+
+Run from the repository root (loopback only; each scenario stops by itself)::
+
+    python -m bench.abuse spin --spinners 16 --duration 15
+    python -m bench.abuse spin --spinners 64 --duration 15
+    python -m bench.abuse abandon --spinners 200
+
+``spin``: a real ``twistd -n httpwasm`` (thread mode, ``--guest-timeout 1``) with
+one guest in front of ``bench.downstream.Hello``.  The guest spins until its
+time limit on paths starting with ``/spin`` and passes everything else on.
+``--spinners`` clients each keep one ``/spin`` request in flight (a new one as
+soon as the last was answered); meanwhile one client sends good requests
+(``GET /``) one after the other and records their latency.  Prints the good
+requests' percentiles and failures (non-200 or no answer within 10 s).
+
+``abandon``: ``--spinners`` clients each send one ``/spin`` request and leave
+after 2 s; then one good request is timed (how long the server keeps running
+work for clients that are gone).
+
+Figures go to docs/reliability.md; nothing here is asserted by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.run import HOST, child_env, free_port, twistd
+
+REPO = Path(__file__).resolve().parent.parent
+
+SPIN_GUEST = """\
+(module
+  (import "http_handler" "get_uri" (func $get_uri (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  ;; "/spin...": loop until the time limit ends the call; anything else goes on
+  (func (export "handle_request") (result i64)
+    (drop (call $get_uri (i32.const 0) (i32.const 256)))
+    (if (i32.and (i32.eq (i32.load8_u (i32.const 1)) (i32.const 0x73))
+                 (i32.eq (i32.load8_u (i32.const 2)) (i32.const 0x70)))
+      (then (loop $forever (br $forever))))
+    (i64.const 1))
+  (func (export "handle_response") (param i32 i32)))
+"""
+
+GOOD_TIMEOUT = 10.0
+
+
+async def _request(port: int, path: str, timeout: float) -> int:
+    """One GET on a fresh connection; the status, or 0 for no complete answer in time."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+                await writer.drain()
+                response = await reader.read()
+            finally:
+                writer.close()
+    except (TimeoutError, OSError):
+        return 0
+    try:
+        return int(response.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def _spin(port: int, spinners: int, duration: float) -> None:
+    stop_at = time.monotonic() + duration
+    spins: list[int] = []
+
+    async def spinner() -> None:
+        while time.monotonic() < stop_at:
+            spins.append(await _request(port, "/spin", 30))
+
+    tasks = [asyncio.create_task(spinner()) for _ in range(spinners)]
+    await asyncio.sleep(min(2.0, duration / 4))  # let the spinners fill the server
+    latencies: list[float] = []
+    failures = 0
+    while time.monotonic() < stop_at:
+        started = time.monotonic()
+        status = await _request(port, "/", GOOD_TIMEOUT)
+        latencies.append(time.monotonic() - started)
+        if status != 200:
+            failures += 1
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    print(f"spin: {spinners} spinning clients, {len(spins)} spin calls answered ({spins.count(500)} with 500)")
+    if latencies:
+        print(
+            f"  good requests: {len(latencies)}, failed {failures};"
+            f" latency p50 {_percentile(latencies, 0.5) * 1000:.0f} ms,"
+            f" p90 {_percentile(latencies, 0.9) * 1000:.0f} ms,"
+            f" max {max(latencies) * 1000:.0f} ms, mean {statistics.fmean(latencies) * 1000:.0f} ms"
+        )
+
+
+async def _abandon(port: int, spinners: int) -> None:
+    async def leave_early() -> None:
+        await _request(port, "/spin", 2.0)
+
+    await asyncio.gather(*(leave_early() for _ in range(spinners)))
+    started = time.monotonic()
+    status = await _request(port, "/", 60)
+    print(
+        f"abandon: {spinners} clients left after 2 s;"
+        f" the next good request: {status} in {(time.monotonic() - started) * 1000:.0f} ms"
+    )
+
+
+def _serve(guest: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
+    command = [
+        *twistd(),
+        "-n",
+        "--pidfile=",
+        "httpwasm",
+        "--guest",
+        str(guest),
+        "--guest-timeout",
+        "1",
+        "--class",
+        "bench.downstream.Hello",
+        "--listen",
+        f"tcp:{port}:interface={HOST}",
+        *extra,
+    ]
+    return subprocess.Popen(command, env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def _wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(HOST, port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the server did not listen on {port} within {timeout} s") from None
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario", choices=("spin", "abandon"))
+    parser.add_argument("--spinners", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--server-arg", action="append", default=[], help="extra twistd httpwasm argument")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as directory:
+        guest = Path(directory) / "spin.wat"
+        guest.write_text(SPIN_GUEST)
+        port = free_port()
+        server = _serve(guest, port, args.server_arg)
+        try:
+            asyncio.run(_wait_for_port(port, 30))
+            if args.scenario == "spin":
+                asyncio.run(_spin(port, args.spinners, args.duration))
+            else:
+                asyncio.run(_abandon(port, args.spinners))
+        finally:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
