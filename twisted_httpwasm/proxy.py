@@ -7,7 +7,9 @@ sit in front of it like in front of any other::
     site = Site(GuestResource(guest, proxy))
 
 The request the backend receives is the one the guest left: its method, URI
-(appended to the backend's base path), headers and body.  The backend's answer
+(appended to the backend's base path, kept below it), headers (as reverse
+proxies send them, see :mod:`twisted_httpwasm._backend_request`) and body.
+The backend's answer
 is streamed back as it arrives, with back-pressure: a slow client pauses the
 backend connection.  A backend that cannot be reached, or that fails before it
 answered, makes a ``502 Bad Gateway``; a guest in front sees ``is_error=1``.
@@ -31,26 +33,30 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-__all__ = ["HOP_BY_HOP_HEADERS", "BadGateway", "HTTPAgent", "ProxyResource", "end_to_end_headers"]
+from ._backend_request import (
+    HOP_BY_HOP_HEADERS,
+    PathOutsideBase,
+    backend_headers,
+    connection_tokens,
+    is_hop_by_hop,
+    path_inside_base,
+    record_client_headers,
+)
+
+__all__ = [
+    "HOP_BY_HOP_HEADERS",
+    "BadGateway",
+    "HTTPAgent",
+    "PathOutsideBase",
+    "ProxyResource",
+    "end_to_end_headers",
+    "record_client_headers",
+]
 
 _log = Logger(namespace="httpwasm.proxy")
 
-#: Headers that describe one connection, not the message: never forwarded (RFC 9110 7.6.1).
-HOP_BY_HOP_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
 _BAD_GATEWAY_BODY = b"Bad Gateway\n"
+_BAD_REQUEST_BODY = b"Bad Request\n"
 
 #: Idle connections to the backend kept open for reuse.
 MAX_IDLE_CONNECTIONS = 10
@@ -74,25 +80,12 @@ class BadGateway(Exception):
     http_status = http.BAD_GATEWAY
 
 
-def _is_hop_by_hop(name: bytes, named_by_connection: frozenset[bytes]) -> bool:
-    return name in HOP_BY_HOP_HEADERS or name.startswith(b"proxy-") or name in named_by_connection
-
-
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """Header names listed in ``Connection``: hop-by-hop for this message too."""
-    tokens: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", []):
-        tokens.update(token.strip().lower() for token in value.split(b","))
-    tokens.discard(b"")
-    return frozenset(tokens)
-
-
 def end_to_end_headers(headers: Headers) -> Iterable[tuple[bytes, list[bytes]]]:
     """``(lowercase name, values)`` of ``headers`` without the hop-by-hop ones."""
-    named = _connection_tokens(headers)
+    named = connection_tokens(headers)
     for name, values in headers.getAllRawHeaders():
         lowered = name.lower()
-        if lowered.startswith(b":") or _is_hop_by_hop(lowered, named):
+        if lowered.startswith(b":") or is_hop_by_hop(lowered, named):
             continue
         yield lowered, list(values)
 
@@ -138,10 +131,19 @@ class ProxyResource(Resource):
     """Forwards every request to the HTTP backend at ``base_url``.
 
     The request's URI (path and query, as the guest may have rewritten it) is
-    appended to the path of ``base_url``.  Hop-by-hop headers are dropped both
-    ways; ``Host`` becomes the backend's, and ``X-Forwarded-For``,
-    ``X-Forwarded-Host`` and ``X-Forwarded-Proto`` tell the backend about the
-    client.  Without an ``agent``, the resource makes one over a persistent
+    appended to the path of ``base_url``, its dot segments removed: a path that
+    would climb above the base path gets ``400 Bad Request`` and never reaches
+    the backend.  Hop-by-hop headers are dropped both ways (of the names the
+    client's ``Connection`` lists, only the client's values); ``Host`` becomes
+    the backend's, and ``Forwarded``, ``X-Forwarded-For``, ``X-Forwarded-Host``
+    and ``X-Forwarded-Proto`` tell the backend about the client.  The client's
+    own forwarding headers (and ``X-Real-IP``) are dropped, unless
+    ``trust_forwarded`` says the client side is a proxy you trust: then they
+    are kept and appended to.  Behind guests, give the ``Site`` to
+    :func:`record_client_headers` so that the proxy can tell the client's
+    headers from a guest's.
+
+    Without an ``agent``, the resource makes one over a persistent
     connection pool of its own; :meth:`close` closes that pool's connections.
 
     ``timeout`` bounds the wait for the backend's response headers (connect
@@ -157,6 +159,7 @@ class ProxyResource(Resource):
         reactor: Any = None,
         agent: HTTPAgent | None = None,
         timeout: float | None = 30.0,
+        trust_forwarded: bool = False,
     ):
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
@@ -171,6 +174,7 @@ class ProxyResource(Resource):
             raise ValueError(f"base_url must have no query or fragment: {url!r}")
         self.reactor = reactor
         self.timeout = timeout
+        self.trust_forwarded = trust_forwarded
         self.scheme = parts.scheme.encode("ascii")
         self.netloc = parts.netloc.encode("ascii")
         self.base_path = parts.path.rstrip("/").encode("ascii")
@@ -192,7 +196,11 @@ class ProxyResource(Resource):
         return closed
 
     def backend_url(self, request: Request) -> bytes:
-        """The URL the backend is asked for: base path + the request's URI (path and query)."""
+        """The URL the backend is asked for: base path + the request's path and query.
+
+        The path's dot segments are removed first (``%2e`` is a dot, ``%2f`` stays
+        data); raises :class:`PathOutsideBase` if it would climb above the base path.
+        """
         uri = request.uri
         if not uri.startswith(b"/"):
             parts = urlsplit(uri)
@@ -200,38 +208,34 @@ class ProxyResource(Resource):
                 uri = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
             else:
                 uri = b"/" + uri
-        return self.scheme + b"://" + self.netloc + self.base_path + uri
+        path, question, query = uri.partition(b"?")
+        return self.scheme + b"://" + self.netloc + self.base_path + path_inside_base(path) + question + query
 
     def backend_headers(self, request: Request) -> Headers:
-        """The request's end-to-end headers, with Host and the X-Forwarded-* set."""
-        headers = Headers()
-        for name, values in end_to_end_headers(request.requestHeaders):
-            if name not in (b"host", b"content-length"):
-                headers.setRawHeaders(name, values)
-        client = request.getClientAddress()
-        client_host = getattr(client, "host", None)
-        if client_host is not None:
-            forwarded_for = request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
-            headers.setRawHeaders(b"x-forwarded-for", [b", ".join([*forwarded_for, client_host.encode()])])
-        original_host = request.getHeader(b"host")
-        if original_host is not None:
-            headers.setRawHeaders(b"x-forwarded-host", [original_host])
-        headers.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
-        headers.setRawHeaders(b"host", [self.netloc])
-        return headers
+        """The headers the backend gets (see :func:`~twisted_httpwasm._backend_request.backend_headers`)."""
+        return backend_headers(request, self.netloc, trust_forwarded=self.trust_forwarded)
 
     def render(self, request: Request) -> object:
-        _ProxiedRequest(self, request).start()
+        try:
+            url = self.backend_url(request)
+        except PathOutsideBase as error:
+            _log.info(
+                "refused {method} {uri}: {reason}; answering 400", method=request.method, uri=request.uri, reason=error
+            )
+            request.setResponseCode(http.BAD_REQUEST)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return _BAD_REQUEST_BODY
+        _ProxiedRequest(self, request, url).start()
         return NOT_DONE_YET
 
 
 class _ProxiedRequest:
     """One request's trip to the backend and back."""
 
-    def __init__(self, proxy: ProxyResource, request: Request):
+    def __init__(self, proxy: ProxyResource, request: Request, url: bytes):
         self.proxy = proxy
         self.request = request
-        self.url = proxy.backend_url(request)
+        self.url = url
         self.client_gone = False
         self.pending: Deferred[Any] | None = None
         self.relay: _BodyRelay | None = None

@@ -27,6 +27,7 @@ from twisted.web import static
 from twisted.web import tap as web_tap
 from twisted.web.resource import IResource
 from twisted.web.server import Site
+from twisted.web.wsgi import WSGIResource
 
 from ._site import GuestSite
 from ._workers_process import TCPListen, WorkersService
@@ -41,8 +42,9 @@ from .guest import (
     GuestLoadError,
     Mount,
 )
-from .proxy import ProxyResource
+from .proxy import ProxyResource, record_client_headers
 from .resource import FailurePolicy, GuestResource
+from .wsgi import UnderscoreHeaderGuard
 
 __all__ = ["DEMO_LISTEN", "Options", "makeService", "make_site", "parse_size"]
 
@@ -141,6 +143,8 @@ main process, and one that dies is replaced.
         self["guest-env"] = []
         self["guest-mounts"] = []
         self["workers"] = 1
+        self["proxy-trust-forwarded"] = False
+        self["wsgi-keep-underscore-headers"] = False
         self._configured_guests: set[int] = set()
         self.argv: list[str] = []
         self.cwd = os.getcwd()
@@ -285,6 +289,10 @@ main process, and one that dies is replaced.
         self._claim_downstream(f"--wsgi {name}")
         web_tap.Options.opt_wsgi(self, name)
 
+    def opt_wsgi_keep_underscore_headers(self) -> None:
+        """Pass request headers with _ in their names to --wsgi. [default: dropped: WSGI reads X_User as X-User]"""
+        self["wsgi-keep-underscore-headers"] = True
+
     def opt_resource_script(self, name: str) -> None:
         """Downstream: the resource of this .rpy script, as `twistd web --resource-script`."""
         self._claim_downstream(f"--resource-script {name}")
@@ -309,6 +317,10 @@ main process, and one that dies is replaced.
             self["root"] = ProxyResource(url)
         except ValueError as error:
             raise usage.UsageError(f"--proxy {url}: {error}") from None
+
+    def opt_proxy_trust_forwarded(self) -> None:
+        """With --proxy: clients are proxies you trust; keep their Forwarded, X-Forwarded-*, X-Real-IP and append."""
+        self["proxy-trust-forwarded"] = True
 
     def opt_listen(self, description: str) -> None:
         """An endpoint to serve on (strports description); repeatable. [default: tcp:8080; for the demo page
@@ -353,6 +365,8 @@ main process, and one that dies is replaced.
                 "(without --guest and a downstream, httpwasm serves its demo)"
             )
         web_tap.Options.postOptions(self)
+        self._check_downstream_flags()
+        self._check_writable_mounts()
         from twisted.internet import endpoints, reactor
 
         for description in self["ports"]:
@@ -367,6 +381,37 @@ main process, and one that dies is replaced.
                         f"--workers {self['workers']} shares tcp: and tcp6: endpoints between processes; "
                         f"--listen {description} is not one"
                     )
+
+    def _check_downstream_flags(self) -> None:
+        """Flags that only mean something for one kind of downstream need that downstream."""
+        if self["proxy-trust-forwarded"]:
+            if not isinstance(self["root"], ProxyResource):
+                raise usage.UsageError(f"--proxy-trust-forwarded applies to --proxy, not to {self['downstream']}")
+            self["root"].trust_forwarded = True
+        if self["wsgi-keep-underscore-headers"] and not isinstance(self["root"], WSGIResource):
+            raise usage.UsageError(f"--wsgi-keep-underscore-headers applies to --wsgi, not to {self['downstream']}")
+
+    def _check_writable_mounts(self) -> None:
+        """Refuse a writable --guest-mount inside (or around) the --path that is served.
+
+        A guest may create symlinks in a writable mount; wasmtime does not follow
+        them, but twisted.web's static.File does, so --path would serve whatever
+        they point to (/etc/passwd, the server's keys).
+        """
+        if not isinstance(self["root"], static.File):
+            return
+        served = os.path.realpath(self["root"].path)
+        for mount in self["guest-mounts"]:
+            if mount.read_only:
+                continue
+            mounted = os.path.realpath(mount.host_dir)
+            if os.path.commonpath([served, mounted]) in (served, mounted):
+                where = "inside" if os.path.commonpath([served, mounted]) == served else "around"
+                raise usage.UsageError(
+                    f"--guest-mount {mount.host_dir}:{mount.guest_dir} is writable and {where} the --path "
+                    f"{self['root'].path} that is served: a guest could create symlinks there (to /etc/passwd, say) "
+                    "that --path would follow and serve. Mount it read-only (:ro) or serve another directory."
+                )
 
 
 def _load_guests(config: Options) -> list[Guest]:
@@ -407,6 +452,8 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         downstream.registry.setComponent(interfaces.IServiceCollection, parent)
     if isinstance(downstream, ProxyResource):
         _ClosingService(downstream).setServiceParent(parent)  # type: ignore[no-untyped-call]
+    if isinstance(downstream, WSGIResource) and not config["wsgi-keep-underscore-headers"]:
+        downstream = UnderscoreHeaderGuard(downstream)
     if config["extraHeaders"]:
         downstream = web_tap._AddHeadersResource(downstream, config["extraHeaders"])
 
@@ -417,6 +464,8 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     site = GuestSite(root, logPath=config["logfile"]) if config["logfile"] else GuestSite(root)
     if config["display-tracebacks"]:
         site.displayTracebacks = True
+    if isinstance(config["root"], ProxyResource):
+        record_client_headers(site)  # the proxy tells the client's headers from the guests'
     return site
 
 

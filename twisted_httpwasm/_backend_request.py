@@ -1,0 +1,251 @@
+"""What a reverse proxy sends its backend: a path kept below the base, headers as proxies send them.
+
+:class:`~twisted_httpwasm.proxy.ProxyResource` forwards the request its guests
+left.  Two things must not be decided by that final request alone:
+
+- the **path**: whatever ``..`` a client or a guest put in the URI, the
+  backend is asked for a path below the base path of the backend URL
+  (:func:`path_inside_base`), or the request is refused;
+- the **client's hop-by-hop headers**: the names the *client's* ``Connection``
+  header lists are removed as the client sent them, never a header a guest
+  set; and the forwarding headers (``Forwarded``, ``X-Forwarded-*``,
+  ``X-Real-IP``) the client sent are not believed unless the operator says
+  the client side is a trusted proxy.  For that the headers the client sent
+  are remembered when the request is made, before any guest runs
+  (:func:`record_client_headers`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import INonQueuedRequestFactory
+from twisted.web.server import Request, Site
+from zope.interface import alsoProvides
+
+__all__ = [
+    "HOP_BY_HOP_HEADERS",
+    "PathOutsideBase",
+    "backend_headers",
+    "client_headers",
+    "connection_tokens",
+    "is_hop_by_hop",
+    "path_inside_base",
+    "record_client_headers",
+    "remember_client_headers",
+]
+
+#: Headers that describe one connection, not the message: never forwarded (RFC 9110 7.6.1).
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: What a client (or a proxy before this one) says about the hops before the backend.
+FORWARDING_HEADERS = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"}
+)
+
+#: Set by the proxy (Host) or by the HTTP client from the body it sends (Content-Length).
+_SET_BY_PROXY = frozenset({b"host", b"content-length"})
+
+_ENCODED_DOT = re.compile(rb"%2e", re.IGNORECASE)
+_DOT_SEGMENTS = (b".", b"..")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_QUOTABLE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+# -- the path ------------------------------------------------------------------------------
+
+
+class PathOutsideBase(ValueError):
+    """The request's path climbs above the backend's base path: the client's error (400)."""
+
+    http_status = 400
+
+
+def path_inside_base(path: bytes) -> bytes:
+    """``path`` (absolute, without query) with its dot segments removed, as RFC 3986 5.2.4 does.
+
+    ``%2E``/``%2e`` are decoded first (an encoded unreserved character is the
+    character itself, RFC 3986 6.2.2.2), so ``%2e%2e`` is ``..``; ``%2F`` stays
+    data, inside its segment.  A ``..`` that would climb above ``/`` raises
+    :class:`PathOutsideBase`, and so does a dot segment with parameters
+    (``..;x``), which some servers read as ``..``.  Empty segments are kept.
+    """
+    segments = _ENCODED_DOT.sub(b".", path).split(b"/")[1:]
+    kept: list[bytes] = []
+    ends_in_directory = False
+    for segment in segments:
+        if segment.partition(b";")[0] in _DOT_SEGMENTS and segment not in _DOT_SEGMENTS:
+            raise PathOutsideBase(f"ambiguous dot segment {segment!r}")
+        ends_in_directory = segment in _DOT_SEGMENTS
+        if segment == b"..":
+            if not kept:
+                raise PathOutsideBase("the path climbs above the base path")
+            kept.pop()
+        elif segment != b".":
+            kept.append(segment)
+    normal = b"/" + b"/".join(kept)
+    if ends_in_directory and kept:
+        normal += b"/"
+    return normal
+
+
+# -- what the client sent --------------------------------------------------------------------
+
+_CLIENT_HEADERS = "_httpwasm_client_headers"
+
+
+def remember_client_headers(request: Request) -> None:
+    """Keep the request's headers object as the client's, if none is kept yet.
+
+    Call it before any guest runs: when the request is made (the object the
+    channel then fills with the client's headers), or when it is first handed
+    to a resource.  A guest that changes headers gets a new headers object, so
+    the kept one stays as the client sent it.
+    """
+    request.__dict__.setdefault(_CLIENT_HEADERS, request.requestHeaders)
+
+
+def client_headers(request: Request) -> Headers:
+    """The headers the client sent, if they were remembered; else the request's headers now."""
+    headers: Headers | None = request.__dict__.get(_CLIENT_HEADERS)
+    return headers if headers is not None else request.requestHeaders
+
+
+class _RememberingRequestFactory:
+    """A ``Site.requestFactory`` that remembers each new request's headers as the client's."""
+
+    def __init__(self, factory: Any):
+        self.factory = factory
+        if INonQueuedRequestFactory.providedBy(factory):
+            alsoProvides(self, INonQueuedRequestFactory)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.factory(*args, **kwargs)
+        remember_client_headers(request)
+        return request
+
+
+def record_client_headers(site: Site) -> Site:
+    """Make ``site`` remember the headers each client sent, before any guest changes them.
+
+    A :class:`~twisted_httpwasm.proxy.ProxyResource` behind guests needs this to
+    tell the client's headers from those a guest set (``Connection`` tokens,
+    forwarding headers).  ``twistd httpwasm`` does it; embedders call it on
+    their ``Site``.  Returns ``site``.
+    """
+    if not isinstance(site.requestFactory, _RememberingRequestFactory):
+        site.requestFactory = _RememberingRequestFactory(site.requestFactory)  # type: ignore[assignment]
+    return site
+
+
+# -- the headers sent -------------------------------------------------------------------------
+
+
+def is_hop_by_hop(name: bytes, named_by_connection: frozenset[bytes] = frozenset()) -> bool:
+    """Whether the (lowercase) header ``name`` describes one connection only."""
+    return name in HOP_BY_HOP_HEADERS or name.startswith(b"proxy-") or name in named_by_connection
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Header names listed in ``Connection``: hop-by-hop for this message too."""
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(token.strip().lower() for token in value.split(b","))
+    tokens.discard(b"")
+    return frozenset(tokens)
+
+
+def _not_sent_by(values: Sequence[bytes], sent: Sequence[bytes]) -> list[bytes]:
+    """``values`` without those ``sent`` (each sent value cancels one equal value)."""
+    left = Counter(sent)
+    kept = []
+    for value in values:
+        if left[value]:
+            left[value] -= 1
+        else:
+            kept.append(value)
+    return kept
+
+
+def _forwarded_value(text: bytes) -> bytes:
+    """An RFC 7239 value: a token as is, anything else as a quoted string."""
+    if _TOKEN.fullmatch(text):
+        return text
+    return b'"' + text.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _forwarded_element(peer: str | None, host: bytes | None, proto: bytes) -> bytes:
+    """``for=...;host=...;proto=...``, this hop as RFC 7239 describes it."""
+    if peer is None:
+        node = b"unknown"
+    elif ":" in peer:
+        node = _forwarded_value(b"[" + peer.encode("ascii") + b"]")
+    else:
+        node = _forwarded_value(peer.encode("ascii"))
+    pairs = [b"for=" + node]
+    if host is not None and _QUOTABLE.fullmatch(host):
+        pairs.append(b"host=" + _forwarded_value(host))
+    pairs.append(b"proto=" + proto)
+    return b";".join(pairs)
+
+
+def backend_headers(request: Request, backend_host: bytes, *, trust_forwarded: bool) -> Headers:
+    """The headers a reverse proxy sends for ``request`` (as its guests left it).
+
+    - Hop-by-hop headers are dropped, and of the names that the *client's*
+      ``Connection`` header lists, the values the client sent (a guest's stay).
+    - ``Host`` is ``backend_host``; ``Content-Length`` is the HTTP client's to set.
+    - Unless ``trust_forwarded``: the values of ``Forwarded``, ``X-Forwarded-*``
+      and ``X-Real-IP`` that the client sent are dropped (a guest's stay).
+    - ``X-Forwarded-For`` and ``Forwarded`` get this hop appended (the client's
+      address, the Host it asked for, the scheme); ``X-Forwarded-Host`` and
+      ``X-Forwarded-Proto`` are set from the request, or with
+      ``trust_forwarded`` kept when the request has them.
+    """
+    received = client_headers(request)
+    by_client = connection_tokens(received)
+    not_believed = by_client if trust_forwarded else by_client | FORWARDING_HEADERS
+    headers = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered.startswith(b":") or lowered in _SET_BY_PROXY or is_hop_by_hop(lowered):
+            continue
+        if lowered in not_believed:
+            values = _not_sent_by(values, received.getRawHeaders(lowered, []))
+        if values:
+            headers.setRawHeaders(lowered, list(values))
+
+    peer: str | None = getattr(request.getClientAddress(), "host", None)
+    host = request.getHeader(b"host")
+    proto = b"https" if request.isSecure() else b"http"
+    forwarded_for = headers.getRawHeaders(b"x-forwarded-for", [])
+    if peer is not None:
+        forwarded_for = [*forwarded_for, peer.encode("ascii")]
+    if forwarded_for:
+        headers.setRawHeaders(b"x-forwarded-for", [b", ".join(forwarded_for)])
+    forwarded = [*headers.getRawHeaders(b"forwarded", []), _forwarded_element(peer, host, proto)]
+    headers.setRawHeaders(b"forwarded", [b", ".join(forwarded)])
+    if not (trust_forwarded and headers.hasHeader(b"x-forwarded-host")):
+        if host is not None:
+            headers.setRawHeaders(b"x-forwarded-host", [host])
+        else:
+            headers.removeHeader(b"x-forwarded-host")
+    if not (trust_forwarded and headers.hasHeader(b"x-forwarded-proto")):
+        headers.setRawHeaders(b"x-forwarded-proto", [proto])
+    headers.setRawHeaders(b"host", [backend_host])
+    return headers
