@@ -272,7 +272,7 @@ class WasiTests(SynchronousTestCase):
         instance = guest.pool.acquire()
         self.assertEqual(instance.handle_request(request_state()).next, False)
         guest.pool.release(instance)
-        self.assertIn((TwistedLogLevel.info, "command: [stdout] hello, world"), self.log.messages())
+        self.assertIn((TwistedLogLevel.info, "[guest command] [stdout] hello, world"), self.log.messages())
 
     def test_wasi_command_exiting_nonzero_is_refused(self) -> None:
         """``proc_exit(1)`` in ``_start`` refuses the guest, with the exit code."""

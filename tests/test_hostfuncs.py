@@ -1110,10 +1110,10 @@ class LogTests(HostFunctionTestCase):
         self.assertEqual(
             log.messages(),
             [
-                (TwistedLogLevel.debug, "guest: debug"),
-                (TwistedLogLevel.info, "guest: info."),
-                (TwistedLogLevel.warn, "guest: warn."),
-                (TwistedLogLevel.error, "guest: error"),
+                (TwistedLogLevel.debug, "[guest guest] debug"),
+                (TwistedLogLevel.info, "[guest guest] info."),
+                (TwistedLogLevel.warn, "[guest guest] warn."),
+                (TwistedLogLevel.error, "[guest guest] error"),
             ],
         )
 
@@ -1123,13 +1123,15 @@ class LogTests(HostFunctionTestCase):
         run_request(
             [call("log", level, NAME, 3) for level in (-1, 0, 1, 2, 3)], inputs={NAME: b"msg"}, log_level=LogLevel.WARN
         )
-        self.assertEqual(log.messages(), [(TwistedLogLevel.warn, "guest: msg"), (TwistedLogLevel.error, "guest: msg")])
+        self.assertEqual(
+            log.messages(), [(TwistedLogLevel.warn, "[guest guest] msg"), (TwistedLogLevel.error, "[guest guest] msg")]
+        )
 
     def test_log_is_utf8_with_replacement(self) -> None:
         """The message is decoded as UTF-8; invalid bytes are replaced, not a trap."""
         log = LogCapture(self)
         run_request([call("log", 0, NAME, 6)], inputs={NAME: "é€".encode() + b"\xff"})
-        self.assertEqual(log.messages(), [(TwistedLogLevel.info, "guest: é€\ufffd")])
+        self.assertEqual(log.messages(), [(TwistedLogLevel.info, "[guest guest] é€\ufffd")])
 
     def test_log_with_message_outside_memory_does_not_trap(self) -> None:
         """A failure to log is ignored: the guest goes on, nothing is logged."""
@@ -1145,7 +1147,7 @@ class LogTests(HostFunctionTestCase):
         """Logging works in ``_initialize``, before any request."""
         log = LogCapture(self)
         guest(init=[call("log", 1, NAME, 5)], inputs={NAME: b"ready"})
-        self.assertEqual(log.messages(), [(TwistedLogLevel.warn, "guest: ready")])
+        self.assertEqual(log.messages(), [(TwistedLogLevel.warn, "[guest guest] ready")])
 
 
 # -- phases and state ------------------------------------------------------------------------------

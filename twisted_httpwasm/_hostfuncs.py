@@ -47,6 +47,10 @@ class HostContext(Protocol):
 
     def log(self, level: LogLevel, message: str) -> None: ...
 
+    def log_room(self, length: int) -> int:
+        """Bytes of a ``length``-byte message the call's log budget lets through; -1: drop it."""
+        ...
+
 
 # -- helpers ---------------------------------------------------------------
 
@@ -188,10 +192,15 @@ def log(ctx: HostContext, level: int, message: int, message_len: int) -> None:
         length = message_len & _U32
         if (message & _U32) + length > ctx.memory.size():
             return  # outside memory: not logged, as if reading it had failed
+        # Checked before copying: past the call's budget a message costs a counter, not a copy.
+        room = ctx.log_room(length)
+        if room < 0:
+            return
         # Only so much is copied and logged: a guest cannot make the host hold its whole memory per call.
-        text = ctx.memory.read(message, min(length, MAX_LOG_MESSAGE)).decode("utf-8", "replace")
-        if length > MAX_LOG_MESSAGE:
-            text += f"... [{length - MAX_LOG_MESSAGE} more bytes not logged]"
+        kept = min(room, MAX_LOG_MESSAGE)
+        text = ctx.memory.read(message, kept).decode("utf-8", "replace")
+        if length > kept:
+            text += f"... [{length - kept} more bytes not logged]"
         ctx.log(LogLevel(max(min(level, LogLevel.ERROR), LogLevel.DEBUG)), text)
     except Exception:  # noqa: BLE001 - the ABI says a failure to log is ignored, never a trap
         return

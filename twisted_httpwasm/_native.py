@@ -24,6 +24,7 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 __all__ = [
+    "CallerMemory",
     "GuestCallError",
     "HostTrap",
     "NativeFunc",
@@ -64,6 +65,11 @@ _func_call_unchecked = _proto(
 _trap_new = _quick("wasmtime_trap_new", _c_void_p, ctypes.c_char_p, _c_size_t)
 _set_epoch_deadline = _quick("wasmtime_context_set_epoch_deadline", None, _c_void_p, ctypes.c_uint64)
 _increment_epoch = _proto("wasmtime_engine_increment_epoch", None, _c_void_p)
+_caller_export_get = _quick(
+    "wasmtime_caller_export_get", ctypes.c_bool, _c_void_p, ctypes.c_char_p, _c_size_t, _c_void_p
+)
+_caller_context = _quick("wasmtime_caller_context", _c_void_p, _c_void_p)
+_EXTERN_MEMORY = int(ffi.WASMTIME_EXTERN_MEMORY.value)
 
 _UncheckedCallback = ctypes.CFUNCTYPE(_c_size_t, _c_void_p, _c_void_p, _c_void_p, _c_size_t)
 _define_func_unchecked = _proto(
@@ -104,9 +110,14 @@ class GuestCallError(Exception):
 
 
 class _Current(threading.local):
-    """The object whose guest this thread is running, for host callbacks."""
+    """The object whose guest this thread is running, for host callbacks.
+
+    ``caller`` is the ``wasmtime_caller_t`` of the host call in progress on
+    this thread (valid only during that call), for :class:`CallerMemory`.
+    """
 
     target: Any = None
+    caller: int | None = None
 
 
 current = _Current()
@@ -145,8 +156,9 @@ def define_host_function(
 
     local = current
 
-    def callback(_env: int, _caller: int, slots: int, _n: int) -> int:
+    def callback(_env: int, caller: int, slots: int, _n: int) -> int:
         try:
+            local.caller = caller
             target = local.target
             value = function(target, *unpack(_string_at(slots, span))) if n_params else function(target)
             if result_type is not None:
@@ -157,6 +169,8 @@ def define_host_function(
         except BaseException as error:  # noqa: BLE001 - a host bug must trap, never unwind into wasm
             on_host_error(error)
             return _new_trap(f"host error in {name}")
+        finally:
+            local.caller = None  # the pointer dies with this call
 
     native_callback = _UncheckedCallback(callback)
     functype = wasmtime.FuncType(list(params), list(results))
@@ -285,6 +299,46 @@ class NativeMemory:
             raise HostTrap(f"out of bounds memory access: {length} bytes at {ptr}")
         if length:
             _memmove(_memory_data(self._context, self._memory_address) + ptr, data, length)
+
+
+class CallerMemory(NativeMemory):
+    """The calling instance's exported ``memory``, found through the host call's caller.
+
+    While an instance is being created, its wasm ``start`` function may call the
+    host before the instance (and so its memory) is handed to us: the memory is
+    then looked up on every access from the ``wasmtime_caller_t`` of the host
+    call in progress.  Slower than :class:`NativeMemory`; used only until the
+    instance exists.
+    """
+
+    __slots__ = ("_extern",)
+
+    def __init__(self) -> None:  # bound at each access, from the current caller
+        pass
+
+    def _bind(self) -> None:
+        caller = current.caller
+        if not caller:
+            raise HostTrap("the guest's memory is not reachable outside a host call")
+        extern = ffi.wasmtime_extern_t()
+        found = _caller_export_get(caller, b"memory", 6, ctypes.addressof(extern))
+        if not found or int(extern.kind) != _EXTERN_MEMORY:
+            raise HostTrap("the guest does not export a memory named 'memory'")
+        self._extern = extern  # the wasmtime_memory_t lives inside it
+        self._context = _address(_caller_context(caller))
+        self._memory_address = ctypes.addressof(extern.of.memory)
+
+    def size(self) -> int:
+        self._bind()
+        return super().size()
+
+    def read(self, ptr: int, length: int) -> bytes:
+        self._bind()
+        return super().read(ptr, length)
+
+    def write(self, ptr: int, data: bytes) -> None:
+        self._bind()
+        super().write(ptr, data)
 
 
 def _address(pointer: Any) -> int:

@@ -49,16 +49,19 @@ class CapturedOutput:
     def exhausted(self) -> bool:
         return self._offset >= MAX_OUTPUT
 
-    def lines(self) -> list[str]:
-        """Complete lines written since the last call (a very long line is cut)."""
+    def lines(self, final: bool = False) -> list[str]:
+        """Complete lines written since the last call (a very long line is cut).
+
+        ``final``: the instance is done; a last line without its newline is included.
+        """
         size = os.fstat(self._fd).st_size
-        if size <= self._offset:
+        if size <= self._offset and not (final and self._pending):
             return []
         end = min(size, MAX_OUTPUT)
-        data = self._pending + os.pread(self._fd, end - self._offset, self._offset)
-        self._offset = end
+        data = self._pending + os.pread(self._fd, max(end - self._offset, 0), self._offset)
+        self._offset = max(end, self._offset)
         *lines, self._pending = data.split(b"\n")
-        if len(self._pending) > _MAX_LINE or self.exhausted:
+        if len(self._pending) > _MAX_LINE or self.exhausted or (final and self._pending):
             lines.append(self._pending)
             self._pending = b""
         return [line.decode("utf-8", "replace") for line in lines]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
-import threading
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +17,23 @@ from typing import Any
 
 import wasmtime
 from twisted.logger import Logger
+from twisted.logger import LogLevel as TwistedLogLevel
+from twisted.python import threadable
 
 from . import _native
 from ._cache import CompileCache, default_cache_dir
+from ._calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, CallLog, LogLimit
 from ._engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
 from ._hostfuncs import HOST_FUNCTIONS
-from ._native import GuestCallError, NativeFunc, NativeMemory
+from ._native import CallerMemory, GuestCallError, NativeFunc, NativeMemory
 from ._output import CapturedOutput
 from ._pool import GuestPool, GuestUnavailable
 from ._state import Phase, RequestState
 from .abi import HOST_MODULE, WASI_MODULE, CtxNext, LogLevel, unpack_ctx_next
 
 __all__ = [
+    "DEFAULT_LOG_BYTES",
+    "DEFAULT_LOG_MESSAGES",
     "DEFAULT_MAX_BUFFER_BYTES",
     "DEFAULT_MEMORY_LIMIT",
     "DEFAULT_TIMEOUT",
@@ -37,6 +42,7 @@ __all__ = [
     "GuestInstance",
     "GuestLoadError",
     "GuestTrap",
+    "LogLimit",
     "Mount",
 ]
 
@@ -56,16 +62,29 @@ class Execution(enum.Enum):
 
 
 class GuestLoadError(Exception):
-    """The guest cannot be used; the message says why."""
+    """The guest cannot be used; the message says why.
+
+    ``log_lines`` are what the guest logged (and wrote to WASI stdout/stderr)
+    while its first instance was being initialised, as the log shows them: often
+    the guest's own explanation of the failure.
+    """
+
+    def __init__(self, message: str, *, log_lines: Sequence[str] = ()):
+        super().__init__(message)
+        self.log_lines = tuple(log_lines)
 
 
 class GuestTrap(Exception):
-    """A guest call failed: trap, time limit, exit, or a refused host call."""
+    """A guest call failed: trap, time limit, exit, or a refused host call.
 
-    def __init__(self, reason: str, *, timed_out: bool = False):
+    ``log_lines``: for a failed init, what the guest logged during it.
+    """
+
+    def __init__(self, reason: str, *, timed_out: bool = False, log_lines: Sequence[str] = ()):
         super().__init__(reason)
         self.reason = reason
         self.timed_out = timed_out
+        self.log_lines = tuple(log_lines)
 
 
 @dataclass(frozen=True)
@@ -106,6 +125,13 @@ class Guest:
 
     Compiled code is cached on disk (``cache``: True for the default
     directory, a path, or False) so that a restart skips compilation.
+
+    Guest log lines read ``[guest NAME] message`` in the namespace
+    ``httpwasm.guest.NAME``.  Each guest call may log ``log_limit`` (messages,
+    bytes; WASI output included); the rest is dropped and counted in one summary
+    line.  Lines logged by a call running off the reactor thread reach
+    ``reactor`` (the global one by default) in one ``callFromThread`` at the end
+    of the call.
     """
 
     def __init__(
@@ -122,6 +148,8 @@ class Guest:
         env: Sequence[tuple[str, str]] = (),
         mounts: Sequence[Mount] = (),
         cache: str | os.PathLike[str] | bool = True,
+        log_limit: LogLimit = LogLimit(),
+        reactor: Any = None,
     ):
         binary, default_name = _read_source(source)
         self.name = name or default_name
@@ -134,6 +162,8 @@ class Guest:
         self.env = tuple(env)
         self.mounts = tuple(mounts)
         self.log = Logger(namespace=f"httpwasm.guest.{self.name}")
+        self.log_limit = log_limit
+        self._reactor = reactor
         self.engine = shared_engine()
         self.compile_cache: CompileCache | None = None
         if cache is not False:
@@ -160,7 +190,8 @@ class Guest:
         except GuestUnavailable as error:
             cause = error.__cause__
             reason = cause.reason if isinstance(cause, GuestTrap) else _first_line(cause or error)
-            raise GuestLoadError(f"guest {self.name!r} failed to initialise: {reason}") from None
+            lines = cause.log_lines if isinstance(cause, GuestTrap) else ()
+            raise GuestLoadError(f"guest {self.name!r} failed to initialise: {reason}", log_lines=lines) from None
 
     @classmethod
     def load(cls, source: str | os.PathLike[str] | bytes, **options: object) -> Guest:
@@ -240,20 +271,59 @@ class Guest:
     def _new_instance(self) -> GuestInstance:
         return GuestInstance(self)
 
-    def emit(self, level: LogLevel, message: str) -> None:
-        """Log a guest message at ``level``, on the reactor thread."""
-        method = {
-            LogLevel.DEBUG: self.log.debug,
-            LogLevel.INFO: self.log.info,
-            LogLevel.WARN: self.log.warn,
-            LogLevel.ERROR: self.log.error,
-        }[level]
-        if threading.current_thread() is threading.main_thread():
-            method("{guest}: {text}", guest=self.name, text=message)
-        else:
+    @property
+    def reactor(self) -> Any:
+        """The reactor that guest log lines are handed to (the global one unless given)."""
+        if self._reactor is None:
             from twisted.internet import reactor
 
-            reactor.callFromThread(method, "{guest}: {text}", guest=self.name, text=message)
+            self._reactor = reactor
+        return self._reactor
+
+    @reactor.setter
+    def reactor(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def emit(self, level: LogLevel, message: str) -> None:
+        """Log a guest message at ``level``.
+
+        During a call of this guest on this thread the line joins the call's
+        batch, logged when the call ends; otherwise it is logged at once (on the
+        reactor thread, or handed to it).
+        """
+        running = _native.current.target
+        if isinstance(running, GuestInstance) and running.guest is self:
+            running.call_log.lines.append((level, message))
+        else:
+            self.hand_over([(level, message)], None)
+
+    def hand_over(self, lines: list[tuple[LogLevel, str]], summary: str | None) -> None:
+        """Log ``lines`` and ``summary`` on the reactor thread: at once there, else in one ``callFromThread``.
+
+        Before any reactor ran there is no reactor thread to hand them to: they are logged at once.
+        """
+        if not lines and summary is None:
+            return
+        if threadable.ioThread is None or threadable.isInIOThread():
+            self._write(lines, summary)
+        else:
+            self.reactor.callFromThread(self._write, lines, summary)
+
+    def _write(self, lines: list[tuple[LogLevel, str]], summary: str | None) -> None:
+        log = self.log
+        for level, text in lines:
+            log.emit(_TWISTED_LEVELS[level], _GUEST_LINE, guest=self.name, text=text)
+        if summary is not None:
+            log.warn("{summary}", summary=summary)
+
+
+_GUEST_LINE = "[guest {guest}] {text}"
+_TWISTED_LEVELS = {
+    LogLevel.DEBUG: TwistedLogLevel.debug,
+    LogLevel.INFO: TwistedLogLevel.info,
+    LogLevel.WARN: TwistedLogLevel.warn,
+    LogLevel.ERROR: TwistedLogLevel.error,
+}
 
 
 class GuestInstance:
@@ -270,6 +340,9 @@ class GuestInstance:
         self.features = 0  # set by enable_features during init: applies to every request
         self.state: RequestState | None = None
         self.trapped = False
+        self.call_log = CallLog(guest.log_limit)
+        # Until the instance exists, host calls from its wasm start function reach memory through their caller.
+        self.memory: NativeMemory = CallerMemory()
         store = wasmtime.Store(guest.engine)
         store.set_limits(memory_size=guest.memory_limit)
         self._outputs: tuple[CapturedOutput, ...] = ()
@@ -284,8 +357,24 @@ class GuestInstance:
         previous = _native.current.target
         _native.current.target = self
         try:
+            self._initialise(store)
+        except GuestTrap as trap:
+            # The guest's own explanation often is in what it logged: it goes with the error.
+            self._log_output(final=True)
+            lines, summary = self.call_log.take(guest.name, "during init")
+            guest.hand_over(lines, summary)
+            trap.log_lines = tuple(_GUEST_LINE.format(guest=guest.name, text=text) for _, text in lines)
+            trap.log_lines += (summary,) if summary is not None else ()
+            raise
+        finally:
+            _native.current.target = previous
+        guest.hand_over(*self.call_log.take(guest.name, "during init"))
+
+    def _initialise(self, store: wasmtime.Store) -> None:
+        """Instantiate (running the wasm start function) and run ``_initialize`` or ``_start``."""
+        try:
             try:
-                instance = guest._pre.instantiate(store)
+                instance = self.guest._pre.instantiate(store)
             except (wasmtime.WasmtimeError, wasmtime.Trap) as error:
                 raise GuestTrap(f"instantiation failed: {_first_line(error)}") from None
             exports = instance.exports(store)
@@ -299,7 +388,6 @@ class GuestInstance:
                     self._run_init(self._export(exports, name, 0, 0), name)
                     break
         finally:
-            _native.current.target = previous
             self._log_output()
 
     def _export(self, exports: Any, name: str, n_params: int, n_results: int) -> NativeFunc:
@@ -317,6 +405,10 @@ class GuestInstance:
 
     def log(self, level: LogLevel, message: str) -> None:
         self.guest.emit(level, message)
+
+    def log_room(self, length: int) -> int:
+        """How many bytes of a ``length``-byte message the call's log budget lets through; -1 to drop it."""
+        return self.call_log.room(length)
 
     def _call(self, function: NativeFunc, state: RequestState, *args: int) -> int:
         current = _native.current
@@ -339,16 +431,31 @@ class GuestInstance:
             current.target = previous
             if self._outputs:
                 self._log_output()
+            if self.call_log.used:
+                self._hand_over_log(state)
 
-    def _log_output(self) -> None:
-        """Log what the guest wrote to WASI stdout/stderr during the last call."""
+    def _hand_over_log(self, state: RequestState) -> None:
+        """The call's log lines, and the count of those dropped, to the reactor in one go."""
+        method = state.method.decode("latin-1")[:32]
+        uri = state.uri.decode("latin-1")
+        if len(uri) > 200:
+            uri = uri[:200] + "..."
+        lines, summary = self.call_log.take(self.guest.name, f"in {state.phase.value} for {method} {uri}")
+        self.guest.hand_over(lines, summary)
+
+    def _log_output(self, final: bool = False) -> None:
+        """Log what the guest wrote to WASI stdout/stderr during the last call (``final``: and a last unended line)."""
         guest = self.guest
+        call_log = self.call_log
         for output in self._outputs:
             level = LogLevel.INFO if output.stream == "stdout" else LogLevel.WARN
-            lines = output.lines()
+            lines = output.lines(final)
             if level >= guest.log_level:
                 for line in lines:
-                    guest.emit(level, f"[{output.stream}] {line}")
+                    # Counted against the call's log budget, like the guest's own log calls.
+                    room = call_log.room(len(line))
+                    if room >= 0:
+                        guest.emit(level, f"[{output.stream}] {line[:room]}")
             if output.exhausted and not self.trapped:
                 # Retired like a trapped instance: the pool makes a fresh one, with fresh files.
                 self.trapped = True
@@ -383,11 +490,30 @@ def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
     if not data.startswith(b"\0asm"):
         try:
             data = bytes(wasmtime.wat2wasm(data.decode("utf-8")))
-        except (UnicodeDecodeError, wasmtime.WasmtimeError) as error:
+        except UnicodeDecodeError as error:
+            raise GuestLoadError(f"guest {name!r} is neither a wasm binary nor valid WAT: {error}") from None
+        except wasmtime.WasmtimeError as error:
+            where = None if isinstance(source, bytes | bytearray | memoryview) else str(source)
             raise GuestLoadError(
-                f"guest {name!r} is neither a wasm binary nor valid WAT: {_first_line(error)}"
+                f"guest {name!r} is neither a wasm binary nor valid WAT: {_wat_error(error, where)}"
             ) from None
     return data, name
+
+
+_WAT_POSITION = re.compile(r"^\s*--> [^\n]*?:(\d+):(\d+)\s*$")
+
+
+def _wat_error(error: BaseException, where: str | None) -> str:
+    """wasmtime's WAT error with its position (``reason at FILE:LINE:COLUMN``), then the line and a caret."""
+    lines = str(error).rstrip().splitlines()
+    for index, line in enumerate(lines):
+        match = _WAT_POSITION.match(line)
+        if match:
+            reason = " ".join(part.strip() for part in lines[:index] if part.strip())
+            snippet = [part for part in lines[index + 1 :] if part.strip() != "|"]
+            position = f"{where}:{match[1]}:{match[2]}" if where else f"line {match[1]}, column {match[2]}"
+            return "\n".join([f"{reason} at {position}", *snippet])
+    return _first_line(error)
 
 
 def _first_line(error: BaseException) -> str:

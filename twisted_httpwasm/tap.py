@@ -40,6 +40,7 @@ from .guest import (
     Execution,
     Guest,
     GuestLoadError,
+    LogLimit,
     Mount,
 )
 from .proxy import ProxyResource, record_client_headers
@@ -135,6 +136,7 @@ main process, and one that dies is replaced.
         self["downstream"] = None
         self["demo"] = False
         self["log-level"] = LogLevel.INFO
+        self["guest-log-limit"] = LogLimit()
         self["execution"] = Execution.THREAD
         self["guest-timeout"] = DEFAULT_TIMEOUT
         self["guest-memory-limit"] = DEFAULT_MEMORY_LIMIT
@@ -192,6 +194,20 @@ main process, and one that dies is replaced.
             self["log-level"] = LogLevel.parse(level)
         except ValueError as error:
             raise usage.UsageError(f"--log-level: {error}") from None
+
+    def opt_guest_log_limit(self, limit: str) -> None:
+        """MESSAGES[/SIZE]: what one guest call may log; the rest is dropped and counted. [default: 100/64KiB]"""
+        messages, _, size = limit.partition("/")
+        try:
+            count = int(messages)
+            if count < 0:
+                raise ValueError(messages)
+        except ValueError:
+            raise usage.UsageError(
+                f"--guest-log-limit: expected MESSAGES[/SIZE] (a count, then bytes or KiB/MiB), not {limit!r}"
+            ) from None
+        default = LogLimit()
+        self["guest-log-limit"] = LogLimit(count, self._size("--guest-log-limit", size) if size else default.bytes)
 
     def opt_execution(self, mode: str) -> None:
         """Where guest code runs: thread (a worker thread) or inline (the reactor thread). [default: thread]"""
@@ -429,10 +445,14 @@ def _load_guests(config: Options) -> list[Guest]:
                 max_buffer_bytes=config["max-buffer-bytes"],
                 env=config["guest-env"],
                 mounts=config["guest-mounts"],
+                log_limit=config["guest-log-limit"],
             )
         except GuestLoadError as error:
-            # SystemExit with a message: twistd prints it to stderr and exits with status 1.
-            raise SystemExit(f"twistd httpwasm: --guest {entry['path']}: {error}") from None
+            # SystemExit with a message: twistd prints it to stderr and exits with status 1.  The
+            # log has not begun yet, so what the guest logged while it failed goes with the message.
+            said = "".join(f"\n  {line}" for line in error.log_lines)
+            said = f"\nthe guest logged:{said}" if said else ""
+            raise SystemExit(f"twistd httpwasm: --guest {entry['path']}: {error}{said}") from None
         guests.append(guest)
     return guests
 
