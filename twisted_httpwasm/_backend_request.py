@@ -59,8 +59,12 @@ FORWARDING_HEADERS = frozenset(
     {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"}
 )
 
-#: Set by the proxy (Host) or by the HTTP client from the body it sends (Content-Length).
-_SET_BY_PROXY = frozenset({b"host", b"content-length"})
+#: Never passed on as the request has them: hop-by-hop, or set by the proxy (Host) or by the
+#: HTTP client from the body it sends (Content-Length).
+_NOT_FORWARDED = HOP_BY_HOP_HEADERS | {b"host", b"content-length"}
+
+#: The forwarding headers this hop adds to (or, for X-Forwarded-Host/-Proto, sets).
+_DESCRIBE_THE_HOPS = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
 
 _ENCODED_DOT = re.compile(rb"%2e", re.IGNORECASE)
 _DOT_SEGMENTS = (b".", b"..")
@@ -85,6 +89,8 @@ def path_inside_base(path: bytes) -> bytes:
     :class:`PathOutsideBase`, and so does a dot segment with parameters
     (``..;x``), which some servers read as ``..``.  Empty segments are kept.
     """
+    if b"/." not in path and b"%2e" not in path and b"%2E" not in path:
+        return path  # no segment can be a dot segment (the common case)
     segments = _ENCODED_DOT.sub(b".", path).split(b"/")[1:]
     kept: list[bytes] = []
     ends_in_directory = False
@@ -221,31 +227,36 @@ def backend_headers(request: Request, backend_host: bytes, *, trust_forwarded: b
     by_client = connection_tokens(received)
     not_believed = by_client if trust_forwarded else by_client | FORWARDING_HEADERS
     headers = Headers()
+    described: dict[bytes, Sequence[bytes]] = {}  # Forwarded and X-Forwarded-*, kept for this hop's values
     for name, values in request.requestHeaders.getAllRawHeaders():
         lowered = name.lower()
-        if lowered.startswith(b":") or lowered in _SET_BY_PROXY or is_hop_by_hop(lowered):
+        if lowered in _NOT_FORWARDED or lowered.startswith((b":", b"proxy-")):
             continue
         if lowered in not_believed:
-            values = _not_sent_by(values, received.getRawHeaders(lowered, []))
-        if values:
-            headers.setRawHeaders(lowered, list(values))
+            values = _not_sent_by(values, received.getRawHeaders(lowered, ()))
+            if not values:
+                continue
+        if lowered in _DESCRIBE_THE_HOPS:
+            described[lowered] = values
+        else:
+            headers.setRawHeaders(lowered, values)
 
     peer: str | None = getattr(request.getClientAddress(), "host", None)
     host = request.getHeader(b"host")
     proto = b"https" if request.isSecure() else b"http"
-    forwarded_for = headers.getRawHeaders(b"x-forwarded-for", [])
+    forwarded_for = list(described.get(b"x-forwarded-for", ()))
     if peer is not None:
-        forwarded_for = [*forwarded_for, peer.encode("ascii")]
+        forwarded_for.append(peer.encode("ascii"))
     if forwarded_for:
         headers.setRawHeaders(b"x-forwarded-for", [b", ".join(forwarded_for)])
-    forwarded = [*headers.getRawHeaders(b"forwarded", []), _forwarded_element(peer, host, proto)]
+    forwarded = [*described.get(b"forwarded", ()), _forwarded_element(peer, host, proto)]
     headers.setRawHeaders(b"forwarded", [b", ".join(forwarded)])
-    if not (trust_forwarded and headers.hasHeader(b"x-forwarded-host")):
-        if host is not None:
-            headers.setRawHeaders(b"x-forwarded-host", [host])
-        else:
-            headers.removeHeader(b"x-forwarded-host")
-    if not (trust_forwarded and headers.hasHeader(b"x-forwarded-proto")):
-        headers.setRawHeaders(b"x-forwarded-proto", [proto])
+    forwarded_host = described.get(b"x-forwarded-host") if trust_forwarded else None
+    if forwarded_host:
+        headers.setRawHeaders(b"x-forwarded-host", forwarded_host)
+    elif host is not None:
+        headers.setRawHeaders(b"x-forwarded-host", [host])
+    forwarded_proto = described.get(b"x-forwarded-proto") if trust_forwarded else None
+    headers.setRawHeaders(b"x-forwarded-proto", forwarded_proto or [proto])
     headers.setRawHeaders(b"host", [backend_host])
     return headers
