@@ -112,8 +112,9 @@ class GuestCallError(Exception):
 class _Current(threading.local):
     """The object whose guest this thread is running, for host callbacks.
 
-    ``caller`` is the ``wasmtime_caller_t`` of the host call in progress on
-    this thread (valid only during that call), for :class:`CallerMemory`.
+    ``caller`` is the ``wasmtime_caller_t`` of the latest host call on this
+    thread, for :class:`CallerMemory`: valid only while that call runs (it is
+    not cleared after, to keep host calls cheap; only host functions use it).
     """
 
     target: Any = None
@@ -169,8 +170,6 @@ def define_host_function(
         except BaseException as error:  # noqa: BLE001 - a host bug must trap, never unwind into wasm
             on_host_error(error)
             return _new_trap(f"host error in {name}")
-        finally:
-            local.caller = None  # the pointer dies with this call
 
     native_callback = _UncheckedCallback(callback)
     functype = wasmtime.FuncType(list(params), list(results))
