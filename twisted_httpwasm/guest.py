@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.logger import LogLevel as TwistedLogLevel
 from twisted.python import threadable
 
-from . import _native
+from . import _engine, _native
 from ._cache import CompileCache, default_cache_dir
 from ._calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, CallLog, LogLimit
 from ._engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
@@ -269,7 +269,8 @@ class Guest:
     # -- instances ---------------------------------------------------------------
 
     def _new_instance(self) -> GuestInstance:
-        return GuestInstance(self)
+        with _engine.clock_for_instance():  # start functions have a time limit, even before serving
+            return GuestInstance(self)
 
     @property
     def reactor(self) -> Any:
@@ -411,6 +412,8 @@ class GuestInstance:
         return self.call_log.room(length)
 
     def _call(self, function: NativeFunc, state: RequestState, *args: int) -> int:
+        if not _engine.serving:  # the first call in this process (after a fork too) starts the clock
+            _engine.serve_time_limits()
         current = _native.current
         previous = current.target
         current.target = self
