@@ -314,3 +314,48 @@ class ForkTests(TempFilesMixin, ServerTestCase):
         self.assertTrue(ended, f"a forked child hung on a looping guest:\n{text}")
         self.assertIn("threads after load: 1\n", text)
         self.assertIn("child: guest exceeded its time limit of 0.2 s\n", text)
+
+
+class TwistdOptionAfterHttpwasmTests(DaemonTestCase):
+    """A ``twistd`` option given after ``httpwasm`` is a usage error that says where it goes."""
+
+    @inlineCallbacks
+    def test_n_after_httpwasm_is_refused_and_nothing_runs(self) -> Generator[Any, Any, None]:
+        """``twistd httpwasm -n ...`` exits non-zero, last line the hint, and neither daemonizes nor listens."""
+        port = free_port()
+        daemon = self.daemon(
+            "httpwasm",
+            "-n",
+            "--guest",
+            self.guest_file(LOOPING_GUEST),
+            "--class",
+            "tests.test_twistd.Hello",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+        )
+        status = yield self.launched(daemon)
+        self.assertNotEqual(status, 0, daemon.output())
+        last_line = Path(daemon.output_path).read_text().strip().splitlines()[-1]
+        self.assertIn("-n is a twistd option (--nodaemon), not an httpwasm one", last_line)
+        self.assertIn("twistd -n httpwasm ...", last_line)
+        self.assertIsNone(daemon.pid, "a daemon was started")
+        self.assertFalse(Path(daemon.logfile).exists(), "twistd started logging")
+        self.assertFalse((yield accepts_connections(port)))
+
+    def test_twistd_options_after_httpwasm_name_their_place(self) -> None:
+        """-n, -p, --pidfile after httpwasm: refused, naming twistd's option and where it goes; --port still works."""
+        from twisted.python import usage
+
+        from twisted_httpwasm.tap import Options
+
+        for args, hint in [
+            (["-n"], "-n is a twistd option (--nodaemon), not an httpwasm one: put it before httpwasm"),
+            (["-p", "8080"], "twistd -p VALUE httpwasm ...; to give httpwasm a port, use --listen tcp:PORT"),
+            (["--pidfile=x.pid"], "--pidfile is a twistd option, not an httpwasm one"),
+            (["--notracebacks"], "option --notracebacks not recognized"),
+        ]:
+            error = self.assertRaises(usage.UsageError, Options().parseOptions, args)
+            self.assertIn(hint, str(error))
+        options = Options()
+        options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--guest", self.guest_file(LOOPING_GUEST)])
+        self.assertEqual(options["port"], "tcp:0:interface=127.0.0.1")

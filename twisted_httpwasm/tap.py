@@ -150,12 +150,16 @@ main process, and one that dies is replaced.
         self._configured_guests: set[int] = set()
         self.argv: list[str] = []
         self.cwd = os.getcwd()
+        _drop_twistd_collisions(self)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse ``options`` (default: ``sys.argv[1:]``), remembering them for worker processes."""
         self.argv = list(sys.argv[1:] if options is None else options)
         self.cwd = os.getcwd()
-        web_tap.Options.parseOptions(self, options)
+        try:
+            web_tap.Options.parseOptions(self, options)
+        except usage.UsageError as error:
+            raise usage.UsageError(_with_twistd_hint(str(error))) from None
 
     # -- guests -------------------------------------------------------------------
 
@@ -428,6 +432,45 @@ main process, and one that dies is replaced.
                     f"{self['root'].path} that is served: a guest could create symlinks there (to /etc/passwd, say) "
                     "that --path would follow and serve. Mount it read-only (:ro) or serve another directory."
                 )
+
+
+#: ``twistd web``'s deprecated options whose short names are ``twistd``'s own flags (-n: --nodaemon,
+#: -p: --profile): ``twistd httpwasm -n`` meant "don't daemonize", so it must not be taken as one of them.
+_DROPPED_NOTRACEBACKS = "notracebacks"  # -n, deprecated, and without any effect
+_DROPPED_SHORT_NAMES = {"n": "", "p": "; to give httpwasm a port, use --listen tcp:PORT"}  # --port stays
+
+_UNKNOWN_OPTION = re.compile(r"option (-[^-]|--[^=\s]+) not recognized")
+
+
+def _drop_twistd_collisions(options: usage.Options) -> None:
+    """Forget the deprecated ``twistd web`` options that collide with ``twistd`` flags (see above)."""
+    options.longOpt.remove(_DROPPED_NOTRACEBACKS)
+    for table in (options.docs, options.synonyms, options.defaults, options._dispatch):
+        table.pop(_DROPPED_NOTRACEBACKS, None)
+    del options[_DROPPED_NOTRACEBACKS]
+    for short in _DROPPED_SHORT_NAMES:
+        del options.synonyms[short]
+        options.shortOpt = re.sub(f"{short}:?", "", options.shortOpt)
+
+
+def _with_twistd_hint(reason: str) -> str:
+    """``reason``, plus where to put the option if it is one of ``twistd``'s (``-n`` after ``httpwasm``, say)."""
+    match = _UNKNOWN_OPTION.fullmatch(reason)
+    if match is None:
+        return reason
+    from twisted.scripts import twistd as twistd_script
+
+    option = match.group(1)
+    twistd = twistd_script.ServerOptions()  # type: ignore[attr-defined, no-untyped-call]  # -n on POSIX
+    long_name = twistd.synonyms.get(option.lstrip("-"))
+    if long_name is None:
+        return reason
+    meaning = "" if option == f"--{long_name}" else f" (--{long_name})"
+    value = " VALUE" if f"{long_name}=" in twistd.longOpt else ""
+    return (
+        f"{option} is a twistd option{meaning}, not an httpwasm one: "
+        f"put it before httpwasm, as in: twistd {option}{value} httpwasm ...{_DROPPED_SHORT_NAMES.get(option[1:], '')}"
+    )
 
 
 def _load_guests(config: Options) -> list[Guest]:
