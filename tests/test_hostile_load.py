@@ -6,15 +6,22 @@ import socket
 import threading
 from typing import Any
 
+from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from twisted_httpwasm import GuestResource
+from twisted_httpwasm._site import GuestSite
 from twisted_httpwasm._worker import GuestWorkers
+from twisted_httpwasm.tap import Options, make_site
 
-from .support import NOOP_RESPONSE, ServerTestCase, make_guest, on_guest_log, poll
+from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, make_guest, on_guest_log, poll
+from .test_resource import RawClient, raw_connect
 
 LOGGING_GUEST = """
   (data (i32.const 0) "ran")
@@ -91,3 +98,182 @@ class AbandonedWorkTests(ServerTestCase):
         stats = guest.pool.stats
         self.assertEqual(stats.in_use, 0)
         self.assertEqual(stats.idle, stats.created - stats.discarded)
+
+
+class _Body(Resource):
+    """Answers with the length of the request body it got."""
+
+    isLeaf = True
+
+    def render_POST(self, request: Request) -> bytes:
+        assert request.content is not None
+        return b"%d" % len(request.content.read())
+
+
+class LimitsTestCase(ServerTestCase):
+    def serve_limited(self, **limits: Any) -> tuple[str, GuestResource, list[object]]:
+        """A GuestSite with ``limits`` serving a logging guest in front of _Body; (url, resource, guest runs)."""
+        guest = make_guest(LOGGING_GUEST, NOOP_RESPONSE)
+        runs: list[object] = []
+        on_guest_log(guest, runs.append)
+        resource = GuestResource(guest, _Body())
+        return self.listen(GuestSite(resource, **limits)), resource, runs
+
+
+class RequestBodyLimitTests(LimitsTestCase):
+    @inlineCallbacks
+    def test_a_declared_length_over_the_limit_gets_413_before_the_body_is_sent(self):
+        """Content-Length over max_request_body: 413 and a closed connection while the client has sent
+        only the first 100 bytes of a 10 MB body; the guest never runs."""
+        url, _, runs = self.serve_limited(max_request_body=1024)
+        client: RawClient = yield raw_connect(
+            url, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100
+        )
+        received = yield client.closed.addTimeout(20, reactor)
+        self.assertTrue(received.startswith(b"HTTP/1.1 413 "), received)
+        self.assertIn(b"connection: close", received.lower())
+        self.assertEqual(runs, [])
+
+    @inlineCallbacks
+    def test_a_chunked_body_crossing_the_limit_gets_413_before_the_rest(self):
+        """A chunked body is refused as soon as it crosses the limit; the client never sent its end."""
+        url, _, runs = self.serve_limited(max_request_body=1024)
+        chunk = b"200\r\n" + b"x" * 0x200 + b"\r\n"
+        client: RawClient = yield raw_connect(
+            url, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 3
+        )
+        received = yield client.closed.addTimeout(20, reactor)
+        self.assertTrue(received.startswith(b"HTTP/1.1 413 "), received)
+        self.assertEqual(runs, [])
+
+    @inlineCallbacks
+    def test_no_100_continue_for_a_refused_body(self):
+        """With Expect: 100-continue, a body over the limit gets the 413 only: no 100 asks for the body."""
+        url, _, _ = self.serve_limited(max_request_body=1024)
+        client: RawClient = yield raw_connect(
+            url, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+        )
+        received = yield client.closed.addTimeout(20, reactor)
+        self.assertTrue(received.startswith(b"HTTP/1.1 413 "), received)
+        self.assertNotIn(b"100 Continue", received)
+
+    @inlineCallbacks
+    def test_bodies_up_to_the_limit_pass(self):
+        """A body of exactly the limit, sized or chunked, reaches the guest and the downstream."""
+        url, _, runs = self.serve_limited(max_request_body=1024)
+        status, _, body = yield self.fetch("POST", url + "/", data=b"y" * 1024)
+        self.assertEqual((status, body), (200, b"1024"))
+        chunk = b"200\r\n" + b"x" * 0x200 + b"\r\n"
+        client: RawClient = yield raw_connect(
+            url,
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            + chunk * 2
+            + b"0\r\n\r\n",
+        )
+        received = yield client.closed.addTimeout(20, reactor)
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received)
+        self.assertTrue(received.endswith(b"1024"), received)
+        self.assertEqual(len(runs), 2)
+
+    @inlineCallbacks
+    def test_no_limit(self):
+        """max_request_body=None takes any body."""
+        url, _, _ = self.serve_limited(max_request_body=None)
+        status, _, body = yield self.fetch("POST", url + "/", data=b"y" * 100_000)
+        self.assertEqual((status, body), (200, b"100000"))
+
+
+class ConnectionDeadlineTests(LimitsTestCase):
+    @inlineCallbacks
+    def test_headers_trickled_past_the_deadline_close_the_connection(self):
+        """A client that keeps sending header bytes, but never finishes them, is cut at the header deadline.
+
+        It sends a byte every 20 ms (each resets the idle timeout, which is long here);
+        the header deadline closes the connection with a 408 while it is still sending.
+        """
+        url, _, runs = self.serve_limited(header_timeout=0.3, idle_timeout=60)
+        client: RawClient = yield raw_connect(url, b"GET / HTTP/1.1\r\n")
+        sent = [0]
+
+        def trickle() -> None:
+            if client.transport is not None and client.transport.connected:
+                client.transport.write(b"X-Slow-%d: 1\r\n" % sent[0])
+                sent[0] += 1
+
+        dripping = LoopingCall(trickle)
+        dripping.start(0.02)
+        self.addCleanup(lambda: dripping.running and dripping.stop())
+        received = yield client.closed.addTimeout(20, reactor)
+        self.assertTrue(dripping.running)  # still sending when the server closed
+        self.assertGreater(sent[0], 1)
+        self.assertTrue(received.startswith(b"HTTP/1.1 408 "), received)
+        self.assertEqual(runs, [])
+
+    @inlineCallbacks
+    def test_an_idle_keep_alive_connection_is_closed(self):
+        """After a complete keep-alive exchange, a connection that stays silent is closed at the idle timeout."""
+        url, _, _ = self.serve_limited(idle_timeout=0.3)
+        client: RawClient = yield raw_connect(url, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        received = yield client.closed.addTimeout(20, reactor)
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received)
+        self.assertTrue(received.endswith(b"2"), received)
+
+    @inlineCallbacks
+    def test_a_slow_request_within_the_deadline_is_served(self):
+        """The header deadline counts from the request's first byte; headers sent in time are served."""
+        url, _, runs = self.serve_limited(header_timeout=5)
+        client: RawClient = yield raw_connect(url, b"POST / HTTP/1.1\r\nHost: x\r\n")
+        client.transport.write(b"Content-Length: 2\r\nConnection: close\r\n\r\nok")
+        received = yield client.closed.addTimeout(20, reactor)
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received)
+        self.assertEqual(len(runs), 1)
+
+
+PASSING_GUEST = '(func (export "handle_request") (result i64) (i64.const 1))' + NOOP_RESPONSE
+BUFFERING_GUEST = """
+  (func (export "_initialize") (drop (call $enable_features (i32.const 1))))
+  (func (export "handle_request") (result i64) (i64.const 1))
+"""
+
+
+class LimitOptionsTests(TempFilesMixin, SynchronousTestCase):
+    """``twistd httpwasm`` options for the limits, and what the site gets from them."""
+
+    def site_for(
+        self, *args: str, guest: str = NOOP_RESPONSE + '(func (export "handle_request") (result i64) (i64.const 1))'
+    ) -> GuestSite:
+        options = Options()
+        options.parseOptions(["--guest", self.guest_file(guest), "--path", ".", *args])
+        site = make_site(options, MultiService())
+        assert isinstance(site, GuestSite)
+        return site
+
+    def test_defaults(self) -> None:
+        """1 GiB bodies, 60 s idle connections, 30 s to send the headers."""
+        site = self.site_for()
+        self.assertEqual((site.max_request_body, site.timeOut, site.header_timeout), (1024**3, 60.0, 30.0))
+
+    def test_options_set_the_limits(self) -> None:
+        """--max-request-body takes a size, the timeouts seconds; 0 or none lifts each."""
+        site = self.site_for("--max-request-body", "8MiB", "--idle-timeout", "5", "--header-timeout", "2.5")
+        self.assertEqual((site.max_request_body, site.timeOut, site.header_timeout), (8 * 1024**2, 5.0, 2.5))
+        site = self.site_for("--max-request-body", "none", "--idle-timeout", "0", "--header-timeout", "none")
+        self.assertEqual((site.max_request_body, site.timeOut, site.header_timeout), (None, None, None))
+
+    def test_bad_values_are_usage_errors(self) -> None:
+        """A limit that is not a size or a positive number of seconds is refused with the option's name."""
+        for option, value in (("--max-request-body", "lots"), ("--idle-timeout", "-1"), ("--header-timeout", "x")):
+            error = self.assertRaises(usage.UsageError, Options().parseOptions, [option, value])
+            self.assertIn(option, str(error))
+
+    def test_a_guest_buffering_every_body_lowers_the_body_limit_to_its_buffer(self) -> None:
+        """A guest that enables buffer_request at init would refuse bodies past --max-buffer-bytes: the site
+        refuses them from the Content-Length, before reading them."""
+        site = self.site_for("--max-buffer-bytes", "64KiB", guest=BUFFERING_GUEST + NOOP_RESPONSE)
+        self.assertEqual(site.max_request_body, 64 * 1024)
+        site = self.site_for(
+            "--max-buffer-bytes", "64KiB", "--max-request-body", "none", guest=BUFFERING_GUEST + NOOP_RESPONSE
+        )
+        self.assertEqual(site.max_request_body, 64 * 1024)
+        site = self.site_for("--max-buffer-bytes", "64KiB")  # no buffer_request: the body limit stays
+        self.assertEqual(site.max_request_body, 1024**3)

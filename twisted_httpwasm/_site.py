@@ -11,19 +11,173 @@ use it or not).  It adds two things on top, each in its own section below:
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
-from twisted.web.server import Site
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.server import Request, Site
 
-__all__ = ["GuestSite"]
+__all__ = ["DEFAULT_HEADER_TIMEOUT", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_REQUEST_BODY", "GuestSite"]
+
+_log = Logger(namespace="httpwasm")
+
+# -- limits: the request and channel classes GuestSite serves with -------------------
+
+#: Largest request body accepted (bytes); None: no limit.
+DEFAULT_MAX_REQUEST_BODY = 1024**3
+#: Seconds a connection may stay silent (between requests, or mid-request) before it is closed.
+DEFAULT_IDLE_TIMEOUT = 60.0
+#: Seconds from the first byte of a request to the end of its headers.
+DEFAULT_HEADER_TIMEOUT = 30.0
+
+_TOO_LARGE = b"Request Entity Too Large\n"
+_HTTP1_TOO_LARGE = (
+    b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE)
+)
+_HTTP1_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _LimitedRequest(Request):
+    """A request whose body may not grow past the site's ``max_request_body``.
+
+    Refused with 413 as soon as the declared Content-Length says so, or as soon
+    as a chunked (or HTTP/2) body crosses the limit: before the rest is read,
+    and before any guest or resource sees the request.
+    """
+
+    _body_limit: int | None = None
+    _body_received = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        site = getattr(self.channel, "site", None)
+        self._body_limit = limit = getattr(site, "max_request_body", None)
+        if limit is not None and length is not None and length > limit:
+            self._refuse_body(f"declares a {length}-byte body", limit)
+            return
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        limit = self._body_limit
+        if limit is not None:
+            self._body_received += len(data)
+            if self._body_received > limit:
+                self._refuse_body("sent a body past the limit", limit)
+                return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+
+    def _refuse_body(self, what: str, limit: int) -> None:
+        """Answer 413 now; HTTP/1 closes the connection, HTTP/2 ends the stream."""
+        self._refused = True
+        if self.content is not None:
+            self.content.close()
+        self.content = io.BytesIO()
+        channel: Any = self.channel
+        _log.info(
+            "413 for {client}: the request {what} (--max-request-body {limit})",
+            client=str(self.getClientAddress()),  # type: ignore[no-untyped-call]
+            what=what,
+            limit=limit,
+        )
+        if isinstance(channel, HTTPChannel):
+            channel.persistent = False
+            transport: Any = channel.transport
+            transport.write(_HTTP1_TOO_LARGE)
+            channel.loseConnection()
+        else:  # an HTTP/2 stream
+            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(_TOO_LARGE))]
+            channel.writeHeaders(b"HTTP/2", b"413", b"Request Entity Too Large", headers)
+            channel.write(_TOO_LARGE)
+            channel.requestDone(self)
+
+
+class _GuardedChannel(HTTPChannel):
+    """HTTP/1 with a deadline for the request headers, from their first byte (slowloris)."""
+
+    _header_deadline: Any = None  # the IDelayedCall of the header deadline
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._header_deadline is None and self.line_mode and not self._handlingRequest and data:
+            timeout = getattr(getattr(self, "site", None), "header_timeout", None)
+            if timeout is not None:
+                call_later: Any = self.callLater
+                self._header_deadline = call_later(timeout, self._headers_too_slow, timeout)
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_deadline()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+
+    def _send100Continue(self) -> None:
+        if self.requests and getattr(self.requests[-1], "_refused", False):
+            return  # answered 413 already: the client must not send the body
+        super()._send100Continue()  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._cancel_header_deadline()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    def _cancel_header_deadline(self) -> None:
+        deadline, self._header_deadline = self._header_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _headers_too_slow(self, timeout: float) -> None:
+        self._header_deadline = None
+        transport: Any = self.transport
+        _log.info(
+            "closing the connection from {peer}: request headers not complete within {timeout} s (--header-timeout)",
+            peer=str(transport.getPeer()) if transport is not None else "?",
+            timeout=timeout,
+        )
+        self.persistent = False
+        if transport is not None:
+            transport.write(_HTTP1_TIMEOUT)
+        self.loseConnection()  # type: ignore[no-untyped-call]
+
+
+def _guarded_protocol(factory: Any) -> _GenericHTTPChannelProtocol:
+    """What ``Site.protocol`` builds, with :class:`_GuardedChannel` for HTTP/1."""
+    return _GenericHTTPChannelProtocol(_GuardedChannel())  # type: ignore[no-untyped-call]
 
 
 class GuestSite(Site):
     """A ``Site`` with connection/request limits and a graceful drain."""
 
-    def __init__(self, resource: Any, *args: Any, **kwargs: Any):
+    def __init__(
+        self,
+        resource: Any,
+        *args: Any,
+        max_request_body: int | None = DEFAULT_MAX_REQUEST_BODY,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+        **kwargs: Any,
+    ):
+        kwargs.setdefault("timeout", idle_timeout)
         super().__init__(resource, *args, **kwargs)  # type: ignore[no-untyped-call]
+        self._init_limits(max_request_body, header_timeout)
 
     # -- limits ---------------------------------------------------------------------
+
+    protocol = _guarded_protocol
+
+    def _init_limits(self, max_request_body: int | None, header_timeout: float | None) -> None:
+        """``max_request_body`` bytes at most (None: no limit), headers within ``header_timeout`` s.
+
+        The idle timeout is Twisted's own ``timeout``.  The body limit needs the
+        default request class (a ``requestFactory`` passed in is kept as it is).
+        """
+        self.max_request_body = max_request_body
+        self.header_timeout = header_timeout
+        if self.requestFactory is Request:
+            self.requestFactory = _LimitedRequest
 
     # -- draining -------------------------------------------------------------------

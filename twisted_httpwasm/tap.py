@@ -29,9 +29,9 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 
-from ._site import GuestSite
+from ._site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
 from ._workers_process import TCPListen, WorkersService
-from .abi import LogLevel
+from .abi import Feature, LogLevel
 from .demo import DEMO_GUEST, DemoPage, bundled_guest
 from .guest import (
     DEFAULT_MAX_BUFFER_BYTES,
@@ -141,6 +141,9 @@ main process, and one that dies is replaced.
         self["guest-timeout"] = DEFAULT_TIMEOUT
         self["guest-memory-limit"] = DEFAULT_MEMORY_LIMIT
         self["max-buffer-bytes"] = DEFAULT_MAX_BUFFER_BYTES
+        self["max-request-body"] = DEFAULT_MAX_REQUEST_BODY
+        self["idle-timeout"] = DEFAULT_IDLE_TIMEOUT
+        self["header-timeout"] = DEFAULT_HEADER_TIMEOUT
         self["on-guest-error"] = FailurePolicy.FAIL_CLOSED
         self["guest-env"] = []
         self["guest-mounts"] = []
@@ -238,6 +241,35 @@ main process, and one that dies is replaced.
     def opt_max_buffer_bytes(self, size: str) -> None:
         """Largest body a guest may have buffered: bytes, or with a KiB, MiB or GiB suffix. [default: 16MiB]"""
         self["max-buffer-bytes"] = self._size("--max-buffer-bytes", size)
+
+    def opt_max_request_body(self, size: str) -> None:
+        """Largest request body: bytes or with a KiB, MiB or GiB suffix; 0 or none for no limit. Larger ones get
+        413 before they are read. [default: 1GiB]
+        """
+        unlimited = size.strip().lower() in ("0", "none")
+        self["max-request-body"] = None if unlimited else self._size("--max-request-body", size)
+
+    def opt_idle_timeout(self, seconds: str) -> None:
+        """Seconds a connection may stay silent before it is closed; 0 or none for never. [default: 60]"""
+        self["idle-timeout"] = self._seconds("--idle-timeout", seconds)
+
+    def opt_header_timeout(self, seconds: str) -> None:
+        """Seconds from a request's first byte to the end of its headers, or the connection is closed; 0 or none
+        for no deadline. [default: 30]
+        """
+        self["header-timeout"] = self._seconds("--header-timeout", seconds)
+
+    @staticmethod
+    def _seconds(option: str, text: str) -> float | None:
+        if text.strip().lower() in ("0", "none"):
+            return None
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise usage.UsageError(f"{option} must be a positive number of seconds (or 0 or none), not {text!r}")
+        return seconds
 
     @staticmethod
     def _size(option: str, text: str) -> int:
@@ -521,15 +553,39 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         downstream = web_tap._AddHeadersResource(downstream, config["extraHeaders"])
 
     root = downstream
-    for guest in reversed(_load_guests(config)):
+    guests = _load_guests(config)
+    for guest in reversed(guests):
         root = GuestResource(guest, root, on_guest_error=config["on-guest-error"])
 
-    site = GuestSite(root, logPath=config["logfile"]) if config["logfile"] else GuestSite(root)
+    limits = {
+        "max_request_body": _request_body_limit(config, guests),
+        "idle_timeout": config["idle-timeout"],
+        "header_timeout": config["header-timeout"],
+    }
+    site = GuestSite(root, logPath=config["logfile"], **limits) if config["logfile"] else GuestSite(root, **limits)
     if config["display-tracebacks"]:
         site.displayTracebacks = True
     if isinstance(config["root"], ProxyResource):
         record_client_headers(site)  # the proxy tells the client's headers from the guests'
     return site
+
+
+def _request_body_limit(config: Options, guests: list[Guest]) -> int | None:
+    """``--max-request-body``, or ``--max-buffer-bytes`` if smaller and a guest buffers every request body.
+
+    A guest that enables buffer_request when it initialises refuses larger
+    bodies anyway (413): the site refuses them from the headers, unread.
+    """
+    limit: int | None = config["max-request-body"]
+    for guest in guests:
+        instance = guest.pool.acquire()  # the instance made at load: its init enabled the features
+        try:
+            buffers = bool(instance.features & Feature.BUFFER_REQUEST)
+        finally:
+            guest.pool.release(instance)
+        if buffers and (limit is None or guest.max_buffer_bytes < limit):
+            limit = guest.max_buffer_bytes
+    return limit
 
 
 class _ClosingService(service.Service):
