@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import reactor
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.python import usage
@@ -28,6 +29,7 @@ from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from twisted_httpwasm import Execution, GuestResource
+from twisted_httpwasm._backend_request import remember_client_headers
 from twisted_httpwasm.proxy import PathOutsideBase, ProxyResource, record_client_headers
 from twisted_httpwasm.tap import Options, make_site
 
@@ -349,3 +351,25 @@ class ForwardingHeaderTests(ProxySecurityTestCase):
             usage.UsageError, Options().parseOptions, ["--guest", "g.wasm", "--path", ".", "--proxy-trust-forwarded"]
         )
         self.assertIn("--proxy-trust-forwarded applies to --proxy, not to --path .", str(error))
+
+
+class ForwardingHeaderUnitTests(SynchronousTestCase):
+    """ProxyResource.backend_headers without sockets."""
+
+    def test_ipv6_client_and_host_with_port(self) -> None:
+        """Forwarded quotes an IPv6 node as "[addr]" and a Host with a port; a guest's own
+        X-Forwarded-For value is kept (the client's is not) with this hop appended."""
+        proxy = ProxyResource("http://backend:81", agent=object())  # type: ignore[arg-type]
+        request = DummyRequest([b""])
+        request.client = IPv6Address("TCP", "::1", 4321)
+        request.isSecure = lambda: True  # type: ignore[method-assign]
+        request.requestHeaders = Headers({b"host": [b"front:8443"], b"x-forwarded-for": [b"6.6.6.6"]})
+        remember_client_headers(request)
+        # What a guest that adds a value leaves: a new headers object.
+        request.requestHeaders = Headers({b"host": [b"front:8443"], b"x-forwarded-for": [b"6.6.6.6", b"203.0.113.9"]})
+        sent = proxy.backend_headers(request)
+        self.assertEqual(sent.getRawHeaders(b"x-forwarded-for"), [b"203.0.113.9, ::1"])
+        self.assertEqual(sent.getRawHeaders(b"forwarded"), [b'for="[::1]";host="front:8443";proto=https'])
+        self.assertEqual(sent.getRawHeaders(b"x-forwarded-host"), [b"front:8443"])
+        self.assertEqual(sent.getRawHeaders(b"x-forwarded-proto"), [b"https"])
+        self.assertEqual(sent.getRawHeaders(b"host"), [b"backend:81"])
