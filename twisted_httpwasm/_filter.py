@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
-from twisted.web.resource import _IEncodingResource, getChildForRequest
+from twisted.web.resource import Resource, _IEncodingResource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ._pool import GuestUnavailable
@@ -106,6 +106,37 @@ def _ignore(*args: object) -> None:
     """Stands in for the request methods of a downstream the filter has cut off."""
 
 
+def _unusable_path(request: Request) -> str | None:
+    """Why a downstream cannot take the request's path, if so: the client's error (400).
+
+    A NUL byte (sent encoded, ``%00``) cannot be part of a file name, and most
+    code handed one raises deep inside; ``static.File`` logs a traceback for every
+    path segment that is not UTF-8 once percent-decoded.
+    """
+    for segment in request.postpath or ():
+        if b"\x00" in segment:
+            return "a NUL byte in the path"
+        try:
+            segment.decode("utf-8")
+        except UnicodeDecodeError:
+            return "a path segment that is not UTF-8"
+    return None
+
+
+class _BadRequest(Resource):
+    """Answers 400 with a short plain body, for a request no downstream can take."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(http.BAD_REQUEST)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"Bad Request\n"
+
+
 def _raw_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
     """Every (name, value) pair, in order; RequestState lowercases the names."""
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
@@ -165,8 +196,14 @@ class RequestFilter:
         self._detached_body = self.request.content
         self.request.content = None
         self.request.notifyFinish().addErrback(self._connection_lost)
-        self.wrapper.runner.run(self._run_handle_request, self._after_handle_request, self._handle_request_failed)
+        self.wrapper.runner.run(
+            self._run_handle_request, self._after_handle_request, self._handle_request_failed, self._client_there
+        )
         return NOT_DONE_YET
+
+    def _client_there(self) -> bool:
+        """Asked before a queued handle_request starts: a call for a client that left is dropped."""
+        return not self.client_gone
 
     def _run_handle_request(self) -> bool:
         """Worker side: pin an instance and run ``handle_request``."""
@@ -338,7 +375,18 @@ class RequestFilter:
         if hooked:
             self._hook()
         try:
-            resource = getChildForRequest(self.wrapper.downstream, request)
+            refusal = _unusable_path(request)
+            if refusal is not None:
+                # The client's error: one line, no traceback (a traceback per request floods the log).
+                _log.info(
+                    "refusing {method} {uri}: {refusal}; answering 400",
+                    method=request.method,
+                    uri=request.uri,
+                    refusal=refusal,
+                )
+                resource: Any = _BadRequest()
+            else:
+                resource = getChildForRequest(self.wrapper.downstream, request)
             if _IEncodingResource.providedBy(resource):
                 encoder = resource.getEncoder(request)
                 if encoder is not None:
