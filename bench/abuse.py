@@ -5,6 +5,7 @@ Run from the repository root (loopback only; each scenario stops by itself)::
     python -m bench.abuse spin --spinners 16 --duration 15
     python -m bench.abuse spin --spinners 64 --duration 15
     python -m bench.abuse abandon --spinners 200
+    python -m bench.abuse burst --clients 300
 
 ``spin``: a real ``twistd -n httpwasm`` (thread mode, ``--guest-timeout 1``) with
 one guest in front of ``bench.downstream.Hello``.  The guest spins until its
@@ -17,6 +18,11 @@ requests' percentiles and failures (non-200 or no answer within 10 s).
 ``abandon``: ``--spinners`` clients each send one ``/spin`` request and leave
 after 2 s; then one good request is timed (how long the server keeps running
 work for clients that are gone).
+
+``burst``: a guest that touches 2 MiB of memory in each instance, in front of a
+downstream that answers after 1 s (``bench.abuse.Slow``); ``--clients`` requests
+at once make as many instances, then the server's RSS is sampled every 5 s for
+60 s (idle instances are retired after 30 s idle).
 
 Figures go to docs/reliability.md; nothing here is asserted by the tests.
 """
@@ -31,6 +37,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from bench.run import HOST, child_env, free_port, twistd
 
@@ -50,7 +59,39 @@ SPIN_GUEST = """\
   (func (export "handle_response") (param i32 i32)))
 """
 
+BURST_GUEST = """\
+(module
+  (memory (export "memory") 1)
+  ;; every instance grows its memory by 2 MiB and touches each page of it
+  (func (export "_initialize") (local $p i32)
+    (drop (memory.grow (i32.const 32)))
+    (local.set $p (i32.const 65536))
+    (loop $touch
+      (i32.store (local.get $p) (i32.const 1))
+      (local.set $p (i32.add (local.get $p) (i32.const 4096)))
+      (br_if $touch (i32.lt_u (local.get $p) (i32.const 2162688)))))
+  (func (export "handle_request") (result i64) (i64.const 1))
+  (func (export "handle_response") (param i32 i32)))
+"""
+
 GOOD_TIMEOUT = 10.0
+
+
+class Slow(Resource):
+    """A downstream that answers every request after one second (keeps instances pinned)."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> object:
+        from twisted.internet import reactor
+
+        def answer() -> None:
+            if not request.finished and not request._disconnected:
+                request.write(b"slow\n")
+                request.finish()
+
+        reactor.callLater(1.0, answer)
+        return NOT_DONE_YET
 
 
 async def _request(port: int, path: str, timeout: float) -> int:
@@ -121,7 +162,35 @@ async def _abandon(port: int, spinners: int) -> None:
     )
 
 
-def _serve(guest: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _burst(port: int, clients: int, pid: int) -> None:
+    await _request(port, "/", 10)
+    await asyncio.sleep(2)
+    before = _rss_mib(pid)
+    peak = before
+    statuses = asyncio.gather(*(_request(port, "/", 60) for _ in range(clients)))
+    while not statuses.done():
+        peak = max(peak, _rss_mib(pid))
+        await asyncio.sleep(0.1)
+    answered = (await statuses).count(200)
+    print(f"burst: {clients} requests at once, {answered} answered 200")
+    print(f"  RSS before {before:.0f} MiB, peak {peak:.0f} MiB")
+    samples = []
+    for seconds in range(5, 65, 5):
+        await asyncio.sleep(5)
+        samples.append(f"{seconds} s: {_rss_mib(pid):.0f}")
+    print(f"  RSS (MiB) after the burst: {', '.join(samples)}")
+
+
+def _serve(
+    guest: Path, port: int, extra: list[str], downstream: str = "bench.downstream.Hello"
+) -> subprocess.Popen[bytes]:
     command = [
         *twistd(),
         "-n",
@@ -132,7 +201,7 @@ def _serve(guest: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
         "--guest-timeout",
         "1",
         "--class",
-        "bench.downstream.Hello",
+        downstream,
         "--listen",
         f"tcp:{port}:interface={HOST}",
         *extra,
@@ -156,20 +225,24 @@ async def _wait_for_port(port: int, timeout: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=("spin", "abandon"))
+    parser.add_argument("scenario", choices=("spin", "abandon", "burst"))
     parser.add_argument("--spinners", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=300)
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--server-arg", action="append", default=[], help="extra twistd httpwasm argument")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory:
-        guest = Path(directory) / "spin.wat"
-        guest.write_text(SPIN_GUEST)
+        guest = Path(directory) / "guest.wat"
+        guest.write_text(BURST_GUEST if args.scenario == "burst" else SPIN_GUEST)
         port = free_port()
-        server = _serve(guest, port, args.server_arg)
+        downstream = "bench.abuse.Slow" if args.scenario == "burst" else "bench.downstream.Hello"
+        server = _serve(guest, port, args.server_arg, downstream)
         try:
             asyncio.run(_wait_for_port(port, 30))
             if args.scenario == "spin":
                 asyncio.run(_spin(port, args.spinners, args.duration))
+            elif args.scenario == "burst":
+                asyncio.run(_burst(port, args.clients, server.pid))
             else:
                 asyncio.run(_abandon(port, args.spinners))
         finally:

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import Clock, LoopingCall
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from twisted_httpwasm import GuestResource
-from twisted_httpwasm._site import GuestSite
+from twisted_httpwasm._pool import GuestPool
+from twisted_httpwasm._site import HOUSEKEEPING_INTERVAL, GuestSite
 from twisted_httpwasm._worker import GuestWorkers
 from twisted_httpwasm.tap import Options, make_site
 
-from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, make_guest, on_guest_log, poll
+from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, make_guest, module, on_guest_log, poll
 from .test_resource import RawClient, raw_connect
 
 LOGGING_GUEST = """
@@ -277,3 +281,111 @@ class LimitOptionsTests(TempFilesMixin, SynchronousTestCase):
         self.assertEqual(site.max_request_body, 64 * 1024)
         site = self.site_for("--max-buffer-bytes", "64KiB")  # no buffer_request: the body limit stays
         self.assertEqual(site.max_request_body, 1024**3)
+
+
+class _Instance:
+    trapped = False
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class IdleRetirementTests(SynchronousTestCase):
+    """The pool gives back the instances a burst needed once they have been idle for idle_timeout."""
+
+    def setUp(self) -> None:
+        self.clock = _Clock()
+        self.made: list[_Instance] = []
+        self.pool: GuestPool[_Instance] = GuestPool(self.make, clock=self.clock, idle_timeout=30)
+
+    def make(self) -> _Instance:
+        instance = _Instance()
+        self.made.append(instance)
+        return instance
+
+    def burst(self, size: int) -> list[_Instance]:
+        """``size`` requests at once, all given back."""
+        lent = [self.pool.acquire() for _ in range(size)]
+        for instance in lent:
+            self.pool.release(instance)
+        return lent
+
+    def test_instances_idle_past_the_timeout_are_dropped_down_to_one(self) -> None:
+        """After a burst of 50, a quiet pool keeps its 50 until idle_timeout, then one."""
+        self.burst(50)
+        self.clock.now += 30
+        self.assertEqual(self.pool.retire_idle(), 0)
+        self.assertEqual(self.pool.stats.idle, 50)
+        self.clock.now += 0.5
+        self.assertEqual(self.pool.retire_idle(), 49)
+        stats = self.pool.stats
+        self.assertEqual((stats.idle, stats.retired, stats.in_use), (1, 49, 0))
+        self.assertIs(self.pool.acquire(), self.made[-1])  # the most recently used one stayed
+
+    def test_what_steady_traffic_needs_stays(self) -> None:
+        """Instances that steady traffic (3 at once) keeps using are never dropped; the burst's extra ones are."""
+        self.burst(20)
+        for _ in range(100):  # 100 s of steady traffic, three requests at once
+            self.clock.now += 1
+            self.burst(3)
+        self.assertEqual(self.pool.stats.idle, 3)
+        self.assertEqual(self.pool.stats.created, 20)  # nothing re-created for the steady traffic
+
+    def test_releases_retire_too(self) -> None:
+        """Each release retires what has been idle too long, so busy pools need no timer."""
+        self.burst(10)
+        self.clock.now += 31
+        self.burst(1)
+        self.assertEqual(self.pool.stats.idle, 1)
+
+    def test_no_idle_timeout_keeps_everything(self) -> None:
+        """idle_timeout=None: the pool never drops a healthy instance."""
+        pool: GuestPool[_Instance] = GuestPool(self.make, clock=self.clock, idle_timeout=None)
+        lent = [pool.acquire() for _ in range(5)]
+        for instance in lent:
+            pool.release(instance)
+        self.clock.now += 1e6
+        self.assertEqual((pool.retire_idle(), pool.stats.idle), (0, 5))
+
+    def test_the_site_runs_housekeeping_while_it_listens(self) -> None:
+        """GuestSite's housekeeping runs every few seconds from the first port's start to the last's stop."""
+        clock = Clock()
+        runs: list[None] = []
+        site = GuestSite(Resource(), housekeeping=lambda: runs.append(None), reactor=clock)
+        clock.advance(HOUSEKEEPING_INTERVAL * 3)
+        self.assertEqual(runs, [])  # not before it listens (twistd forks in between)
+        site.doStart()
+        site.doStart()
+        clock.advance(HOUSEKEEPING_INTERVAL)
+        clock.advance(HOUSEKEEPING_INTERVAL)
+        self.assertEqual(len(runs), 2)
+        site.doStop()
+        clock.advance(HOUSEKEEPING_INTERVAL)
+        self.assertEqual(len(runs), 3)  # one port still listens
+        site.doStop()
+        clock.advance(HOUSEKEEPING_INTERVAL * 3)
+        self.assertEqual(len(runs), 3)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_twistd_retires_idle_instances_in_housekeeping(self) -> None:
+        """twistd httpwasm's site retires every guest's idle instances in its housekeeping."""
+        options = Options()
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "g.wat")
+            Path(path).write_bytes(module(PASSING_GUEST))
+            options.parseOptions(["--guest", path, "--path", directory])
+            site = make_site(options, MultiService())
+        assert isinstance(site, GuestSite) and site._housekeeping is not None
+        guest = site.resource.guest
+        lent = [guest.pool.acquire() for _ in range(3)]
+        for instance in lent:
+            guest.pool.release(instance)
+        self.assertEqual(guest.pool.stats.idle, 3)
+        guest.pool.idle_timeout = -1  # every idle instance is past it now
+        site._housekeeping.f()
+        self.assertEqual(guest.pool.stats.idle, 1)

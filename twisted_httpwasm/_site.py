@@ -12,13 +12,24 @@ use it or not).  It adds two things on top, each in its own section below:
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
-__all__ = ["DEFAULT_HEADER_TIMEOUT", "DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_REQUEST_BODY", "GuestSite"]
+from ._drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
+
+__all__ = [
+    "DEFAULT_HEADER_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_REQUEST_BODY",
+    "HOUSEKEEPING_INTERVAL",
+    "GuestSite",
+]
 
 _log = Logger(namespace="httpwasm")
 
@@ -30,6 +41,8 @@ DEFAULT_MAX_REQUEST_BODY = 1024**3
 DEFAULT_IDLE_TIMEOUT = 60.0
 #: Seconds from the first byte of a request to the end of its headers.
 DEFAULT_HEADER_TIMEOUT = 30.0
+#: Seconds between two runs of a GuestSite's housekeeping.
+HOUSEKEEPING_INTERVAL = 5.0
 
 _TOO_LARGE = b"Request Entity Too Large\n"
 _HTTP1_TOO_LARGE = (
@@ -159,25 +172,82 @@ class GuestSite(Site):
         max_request_body: int | None = DEFAULT_MAX_REQUEST_BODY,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+        housekeeping: Callable[[], object] | None = None,
         **kwargs: Any,
     ):
         kwargs.setdefault("timeout", idle_timeout)
         super().__init__(resource, *args, **kwargs)  # type: ignore[no-untyped-call]
-        self._init_limits(max_request_body, header_timeout)
+        self._init_limits(max_request_body, header_timeout, housekeeping)
 
     # -- limits ---------------------------------------------------------------------
 
     protocol = _guarded_protocol
 
-    def _init_limits(self, max_request_body: int | None, header_timeout: float | None) -> None:
+    def _init_limits(
+        self, max_request_body: int | None, header_timeout: float | None, housekeeping: Callable[[], object] | None
+    ) -> None:
         """``max_request_body`` bytes at most (None: no limit), headers within ``header_timeout`` s.
 
         The idle timeout is Twisted's own ``timeout``.  The body limit needs the
         default request class (a ``requestFactory`` passed in is kept as it is).
+        ``housekeeping`` runs every HOUSEKEEPING_INTERVAL seconds while the site
+        listens (from the first port's start, so after ``twistd`` forked): what
+        gives memory back, such as retiring idle guest instances.
         """
         self.max_request_body = max_request_body
         self.header_timeout = header_timeout
         if self.requestFactory is Request:
             self.requestFactory = _LimitedRequest
+        self._housekeeping: LoopingCall | None = None
+        if housekeeping is not None:
+            self._housekeeping = LoopingCall(housekeeping)
+            self._housekeeping.clock = self.reactor
+
+    def doStart(self) -> None:
+        """A port starts listening: housekeeping starts with the first."""
+        super().doStart()  # type: ignore[no-untyped-call]
+        housekeeping = self._housekeeping
+        if housekeeping is not None and not housekeeping.running:
+            housekeeping.start(HOUSEKEEPING_INTERVAL, now=False).addErrback(
+                lambda failure: _log.failure("site housekeeping failed", failure)
+            )
+
+    def doStop(self) -> None:
+        """A port stops listening: housekeeping stops with the last."""
+        super().doStop()  # type: ignore[no-untyped-call]
+        housekeeping = self._housekeeping
+        if not self.numPorts and housekeeping is not None and housekeeping.running:
+            housekeeping.stop()
 
     # -- draining -------------------------------------------------------------------
+
+    _in_flight: InFlight | None = None
+
+    @property
+    def in_flight(self) -> InFlight:
+        """The requests in flight on the connections this site built (made on first use)."""
+        if self._in_flight is None:
+            self._in_flight = InFlight(self.reactor)
+        return self._in_flight
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.in_flight.track(super().buildProtocol(addr))  # type: ignore[no-untyped-call]
+
+    def drain(self, timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT) -> Deferred[bool]:
+        """Finish the requests in flight and take no more on open connections; see :meth:`InFlight.drain`.
+
+        Fires with True when every request finished, False when some were still
+        running after ``timeout`` seconds and were cut.  Stop listening first.
+        """
+        # Held open like a port until the drain ends, so that the requests it waits for are still access-logged.
+        holding = not self.in_flight.draining and self.numPorts > 0
+        if holding:
+            self.doStart()
+        drained = self.in_flight.drain(timeout)
+        if holding:
+            drained.addBoth(self._drained)
+        return drained
+
+    def _drained(self, result: bool) -> bool:
+        self.doStop()
+        return result
