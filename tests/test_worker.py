@@ -154,23 +154,24 @@ class GuestWorkersTests(TestCase):
     @inlineCallbacks
     def test_a_stuck_call_runs_at_the_lowest_priority_and_its_thread_ends(self):
         """A call past SLOW is demoted to nice 19 (the reactor and other calls first); its thread ends after it."""
-        workers = self.make_workers(clock=self.time_flies())
+        now = [0.0]
+        workers = self.make_workers(clock=lambda: now[0])
         release = threading.Event()
         self.addCleanup(release.set)
-        entered = threading.Event()
 
         def stuck() -> tuple[int, str]:
-            entered.set()
             release.wait(30)
             return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), threading.current_thread().name
 
         call = self.run_on(workers, stuck)
+        self.assertTrue((yield poll(lambda: workers.size == 1 and workers._workers[0].since is not None, 20, 0.01)))
+        now[0] += 1  # the call has now run for a second
         self.assertTrue((yield poll(lambda: any(w.demoted for w in list(workers._workers)), timeout=20, interval=0.01)))
         release.set()
         outcome, (priority, thread_name), _ = yield call
         self.assertEqual((outcome, priority), ("result", 19))
         self.assertTrue((yield poll(lambda: thread_name not in {t.name for t in threading.enumerate()}, 20, 0.01)))
-        # A fresh thread, at normal priority, serves the next call.
+        # A fresh thread, at normal priority, serves the next call (the clock stands still: it is not stuck).
         _, (priority, _), _ = yield self.run_on(
             workers, lambda: (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), "")
         )
