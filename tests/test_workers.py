@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from twisted_httpwasm import _workers_process
+from twisted_httpwasm._drain import DEFAULT_SHUTDOWN_TIMEOUT
 from twisted_httpwasm._workers_process import (
     SPEC_VARIABLE,
     STOP_TIMEOUT,
@@ -281,7 +282,7 @@ class WorkersServiceTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.processes), 1)
 
     def test_stop_terminates_workers_then_kills_them(self) -> None:
-        """Stopping sends SIGTERM and closes stdin; a worker still alive after the timeout gets SIGKILL."""
+        """Stopping sends SIGTERM, closes stdin; a worker alive after shutdown timeout + STOP_TIMEOUT gets SIGKILL."""
         service = self.service(3)
         self.start(service)
         first, second = self.reactor.processes
@@ -293,7 +294,10 @@ class WorkersServiceTests(SynchronousTestCase):
         self.assertEqual(service.sockets, [])
         first.end(exited(0))
         self.assertNoResult(stopped)
-        self.reactor.advance(STOP_TIMEOUT)
+        self.assertEqual(service.stop_timeout, DEFAULT_SHUTDOWN_TIMEOUT + STOP_TIMEOUT)
+        self.reactor.advance(service.stop_timeout - 0.1)
+        self.assertEqual(second.signals, ["TERM"])  # the shutdown timeout to drain, and STOP_TIMEOUT to exit
+        self.reactor.advance(0.1)
         self.assertEqual(first.signals, ["TERM"])
         self.assertEqual(second.signals, ["TERM", "KILL"])
         second.end(killed())

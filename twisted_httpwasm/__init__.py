@@ -7,6 +7,8 @@ Three lines put a guest in front of a resource::
     site = Site(GuestResource(guest, MyResource()))
 """
 
+from ._drain import DrainService
+from ._site import GuestSite
 from .abi import BodyKind, Feature, HeaderKind, LogLevel
 from .guest import Execution, Guest, GuestLoadError, GuestTrap, Mount
 from .proxy import ProxyResource
@@ -14,12 +16,14 @@ from .resource import FailurePolicy, GuestResource
 
 __all__ = [
     "BodyKind",
+    "DrainService",
     "Execution",
     "FailurePolicy",
     "Feature",
     "Guest",
     "GuestLoadError",
     "GuestResource",
+    "GuestSite",
     "GuestTrap",
     "HeaderKind",
     "LogLevel",

@@ -15,10 +15,14 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
+
+from ._drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
@@ -103,7 +107,8 @@ class _LimitedRequest(Request):
             transport.write(_HTTP1_TOO_LARGE)
             channel.loseConnection()
         else:  # an HTTP/2 stream
-            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(_TOO_LARGE))]
+            headers = Headers({b"content-type": [b"text/plain; charset=utf-8"]})
+            headers.setRawHeaders(b"content-length", [b"%d" % len(_TOO_LARGE)])
             channel.writeHeaders(b"HTTP/2", b"413", b"Request Entity Too Large", headers)
             channel.write(_TOO_LARGE)
             channel.requestDone(self)
@@ -217,3 +222,34 @@ class GuestSite(Site):
             housekeeping.stop()
 
     # -- draining -------------------------------------------------------------------
+
+    _in_flight: InFlight | None = None
+
+    @property
+    def in_flight(self) -> InFlight:
+        """The requests in flight on the connections this site built (made on first use)."""
+        if self._in_flight is None:
+            self._in_flight = InFlight(self.reactor)
+        return self._in_flight
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.in_flight.track(super().buildProtocol(addr))  # type: ignore[no-untyped-call]
+
+    def drain(self, timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT) -> Deferred[bool]:
+        """Finish the requests in flight and take no more on open connections; see :meth:`InFlight.drain`.
+
+        Fires with True when every request finished, False when some were still
+        running after ``timeout`` seconds and were cut.  Stop listening first.
+        """
+        # Held open like a port until the drain ends, so that the requests it waits for are still access-logged.
+        holding = not self.in_flight.draining and self.numPorts > 0
+        if holding:
+            self.doStart()
+        drained = self.in_flight.drain(timeout)
+        if holding:
+            drained.addBoth(self._drained)
+        return drained
+
+    def _drained(self, result: bool) -> bool:
+        self.doStop()
+        return result

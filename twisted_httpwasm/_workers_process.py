@@ -7,7 +7,8 @@ each process loads its own guests and keeps its own instance pools.  The kernel
 hands each new connection to whichever process accepts it first.
 
 A worker's log events reach the main process's log as JSON lines on its stdout.
-Workers end with the main process: it stops them when its service stops, and
+Workers end with the main process: it stops them when its service stops
+(SIGTERM: each drains its requests in flight, as the main process does), and
 if it dies without doing so, ``PR_SET_PDEATHSIG`` (Linux) and the end of the
 worker's stdin pipe stop them too.  A worker that exits on its own after it was
 ready is replaced.
@@ -29,7 +30,7 @@ from typing import IO, Any
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError, ProcessDone, ProcessExitedAlready, ReactorNotRunning
+from twisted.internet.error import CannotListenError, ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import (
     ILogObserver,
@@ -43,6 +44,8 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
+
+from ._drain import DEFAULT_SHUTDOWN_TIMEOUT, stop_reactor
 
 __all__ = ["TCPListen", "WorkersService", "main"]
 
@@ -60,7 +63,7 @@ FIRST_SOCKET_FD = 3
 #: Seconds before a worker that exited on its own is replaced.
 RESTART_DELAY = 1.0
 
-#: Seconds a worker has to exit after SIGTERM before it gets SIGKILL.
+#: Seconds a worker has to exit after SIGTERM, beyond the shutdown timeout its requests have, before SIGKILL.
 STOP_TIMEOUT = 10.0
 
 _PR_SET_PDEATHSIG = 1
@@ -120,7 +123,9 @@ class WorkersService(service.Service):
     Each worker runs ``argv`` (the ``twistd httpwasm`` command line) from the
     directory ``cwd`` and serves the sockets this service bound.  The sockets
     are bound in :meth:`privilegedStartService` (before ``twistd`` drops
-    privileges), the workers started in :meth:`startService`.
+    privileges), the workers started in :meth:`startService`.  Stopping gives
+    each worker ``shutdown_timeout`` seconds to drain its requests in flight,
+    plus :data:`STOP_TIMEOUT` to exit, before it is killed.
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class WorkersService(service.Service):
         argv: Sequence[str],
         cwd: str,
         reactor: Any = None,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     ):
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
@@ -145,6 +151,8 @@ class WorkersService(service.Service):
         self.argv = list(argv)
         self.cwd = cwd
         self.reactor = reactor
+        #: Seconds a worker has to exit after SIGTERM before it gets SIGKILL.
+        self.stop_timeout = shutdown_timeout + STOP_TIMEOUT
         self.sockets: list[socket.socket] = []
         self.ports: list[Any] = []  # IListeningPort
         #: The running worker processes, by worker number (2 to ``workers``).
@@ -259,7 +267,7 @@ class WorkersService(service.Service):
             if isinstance(stopped, defer.Deferred):
                 waiting.append(stopped)
         for protocol in list(self.processes.values()):
-            waiting.append(protocol.stop(STOP_TIMEOUT))
+            waiting.append(protocol.stop(self.stop_timeout))
         self._close_sockets()
         done: defer.Deferred[Any] = defer.gatherResults(waiting, consumeErrors=True)
         return done.addCallback(lambda _: None)
@@ -404,11 +412,8 @@ def _watch_stdin(reactor: Any) -> None:
 
 
 def _main_process_gone(reactor: Any) -> None:
-    try:
-        reactor.stop()
-    except ReactorNotRunning:
-        return  # already stopping (the main process sends SIGTERM too)
-    _log.info("httpwasm worker: the main process closed our stdin; stopping")
+    # Often with a SIGTERM from the main process (or PR_SET_PDEATHSIG): whichever comes second only logs.
+    stop_reactor(reactor, "httpwasm worker: the main process closed our stdin")
 
 
 class _AdoptedPortsService(service.Service):

@@ -30,6 +30,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 
+from ._drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainService
 from ._site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
 from ._workers_process import TCPListen, WorkersService
 from .abi import Feature, LogLevel
@@ -129,6 +130,11 @@ re-run this command line from the same directory (reading the guests and
 configuration files again, as the user twistd runs as) and keep their own
 guest instances. Their log goes to this process's log. Workers stop with the
 main process, and one that dies is replaced.
+
+On SIGTERM or SIGINT every process stops listening, closes idle keep-alive
+connections and lets the requests in flight finish (guest calls, downstream,
+--proxy backend) for up to --shutdown-timeout seconds; requests still running
+then are cut and logged. twistd then exits with status 0.
 """
 
     def __init__(self) -> None:
@@ -149,6 +155,7 @@ main process, and one that dies is replaced.
         self["guest-env"] = []
         self["guest-mounts"] = []
         self["workers"] = 1
+        self["shutdown-timeout"] = DEFAULT_SHUTDOWN_TIMEOUT
         self["proxy-trust-forwarded"] = False
         self["wsgi-keep-underscore-headers"] = False
         self._configured_guests: set[int] = set()
@@ -391,6 +398,16 @@ main process, and one that dies is replaced.
             raise usage.UsageError(f"--workers must be a positive number of processes, not {count!r}")
         self["workers"] = workers
 
+    def opt_shutdown_timeout(self, seconds: str) -> None:
+        """Seconds the requests in flight have to finish on SIGTERM or SIGINT before they are cut. [default: 30]"""
+        try:
+            timeout = float(seconds)
+        except ValueError:
+            timeout = math.nan
+        if not (math.isfinite(timeout) and timeout >= 0):
+            raise usage.UsageError(f"--shutdown-timeout must be a number of seconds (0 or more), not {seconds!r}")
+        self["shutdown-timeout"] = timeout
+
     def opt_user(self) -> None:
         """Downstream: ~/public_html and ~/.twistd-web-pb of every user, as `twistd web --user`."""
         self._claim_downstream("--user")
@@ -537,8 +554,9 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     """The ``Site`` of ``config``: its guests in front of its downstream.
 
     ``parent`` is the service collection that ``--path`` resources may reach
-    (as under ``twistd web``) and that closes a ``--proxy`` downstream's
-    connections when it stops.  Raises :class:`SystemExit` with the reason
+    (as under ``twistd web``), that closes a ``--proxy`` downstream's
+    connections when it stops, and that drains the site's requests in flight
+    (``--shutdown-timeout``) when it stops.  Raises :class:`SystemExit` with the reason
     when a guest cannot be loaded.
     """
     downstream: Any = config["root"]
@@ -568,6 +586,7 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     site = GuestSite(root, logPath=config["logfile"], **limits) if config["logfile"] else GuestSite(root, **limits)
     if config["display-tracebacks"]:
         site.displayTracebacks = True
+    DrainService(site, config["shutdown-timeout"]).setServiceParent(parent)  # type: ignore[no-untyped-call]
     if isinstance(config["root"], ProxyResource):
         record_client_headers(site)  # the proxy tells the client's headers from the guests'
     return site
@@ -619,7 +638,9 @@ def makeService(config: Options) -> service.MultiService:
     workers: int = config["workers"]
     if workers > 1:
         listen = [endpoint for endpoint in map(TCPListen.parse, config["ports"]) if endpoint is not None]
-        shared = WorkersService(site, listen, workers, argv=config.argv, cwd=config.cwd)
+        shared = WorkersService(
+            site, listen, workers, argv=config.argv, cwd=config.cwd, shutdown_timeout=config["shutdown-timeout"]
+        )
         shared.setServiceParent(top)  # type: ignore[no-untyped-call]
     else:
         for description in config["ports"]:
