@@ -19,7 +19,7 @@ import enum
 import io
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IPullProducer, IPushProducer
@@ -135,6 +135,50 @@ class _BadRequest(Resource):
         request.setResponseCode(http.BAD_REQUEST)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"Bad Request\n"
+
+
+class _BodyRemainder(io.RawIOBase):
+    """A read-only window onto ``length`` bytes of ``source`` from ``start``: the unread rest of a
+    request body, read where Twisted spooled it (a temporary file for large bodies), never copied.
+
+    Positions are relative to the window, so the downstream sees a whole body of ``length`` bytes.
+    """
+
+    def __init__(self, source: BinaryIO, start: int, length: int):
+        super().__init__()
+        self._source = source
+        self._start = start
+        self._length = length
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self._length - self._position)
+        if wanted <= 0:
+            return 0
+        self._source.seek(self._start + self._position)
+        data = self._source.read(wanted)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        if not self.closed:
+            self._source.close()
+        super().close()
 
 
 def _raw_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
@@ -303,15 +347,20 @@ class RequestFilter:
             for name, value in state.request_headers.items():
                 headers.addRawHeader(name, value)
             request.requestHeaders = headers
-        body: bytes | None = None
+        body: Any = None
+        length = 0
         if state.request_body is not None:
-            body = bytes(state.request_body)
-        elif state.request_reader.consumed and not state.features & _BUFFER_REQUEST:
-            body = state.request_reader.rest()  # what the guest read is gone
+            body = io.BytesIO(state.request_body)
+            length = len(state.request_body)
+        elif state.request_reader.consumed and not state.features & _BUFFER_REQUEST and request.content is not None:
+            # What the guest read is gone; the rest is read from where Twisted spooled it, not copied.
+            start = state.request_reader.consumed
+            length = max(0, self._content_length - start)
+            body = io.BufferedReader(_BodyRemainder(request.content, start, length))
         if body is not None:
-            request.content = io.BytesIO(body)
+            request.content = body
             request.requestHeaders.removeHeader(b"transfer-encoding")
-            request.requestHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            request.requestHeaders.setRawHeaders(b"content-length", [b"%d" % length])
         elif request.content is not None:
             request.content.seek(0)
         if state.uri_changed:
