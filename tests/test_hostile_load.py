@@ -13,6 +13,7 @@ from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock, LoopingCall
+from twisted.internet.threads import deferToThread
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -25,6 +26,8 @@ from twisted_httpwasm._worker import GuestWorkers
 from twisted_httpwasm.tap import Options, make_site
 
 from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, make_guest, module, on_guest_log, poll
+from .test_http2 import H2_SKIP, certificates, h2_fetch
+from .test_proxy import ConnectionTracker
 from .test_resource import RawClient, raw_connect
 
 LOGGING_GUEST = """
@@ -389,3 +392,101 @@ class IdleRetirementTests(SynchronousTestCase):
         guest.pool.idle_timeout = -1  # every idle instance is past it now
         site._housekeeping.f()
         self.assertEqual(guest.pool.stats.idle, 1)
+
+
+class Http2BodyLimitTests(ServerTestCase):
+    skip = H2_SKIP
+
+    def serve_tls(self, site: GuestSite) -> int:
+        """Serve ``site`` over TLS, ALPN h2 and http/1.1; the port."""
+        from twisted.internet.ssl import CertificateOptions, PrivateCertificate
+
+        certs = certificates()
+        private = PrivateCertificate.loadPEM(certs.key_pem + certs.cert_pem)
+        options = CertificateOptions(
+            privateKey=private.privateKey.original,
+            certificate=private.original,
+            acceptableProtocols=[b"h2", b"http/1.1"],
+        )
+        tracker = ConnectionTracker(site)
+        port = reactor.listenSSL(0, tracker, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(tracker.close_all)
+        self.addCleanup(port.stopListening)
+        number: int = port.getHost().port
+        return number
+
+    @inlineCallbacks
+    def test_an_http2_body_over_the_limit_gets_413_on_its_stream(self):
+        """Over HTTP/2 the stream gets the 413 and ends; the guest never runs; a small body still passes."""
+        guest = make_guest(LOGGING_GUEST, NOOP_RESPONSE)
+        runs: list[object] = []
+        on_guest_log(guest, runs.append)
+        port = self.serve_tls(GuestSite(GuestResource(guest, _Body()), max_request_body=1024))
+        ca_pem = certificates().ca_pem
+        refused = yield deferToThread(h2_fetch, port, ca_pem, "POST", "/", b"z" * 5000)
+        self.assertEqual((refused.protocol, refused.status), ("h2", 413))
+        self.assertEqual(runs, [])
+        passed = yield deferToThread(h2_fetch, port, ca_pem, "POST", "/", b"z" * 1000)
+        self.assertEqual((passed.status, passed.body), (200, b"1000"))
+
+    @inlineCallbacks
+    def test_the_connection_outlives_a_refused_stream(self):
+        """After a 413 on one stream, data the client still sends on it is ignored and the connection serves on."""
+        guest = make_guest(LOGGING_GUEST, NOOP_RESPONSE)
+        site = GuestSite(GuestResource(guest, _Body()), max_request_body=1024)
+        port = self.serve_tls(site)
+        first, second, body = yield deferToThread(_h2_refused_then_reused, port, certificates().ca_pem)
+        self.assertEqual((first, second, body), (413, 200, b"2"))
+        # The refused request is over (a shutdown drain does not wait for it).
+        self.assertTrue((yield poll(lambda: not site.in_flight.requests, timeout=10, interval=0.01)))
+
+
+def _h2_refused_then_reused(port: int, ca_pem: bytes) -> tuple[int, int, bytes]:
+    """HTTP/2: declare a 100 kB body, send 1000 bytes, read the answer, send more on that stream,
+    then a second request on the same connection: (first status, second status, second body)."""
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+            conn.initiate_connection()
+
+            def request(stream: int, length: int) -> None:
+                headers = [(":method", "POST"), (":path", "/"), (":scheme", "https"), (":authority", "x")]
+                conn.send_headers(stream, [*headers, ("content-length", str(length))])
+
+            def answer(stream: int) -> tuple[int, bytes]:
+                status, body = 0, bytearray()
+                while True:
+                    tls.sendall(conn.data_to_send())
+                    data = tls.recv(65536)
+                    if not data:
+                        raise ConnectionError("closed")
+                    for event in conn.receive_data(data):
+                        if getattr(event, "stream_id", None) != stream:
+                            continue
+                        if isinstance(event, h2.events.ResponseReceived):
+                            status = int(dict(event.headers)[":status"])
+                        elif isinstance(event, h2.events.DataReceived):
+                            body += event.data
+                            conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                        elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                            return status, bytes(body)
+
+            request(1, 100_000)
+            conn.send_data(1, b"a" * 1000)
+            first, _ = answer(1)
+            try:
+                conn.send_data(1, b"b" * 1000)  # the client goes on sending, as a slow one would
+            except h2.exceptions.StreamClosedError:
+                pass  # the server reset the stream: the client knows to stop
+            request(3, 2)
+            conn.send_data(3, b"ok", end_stream=True)
+            second, body = answer(3)
+            return first, second, body

@@ -16,8 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
@@ -106,12 +108,43 @@ class _LimitedRequest(Request):
             transport: Any = channel.transport
             transport.write(_HTTP1_TOO_LARGE)
             channel.loseConnection()
-        else:  # an HTTP/2 stream
-            headers = Headers({b"content-type": [b"text/plain; charset=utf-8"]})
-            headers.setRawHeaders(b"content-length", [b"%d" % len(_TOO_LARGE)])
-            channel.writeHeaders(b"HTTP/2", b"413", b"Request Entity Too Large", headers)
-            channel.write(_TOO_LARGE)
-            channel.requestDone(self)
+        else:  # an HTTP/2 stream, which may still be in the making (gotLength runs in its constructor)
+            channel.site.reactor.callLater(0, self._answer_too_large_on_stream)
+
+    def _answer_too_large_on_stream(self) -> None:
+        """HTTP/2: the 413 ends this stream; the connection and its other streams go on.
+
+        If the client is still sending the body, the stream is then reset with
+        NO_ERROR, which asks it to stop (RFC 9113, 8.1) and makes the connection
+        ignore what it still sends (Twisted would fail the whole connection on
+        DATA for a stream it has ended).
+        """
+        if self._disconnected:
+            return
+        stream: Any = self.channel
+        headers = Headers({b"content-type": [b"text/plain; charset=utf-8"]})
+        headers.setRawHeaders(b"content-length", [b"%d" % len(_TOO_LARGE)])
+        stream.writeHeaders(b"HTTP/2", b"413", b"Request Entity Too Large", headers)
+        stream.write(_TOO_LARGE)
+        connection = getattr(stream, "_conn", None)  # Twisted's H2Connection
+        cleaned_up = getattr(connection, "_streamCleanupCallbacks", {}).get(stream.streamID)
+        if cleaned_up is not None:
+            cleaned_up.addCallback(_reset_if_still_receiving, connection)
+        stream.requestDone(self)
+        # Over for this request: whoever waits on notifyFinish (the shutdown drain) need not wait on.
+        self.connectionLost(Failure(ConnectionDone("answered 413 Request Entity Too Large")))  # type: ignore[no-untyped-call]
+
+
+def _reset_if_still_receiving(stream_id: int, connection: Any) -> int:
+    """After Twisted ended a stream: RST_STREAM(NO_ERROR) if the client has not finished sending."""
+    import h2.exceptions
+
+    try:
+        connection.conn.reset_stream(stream_id, 0)
+    except h2.exceptions.StreamClosedError:
+        return stream_id  # the client had sent all of it
+    connection._tryToWriteControlData()
+    return stream_id
 
 
 class _GuardedChannel(HTTPChannel):
