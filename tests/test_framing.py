@@ -28,9 +28,9 @@ from twisted_httpwasm import Execution, GuestResource, ProxyResource
 from .support import ServerTestCase, TempFilesMixin, make_guest
 from .test_http2 import BIG, H2_SKIP, Http2Mixin, certificates, h2_fetch
 from .test_proxy import serve_backend
-from .test_resource import GuestTestMixin, Strings, event_text, raw_connect
+from .test_resource import GuestTestMixin, Strings, event_text, log_text, raw_connect
 from .test_resource_failures import trap_in_response
-from .test_resource_response import Chunks, Status, hello, leaf_file
+from .test_resource_response import HELLO, Chunks, Status, hello, leaf_file
 
 # -- a strict raw HTTP/1.x response parser ------------------------------------------
 
@@ -388,6 +388,39 @@ class FramingTestsMixin(GuestTestMixin):
             framing_guest([*headers, ("content-length", "50")], features=2, late=True)
         )
         return self.assert_framed(guest_for, lambda: Status(204), b"", status=204)
+
+    @inlineCallbacks
+    def assert_pair(self, url: str, status: int, body: bytes) -> Any:
+        """A pipelined pair of GETs: the first answered ``status`` with ``body``, the second intact."""
+        raw = yield self.exchange(url, [(b"GET", b"/a"), (b"GET", b"/a")], b"HTTP/1.1")
+        responses, rest = parse_responses(raw, [b"GET", b"GET"])
+        self.assertEqual([(r.status, r.body) for r in responses], [(status, body)] * 2, raw)
+        self.assertEqual(rest, b"", raw)
+
+    @inlineCallbacks
+    def test_guest_answering_an_interim_status_gets_a_500(self):
+        """A 1xx cannot end a response (the client would take the next response for its end): 500."""
+        events = self.capture_log()
+        url = self.serve_guest(self.guest(framing_guest([], answer=b"", status=100)), hello())
+        yield self.assert_pair(url, 500, b"Internal Server Error\n")
+        self.assertIn("interim status 100", log_text(events))
+
+    @inlineCallbacks
+    def test_interim_status_set_before_next_is_not_sent(self):
+        url = self.serve_guest(self.guest(framing_guest([], status=101)), hello())
+        yield self.assert_pair(url, 200, HELLO)
+
+    @inlineCallbacks
+    def test_interim_status_set_on_a_buffered_response_is_not_sent(self):
+        s = Strings()
+        guest = self.guest(
+            s.wrap("""
+  (func (export "handle_request") (result i64) (drop (call $enable_features (i32.const 2))) (i64.const 1))
+  (func (export "handle_response") (param i32 i32) (call $set_status_code (i32.const 103)))
+""")
+        )
+        url = self.serve_guest(guest, hello())
+        yield self.assert_pair(url, 200, HELLO)
 
     @inlineCallbacks
     def test_dropped_framing_header_is_logged_once_at_debug(self):

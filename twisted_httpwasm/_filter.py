@@ -320,6 +320,18 @@ class RequestFilter:
 
     def _send_guest_response(self) -> None:
         request, state = self.request, self.state
+        if state.status < 200:
+            # An interim status as the whole answer: the client would read the next response as its end.
+            _log.error(
+                "guest {guest} answered {method} {uri} with the interim status {status}, "
+                "which cannot end a response; answering 500",
+                guest=self.guest.name,
+                method=request.method,
+                uri=request.uri,
+                status=state.status,
+            )
+            self._fail(http.INTERNAL_SERVER_ERROR)
+            return
         request.setResponseCode(state.status)
         self._merge_guest_response_headers()  # over an outer guest's, when chained
         body = bytes(state.response_body or b"")
@@ -377,7 +389,10 @@ class RequestFilter:
         # What the guest set on the response before next is part of the final response.
         self._merge_guest_response_headers()
         if state.status_changed:
-            request.setResponseCode(state.status)
+            if state.status >= 200:
+                request.setResponseCode(state.status)
+            else:
+                self._note_dropped(b":status", f"set the interim status {state.status} on the response")
         self._prefix = bytes(state.response_body or b"")
         self._buffering = bool(state.features & _BUFFER_RESPONSE)
         if self._buffering:
@@ -392,20 +407,19 @@ class RequestFilter:
         headers = self.state.response_headers
         for name in headers.names():
             if name in _FRAMING_HEADERS:
-                self._note_dropped_framing(name)
+                self._note_dropped(name, f"set the response header {name.decode('latin-1')}")
             else:
                 self.request.responseHeaders.setRawHeaders(name, headers.values(name))
 
-    def _note_dropped_framing(self, name: bytes) -> None:
-        """Say once per resource and header name why a guest's framing header is not sent."""
+    def _note_dropped(self, key: bytes, what: str) -> None:
+        """Say once per resource and ``key`` why something a guest set for framing is not sent."""
         noted = self.wrapper.noted_framing_headers
-        if name not in noted:
-            noted.add(name)
+        if key not in noted:
+            noted.add(key)
             _log.debug(
-                "guest {guest} set the response header {name}; the host frames responses itself "
-                "and does not send it (reported once)",
+                "guest {guest} {what}; the host frames responses itself and does not send it (reported once)",
                 guest=self.guest.name,
-                name=name.decode("latin-1"),
+                what=what,
             )
 
     def _fresh_response_headers(self, headers: Iterable[tuple[bytes, bytes]] = ()) -> Headers:
@@ -688,6 +702,10 @@ class RequestFilter:
 
     def _send_buffered(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         request = self.request
+        if status < 200:  # an interim status cannot end a response: keep the downstream's
+            self._note_dropped(b":status", f"set the interim status {status} on the response")
+            downstream = self._original_response
+            status = downstream[0] if downstream is not None and downstream[0] >= 200 else http.INTERNAL_SERVER_ERROR
         request.setResponseCode(status)
         request.cookies = []
         request.responseHeaders = self._fresh_response_headers(headers)
