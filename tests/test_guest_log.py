@@ -128,7 +128,7 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual(len(summaries(log)), 2)
 
     def test_limit_is_configurable(self) -> None:
-        """``log_limit=LogLimit(3, 25)``: three 5-byte messages, then the bytes cut a long one."""
+        """``log_limit=LogLimit(messages=3, bytes=1000)``: ten 5-byte messages, three logged, seven counted."""
         log = LogCapture(self, "flood")
         guest = Guest(log_loop(10, 5), name="flood", log_limit=LogLimit(messages=3, bytes=1000), cache=False)
         guest.pool.acquire().handle_request(request_state())
