@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import io
 import math
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote_to_bytes
@@ -106,13 +107,21 @@ def _ignore(*args: object) -> None:
     """Stands in for the request methods of a downstream the filter has cut off."""
 
 
+#: What a request-target may hold (RFC 3986: printable ASCII), as ``set_uri`` requires of guests.
+_URI_BYTES = re.compile(rb"[\x21-\x7e]*\Z")
+
+
 def _unusable_path(request: Request) -> str | None:
     """Why a downstream cannot take the request's path, if so: the client's error (400).
 
-    A NUL byte (sent encoded, ``%00``) cannot be part of a file name, and most
-    code handed one raises deep inside; ``static.File`` logs a traceback for every
-    path segment that is not UTF-8 once percent-decoded.
+    Raw control, space, DEL or non-ASCII bytes are not part of any URI (Twisted's
+    client, under ``--proxy``, raises on them).  A NUL byte (sent encoded, ``%00``)
+    cannot be part of a file name, and most code handed one raises deep inside;
+    ``static.File`` logs a traceback for every path segment that is not UTF-8 once
+    percent-decoded.
     """
+    if not _URI_BYTES.match(request.uri or b""):
+        return "a byte that a URI cannot hold (not printable ASCII)"
     for segment in request.postpath or ():
         if b"\x00" in segment:
             return "a NUL byte in the path"
