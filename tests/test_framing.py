@@ -434,6 +434,55 @@ class FramingTestsMixin(GuestTestMixin):
         self.assertEqual([e["log_level"] for e in events if "frames responses" in event_text(e)], [LogLevel.debug])
 
 
+class Lying(Resource):
+    """Announces ``announced`` as its Content-Length and writes TEN, in two writes."""
+
+    isLeaf = True
+
+    def __init__(self, announced: int):
+        super().__init__()
+        self.announced = announced
+
+    def render_GET(self, request: Any) -> object:
+        request.setHeader(b"content-length", b"%d" % self.announced)
+        request.write(TEN[:5])
+        request.write(TEN[5:])
+        request.finish()
+        return NOT_DONE_YET
+
+
+class DownstreamLengthTestsMixin(GuestTestMixin):
+    """A downstream whose Content-Length is wrong cannot desync the connection either."""
+
+    @inlineCallbacks
+    def test_bytes_past_the_content_length_are_not_sent(self):
+        events = self.capture_log()
+        url = self.serve_guest(self.guest(framing_guest([])), Lying(7))
+        client = yield raw_connect(url, request_bytes(b"GET", b"/") + request_bytes(b"GET", b"/", close=True))
+        raw = yield client.closed
+        responses, rest = parse_responses(raw, [b"GET", b"GET"])
+        self.assertEqual([(r.status, r.body) for r in responses], [(200, TEN[:7])] * 2, raw)
+        self.assertEqual(rest, b"", raw)
+        self.assertIn("wrote more than its Content-Length of 7", log_text(events))
+
+    @inlineCallbacks
+    def test_a_body_short_of_its_content_length_cuts_the_connection(self):
+        """Instead of a client waiting for bytes that never come (or reading the next response into it)."""
+        url = self.serve_guest(self.guest(framing_guest([])), Lying(20))
+        client = yield raw_connect(url, request_bytes(b"GET", b"/") + request_bytes(b"GET", b"/", close=True))
+        raw = yield client.closed
+        if raw:  # an abort may also drop what was still buffered: then nothing at all arrives
+            self.assertRaises(Incomplete, parse_responses, raw, [b"GET", b"GET"])
+
+
+class DownstreamLengthThreadTests(DownstreamLengthTestsMixin, ServerTestCase):
+    execution = Execution.THREAD
+
+
+class DownstreamLengthInlineTests(DownstreamLengthTestsMixin, ServerTestCase):
+    execution = Execution.INLINE
+
+
 class FramingThreadTests(FramingTestsMixin, TempFilesMixin, ServerTestCase):
     execution = Execution.THREAD
 

@@ -214,6 +214,7 @@ class RequestFilter:
         self._held = b""  # the last byte of a sized streamed response, sent once handle_response succeeded
         self._declared_length: int | None = None
         self._accepted = 0  # body bytes the downstream wrote, sent or held
+        self._length_mismatch_logged = False
         self._original_response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
         self._producer: Any = None
         self._detached_body: Any = None
@@ -529,8 +530,14 @@ class RequestFilter:
             if self._declared_length == 0:
                 return  # likewise; bytes past a length of 0 would desync the connection
         self._accepted += len(data)
+        declared = self._declared_length
+        if declared is not None and self._accepted > declared:
+            # Bytes past the announced length would be read as the start of the next response.
+            data = data[: len(data) - (self._accepted - declared)]
+            self._accepted = declared
+            self._log_length_mismatch("wrote more than", "the excess is not sent")
         data, self._held = self._held + data, b""
-        if self._declared_length is not None and self._accepted >= self._declared_length and data:
+        if declared is not None and self._accepted >= declared and data:
             data, self._held = data[:-1], data[-1:]
         if data or not request.startedWriting:
             self._forward_write(data)
@@ -550,12 +557,32 @@ class RequestFilter:
 
     def _finish_streamed(self) -> None:
         """The streamed response succeeded: send what was held back and finish."""
+        declared = self._declared_length
+        if declared is not None and self._accepted < declared and self.request.startedWriting:
+            # The client would wait for the missing bytes; cutting the connection says it is incomplete.
+            self._log_length_mismatch("finished short of", "closing the connection")
+            _abort(self.request)
+            return
         held, self._held = self._held, b""
         if held:
             self.request.write(held)
         elif not self.request.startedWriting:
             self._drop_length_of_no_content()
         self.request.finish()
+
+    def _log_length_mismatch(self, what: str, action: str) -> None:
+        if self._length_mismatch_logged:
+            return
+        self._length_mismatch_logged = True
+        _log.warn(
+            "downstream of guest {guest} {what} its Content-Length of {length} for {method} {uri}; {action}",
+            guest=self.guest.name,
+            what=what,
+            length=self._declared_length,
+            method=self.request.method,
+            uri=self.request.uri,
+            action=action,
+        )
 
     def _drop_length_of_no_content(self) -> None:
         """1xx and 204 responses carry no Content-Length (RFC 9110 8.6); Twisted's render sets one."""
