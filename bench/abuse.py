@@ -6,6 +6,7 @@ Run from the repository root (loopback only; each scenario stops by itself)::
     python -m bench.abuse spin --spinners 64 --duration 15
     python -m bench.abuse abandon --spinners 200
     python -m bench.abuse burst --clients 300
+    python -m bench.abuse slowloris --clients 1100 --duration 60
 
 ``spin``: a real ``twistd -n httpwasm`` (thread mode, ``--guest-timeout 1``) with
 one guest in front of ``bench.downstream.Hello``.  The guest spins until its
@@ -23,6 +24,12 @@ work for clients that are gone).
 downstream that answers after 1 s (``bench.abuse.Slow``); ``--clients`` requests
 at once make as many instances, then the server's RSS is sampled every 5 s for
 60 s (idle instances are retired after 30 s idle).
+
+``slowloris``: the server may hold 1024 open files (``RLIMIT_NOFILE``);
+``--clients`` connections each send a request line and then one header line
+a second, never finishing the headers, while one client sends a good request
+every 0.25 s (2 s timeout).  Prints, per 10 s, how many good requests
+succeeded and how many slow connections the server had closed.
 
 Figures go to docs/reliability.md; nothing here is asserted by the tests.
 """
@@ -162,6 +169,60 @@ async def _abandon(port: int, spinners: int) -> None:
     )
 
 
+async def _slowloris(port: int, clients: int, duration: float) -> None:
+    started = time.monotonic()
+    closed_at: list[float] = []
+    opened = 0
+
+    async def slow() -> None:
+        nonlocal opened
+        try:
+            reader, writer = await asyncio.open_connection(HOST, port)
+        except OSError:
+            return
+        opened += 1
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n")
+            for number in range(int(duration) + 5):
+                await asyncio.sleep(1)
+                if reader.at_eof():
+                    break
+                writer.write(b"X-Slow-%d: 1\r\n" % number)
+                await writer.drain()
+                try:
+                    await asyncio.wait_for(reader.read(1024), 0.001)
+                except TimeoutError:
+                    continue
+        except OSError:
+            pass
+        finally:
+            closed_at.append(time.monotonic() - started)
+            writer.close()
+
+    tasks = [asyncio.create_task(slow()) for _ in range(clients)]
+    await asyncio.sleep(3)  # let them connect
+    results: list[tuple[float, bool]] = []
+    while time.monotonic() - started < duration:
+        at = time.monotonic() - started
+        results.append((at, await _request(port, "/", 2.0) == 200))
+        await asyncio.sleep(0.25)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    print(f"slowloris: {opened} of {clients} slow connections opened; server limited to 1024 open files")
+    for window in range(0, int(duration), 10):
+        inside = [ok for at, ok in results if window <= at < window + 10]
+        gone = sum(1 for at in closed_at if at < window + 10)
+        ok = f"{sum(inside)}/{len(inside)}"
+        print(f"  {window:>3}-{window + 10} s: good requests {ok} ok; slow connections closed so far: {gone}")
+
+
+def _limit_open_files() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -189,7 +250,7 @@ async def _burst(port: int, clients: int, pid: int) -> None:
 
 
 def _serve(
-    guest: Path, port: int, extra: list[str], downstream: str = "bench.downstream.Hello"
+    guest: Path, port: int, extra: list[str], downstream: str = "bench.downstream.Hello", limit_files: bool = False
 ) -> subprocess.Popen[bytes]:
     command = [
         *twistd(),
@@ -206,7 +267,14 @@ def _serve(
         f"tcp:{port}:interface={HOST}",
         *extra,
     ]
-    return subprocess.Popen(command, env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        command,
+        env=child_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_limit_open_files if limit_files else None,
+    )
 
 
 async def _wait_for_port(port: int, timeout: float) -> None:
@@ -225,7 +293,7 @@ async def _wait_for_port(port: int, timeout: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=("spin", "abandon", "burst"))
+    parser.add_argument("scenario", choices=("spin", "abandon", "burst", "slowloris"))
     parser.add_argument("--spinners", type=int, default=16)
     parser.add_argument("--clients", type=int, default=300)
     parser.add_argument("--duration", type=float, default=15.0)
@@ -236,11 +304,13 @@ def main(argv: list[str] | None = None) -> None:
         guest.write_text(BURST_GUEST if args.scenario == "burst" else SPIN_GUEST)
         port = free_port()
         downstream = "bench.abuse.Slow" if args.scenario == "burst" else "bench.downstream.Hello"
-        server = _serve(guest, port, args.server_arg, downstream)
+        server = _serve(guest, port, args.server_arg, downstream, limit_files=args.scenario == "slowloris")
         try:
             asyncio.run(_wait_for_port(port, 30))
             if args.scenario == "spin":
                 asyncio.run(_spin(port, args.spinners, args.duration))
+            elif args.scenario == "slowloris":
+                asyncio.run(_slowloris(port, args.clients, args.duration))
             elif args.scenario == "burst":
                 asyncio.run(_burst(port, args.clients, server.pid))
             else:
