@@ -184,10 +184,11 @@ class GuestWorkers:
             return count
 
     def _monitor(self) -> None:
-        """While work is queued, add threads once every thread is stuck in a call.
+        """Every STALL while calls run or wait: demote stuck calls, add threads when all are stuck.
 
-        A plain thread, not a reactor timer: it needs no reactor, and it leaves
-        no pending delayed call behind in tests.
+        Sleeps while nothing runs and nothing waits.  A plain thread, not a
+        reactor timer: it needs no reactor, and it leaves no pending delayed
+        call behind in tests.
         """
         queued, stopping = self._queued, self._stopping
         while not stopping.is_set():
