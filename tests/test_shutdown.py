@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThread
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -36,6 +37,7 @@ from twisted_httpwasm.tap import Options, makeService
 
 from .support import ServerTestCase, TempFilesMixin, poll
 from .test_daemon import DaemonTestCase
+from .test_http2 import H2_SKIP, certificates, h2_fetch
 from .test_twistd import DEADLINE, TwistdTestCase, accepts_connections, free_port
 from .test_workers import alive
 
@@ -172,6 +174,35 @@ class DrainTests(ServerTestCase):
         self.backend.release()
         yield stopped
         self.assertTrue((yield client.closed).endswith(BODY))
+
+
+class Http2DrainTests(ServerTestCase):
+    skip = H2_SKIP
+
+    @inlineCallbacks
+    def test_http2_request_in_flight_finishes(self) -> Generator[Any, Any, None]:
+        """Over HTTP/2 (TLS, ALPN h2) a request in flight completes in full during the drain; drain fires True."""
+        from twisted.internet.ssl import CertificateOptions, PrivateCertificate
+
+        backend = HeldBackend()
+        self.addCleanup(backend.release)
+        site = GuestSite(backend)
+        certs = certificates()
+        private = PrivateCertificate.loadPEM(certs.key_pem + certs.cert_pem)
+        options = CertificateOptions(
+            privateKey=private.privateKey.original, certificate=private.original, acceptableProtocols=[b"h2"]
+        )
+        port = reactor.listenSSL(0, site, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        answer = deferToThread(h2_fetch, port.getHost().port, certs.ca_pem, "GET", "/h2")
+        if not (yield poll(lambda: backend.held, 10)):
+            self.fail("the HTTP/2 request did not arrive")
+        drained = site.drain(10)
+        self.assertNoResult(drained)
+        backend.release()
+        result = yield answer
+        self.assertEqual((result.protocol, result.status, result.body), ("h2", 200, BODY))
+        self.assertIs((yield drained), True)
 
 
 class FakeReactor:
@@ -312,7 +343,7 @@ class ShutdownEndToEndTests(TwistdTestCase):
         self.assertEqual(server.process.returncode, 0, output)
         self.assertNotIn("#critical", output)
         self.assertNotIn("Traceback", output)
-        self.assertIn("every request in flight finished, and its connection closed", output)
+        self.assertIn("drained: every request finished, every connection closed", output)
         self.assertIn("Server Shut Down.", output)
         return output
 
@@ -393,5 +424,5 @@ class EmbeddedDrainTests(DaemonTestCase):
         self.assertEqual((status, body), (200, BODY))
         if not (yield poll(lambda: not alive(pid), DEADLINE)):
             self.fail(f"the daemon outlived its drain:\n{daemon.output()}")
-        self.assertIn("every request in flight finished, and its connection closed", daemon.log())
+        self.assertIn("drained: every request finished, every connection closed", daemon.log())
         self.assertNotIn("#critical", daemon.log())

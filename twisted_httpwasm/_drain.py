@@ -1,8 +1,8 @@
 """Graceful shutdown: a site's requests in flight finish before the process stops.
 
 :class:`InFlight` follows the requests of one :class:`~twisted_httpwasm._site.GuestSite`
-(it wraps the request factory of each connection, so it sees every request from
-its first line to its end, HTTP/1 and HTTP/2 alike).  :meth:`InFlight.drain`
+(the connections it built, and from a drain on, every request on them, from its
+first line to its end, HTTP/1 and HTTP/2 alike).  :meth:`InFlight.drain`
 stops new requests on the open connections (``Connection: close`` on the
 responses still to come, idle keep-alive connections closed), lets the requests
 in flight finish up to a deadline, and cuts the ones still running then.
@@ -43,46 +43,49 @@ _log = Logger(namespace="httpwasm")
 
 
 class InFlight:
-    """The requests one site has in flight, and the drain that waits for them."""
+    """The connections of one site, and the drain that waits for their requests in flight.
 
-    #: Seconds between two looks at the connections a drain closes, once no request is left.
+    Serving costs one weak reference per connection and nothing per request:
+    the requests in flight are looked up when a drain begins (HTTP/1 channels
+    list theirs, HTTP/2 connections their streams), and the requests that start
+    during the drain are seen through a request factory installed then.
+    """
+
+    #: Seconds between two looks at the connections a drain closes.
     POLL_INTERVAL = 0.02
 
     def __init__(self, reactor: Any):
         self.reactor = reactor
-        #: Each request in flight: the channel it came on (an ``HTTPChannel``, or an HTTP/2 stream) and when.
+        #: During a drain, each request in flight: the channel it came on (HTTPChannel or HTTP/2 stream), and when.
         self.requests: dict[Any, tuple[Any, float]] = {}
         self.draining = False
-        self._waited = False
-        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()  # every connection that had a request
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()  # what Site.buildProtocol built
         self._closing: set[Any] = set()  # the connections a drain closes and waits for
         self._drained: list[Deferred[bool]] = []
         self._deadline: Any = None  # IDelayedCall
         self._poll: LoopingCall | None = None
-        self._wrapped: tuple[Any, _TrackedRequests] | None = None
         self._outcome: bool | None = None  # once a drain ended: True if nothing had to be cut
 
     def track(self, protocol: Any) -> Any:
-        """Make the requests of ``protocol`` (what ``Site.buildProtocol`` built) known here; returns it."""
-        if protocol is None:
-            return None
-        factory = protocol.requestFactory
-        if self._wrapped is None or self._wrapped[0] is not factory:
-            self._wrapped = (factory, _TrackedRequests(self, factory))
-        protocol.requestFactory = self._wrapped[1]
+        """Remember ``protocol`` (what ``Site.buildProtocol`` built) for a drain; returns it."""
+        if protocol is not None:
+            self._connections.add(protocol)
         return protocol
 
     def started(self, request: Any, channel: Any) -> None:
-        """``request`` arrived on ``channel``: in flight until it finishes or its connection is lost."""
+        """During a drain: ``request`` (on ``channel``) is in flight until it finishes or its connection is lost."""
+        if request in self.requests or request.finished or getattr(request, "_disconnected", False):
+            return  # a request that ended will not notify again
         self.requests[request] = (channel, self.reactor.seconds())
-        self._connections.add(_connection_of(channel))
         request.notifyFinish().addBoth(self._ended, request)
-        if self.draining:
-            self._closing.add(_connection_of(channel))
-            _last_on_its_connection(request, channel)
+        if isinstance(channel, HTTPChannel):
+            # This response closes its connection, so the client sends nothing more on it.
+            channel.persistent = False
+            if not request.startedWriting:
+                request.setHeader(b"connection", b"close")
 
     def _ended(self, result: object, request: Any) -> None:
-        if self.requests.pop(request, None) is not None and self.draining:
+        if self.requests.pop(request, None) is not None:
             self._progress()
 
     def drain(self, timeout: float | None) -> Deferred[bool]:
@@ -99,11 +102,12 @@ class InFlight:
         """
         if not self.draining:
             self.draining = True
-            self._closing.update(self._connections)
-            for request, (channel, _) in list(self.requests.items()):
-                _last_on_its_connection(request, channel)
+            for connection in list(self._connections):
+                self._closing.add(connection)
+                connection.requestFactory = _TrackedRequests(self, connection.requestFactory)
+                for request, channel in _requests_on(_channel_of(connection)):
+                    self.started(request, channel)
             if self.requests:
-                self._waited = True
                 _log.info(
                     "httpwasm: waiting for {count} request(s) in flight to finish (up to {timeout} s)",
                     count=len(self.requests),
@@ -124,7 +128,7 @@ class InFlight:
     def _progress(self) -> None:
         """Close the connections that have no request left; done once none is open."""
         for connection in list(self._closing):
-            if _close_if_idle(connection):
+            if _close_if_idle(_channel_of(connection)):
                 self._closing.discard(connection)
         if not (self.requests or self._closing) and self._outcome is None:
             self._done(True)
@@ -145,7 +149,7 @@ class InFlight:
             )
             _abort(channel)
         for connection in self._closing:
-            transport: Any = getattr(connection, "transport", None)
+            transport: Any = getattr(_channel_of(connection), "transport", None)
             if transport is not None and getattr(transport, "connected", False):
                 transport.abortConnection()
         self._closing.clear()
@@ -159,15 +163,15 @@ class InFlight:
             self._poll.stop()
         self._poll = None
         self._outcome = finished
-        if finished and self._waited:
-            _log.info("httpwasm: every request in flight finished, and its connection closed")
+        if finished:
+            _log.info("httpwasm: drained: every request finished, every connection closed")
         drained, self._drained = self._drained, []
         for waiting in drained:
             waiting.callback(finished)
 
 
 class _TrackedRequests:
-    """A request factory that tells :class:`InFlight` about every request it makes."""
+    """A request factory that tells a draining :class:`InFlight` about every request it makes."""
 
     def __init__(self, in_flight: InFlight, factory: Any):
         self.in_flight = in_flight
@@ -181,25 +185,28 @@ class _TrackedRequests:
         return request
 
 
-def _connection_of(channel: Any) -> Any:
-    """The connection a request came on: its ``HTTPChannel``, or the ``H2Connection`` of its HTTP/2 stream."""
-    return channel if isinstance(channel, HTTPChannel) else getattr(channel, "_conn", channel)
+def _channel_of(connection: Any) -> Any:
+    """The channel behind what ``Site.buildProtocol`` built: an ``HTTPChannel``, or an ``H2Connection``.
+
+    Twisted's ``_GenericHTTPChannelProtocol`` swaps it when TLS negotiates h2, so it is read each time.
+    """
+    return getattr(connection, "_channel", connection)
 
 
-def _last_on_its_connection(request: Any, channel: Any) -> None:
-    """HTTP/1: this response closes its connection, so the client sends nothing more on it."""
+def _requests_on(channel: Any) -> list[tuple[Any, Any]]:
+    """The requests ``channel`` has started, with the channel each came on (HTTP/2: its stream)."""
     if isinstance(channel, HTTPChannel):
-        channel.persistent = False
-        if not request.startedWriting:
-            request.setHeader(b"connection", b"close")
+        return [(request, channel) for request in channel.requests]
+    streams = getattr(channel, "streams", {})  # an H2Connection: one H2Stream per request
+    return [(stream._request, stream) for stream in list(streams.values()) if hasattr(stream, "_request")]
 
 
-def _close_if_idle(connection: Any) -> bool:
-    """Close ``connection`` once it has no request left (in progress, pipelined, or HTTP/2 stream); True once closed."""
-    transport: Any = getattr(connection, "transport", None)
+def _close_if_idle(channel: Any) -> bool:
+    """Close ``channel`` once it has no request left (in progress, pipelined, HTTP/2 stream); True once closed."""
+    transport: Any = getattr(channel, "transport", None)
     if transport is None or not getattr(transport, "connected", False):
         return True
-    busy = connection.requests if isinstance(connection, HTTPChannel) else getattr(connection, "streams", ())
+    busy = channel.requests if isinstance(channel, HTTPChannel) else getattr(channel, "streams", ())
     if not busy and not transport.disconnecting:
         transport.loseConnection()  # sends what is buffered first
     return False
