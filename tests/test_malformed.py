@@ -131,6 +131,8 @@ class MalformedInputTestsMixin(GuestTestMixin):
         lines = [event_text(event) for event in events if str(event.get("log_namespace")).startswith("httpwasm")]
         self.assertLessEqual(len(lines), len(paths), lines)
         self.assertFalse([line for line in lines if "\n" in line], lines)
+        self.assertIn("refusing GET /static/a%00.txt: a NUL byte in the path; answering 400", lines)
+        self.assertIn("refusing GET /proxy/a\\x7fb: a byte that a URI cannot hold", "\n".join(lines))
         # The server still serves well-formed requests.
         response = yield deferToThread(exchange, port, b"GET /static/a.txt HTTP/1.0\r\nHost: x\r\n\r\n")
         self.assertEqual((status_of(response), response.endswith(b"a file\n")), (200, True))

@@ -453,8 +453,8 @@ class RequestFilter:
                 # The client's error: one line, no traceback (a traceback per request floods the log).
                 _log.info(
                     "refusing {method} {uri}: {refusal}; answering 400",
-                    method=request.method,
-                    uri=request.uri,
+                    method=repr(request.method)[2:-1],  # escaped: these are the client's bytes
+                    uri=repr(request.uri)[2:-1],
                     refusal=refusal,
                 )
                 resource: Any = _BadRequest()
