@@ -11,8 +11,8 @@ left.  Two things must not be decided by that final request alone:
   set; and the forwarding headers (``Forwarded``, ``X-Forwarded-*``,
   ``X-Real-IP``) the client sent are not believed unless the operator says
   the client side is a trusted proxy.  For that the headers the client sent
-  are remembered when the request is made, before any guest runs
-  (:func:`record_client_headers`).
+  are remembered before any guest runs (:func:`remember_client_headers`,
+  which the outermost ``GuestResource`` calls).
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
 
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import INonQueuedRequestFactory
-from twisted.web.server import Request, Site
-from zope.interface import alsoProvides
+from twisted.web.server import Request
 
 __all__ = [
     "HOP_BY_HOP_HEADERS",
@@ -35,7 +32,6 @@ __all__ = [
     "connection_tokens",
     "is_hop_by_hop",
     "path_inside_base",
-    "record_client_headers",
     "remember_client_headers",
 ]
 
@@ -118,10 +114,10 @@ _CLIENT_HEADERS = "_httpwasm_client_headers"
 def remember_client_headers(request: Request) -> None:
     """Keep the request's headers object as the client's, if none is kept yet.
 
-    Call it before any guest runs: when the request is made (the object the
-    channel then fills with the client's headers), or when it is first handed
-    to a resource.  A guest that changes headers gets a new headers object, so
-    the kept one stays as the client sent it.
+    Call it before any guest runs: the outermost
+    :class:`~twisted_httpwasm.resource.GuestResource`'s filter does.  A guest
+    that changes headers gets a new headers object, so the kept one stays as
+    the client sent it.
     """
     request.__dict__.setdefault(_CLIENT_HEADERS, request.requestHeaders)
 
@@ -130,33 +126,6 @@ def client_headers(request: Request) -> Headers:
     """The headers the client sent, if they were remembered; else the request's headers now."""
     headers: Headers | None = request.__dict__.get(_CLIENT_HEADERS)
     return headers if headers is not None else request.requestHeaders
-
-
-class _RememberingRequestFactory:
-    """A ``Site.requestFactory`` that remembers each new request's headers as the client's."""
-
-    def __init__(self, factory: Any):
-        self.factory = factory
-        if INonQueuedRequestFactory.providedBy(factory):
-            alsoProvides(self, INonQueuedRequestFactory)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        request = self.factory(*args, **kwargs)
-        remember_client_headers(request)
-        return request
-
-
-def record_client_headers(site: Site) -> Site:
-    """Make ``site`` remember the headers each client sent, before any guest changes them.
-
-    A :class:`~twisted_httpwasm.proxy.ProxyResource` behind guests needs this to
-    tell the client's headers from those a guest set (``Connection`` tokens,
-    forwarding headers).  ``twistd httpwasm`` does it; embedders call it on
-    their ``Site``.  Returns ``site``.
-    """
-    if not isinstance(site.requestFactory, _RememberingRequestFactory):
-        site.requestFactory = _RememberingRequestFactory(site.requestFactory)  # type: ignore[assignment]
-    return site
 
 
 # -- the headers sent -------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource, _IEncodingResource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ._backend_request import remember_client_headers
 from ._pool import GuestUnavailable
 from ._state import BodyTooLarge, RequestState
 from .abi import Feature
@@ -199,6 +200,8 @@ class RequestFilter:
     """One request's passage through a guest, holding its pinned instance."""
 
     def __init__(self, wrapper: GuestResource, request: Request):
+        # Before any guest changes them: a proxy downstream tells the client's headers from a guest's.
+        remember_client_headers(request)
         self.wrapper = wrapper
         self.guest = wrapper.guest
         self.request = request

@@ -40,7 +40,6 @@ from ._backend_request import (
     connection_tokens,
     is_hop_by_hop,
     path_inside_base,
-    record_client_headers,
 )
 
 __all__ = [
@@ -50,7 +49,6 @@ __all__ = [
     "PathOutsideBase",
     "ProxyResource",
     "end_to_end_headers",
-    "record_client_headers",
 ]
 
 _log = Logger(namespace="httpwasm.proxy")
@@ -139,9 +137,9 @@ class ProxyResource(Resource):
     and ``X-Forwarded-Proto`` tell the backend about the client.  The client's
     own forwarding headers (and ``X-Real-IP``) are dropped, unless
     ``trust_forwarded`` says the client side is a proxy you trust: then they
-    are kept and appended to.  Behind guests, give the ``Site`` to
-    :func:`record_client_headers` so that the proxy can tell the client's
-    headers from a guest's.
+    are kept and appended to.  Behind guests, the outermost ``GuestResource``
+    remembers the client's headers, so that the proxy can tell them from a
+    guest's.
 
     Without an ``agent``, the resource makes one over a persistent
     connection pool of its own; :meth:`close` closes that pool's connections.

@@ -45,7 +45,7 @@ from .guest import (
     LogLimit,
     Mount,
 )
-from .proxy import ProxyResource, record_client_headers
+from .proxy import ProxyResource
 from .resource import FailurePolicy, GuestResource
 from .wsgi import UnderscoreHeaderGuard
 
@@ -587,8 +587,6 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     if config["display-tracebacks"]:
         site.displayTracebacks = True
     DrainService(site, config["shutdown-timeout"]).setServiceParent(parent)  # type: ignore[no-untyped-call]
-    if isinstance(config["root"], ProxyResource):
-        record_client_headers(site)  # the proxy tells the client's headers from the guests'
     return site
 
 
