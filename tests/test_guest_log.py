@@ -237,6 +237,18 @@ class HandOverTests(SynchronousTestCase):
         self.reactor.run_calls()
         self.assertEqual(guest_lines(log), ["[guest batch] from a thread"])
 
+    def test_resource_hands_its_reactor_to_the_guest(self) -> None:
+        """A ``GuestResource`` given a reactor sends its guest's log lines to that reactor."""
+        from twisted_httpwasm import GuestResource
+
+        log = LogCapture(self, "batch")
+        guest = Guest(log_loop(1, 1), name="batch", cache=False)
+        GuestResource(guest, Hello(), reactor=self.reactor)
+        self.in_thread(lambda: guest.emit(LogLevel.INFO, "via the resource's reactor"))
+        self.assertEqual(len(self.reactor.calls), 1)
+        self.reactor.run_calls()
+        self.assertEqual(guest_lines(log), ["[guest batch] via the resource's reactor"])
+
 
 class Hello(Resource):
     isLeaf = True

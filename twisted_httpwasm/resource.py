@@ -57,6 +57,8 @@ class GuestResource(Resource):
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
+        else:
+            guest.reactor = reactor  # its log lines go to the reactor this resource runs on
         if on_guest_error not in FailurePolicy.ALL:
             raise ValueError(f"on_guest_error must be one of {', '.join(FailurePolicy.ALL)}, not {on_guest_error!r}")
         self.guest = guest
