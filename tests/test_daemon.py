@@ -295,25 +295,54 @@ os.waitpid(child, 0)
 """
 
 
+#: Builds what twistd httpwasm builds before it daemonizes, and counts the OS threads then.
+MAKE_SERVICE_SCRIPT = """
+import os, sys
+from twisted_httpwasm import tap
+
+options = tap.Options()
+options.parseOptions(sys.argv[1:])
+tap.makeService(options)
+print("OS threads after makeService:", len(os.listdir("/proc/self/task")), flush=True)
+"""
+
+
 class ForkTests(TempFilesMixin, ServerTestCase):
-    """The engine's clock across a fork, in a fresh interpreter (the clock is per process)."""
+    """Threads across a fork, in a fresh interpreter (the test process has threads of its own)."""
 
     @inlineCallbacks
-    def test_no_thread_outlives_loading_and_a_forked_child_enforces_time_limits(self) -> Generator[Any, Any, None]:
-        """Loading leaves only the main thread; a child forked after loading still stops a looping guest."""
+    def run_script(self, script: str, *args: str) -> Generator[Any, Any, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["TWISTED_HTTPWASM_CACHE"] = self.mktemp()  # an empty compile cache: the guests are compiled here
         output_path = self.mktemp()
         with open(output_path, "wb") as output:
             process = subprocess.Popen(
-                [sys.executable, "-c", FORK_SCRIPT], cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
+                [sys.executable, "-c", script, *args], cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
             )
         self.addCleanup(lambda: process.poll() is None and process.kill())
         ended = yield poll(lambda: process.poll() is not None, DEADLINE)
         text = Path(output_path).read_text()
-        self.assertTrue(ended, f"a forked child hung on a looping guest:\n{text}")
+        self.assertTrue(ended, f"the script still runs after {DEADLINE} s:\n{text}")
+        return text
+
+    @inlineCallbacks
+    def test_no_thread_outlives_loading_and_a_forked_child_enforces_time_limits(self) -> Generator[Any, Any, None]:
+        """Loading leaves only the main thread; a child forked after loading still stops a looping guest."""
+        text = yield self.run_script(FORK_SCRIPT)
         self.assertIn("threads after load: 1\n", text)
         self.assertIn("child: guest exceeded its time limit of 0.2 s\n", text)
+
+    @inlineCallbacks
+    def test_make_service_starts_no_thread(self) -> Generator[Any, Any, None]:
+        """What twistd builds before it forks (guests loaded, --proxy, --workers) leaves one OS thread, no more."""
+        guest = self.guest_file(LOOPING_GUEST)
+        for args in (
+            ["--guest", guest, "--class", "tests.test_twistd.Hello"],
+            ["--guest", guest, "--proxy", "http://127.0.0.1:9", "--workers", "2", "--execution", "inline"],
+        ):
+            text = yield self.run_script(MAKE_SERVICE_SCRIPT, *args)
+            self.assertIn("OS threads after makeService: 1\n", text, args)
 
 
 class TwistdOptionAfterHttpwasmTests(DaemonTestCase):
