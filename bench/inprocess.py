@@ -63,7 +63,7 @@ def make_site(case: Case) -> Site:
     """The server ``twistd`` would build for ``case``."""
     if case.mode.startswith("plain"):
         return Site(Hello())
-    from twisted_httpwasm import tap
+    from twisted_httpwasm.service import tap
 
     argv = ["--guest", str(GUESTS / case.scenario.guest)]
     if case.scenario.guest_config is not None:

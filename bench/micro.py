@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 GUESTS = REPO / "bench" / "guests"
 
 if TYPE_CHECKING:
-    from twisted_httpwasm._state import RequestState
-    from twisted_httpwasm.guest import Guest, GuestInstance
+    from twisted_httpwasm.runtime.guest import Guest, GuestInstance
+    from twisted_httpwasm.runtime.state import RequestState
 
 
 # ------------------------------------------------------------ host adapter
@@ -67,7 +67,7 @@ def _import_host() -> None:
 def load_guest(name: str, config: bytes = b"", cache: bool = True) -> Guest:
     _import_host()
     # twisted_httpwasm re-exports this Guest; import it from where it is defined
-    from twisted_httpwasm.guest import Guest
+    from twisted_httpwasm.runtime.guest import Guest
 
     # no time limit: the host-call loop may legitimately run for a while
     # cache: the host's on-disk cache of compiled guests (cache=False compiles every time)
@@ -76,7 +76,7 @@ def load_guest(name: str, config: bytes = b"", cache: bool = True) -> Guest:
 
 def request_state() -> RequestState:
     _import_host()
-    from twisted_httpwasm._state import RequestState
+    from twisted_httpwasm.runtime.state import RequestState
 
     return RequestState(
         method=b"GET",

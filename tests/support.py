@@ -33,7 +33,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from twisted_httpwasm import Execution, Guest, GuestResource
-from twisted_httpwasm._state import RequestState
+from twisted_httpwasm.runtime.state import RequestState
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -24,8 +24,8 @@ from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 
 from twisted_httpwasm import Execution, GuestResource
-from twisted_httpwasm.tap import Options, make_site
-from twisted_httpwasm.wsgi import UnderscoreHeaderGuard
+from twisted_httpwasm.service.tap import Options, make_site
+from twisted_httpwasm.web.wsgi import UnderscoreHeaderGuard
 
 from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, make_guest
 from .test_proxy_security import raw_get, status_of

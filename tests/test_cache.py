@@ -8,9 +8,9 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm import Guest
-from twisted_httpwasm._cache import CompileCache, default_cache_dir
-from twisted_httpwasm._engine import ENGINE_SETTINGS, shared_engine
-from twisted_httpwasm._state import RequestState
+from twisted_httpwasm.runtime.cache import CompileCache, default_cache_dir
+from twisted_httpwasm.runtime.engine import ENGINE_SETTINGS, shared_engine
+from twisted_httpwasm.runtime.state import RequestState
 
 from .support import module, request_state
 

@@ -298,7 +298,7 @@ os.waitpid(child, 0)
 #: Builds what twistd httpwasm builds before it daemonizes, and counts the OS threads then.
 MAKE_SERVICE_SCRIPT = """
 import os, sys
-from twisted_httpwasm import tap
+from twisted_httpwasm.service import tap
 
 options = tap.Options()
 options.parseOptions(sys.argv[1:])
@@ -375,7 +375,7 @@ class TwistdOptionAfterHttpwasmTests(DaemonTestCase):
         """-n, -p, --pidfile after httpwasm: refused, naming twistd's option and where it goes; --port still works."""
         from twisted.python import usage
 
-        from twisted_httpwasm.tap import Options
+        from twisted_httpwasm.service.tap import Options
 
         for args, hint in [
             (["-n"], "-n is a twistd option (--nodaemon), not an httpwasm one: put it before httpwasm"),

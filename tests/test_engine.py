@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_httpwasm import _engine
+from twisted_httpwasm.runtime import engine as _engine
 
 
 class _Wakeups:

@@ -9,7 +9,7 @@ from twisted.logger import LogLevel as TwistedLogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm import Guest
-from twisted_httpwasm.guest import GuestLoadError
+from twisted_httpwasm.runtime.guest import GuestLoadError
 
 from .support import IMPORTS, NOOP_RESPONSE, LogCapture, module, request_state
 

@@ -18,9 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from twisted_httpwasm import Execution, Guest
-from twisted_httpwasm._calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, LogLimit
 from twisted_httpwasm.abi import LogLevel
-from twisted_httpwasm.tap import Options
+from twisted_httpwasm.runtime.calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, LogLimit
+from twisted_httpwasm.service.tap import Options
 
 from .support import LogCapture, ServerTestCase, module, request_state
 

@@ -14,10 +14,10 @@ from twisted.logger import LogLevel as TwistedLogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm import Guest
-from twisted_httpwasm._hostfuncs import HOST_FUNCTIONS
-from twisted_httpwasm._state import RequestState
 from twisted_httpwasm.abi import CtxNext, Feature, LogLevel, pack_count_len, pack_eof_len
-from twisted_httpwasm.guest import GuestInstance, GuestLoadError, GuestTrap
+from twisted_httpwasm.runtime.guest import GuestInstance, GuestLoadError, GuestTrap
+from twisted_httpwasm.runtime.hostfuncs import HOST_FUNCTIONS
+from twisted_httpwasm.runtime.state import RequestState
 
 from .support import LogCapture, make_guest, request_state
 

@@ -20,10 +20,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from twisted_httpwasm import GuestResource
-from twisted_httpwasm._pool import GuestPool
-from twisted_httpwasm._site import HOUSEKEEPING_INTERVAL, GuestSite
-from twisted_httpwasm._worker import GuestWorkers
-from twisted_httpwasm.tap import Options, make_site
+from twisted_httpwasm.runtime.pool import GuestPool
+from twisted_httpwasm.service.tap import Options, make_site
+from twisted_httpwasm.web.guest_threads import GuestWorkers
+from twisted_httpwasm.web.site import HOUSEKEEPING_INTERVAL, GuestSite
 
 from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, make_guest, module, on_guest_log, poll
 from .test_http2 import H2_SKIP, certificates, h2_fetch

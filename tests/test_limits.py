@@ -20,9 +20,9 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.static import Data
 
 from twisted_httpwasm import Execution, FailurePolicy, Guest, GuestResource
-from twisted_httpwasm._hostfuncs import MAX_LOG_MESSAGE
-from twisted_httpwasm._pool import GuestPool, GuestUnavailable
-from twisted_httpwasm.guest import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT
+from twisted_httpwasm.runtime.guest import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT
+from twisted_httpwasm.runtime.hostfuncs import MAX_LOG_MESSAGE
+from twisted_httpwasm.runtime.pool import GuestPool, GuestUnavailable
 
 from .support import ServerTestCase, module, poll
 from .test_resource import Echo, GuestTestMixin, Strings, event_text, log_text, raw_connect, split_response

@@ -11,7 +11,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm import Guest, GuestLoadError
-from twisted_httpwasm.tap import Options, _load_guests
+from twisted_httpwasm.service.tap import Options, _load_guests
 
 from .support import EXAMPLES, TempFilesMixin
 from .test_twistd import TwistdTestCase

@@ -13,11 +13,11 @@ from typing import Any
 import wasmtime
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_httpwasm._hostfuncs import HOST_FUNCTIONS
-from twisted_httpwasm._native import HostTrap
-from twisted_httpwasm._state import RequestState
 from twisted_httpwasm.abi import HOST_MODULE, LogLevel
-from twisted_httpwasm.guest import Guest, GuestTrap
+from twisted_httpwasm.runtime.guest import Guest, GuestTrap
+from twisted_httpwasm.runtime.hostfuncs import HOST_FUNCTIONS
+from twisted_httpwasm.runtime.native import HostTrap
+from twisted_httpwasm.runtime.state import RequestState
 
 from .support import module, request_state
 

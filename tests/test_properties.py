@@ -23,11 +23,12 @@ from hypothesis import strategies as st
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_httpwasm import Guest, GuestTrap, _native
-from twisted_httpwasm._hostfuncs import HOST_FUNCTIONS
-from twisted_httpwasm._state import RequestState
+from twisted_httpwasm import Guest, GuestTrap
 from twisted_httpwasm.abi import encode_nul_list, pack_count_len, pack_eof_len
-from twisted_httpwasm.guest import GuestInstance
+from twisted_httpwasm.runtime import native as _native
+from twisted_httpwasm.runtime.guest import GuestInstance
+from twisted_httpwasm.runtime.hostfuncs import HOST_FUNCTIONS
+from twisted_httpwasm.runtime.state import RequestState
 
 from .support import make_guest
 

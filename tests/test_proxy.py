@@ -23,7 +23,7 @@ from twisted.web.static import Data
 from twisted.web.test.requesthelper import DummyRequest
 
 from twisted_httpwasm import Execution
-from twisted_httpwasm.proxy import BadGateway, ProxyResource, end_to_end_headers
+from twisted_httpwasm.web.proxy import BadGateway, ProxyResource, end_to_end_headers
 
 from .support import EXECUTIONS, ServerTestCase, collect_streamed, guest_text, make_guest, on_guest_log, poll
 

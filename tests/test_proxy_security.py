@@ -29,9 +29,9 @@ from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from twisted_httpwasm import Execution, GuestResource
-from twisted_httpwasm._backend_request import remember_client_headers
-from twisted_httpwasm.proxy import PathOutsideBase, ProxyResource
-from twisted_httpwasm.tap import Options, make_site
+from twisted_httpwasm.service.tap import Options, make_site
+from twisted_httpwasm.web.backend_request import remember_client_headers
+from twisted_httpwasm.web.proxy import PathOutsideBase, ProxyResource
 
 from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, make_guest
 from .test_proxy import Recording, serve_backend

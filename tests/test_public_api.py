@@ -8,7 +8,16 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import twisted_httpwasm
 
-PUBLIC_MODULES = ("abi", "guest", "resource", "proxy", "tap")
+PUBLIC_MODULES = (
+    "abi",
+    "runtime.guest",
+    "web.resource",
+    "web.proxy",
+    "web.wsgi",
+    "web.site",
+    "web.drain",
+    "service.tap",
+)
 
 
 class PublicApiTests(SynchronousTestCase):
@@ -35,8 +44,10 @@ class PublicApiTests(SynchronousTestCase):
                 "GuestTrap",
                 "HeaderKind",
                 "LogLevel",
+                "LogLimit",
                 "Mount",
                 "ProxyResource",
+                "UnderscoreHeaderGuard",
             ],
         )
 

@@ -29,11 +29,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from twisted_httpwasm import _drain
-from twisted_httpwasm._drain import DrainService, stop_reactor, take_over_stop_signals
-from twisted_httpwasm._site import GuestSite
-from twisted_httpwasm._workers_process import STOP_TIMEOUT, WorkersService
-from twisted_httpwasm.tap import Options, makeService
+from twisted_httpwasm.service.tap import Options, makeService
+from twisted_httpwasm.service.workers import STOP_TIMEOUT, WorkersService
+from twisted_httpwasm.web import drain as _drain
+from twisted_httpwasm.web.drain import DrainService, stop_reactor, take_over_stop_signals
+from twisted_httpwasm.web.site import GuestSite
 
 from .support import ServerTestCase, TempFilesMixin, poll
 from .test_daemon import DaemonTestCase

@@ -21,14 +21,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
-from twisted_httpwasm import tap
-from twisted_httpwasm._workers_process import TCPListen, WorkersService
 from twisted_httpwasm.abi import LogLevel
-from twisted_httpwasm.demo import BUNDLED_GUESTS, DemoPage, bundled_guest
-from twisted_httpwasm.guest import DEFAULT_MAX_BUFFER_BYTES, DEFAULT_MEMORY_LIMIT, Execution, Mount
-from twisted_httpwasm.proxy import ProxyResource
-from twisted_httpwasm.resource import FailurePolicy, GuestResource
-from twisted_httpwasm.tap import Options, makeService, parse_size
+from twisted_httpwasm.runtime.guest import DEFAULT_MAX_BUFFER_BYTES, DEFAULT_MEMORY_LIMIT, Execution, Mount
+from twisted_httpwasm.service import tap
+from twisted_httpwasm.service.tap import Options, makeService, parse_size
+from twisted_httpwasm.service.workers import TCPListen, WorkersService
+from twisted_httpwasm.web.demo import BUNDLED_GUESTS, DemoPage, bundled_guest
+from twisted_httpwasm.web.proxy import ProxyResource
+from twisted_httpwasm.web.resource import FailurePolicy, GuestResource
 
 from .support import NOOP_RESPONSE, TempFilesMixin, module
 

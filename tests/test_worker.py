@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.static import Data
 
-from twisted_httpwasm._worker import FAST_THREADS, GuestWorkers
+from twisted_httpwasm.web.guest_threads import FAST_THREADS, GuestWorkers
 
 from .support import NOOP_RESPONSE, ServerTestCase, make_guest, poll
 

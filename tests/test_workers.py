@@ -27,9 +27,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from twisted_httpwasm import _workers_process
-from twisted_httpwasm._drain import DEFAULT_SHUTDOWN_TIMEOUT
-from twisted_httpwasm._workers_process import (
+from twisted_httpwasm.service import worker_main, workers
+from twisted_httpwasm.service.workers import (
     SPEC_VARIABLE,
     STOP_TIMEOUT,
     TCPListen,
@@ -37,6 +36,7 @@ from twisted_httpwasm._workers_process import (
     WorkersService,
     describe_exit,
 )
+from twisted_httpwasm.web.drain import DEFAULT_SHUTDOWN_TIMEOUT
 
 from .support import poll
 from .test_twistd import DEADLINE, HEADER_GUEST, Twistd, TwistdTestCase
@@ -121,7 +121,7 @@ class WorkersServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = ProcessReactor()
         self.events: list[dict[str, Any]] = []
-        self.patch(_workers_process, "_log", Logger(namespace="httpwasm", observer=self.events.append))
+        self.patch(workers, "_log", Logger(namespace="httpwasm", observer=self.events.append))
         self.site = Site(Resource())
 
     def service(self, workers: int = 3, *descriptions: str) -> WorkersService:
@@ -158,7 +158,7 @@ class WorkersServiceTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.processes), 2)
         for number, process in enumerate(self.reactor.processes, start=2):
             self.assertEqual(
-                process.args, [sys.executable, "-m", "twisted_httpwasm._workers_process", f"--worker={number}"]
+                process.args, [sys.executable, "-m", "twisted_httpwasm.service.workers", f"--worker={number}"]
             )
             self.assertEqual(process.path, "/srv/site")
             self.assertEqual(process.child_fds, {0: "w", 1: "r", 2: "r", 3: first.fileno(), 4: second.fileno()})
@@ -173,7 +173,7 @@ class WorkersServiceTests(SynchronousTestCase):
                     {"fd": 4, "family": socket.AF_INET, "description": "tcp:0:interface=127.0.0.1:backlog=5"},
                 ],
             )
-            self.assertIn(str(Path(_workers_process.__file__).resolve().parent.parent), process.env["PYTHONPATH"])
+            self.assertIn(str(Path(workers.__file__).resolve().parents[2]), process.env["PYTHONPATH"])
             self.assertEqual(spec["pythonpath"], os.environ.get("PYTHONPATH"))
         self.assertEqual(
             self.texts(),
@@ -231,7 +231,7 @@ class WorkersServiceTests(SynchronousTestCase):
     def test_worker_log_lines_round_trip(self) -> None:
         """A worker writes each event as one JSON line: level, system, text (tracebacks included), readiness."""
         out = io.StringIO()
-        worker_log = Logger(namespace="httpwasm.test", observer=_workers_process._JSONLinesObserver(out))
+        worker_log = Logger(namespace="httpwasm.test", observer=worker_main._JSONLinesObserver(out))
         worker_log.warn("hello {who}", who="you")
         worker_log.info("serving", httpwasm_worker_ready=True)
         try:
@@ -265,7 +265,7 @@ class WorkersServiceTests(SynchronousTestCase):
         self.assertEqual(service.processes, {})
         self.assertIn("httpwasm worker 2 (pid 1000) was killed by signal 9; starting another in 1.0 s", self.texts())
         self.assertEqual(len(self.reactor.processes), 1)
-        self.reactor.advance(_workers_process.RESTART_DELAY)
+        self.reactor.advance(workers.RESTART_DELAY)
         self.assertEqual(len(self.reactor.processes), 2)
         self.assertEqual(self.reactor.processes[1].spec["worker"], 2)
         self.assertIs(service.processes[2], self.reactor.processes[1].protocol)
@@ -424,13 +424,13 @@ class WorkersEndToEndTests(TwistdTestCase):
     def test_workers_die_with_a_killed_main_process(self) -> Generator[Any, Any, None]:
         """A main process killed without a chance to stop its workers still takes them down."""
         _, server = yield self.start_workers(3)
-        workers = []
+        pids = []
         for number in (2, 3):
-            workers.append((yield self.wait_for_worker(server, number)))
+            pids.append((yield self.wait_for_worker(server, number)))
         server.process.kill()
         server.process.wait()
-        gone = yield poll(lambda: not any(alive(pid) for pid in workers), 10)
-        self.assertTrue(gone, f"workers {[pid for pid in workers if alive(pid)]} outlived the main process")
+        gone = yield poll(lambda: not any(alive(pid) for pid in pids), 10)
+        self.assertTrue(gone, f"workers {[pid for pid in pids if alive(pid)]} outlived the main process")
 
     @inlineCallbacks
     def test_workers_refuse_other_endpoints(self) -> Generator[Any, Any, None]:

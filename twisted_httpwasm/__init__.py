@@ -7,12 +7,14 @@ Three lines put a guest in front of a resource::
     site = Site(GuestResource(guest, MyResource()))
 """
 
-from ._drain import DrainService
-from ._site import GuestSite
 from .abi import BodyKind, Feature, HeaderKind, LogLevel
-from .guest import Execution, Guest, GuestLoadError, GuestTrap, Mount
-from .proxy import ProxyResource
-from .resource import FailurePolicy, GuestResource
+from .runtime.calllog import LogLimit
+from .runtime.guest import Execution, Guest, GuestLoadError, GuestTrap, Mount
+from .web.drain import DrainService
+from .web.proxy import ProxyResource
+from .web.resource import FailurePolicy, GuestResource
+from .web.site import GuestSite
+from .web.wsgi import UnderscoreHeaderGuard
 
 __all__ = [
     "BodyKind",
@@ -27,6 +29,8 @@ __all__ = [
     "GuestTrap",
     "HeaderKind",
     "LogLevel",
+    "LogLimit",
     "Mount",
     "ProxyResource",
+    "UnderscoreHeaderGuard",
 ]

@@ -17,7 +17,7 @@ from twisted.web.server import Request
 __all__ = ["BUNDLED_GUESTS", "DEMO_GUEST", "DemoPage", "bundled_guest"]
 
 #: The directory of the guests shipped with the package, as ``.wat`` sources.
-BUNDLED_GUESTS = Path(__file__).resolve().parent / "guests"
+BUNDLED_GUESTS = Path(__file__).resolve().parent.parent / "guests"
 
 #: The guest of the demo: answers ``/hello`` itself and marks everything else.
 DEMO_GUEST = "demo"

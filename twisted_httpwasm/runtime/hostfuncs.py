@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ._native import HostTrap, NativeMemory
-from ._state import BodyTooLarge, HeaderList, Phase, RequestState
-from .abi import BodyKind, Feature, HeaderKind, LogLevel, encode_nul_list, pack_count_len, pack_eof_len
+from ..abi import BodyKind, Feature, HeaderKind, LogLevel, encode_nul_list, pack_count_len, pack_eof_len
+from .native import HostTrap, NativeMemory
+from .state import BodyTooLarge, HeaderList, Phase, RequestState
 
 __all__ = ["HOST_FUNCTIONS", "MAX_LOG_MESSAGE", "SUPPORTED_FEATURES", "HostContext", "HostFunctionSpec"]
 

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import wasmtime
 
-from . import _native
+from . import native as _native
 
 __all__ = [
     "ENGINE_SETTINGS",

@@ -12,7 +12,7 @@ import enum
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from .abi import BodyKind
+from ..abi import BodyKind
 
 __all__ = ["BodyTooLarge", "HeaderList", "Phase", "RequestState"]
 

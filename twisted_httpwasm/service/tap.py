@@ -6,7 +6,7 @@ and the endpoints (``--listen``) mean exactly what they mean there.  The guest
 options, ``--proxy`` (a reverse-proxy downstream) and ``--workers`` are added on
 top.  :func:`makeService` loads the guests, puts them in front of the
 downstream and listens on every endpoint.  Without a guest and a downstream it
-serves the bundled demo (:mod:`twisted_httpwasm.demo`).
+serves the bundled demo (:mod:`twisted_httpwasm.web.demo`).
 """
 
 from __future__ import annotations
@@ -30,12 +30,8 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 
-from ._drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainService
-from ._site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
-from ._workers_process import TCPListen, WorkersService
-from .abi import Feature, LogLevel
-from .demo import DEMO_GUEST, DemoPage, bundled_guest
-from .guest import (
+from ..abi import Feature, LogLevel
+from ..runtime.guest import (
     DEFAULT_MAX_BUFFER_BYTES,
     DEFAULT_MEMORY_LIMIT,
     DEFAULT_TIMEOUT,
@@ -45,9 +41,13 @@ from .guest import (
     LogLimit,
     Mount,
 )
-from .proxy import ProxyResource
-from .resource import FailurePolicy, GuestResource
-from .wsgi import UnderscoreHeaderGuard
+from ..web.demo import DEMO_GUEST, DemoPage, bundled_guest
+from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainService
+from ..web.proxy import ProxyResource
+from ..web.resource import FailurePolicy, GuestResource
+from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
+from ..web.wsgi import UnderscoreHeaderGuard
+from .workers import TCPListen, WorkersService
 
 __all__ = ["DEMO_LISTEN", "Options", "makeService", "make_site", "parse_size"]
 
@@ -628,7 +628,7 @@ def makeService(config: Options) -> service.MultiService:
     """The guests in front of the downstream, served by one ``Site`` on every ``--listen`` endpoint.
 
     With ``--workers N`` (N > 1) the endpoints are served by this process and
-    N-1 worker processes (:class:`~twisted_httpwasm._workers_process.WorkersService`).
+    N-1 worker processes (:class:`~twisted_httpwasm.service.workers.WorkersService`).
     Raises :class:`SystemExit` with the reason when a guest cannot be loaded.
     """
     top = service.MultiService()  # type: ignore[no-untyped-call]

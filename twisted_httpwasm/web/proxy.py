@@ -8,7 +8,7 @@ sit in front of it like in front of any other::
 
 The request the backend receives is the one the guest left: its method, URI
 (appended to the backend's base path, kept below it), headers (as reverse
-proxies send them, see :mod:`twisted_httpwasm._backend_request`) and body.
+proxies send them, see :mod:`twisted_httpwasm.web.backend_request`) and body.
 The backend's answer
 is streamed back as it arrives, with back-pressure: a slow client pauses the
 backend connection.  A backend that cannot be reached, or that fails before it
@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ._backend_request import (
+from .backend_request import (
     HOP_BY_HOP_HEADERS,
     PathOutsideBase,
     backend_headers,
@@ -210,7 +210,7 @@ class ProxyResource(Resource):
         return self.scheme + b"://" + self.netloc + self.base_path + path_inside_base(path) + question + query
 
     def backend_headers(self, request: Request) -> Headers:
-        """The headers the backend gets (see :func:`~twisted_httpwasm._backend_request.backend_headers`)."""
+        """The headers the backend gets (see :func:`~twisted_httpwasm.web.backend_request.backend_headers`)."""
         return backend_headers(request, self.netloc, trust_forwarded=self.trust_forwarded)
 
     def render(self, request: Request) -> object:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .abi import LogLevel
+from ..abi import LogLevel
 
 __all__ = ["DEFAULT_LOG_BYTES", "DEFAULT_LOG_MESSAGES", "CallLog", "LogLimit", "format_size"]
 

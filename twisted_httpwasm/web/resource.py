@@ -10,10 +10,10 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from ._filter import RequestFilter
-from ._runner import InlineRunner, Runner, ThreadRunner
-from ._worker import workers_for
-from .guest import Execution, Guest
+from ..runtime.guest import Execution, Guest
+from .filter import RequestFilter
+from .guest_threads import workers_for
+from .runners import InlineRunner, Runner, ThreadRunner
 
 __all__ = ["FailurePolicy", "GuestResource"]
 

@@ -20,16 +20,17 @@ from twisted.logger import Logger
 from twisted.logger import LogLevel as TwistedLogLevel
 from twisted.python import threadable
 
-from . import _engine, _native
-from ._cache import CompileCache, default_cache_dir
-from ._calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, CallLog, LogLimit
-from ._engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
-from ._hostfuncs import HOST_FUNCTIONS
-from ._native import CallerMemory, GuestCallError, NativeFunc, NativeMemory
-from ._output import CapturedOutput
-from ._pool import GuestPool, GuestUnavailable
-from ._state import Phase, RequestState
-from .abi import HOST_MODULE, WASI_MODULE, CtxNext, LogLevel, unpack_ctx_next
+from ..abi import HOST_MODULE, WASI_MODULE, CtxNext, LogLevel, unpack_ctx_next
+from . import engine as _engine
+from . import native as _native
+from .cache import CompileCache, default_cache_dir
+from .calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, CallLog, LogLimit
+from .engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
+from .hostfuncs import HOST_FUNCTIONS
+from .native import CallerMemory, GuestCallError, NativeFunc, NativeMemory
+from .output import CapturedOutput
+from .pool import GuestPool, GuestUnavailable
+from .state import Phase, RequestState
 
 __all__ = [
     "DEFAULT_LOG_BYTES",

@@ -1,6 +1,6 @@
 """What a reverse proxy sends its backend: a path kept below the base, headers as proxies send them.
 
-:class:`~twisted_httpwasm.proxy.ProxyResource` forwards the request its guests
+:class:`~twisted_httpwasm.web.proxy.ProxyResource` forwards the request its guests
 left.  Two things must not be decided by that final request alone:
 
 - the **path**: whatever ``..`` a client or a guest put in the URI, the
@@ -115,7 +115,7 @@ def remember_client_headers(request: Request) -> None:
     """Keep the request's headers object as the client's, if none is kept yet.
 
     Call it before any guest runs: the outermost
-    :class:`~twisted_httpwasm.resource.GuestResource`'s filter does.  A guest
+    :class:`~twisted_httpwasm.web.resource.GuestResource`'s filter does.  A guest
     that changes headers gets a new headers object, so the kept one stays as
     the client sent it.
     """

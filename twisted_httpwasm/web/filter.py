@@ -1,7 +1,7 @@
 """The per-request filter: pins one guest instance from request to response.
 
 A :class:`RequestFilter` is made for each request that reaches a
-:class:`~twisted_httpwasm.resource.GuestResource`.  It
+:class:`~twisted_httpwasm.web.resource.GuestResource`.  It
 
 1. snapshots the request as plain data and runs ``handle_request`` (in a
    worker thread or inline) on an instance it takes from the pool and pins;
@@ -20,7 +20,7 @@ import io
 import math
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IPullProducer, IPushProducer
@@ -31,16 +31,26 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource, _IEncodingResource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ._backend_request import remember_client_headers
-from ._pool import GuestUnavailable
-from ._state import BodyTooLarge, RequestState
-from .abi import Feature
-from .guest import GuestInstance, GuestTrap
+from ..abi import Feature
+from ..runtime.guest import Guest, GuestInstance, GuestTrap
+from ..runtime.pool import GuestUnavailable
+from ..runtime.state import BodyTooLarge, RequestState
+from .backend_request import remember_client_headers
+from .runners import Runner
 
-if TYPE_CHECKING:
-    from .resource import GuestResource
+__all__ = ["FilterSettings", "RequestFilter"]
 
-__all__ = ["RequestFilter"]
+
+class FilterSettings(Protocol):
+    """What a filter needs from the resource that made it (a ``GuestResource``)."""
+
+    guest: Guest
+    downstream: Any
+    reactor: Any
+    runner: Runner
+    fail_open: bool
+    noted_framing_headers: set[bytes]
+
 
 _log = Logger(namespace="httpwasm")
 
@@ -199,7 +209,7 @@ def _raw_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
 class RequestFilter:
     """One request's passage through a guest, holding its pinned instance."""
 
-    def __init__(self, wrapper: GuestResource, request: Request):
+    def __init__(self, wrapper: FilterSettings, request: Request):
         # Before any guest changes them: a proxy downstream tells the client's headers from a guest's.
         remember_client_headers(request)
         self.wrapper = wrapper

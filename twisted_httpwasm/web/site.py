@@ -24,7 +24,7 @@ from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
-from ._drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
+from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",

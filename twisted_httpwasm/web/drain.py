@@ -1,6 +1,6 @@
 """Graceful shutdown: a site's requests in flight finish before the process stops.
 
-:class:`InFlight` follows the requests of one :class:`~twisted_httpwasm._site.GuestSite`
+:class:`InFlight` follows the requests of one :class:`~twisted_httpwasm.web.site.GuestSite`
 (the connections it built, and from a drain on, every request on them, from its
 first line to its end, HTTP/1 and HTTP/2 alike).  :meth:`InFlight.drain`
 stops new requests on the open connections (``Connection: close`` on the
@@ -230,7 +230,7 @@ def _text(value: bytes | str) -> str:
 
 
 class DrainService(service.Service):
-    """Drains ``site`` (a :class:`~twisted_httpwasm._site.GuestSite`) when the service stops.
+    """Drains ``site`` (a :class:`~twisted_httpwasm.web.site.GuestSite`) when the service stops.
 
     Put it in the same service collection as the services that listen for
     ``site``: they stop listening while this one waits, up to ``timeout``

@@ -1,0 +1,1 @@
+"""The twisted.web adapter: the wrapping resource, the per-request filter, guest threads, proxy."""
