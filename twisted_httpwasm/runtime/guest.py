@@ -28,6 +28,7 @@ from .calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, CallLog, LogLimit
 from .engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
 from .hostfuncs import HOST_FUNCTIONS
 from .native import CallerMemory, GuestCallError, NativeFunc, NativeMemory
+from .observe import NO_OBSERVER, GuestObserver
 from .output import CapturedOutput
 from .pool import GuestPool, GuestUnavailable
 from .state import Phase, RequestState
@@ -163,6 +164,8 @@ class Guest:
         self.env = tuple(env)
         self.mounts = tuple(mounts)
         self.log = Logger(namespace=f"httpwasm.guest.{self.name}")
+        #: Told how each request through this guest ended (metrics, traces); nothing by default.
+        self.observer: GuestObserver = NO_OBSERVER
         self.log_limit = log_limit
         self._reactor = reactor
         self.engine = shared_engine()
