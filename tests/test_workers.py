@@ -158,7 +158,7 @@ class WorkersServiceTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.processes), 2)
         for number, process in enumerate(self.reactor.processes, start=2):
             self.assertEqual(
-                process.args, [sys.executable, "-m", "twisted_httpwasm.service.workers", f"--worker={number}"]
+                process.args, [sys.executable, "-m", "twisted_httpwasm.service.worker_main", f"--worker={number}"]
             )
             self.assertEqual(process.path, "/srv/site")
             self.assertEqual(process.child_fds, {0: "w", 1: "r", 2: "r", 3: first.fileno(), 4: second.fileno()})
