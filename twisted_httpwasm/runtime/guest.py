@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 import os
 import re
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +169,10 @@ class Guest:
         #: Told how each request through this guest ended (metrics, traces); nothing by default.
         self.observer: GuestObserver = NO_OBSERVER
         self.log_limit = log_limit
+        #: Guest log messages logged, and dropped over a call's log limit (read by metrics).
+        self.log_messages = 0
+        self.log_dropped = 0
+        self._log_count_lock = threading.Lock()
         self._reactor = reactor
         self.engine = shared_engine()
         self.compile_cache: CompileCache | None = None
@@ -316,6 +322,7 @@ class Guest:
 
     def _write(self, lines: list[tuple[LogLevel, str]], summary: str | None) -> None:
         log = self.log
+        self.log_messages += len(lines)
         for level, text in lines:
             log.emit(_TWISTED_LEVELS[level], _GUEST_LINE, guest=self.name, text=text)
         if summary is not None:
@@ -422,10 +429,13 @@ class GuestInstance:
         previous = current.target
         current.target = self
         self.state = state
+        failed: str | None = None
+        started = time.monotonic()
         try:
             return function(*args)
         except GuestCallError as error:
             self.trapped = True
+            failed = "timeout" if error.interrupted else "trap"
             reason = state.trap_reason or str(error)
             if error.interrupted:
                 reason = f"guest exceeded its time limit of {self.guest.timeout} s"
@@ -434,6 +444,7 @@ class GuestInstance:
             state.trap_reason = reason
             raise GuestTrap(reason, timed_out=error.interrupted) from None
         finally:
+            state.calls.append((state.phase, started, time.monotonic(), failed))
             self.state = None
             current.target = previous
             if self._outputs:
@@ -447,6 +458,11 @@ class GuestInstance:
         uri = state.uri.decode("latin-1")
         if len(uri) > 200:
             uri = uri[:200] + "..."
+        dropped = self.call_log.dropped
+        if dropped:
+            guest = self.guest
+            with guest._log_count_lock:  # instances of one guest may run in several threads
+                guest.log_dropped += dropped
         lines, summary = self.call_log.take(self.guest.name, f"in {state.phase.value} for {method} {uri}")
         self.guest.hand_over(lines, summary)
 

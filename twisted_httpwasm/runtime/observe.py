@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-__all__ = ["NO_OBSERVER", "OUTCOMES", "GuestObserver", "NullObserver", "Outcome"]
+__all__ = ["NO_OBSERVER", "OUTCOMES", "GuestObserver", "NullObserver", "Observers", "Outcome", "add_observer"]
 
 
 class Outcome:
@@ -54,3 +54,35 @@ class NullObserver:
 
 
 NO_OBSERVER: GuestObserver = NullObserver()
+
+
+class Observers:
+    """Several observers of one guest (metrics and traces), told in order; one that raises is skipped."""
+
+    def __init__(self, *observers: GuestObserver):
+        self.observers = tuple(observers)
+
+    def request_finished(self, guest: Any, request: Any, state: Any, outcome: str, started: float) -> None:
+        for observer in self.observers:
+            try:
+                observer.request_finished(guest, request, state, outcome, started)
+            except Exception:  # noqa: BLE001 - an observer must not break the request path
+                _report(observer)
+
+
+def _report(observer: object) -> None:
+    from twisted.logger import Logger
+
+    Logger(namespace="httpwasm").failure("observer {observer!r} failed", observer=observer)
+
+
+def add_observer(guest: Any, observer: GuestObserver) -> None:
+    """Make ``observer`` hear about ``guest``'s requests too, keeping the observers it has."""
+    current = guest.observer
+    if current is NO_OBSERVER or current is observer:
+        guest.observer = observer
+    elif isinstance(current, Observers):
+        if observer not in current.observers:
+            guest.observer = Observers(*current.observers, observer)
+    else:
+        guest.observer = Observers(current, observer)

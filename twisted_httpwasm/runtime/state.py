@@ -155,6 +155,9 @@ class RequestState:
         self.response_reader_position = 0
         self.is_error = False
         self.trap_reason: str | None = None
+        #: Each guest call on this request: (phase, monotonic start, end, error: None, "trap" or "timeout").
+        #: Read by observers (metrics, traces) once the request is over.
+        self.calls: list[tuple[Phase, float, float, str | None]] = []
         self._written: set[BodyKind] = set()
 
     def enter_response_phase(self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes | None) -> None:

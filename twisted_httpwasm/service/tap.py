@@ -47,6 +47,7 @@ from ..web.proxy import ProxyResource
 from ..web.resource import FailurePolicy, GuestResource
 from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
 from ..web.wsgi import UnderscoreHeaderGuard
+from . import observability
 from .workers import TCPListen, WorkersService
 
 __all__ = ["DEMO_LISTEN", "Options", "makeService", "make_site", "parse_size"]
@@ -158,6 +159,8 @@ then are cut and logged. twistd then exits with status 0.
         self["shutdown-timeout"] = DEFAULT_SHUTDOWN_TIMEOUT
         self["proxy-trust-forwarded"] = False
         self["wsgi-keep-underscore-headers"] = False
+        self["metrics"] = None
+        self["otel"] = False
         self._configured_guests: set[int] = set()
         self.argv: list[str] = []
         self.cwd = os.getcwd()
@@ -382,6 +385,19 @@ then are cut and logged. twistd then exits with status 0.
         """With --proxy: clients are proxies you trust; keep their Forwarded, X-Forwarded-*, X-Real-IP and append."""
         self["proxy-trust-forwarded"] = True
 
+    def opt_metrics(self, description: str) -> None:
+        """Serve Prometheus metrics per guest at /metrics on this endpoint (strports, e.g.
+        tcp:9100:interface=127.0.0.1); with --workers, summed over every process. Needs the metrics extra.
+        """
+        self["metrics"] = observability.check_metrics_option(description)
+
+    def opt_otel(self) -> None:
+        """OpenTelemetry traces: a server span per request, spans per guest call, exported with OTLP
+        (OTEL_EXPORTER_OTLP_* configure it; any of them enables tracing too). Needs the otel extra.
+        """
+        observability.check_otel_option()
+        self["otel"] = True
+
     def opt_listen(self, description: str) -> None:
         """An endpoint to serve on (strports description); repeatable. [default: tcp:8080; for the demo page
         tcp:8080:interface=127.0.0.1]
@@ -587,6 +603,7 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     if config["display-tracebacks"]:
         site.displayTracebacks = True
     DrainService(site, config["shutdown-timeout"]).setServiceParent(parent)  # type: ignore[no-untyped-call]
+    observability.observe_site(config, site, guests, parent)  # --metrics, --otel
     return site
 
 
@@ -632,6 +649,7 @@ def makeService(config: Options) -> service.MultiService:
     Raises :class:`SystemExit` with the reason when a guest cannot be loaded.
     """
     top = service.MultiService()  # type: ignore[no-untyped-call]
+    observability.prepare_processes(config, top)  # before any metric exists: --workers share them
     site = make_site(config, top)
     workers: int = config["workers"]
     if workers > 1:
@@ -645,6 +663,7 @@ def makeService(config: Options) -> service.MultiService:
             # Site provides IProtocolFactory; mypy cannot see zope interface declarations.
             strports.service(description, site).setServiceParent(top)  # type: ignore[arg-type, no-untyped-call]
 
+    observability.serve_metrics(config, site, top)
     processes = f", {workers} processes" if workers > 1 else ""
     if config["demo"]:
         url = _url_of(config["ports"][0])

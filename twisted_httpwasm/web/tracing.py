@@ -1,0 +1,271 @@
+"""OpenTelemetry traces: a server span per request, a span per guest and per guest call.
+
+(The ``otel`` extra: ``pip install 'twisted-httpwasm[otel]'``.)  When a request
+arrives (:meth:`GuestTracing.request_arrived`, which a :class:`GuestSite` calls
+for every request once :meth:`GuestTracing.install` ran) its server span
+starts, as the child of the client's W3C ``traceparent`` if it sent one; its
+``traceparent`` is then known, and a ``--proxy`` downstream sends it to the
+backend (:func:`traceparent_of`).  The guests' spans are made when the request
+path says a guest's part is over (the observer call ``request_finished``),
+from the times the runtime recorded for each guest call, so tracing costs the
+guest calls nothing::
+
+    server span "GET"                        (kind SERVER; status code, outcome of the outermost guest)
+      "guest auth"                           (httpwasm.guest, httpwasm.outcome, http.response.status_code)
+        "handle_request", "handle_response"  (one per guest call; status ERROR if it trapped)
+      "guest router" ...
+      "downstream"                           (from the innermost guest's handle_request to its handle_response)
+
+Without a provider given, :meth:`GuestTracing.start` makes one that exports
+with OTLP (``OTEL_EXPORTER_OTLP_*`` configure it; ``OTEL_TRACES_EXPORTER=console``
+prints spans, ``none`` exports nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from ..runtime.observe import add_observer
+from ..runtime.state import Phase
+
+__all__ = [
+    "INSTALL_HINT",
+    "GuestTracing",
+    "TracingService",
+    "available",
+    "enabled_by_environment",
+    "traceparent_of",
+]
+
+_log = Logger(namespace="httpwasm")
+
+INSTALL_HINT = "--otel needs OpenTelemetry: pip install 'twisted-httpwasm[otel]'"
+
+_TRACE = "_httpwasm_trace"
+_TRACEPARENT = "_httpwasm_traceparent"
+_PHASES = {Phase.REQUEST: "handle_request", Phase.RESPONSE: "handle_response", Phase.INIT: "init"}
+_ENVIRONMENT = ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+
+def available() -> bool:
+    """Whether the OpenTelemetry SDK is installed (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("opentelemetry.sdk") is not None
+
+
+def enabled_by_environment() -> bool:
+    """The standard ``OTEL_*`` variables ask for traces (and ``OTEL_SDK_DISABLED`` does not forbid them)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return False
+    return available() and any(os.environ.get(name) for name in _ENVIRONMENT)
+
+
+def traceparent_of(request: Request) -> bytes | None:
+    """The W3C ``traceparent`` of ``request``'s server span (for a backend), if it is traced."""
+    value: bytes | None = request.__dict__.get(_TRACEPARENT)
+    return value
+
+
+def _epoch_ns(monotonic: float, offset: int) -> int:
+    return int(monotonic * 1e9) + offset
+
+
+class _Trace:
+    """One request's server span and what its guests' spans hang from."""
+
+    __slots__ = ("context", "downstream", "span")
+
+    def __init__(self, span: Any, context: Any):
+        self.span = span
+        self.context = context
+        #: The downstream's (start, end, guest): between the innermost guest's two calls.
+        self.downstream: tuple[float, float, str] | None = None
+
+
+class _HeaderGetter:
+    """Reads twisted.web request headers for the W3C propagator."""
+
+    def get(self, carrier: Any, key: str) -> list[str] | None:
+        values = carrier.getRawHeaders(key.encode("latin-1"))
+        return [value.decode("latin-1") for value in values] if values else None
+
+    def keys(self, carrier: Any) -> list[str]:
+        return [name.decode("latin-1").lower() for name, _ in carrier.getAllRawHeaders()]
+
+
+class GuestTracing:
+    """Spans per request, guest and guest call; an observer for :class:`~twisted_httpwasm.runtime.guest.Guest`.
+
+    ``tracer_provider``: an OpenTelemetry ``TracerProvider`` (with an
+    in-memory exporter in tests); without one, :meth:`start` makes the
+    standard one.
+    """
+
+    def __init__(self, tracer_provider: Any = None, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.reactor = reactor
+        self.provider = tracer_provider
+        self._own_provider = tracer_provider is None
+        self._tracer: Any = None
+        if tracer_provider is not None:
+            self._tracer = tracer_provider.get_tracer("twisted_httpwasm")
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self._propagator = TraceContextTextMapPropagator()
+        self._getter: Any = _HeaderGetter()
+
+    def start(self) -> None:
+        """Make the OTLP-exporting provider, if none was given (after twistd forked: it starts a thread)."""
+        if self._tracer is not None:
+            return
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "twisted-httpwasm"})
+        provider = TracerProvider(resource=resource)
+        kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+        exporter: SpanExporter | None = None
+        if kind == "console":
+            exporter = ConsoleSpanExporter()
+        elif kind != "none":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter()
+        if exporter is not None:
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+        self.provider = provider
+        self._tracer = provider.get_tracer("twisted_httpwasm")
+
+    def stop(self) -> None:
+        """Export what is left and stop the provider this made."""
+        if self._own_provider and self.provider is not None:
+            self.provider.shutdown()
+
+    def watch(self, guest: Any) -> None:
+        """Trace ``guest``'s requests (its observer, kept with any other)."""
+        add_observer(guest, self)
+
+    def install(self, site: Any) -> None:
+        """Start a server span for every request ``site`` receives (a :class:`GuestSite`)."""
+        hooks = list(getattr(site, "request_hooks", ()))
+        hooks.append(self.request_arrived)
+        site.request_hooks = tuple(hooks)
+
+    # -- the server span ----------------------------------------------------------------
+
+    def request_arrived(self, request: Request) -> None:
+        """Start ``request``'s server span (child of the client's ``traceparent``) before any guest runs."""
+        tracer = self._tracer
+        if tracer is None or _TRACE in request.__dict__:
+            return
+        from opentelemetry import trace
+
+        parent = self._propagator.extract(request.requestHeaders, getter=self._getter)
+        method = request.method.decode("latin-1")
+        span = tracer.start_span(method, context=parent, kind=trace.SpanKind.SERVER)
+        span.set_attribute("http.request.method", method)
+        span.set_attribute("url.path", request.path.decode("latin-1"))
+        context = span.get_span_context()
+        request.__dict__[_TRACE] = _Trace(span, trace.set_span_in_context(span))
+        request.__dict__[_TRACEPARENT] = b"00-%032x-%016x-%02x" % (
+            context.trace_id,
+            context.span_id,
+            int(context.trace_flags),
+        )
+        request.notifyFinish().addBoth(self._request_done, request)
+
+    def _request_done(self, result: object, request: Request) -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        record: _Trace = request.__dict__[_TRACE]
+        span = record.span
+        code = int(request.code)
+        span.set_attribute("http.response.status_code", code)
+        if result is not None:  # a Failure: the client went away
+            span.set_attribute("httpwasm.client_gone", True)
+        if code >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    # -- the observer -------------------------------------------------------------
+
+    def request_finished(self, guest: Any, request: Any, state: Any, outcome: str, started: float) -> None:
+        """The guest's span and its calls' spans, after the fact, with the times the runtime recorded."""
+        tracer = self._tracer
+        if tracer is None:
+            return
+        from opentelemetry.trace import Status, StatusCode
+
+        offset = time.time_ns() - time.monotonic_ns()
+        now = time.monotonic()
+        record: _Trace | None = request.__dict__.get(_TRACE) if request is not None else None
+        parent = record.context if record is not None else None
+        if record is not None:
+            record.span.set_attribute("httpwasm.outcome", outcome)  # the last guest to finish is the outermost
+        span = tracer.start_span(f"guest {guest.name}", context=parent, start_time=_epoch_ns(started, offset))
+        span.set_attribute("httpwasm.guest", guest.name)
+        span.set_attribute("httpwasm.outcome", outcome)
+        span.set_attribute("http.response.status_code", int(getattr(request, "code", 0) or 0))
+        if outcome not in ("passed", "answered"):
+            span.set_status(Status(StatusCode.ERROR, outcome))
+        from opentelemetry import trace
+
+        inside = trace.set_span_in_context(span)
+        calls = list(getattr(state, "calls", ()))
+        for phase, begun, ended, failed in calls:
+            call = tracer.start_span(_PHASES.get(phase, "call"), context=inside, start_time=_epoch_ns(begun, offset))
+            call.set_attribute("httpwasm.guest", guest.name)
+            if failed is not None:
+                call.set_attribute("httpwasm.error", failed)
+                call.set_status(Status(StatusCode.ERROR, failed))
+            call.end(end_time=_epoch_ns(ended, offset))
+        request_calls = [c for c in calls if c[0] is Phase.REQUEST]
+        response_calls = [c for c in calls if c[0] is Phase.RESPONSE]
+        if record is not None and request_calls and response_calls:
+            # Between a guest's two calls its downstream ran; the innermost guest's is the downstream itself.
+            begun, ended = request_calls[-1][2], response_calls[0][1]
+            if record.downstream is None:
+                self.reactor.callLater(0, self._downstream_span, record, offset)  # once every guest told
+                record.downstream = (begun, ended, guest.name)
+            elif begun >= record.downstream[0] and ended <= record.downstream[1]:
+                record.downstream = (begun, ended, guest.name)
+        span.end(end_time=_epoch_ns(now, offset))
+
+    def _downstream_span(self, record: _Trace, offset: int) -> None:
+        if record.downstream is None:
+            return
+        begun, ended, guest = record.downstream
+        span = self._tracer.start_span("downstream", context=record.context, start_time=_epoch_ns(begun, offset))
+        span.set_attribute("httpwasm.guest", guest)  # the innermost guest, in front of it
+        span.end(end_time=_epoch_ns(ended, offset))
+
+
+class TracingService(service.Service):
+    """Starts the tracer provider when the server starts (after twistd forked), flushes it when it stops."""
+
+    def __init__(self, tracing: GuestTracing):
+        self.tracing = tracing
+
+    def startService(self) -> None:
+        service.Service.startService(self)  # type: ignore[no-untyped-call]
+        self.tracing.start()
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)  # type: ignore[no-untyped-call]
+        try:
+            self.tracing.stop()
+        except Exception:  # noqa: BLE001 - an exporter that cannot flush must not stop the shutdown
+            _log.failure("stopping the trace exporter failed")
