@@ -8,15 +8,17 @@ memory back and compare exact bytes and exact values; no reactor is involved.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 from twisted.logger import LogLevel as TwistedLogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm import Guest
-from twisted_httpwasm.abi import CtxNext, Feature, LogLevel, pack_count_len, pack_eof_len
+from twisted_httpwasm.abi import HOST_FUNCTIONS, CtxNext, Feature, LogLevel, pack_count_len, pack_eof_len
 from twisted_httpwasm.runtime.guest import GuestInstance, GuestLoadError, GuestTrap
-from twisted_httpwasm.runtime.hostfuncs import HOST_FUNCTIONS
+from twisted_httpwasm.runtime.hostfuncs import IMPLEMENTATIONS
 from twisted_httpwasm.runtime.state import RequestState
 
 from .support import LogCapture, make_guest, request_state
@@ -202,6 +204,13 @@ class HostFunctionTableTests(SynchronousTestCase):
         """The host defines every ``http_handler`` function of the specification, with its type, and no other."""
         self.assertEqual({spec.name: (spec.params, spec.result) for spec in HOST_FUNCTIONS}, ABI_TABLE)
         self.assertEqual(len(HOST_FUNCTIONS), len(ABI_TABLE))
+
+    def test_each_function_of_the_table_is_implemented_with_its_parameters(self) -> None:
+        """Each function of the ABI table has one implementation, taking the context then the table's parameters."""
+        self.assertEqual(list(IMPLEMENTATIONS), [spec.name for spec in HOST_FUNCTIONS])
+        for spec in HOST_FUNCTIONS:
+            parameters = list(inspect.signature(IMPLEMENTATIONS[spec.name]).parameters)
+            self.assertEqual(parameters, ["ctx", *spec.param_names], spec.name)
 
 
 # -- the buf/buf_limit rule, for every single-value getter ---------------------------------
@@ -1266,3 +1275,125 @@ class PhaseTests(HostFunctionTestCase):
         )
         self.assertEqual((second.status, second.response_body, second.features), (200, None, Feature.NONE))
         self.assertIsNone(again.state)
+
+
+# -- exact trap reasons ------------------------------------------------------------------------------
+
+
+class TrapCase(NamedTuple):
+    """A guest that traps in one host function, and the exact reason it must give."""
+
+    reason: str
+    request: Sequence[str] = ()
+    response: Sequence[str] = ()
+    inputs: Mapping[int, bytes] | None = None
+    max_buffer_bytes: int | None = None
+
+
+#: One guest per distinct trap reason of the host functions (the reason is "function: why").
+TRAP_CASES = [
+    TrapCase("get_uri: out of bounds memory access: 1 bytes at 65536", [call("get_uri", PAGE, 64)]),
+    TrapCase("set_method: out of bounds memory access: 4 bytes at 65534", [call("set_method", PAGE - 2, 4)]),
+    TrapCase("get_header_names: unknown header kind 7", [call("get_header_names", 7, BUF, 64)]),
+    TrapCase("read_body: unknown body kind 2", [call("read_body", 2, BUF, 64)]),
+    TrapCase("set_header_value: empty header name", [call("set_header_value", REQUEST, NAME, 0, VALUE, 1)]),
+    TrapCase(
+        "set_header_value: too late to change the request headers after the next handler ran",
+        response=[call("set_header_value", REQUEST, NAME, 1, VALUE, 1)],
+        inputs={NAME: b"x", VALUE: b"1"},
+    ),
+    TrapCase(
+        "add_header_value: the response headers may already be sent;"
+        " enable buffer_response to change it in handle_response",
+        response=[call("add_header_value", RESPONSE, NAME, 1, VALUE, 1)],
+        inputs={NAME: b"x", VALUE: b"1"},
+    ),
+    TrapCase(
+        "remove_header: trailers are not supported by this host",
+        [call("remove_header", RESPONSE_TRAILERS, NAME, 1)],
+        inputs={NAME: b"x"},
+    ),
+    TrapCase(
+        "set_header_value: invalid header name b'bad name'",
+        [call("set_header_value", RESPONSE, NAME, 8, VALUE, 1)],
+        inputs={NAME: b"bad name", VALUE: b"1"},
+    ),
+    TrapCase(
+        "set_header_value: header value contains CR, LF or NUL",
+        [call("set_header_value", RESPONSE, NAME, 1, VALUE, 3)],
+        inputs={NAME: b"x", VALUE: b"a\nb"},
+    ),
+    TrapCase(
+        "add_header_value: headers of 5 bytes exceeds the limit of 4",
+        [call("add_header_value", RESPONSE, NAME, 1, VALUE, 4)],
+        inputs={NAME: b"x", VALUE: b"1234"},
+        max_buffer_bytes=4,
+    ),
+    TrapCase("set_method: empty method", [call("set_method", NAME, 0)]),
+    TrapCase("set_method: invalid method b'GE T'", [call("set_method", NAME, 4)], inputs={NAME: b"GE T"}),
+    TrapCase(
+        "set_method: too late to change the method after the next handler ran",
+        response=[call("set_method", NAME, 3)],
+        inputs={NAME: b"PUT"},
+    ),
+    TrapCase(
+        "set_uri: not an origin-form URI (path starting with '/', no spaces): b'nope'",
+        [call("set_uri", NAME, 4)],
+        inputs={NAME: b"nope"},
+    ),
+    TrapCase("read_body: buf_limit is 0", [call("read_body", REQUEST, BUF, 0)]),
+    TrapCase("read_body: buffer of 100 bytes at 65530 is outside memory", [call("read_body", REQUEST, PAGE - 6, 100)]),
+    TrapCase(
+        "read_body: the request body is gone; enable buffer_request to read it in handle_response",
+        response=[call("read_body", REQUEST, BUF, 64)],
+    ),
+    TrapCase(
+        "read_body: enable buffer_response to read the response body",
+        response=[call("read_body", RESPONSE, BUF, 64)],
+    ),
+    TrapCase(
+        "write_body: body of 5 bytes exceeds the limit of 4",
+        [call("write_body", RESPONSE, NAME, 5)],
+        inputs={NAME: b"12345"},
+        max_buffer_bytes=4,
+    ),
+    TrapCase(
+        "write_body: too late to change the request body after the next handler ran",
+        response=[call("write_body", REQUEST, NAME, 1)],
+    ),
+    TrapCase(
+        "write_body: the response body may already be sent; enable buffer_response to change it in handle_response",
+        response=[call("write_body", RESPONSE, NAME, 1)],
+    ),
+    TrapCase("set_status_code: 42 is not an HTTP status code", [call("set_status_code", 42)]),
+    TrapCase(
+        "set_status_code: the status may already be sent; enable buffer_response to change it in handle_response",
+        response=[call("set_status_code", 201)],
+    ),
+]
+
+
+class ExactTrapReasonTests(SynchronousTestCase):
+    def test_each_trap_reason_names_its_function_once_then_says_why(self) -> None:
+        """Every kind of host-function trap gives exactly ``"function: why"``, on the exception and the request.
+
+        Helpers shared by several host functions (memory access, header names, phases, limits) say why;
+        the function that was running is named once, in front.
+        """
+        for case in TRAP_CASES:
+            exchange = Exchange(
+                guest(request=case.request, response=case.response, next=bool(case.response), inputs=case.inputs)
+            )
+            exchange.state.max_buffer_bytes = case.max_buffer_bytes
+            with self.assertRaises(GuestTrap, msg=case.reason) as caught:
+                exchange.request()
+                exchange.response()
+            self.assertEqual(caught.exception.reason, case.reason)
+            self.assertEqual(exchange.state.trap_reason, case.reason)
+            self.assertTrue(exchange.instance.trapped, case.reason)
+
+    def test_trap_at_init_names_its_function(self) -> None:
+        """A request-only host function called while the guest initialises traps, naming itself; loading fails."""
+        with self.assertRaises(GuestLoadError) as caught:
+            guest(init=[call("get_method", BUF, 64)])
+        self.assertIn("get_method: no request in flight (called during init)", str(caught.exception))

@@ -13,9 +13,9 @@ from typing import Any
 import wasmtime
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_httpwasm.abi import HOST_MODULE, LogLevel
+from twisted_httpwasm.abi import HOST_FUNCTIONS, HOST_MODULE, LogLevel
 from twisted_httpwasm.runtime.guest import Guest, GuestTrap
-from twisted_httpwasm.runtime.hostfuncs import HOST_FUNCTIONS
+from twisted_httpwasm.runtime.hostfuncs import IMPLEMENTATIONS, HostImplementation, trap_reason
 from twisted_httpwasm.runtime.native import HostTrap
 from twisted_httpwasm.runtime.state import RequestState
 
@@ -107,7 +107,7 @@ class PublicApiHost:
                 HOST_MODULE,
                 spec.name,
                 wasmtime.FuncType([i32] * spec.params, results),
-                lambda *args, _function=spec.function: _function(self, *args),
+                lambda *args, _name=spec.name: self._serve(_name, IMPLEMENTATIONS[_name], args),
             )
         self.instance = linker.instantiate(self.store, wasmtime.Module(engine, wat))
         exports = self.instance.exports(self.store)
@@ -118,6 +118,13 @@ class PublicApiHost:
         self.config = config
         self.log_level = LogLevel.DEBUG
         self.logged: list[tuple[LogLevel, str]] = []
+
+    def _serve(self, name: str, function: HostImplementation, args: tuple[int, ...]) -> int | None:
+        """One host call, its trap named as the fast path names it."""
+        try:
+            return function(self, *args)
+        except HostTrap as trap:
+            raise HostTrap(trap_reason(self, name, trap)) from None
 
     def log(self, level: LogLevel, message: str) -> None:
         self.logged.append((level, message))

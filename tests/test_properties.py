@@ -24,10 +24,9 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm import Guest, GuestTrap
-from twisted_httpwasm.abi import encode_nul_list, pack_count_len, pack_eof_len
+from twisted_httpwasm.abi import HOST_FUNCTIONS, encode_nul_list, pack_count_len, pack_eof_len
 from twisted_httpwasm.runtime import native as _native
 from twisted_httpwasm.runtime.guest import GuestInstance
-from twisted_httpwasm.runtime.hostfuncs import HOST_FUNCTIONS
 from twisted_httpwasm.runtime.state import RequestState
 
 from .support import make_guest

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
+    "HOST_FUNCTIONS",
     "HOST_MODULE",
     "WASI_MODULE",
     "BodyKind",
@@ -20,6 +21,7 @@ __all__ = [
     "EofLen",
     "Feature",
     "HeaderKind",
+    "HostFunction",
     "LogLevel",
     "encode_nul_list",
     "pack_count_len",
@@ -78,6 +80,54 @@ class LogLevel(enum.IntEnum):
         except KeyError:
             names = ", ".join(level.name.lower() for level in cls)
             raise ValueError(f"unknown log level {text!r}; expected one of {names}") from None
+
+
+@dataclass(frozen=True)
+class HostFunction:
+    """One import of module ``http_handler``: its name and wasm type.
+
+    Every parameter is an i32; ``param_names`` are the names the host's
+    implementation gives them.  ``result`` is ``"i32"``, ``"i64"`` or ``None``.
+    """
+
+    name: str
+    param_names: tuple[str, ...]
+    result: str | None
+
+    @property
+    def params(self) -> int:
+        """How many i32 parameters the function takes."""
+        return len(self.param_names)
+
+    @property
+    def signature(self) -> str:
+        """The wasm type as wasmtime prints a function type: ``(i32 i32) -> (i32)``."""
+        return f"({' '.join(['i32'] * len(self.param_names))}) -> ({self.result or ''})"
+
+
+#: Every host function of module ``http_handler``, as the specification defines it: the
+#: linker, the import check and the tests derive from this table.
+HOST_FUNCTIONS: tuple[HostFunction, ...] = (
+    HostFunction("enable_features", ("features",), "i32"),
+    HostFunction("get_config", ("buf", "buf_limit"), "i32"),
+    HostFunction("log", ("level", "message", "message_len"), None),
+    HostFunction("log_enabled", ("level",), "i32"),
+    HostFunction("get_method", ("buf", "buf_limit"), "i32"),
+    HostFunction("set_method", ("ptr", "length"), None),
+    HostFunction("get_uri", ("buf", "buf_limit"), "i32"),
+    HostFunction("set_uri", ("ptr", "length"), None),
+    HostFunction("get_protocol_version", ("buf", "buf_limit"), "i32"),
+    HostFunction("get_source_addr", ("buf", "buf_limit"), "i32"),
+    HostFunction("get_header_names", ("kind", "buf", "buf_limit"), "i64"),
+    HostFunction("get_header_values", ("kind", "name", "name_len", "buf", "buf_limit"), "i64"),
+    HostFunction("set_header_value", ("kind", "name", "name_len", "value", "value_len"), None),
+    HostFunction("add_header_value", ("kind", "name", "name_len", "value", "value_len"), None),
+    HostFunction("remove_header", ("kind", "name", "name_len"), None),
+    HostFunction("read_body", ("kind", "buf", "buf_limit"), "i64"),
+    HostFunction("write_body", ("kind", "ptr", "length"), None),
+    HostFunction("get_status_code", (), "i32"),
+    HostFunction("set_status_code", ("code",), None),
+)
 
 
 class CtxNext(NamedTuple):

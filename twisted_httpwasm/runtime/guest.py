@@ -8,6 +8,7 @@ nothing of twisted.web; many resources may share it.  Each
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 import re
 import threading
@@ -22,13 +23,13 @@ from twisted.logger import Logger
 from twisted.logger import LogLevel as TwistedLogLevel
 from twisted.python import threadable
 
-from ..abi import HOST_MODULE, WASI_MODULE, CtxNext, LogLevel, unpack_ctx_next
+from ..abi import HOST_FUNCTIONS, HOST_MODULE, WASI_MODULE, CtxNext, LogLevel, unpack_ctx_next
 from . import engine as _engine
 from . import native as _native
 from .cache import CompileCache, default_cache_dir
 from .calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, CallLog, LogLimit
 from .engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
-from .hostfuncs import HOST_FUNCTIONS
+from .hostfuncs import IMPLEMENTATIONS, trap_reason
 from .native import CallerMemory, GuestCallError, NativeFunc, NativeMemory
 from .observe import NO_OBSERVER, GuestObserver
 from .output import CapturedOutput
@@ -136,6 +137,14 @@ class Guest:
     line.  Lines logged by a call running off the reactor thread reach
     ``reactor`` (the global one by default) in one ``callFromThread`` at the end
     of the call.
+
+    ``sha256`` (hex), if given, must be the digest of the source's bytes (the
+    file as it is on disk, or the bytes passed): a guest whose digest differs
+    is refused, with both digests in the message.  ``self.sha256`` is the
+    digest of what was loaded.  ``max_requests`` and ``max_age`` (seconds)
+    recycle instances (see :class:`~twisted_httpwasm.runtime.pool.GuestPool`);
+    off by default.  :meth:`retire` is for a guest that was replaced: its
+    instances are freed once their last request ended.
     """
 
     def __init__(
@@ -154,9 +163,18 @@ class Guest:
         cache: str | os.PathLike[str] | bool = True,
         log_limit: LogLimit = LogLimit(),
         reactor: Any = None,
+        sha256: str | None = None,
+        max_requests: int | None = None,
+        max_age: float | None = None,
     ):
-        binary, default_name = _read_source(source)
+        binary, default_name, digest = _read_source(source)
         self.name = name or default_name
+        #: The sha256 (hex) of the guest's source bytes.
+        self.sha256 = digest
+        if sha256 is not None and sha256.strip().lower() != digest:
+            raise GuestLoadError(
+                f"guest {self.name!r} has sha256 {digest}, not the expected {sha256.strip().lower()}: refused"
+            )
         self.config = bytes(config)
         self.log_level = LogLevel(log_level)
         self.execution = Execution(execution)
@@ -194,9 +212,9 @@ class Guest:
         except wasmtime.WasmtimeError as error:
             raise GuestLoadError(f"guest {self.name!r} cannot be linked: {_first_line(error)}") from None
         self._deadline = deadline_ticks(timeout) if timeout is not None else 2**62
-        self.pool = GuestPool(self._new_instance)
+        self.pool = GuestPool(self._new_instance, max_requests=max_requests, max_age=max_age, on_event=self._pool_event)
         try:
-            self.pool.release(self.pool.acquire())
+            self.pool.release(self.pool.acquire(for_request=False))
         except GuestUnavailable as error:
             cause = error.__cause__
             reason = cause.reason if isinstance(cause, GuestTrap) else _first_line(cause or error)
@@ -227,7 +245,7 @@ class Guest:
             if spec is None:
                 raise GuestLoadError(f"guest {self.name!r} imports {where}, which is not an http_handler function")
             ty = item.type
-            want = f"({' '.join([_I32] * spec.params)}) -> ({spec.result or ''})"
+            want = spec.signature
             if not isinstance(ty, wasmtime.FuncType) or _signature(ty) != want:
                 got = _signature(ty) if isinstance(ty, wasmtime.FuncType) else type(ty).__name__
                 raise GuestLoadError(f"guest {self.name!r} imports {where} as {got}; the ABI says {want}")
@@ -258,7 +276,14 @@ class Guest:
             results = [] if spec.result is None else [i32 if spec.result == _I32 else i64]
             callbacks.append(
                 _native.define_host_function(
-                    linker, HOST_MODULE, spec.name, [i32] * spec.params, results, spec.function, self._host_error
+                    linker,
+                    HOST_MODULE,
+                    spec.name,
+                    [i32] * spec.params,
+                    results,
+                    IMPLEMENTATIONS[spec.name],
+                    trap_reason,
+                    self._host_error,
                 )
             )
         if self.uses_wasi:
@@ -275,6 +300,20 @@ class Guest:
         for mount in self.mounts:
             wasi.preopen_dir(mount.host_dir, mount.guest_dir, fs_mutable=not mount.read_only)
         return wasi
+
+    def retire(self) -> None:
+        """This guest was replaced: drop its idle instances now, the others when their requests end."""
+        self.pool.retire()
+
+    def _pool_event(self, level: str, message: str) -> None:
+        """What the pool tells operators (failed creations, recovery), logged on the reactor thread."""
+        twisted_level = TwistedLogLevel.error if level == "error" else TwistedLogLevel.info
+        if threadable.ioThread is None or threadable.isInIOThread():
+            self.log.emit(twisted_level, "guest {guest}: {what}", guest=self.name, what=message)
+        else:
+            self.reactor.callFromThread(
+                self.log.emit, twisted_level, "guest {guest}: {what}", guest=self.name, what=message
+            )
 
     # -- instances ---------------------------------------------------------------
 
@@ -498,7 +537,8 @@ class GuestInstance:
         self._call(self._handle_response, state, req_ctx, 1 if is_error else 0)
 
 
-def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
+def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str, str]:
+    """The wasm binary of ``source``, its default name, and the sha256 (hex) of its bytes as given."""
     data: bytes
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
@@ -510,6 +550,7 @@ def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
             data = path.read_bytes()
         except OSError as error:
             raise GuestLoadError(f"cannot read guest {str(path)!r}: {error.strerror or error}") from None
+    digest = hashlib.sha256(data).hexdigest()
     if not data.startswith(b"\0asm"):
         try:
             data = bytes(wasmtime.wat2wasm(data.decode("utf-8")))
@@ -520,7 +561,7 @@ def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
             raise GuestLoadError(
                 f"guest {name!r} is neither a wasm binary nor valid WAT: {_wat_error(error, where)}"
             ) from None
-    return data, name
+    return data, name, digest
 
 
 _WAT_POSITION = re.compile(r"^\s*--> [^\n]*?:(\d+):(\d+)\s*$")

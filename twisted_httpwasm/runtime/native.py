@@ -124,6 +124,7 @@ class _Current(threading.local):
 current = _Current()
 
 HostFunction = Callable[..., int | None]
+OnHostTrap = Callable[[Any, str, HostTrap], str]
 OnHostError = Callable[[BaseException], None]
 
 
@@ -134,17 +135,19 @@ def define_host_function(
     params: Sequence[wasmtime.ValType],
     results: Sequence[wasmtime.ValType],
     function: HostFunction,
+    on_trap: OnHostTrap,
     on_host_error: OnHostError,
 ) -> Any:
     """Define ``module.name`` in ``linker`` as an unchecked host function.
 
     ``function`` receives ``current.target`` (the object whose guest this
     thread is running) and the i32 parameters as Python ints (signed, as wasm
-    passes them), and returns the single result, or ``None``.  Raising
-    :class:`HostTrap` traps the guest with that message; any other exception
-    is handed to ``on_host_error`` and traps the guest with a generic message.
-    Returns the callback object, which the caller must keep alive as long as
-    the linker.
+    passes them), and returns the single result, or ``None``.  When it raises
+    :class:`HostTrap`, ``on_trap(target, name, trap)`` gives the message the
+    guest traps with (so the function's name is added in one place, not by
+    every helper); any other exception is handed to ``on_host_error`` and
+    traps the guest with a generic message.  Returns the callback object,
+    which the caller must keep alive as long as the linker.
     """
     for param in params:
         if str(param) != "i32":
@@ -159,14 +162,15 @@ def define_host_function(
 
     def callback(_env: int, caller: int, slots: int, _n: int) -> int:
         try:
-            local.caller = caller
-            target = local.target
-            value = function(target, *unpack(_string_at(slots, span))) if n_params else function(target)
-            if result_type is not None:
-                result_type.from_address(slots).value = value or 0
-            return 0
-        except HostTrap as trap:
-            return _new_trap(str(trap))
+            try:
+                local.caller = caller
+                target = local.target
+                value = function(target, *unpack(_string_at(slots, span))) if n_params else function(target)
+                if result_type is not None:
+                    result_type.from_address(slots).value = value or 0
+                return 0
+            except HostTrap as trap:
+                return _new_trap(on_trap(local.target, name, trap))
         except BaseException as error:  # noqa: BLE001 - a host bug must trap, never unwind into wasm
             on_host_error(error)
             return _new_trap(f"host error in {name}")

@@ -15,17 +15,38 @@ concurrency did not need.  Any that has been idle for ``idle_timeout`` seconds
 :meth:`GuestPool.retire_idle`, which each release calls, and a timer should
 call while traffic is quiet (``twistd httpwasm``'s site does, every few
 seconds); ``min_idle`` instances always stay.
+
+Recycling (``max_requests``, ``max_age``; both off by default): an instance
+that has served ``max_requests`` requests, or was created ``max_age`` seconds
+ago, is dropped when it is given back (between requests, never during one) and
+a fresh one is made when next needed.  That bounds what a guest with a leaking
+allocator can hold.
+
+A pool whose guest was replaced (hot reload) is *retired*
+(:meth:`GuestPool.retire`): its idle instances are dropped at once, and each
+instance still lent out is dropped when its request gives it back, so the
+memory of the old guest returns once its last request ended.
+
+``on_event(level, message)`` hears what an operator must know about the pool:
+each failed creation (one per back-off step, since only one caller tries per
+step) and the first success after failures ("recovered").  It may be called
+from any thread.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 __all__ = ["IDLE_TIMEOUT", "GuestPool", "GuestUnavailable", "PoolStats"]
+
+#: ``on_event`` levels.
+INFO = "info"
+ERROR = "error"
 
 
 class _Instance(Protocol):
@@ -55,12 +76,13 @@ class GuestUnavailable(Exception):
 class PoolStats:
     """Counters an operator and the tests can read."""
 
-    __slots__ = ("created", "creation_failures", "discarded", "idle", "in_use", "peak_in_use", "retired")
+    __slots__ = ("created", "creation_failures", "discarded", "idle", "in_use", "peak_in_use", "recycled", "retired")
 
     def __init__(self) -> None:
         self.created = 0
         self.discarded = 0
         self.retired = 0  # dropped after idle_timeout seconds unused
+        self.recycled = 0  # dropped for max_requests/max_age, or because the pool itself was retired
         self.in_use = 0
         self.peak_in_use = 0
         self.idle = 0
@@ -79,11 +101,22 @@ class GuestPool(Generic[InstanceT]):
         clock: Callable[[], float] = time.monotonic,
         idle_timeout: float | None = IDLE_TIMEOUT,
         min_idle: int = 1,
+        *,
+        max_requests: int | None = None,
+        max_age: float | None = None,
+        on_event: Callable[[str, str], None] | None = None,
     ):
         self._factory = factory
         self._clock = clock
         self.idle_timeout = idle_timeout
         self.min_idle = min_idle
+        self.max_requests = max_requests
+        self.max_age = max_age
+        self._on_event = on_event
+        #: True once :meth:`retire` was called: instances given back are dropped, not pooled.
+        self.retired = False
+        # Per instance, when recycling is on: [requests lent for, creation time].
+        self._usage: weakref.WeakKeyDictionary[InstanceT, list[float]] = weakref.WeakKeyDictionary()
         # The idle stack, most recently returned last, with when each was returned.
         self._idle: deque[InstanceT] = deque()
         self._idle_since: deque[float] = deque()
@@ -92,21 +125,29 @@ class GuestPool(Generic[InstanceT]):
         self._retry_at = 0.0
         self._probing = False
         self._last_error = ""  # the reason only: keeping the exception would keep its frames alive
+        self._failures = 0  # failed creations since the last success
         self.stats = PoolStats()
 
-    def acquire(self) -> InstanceT:
+    def acquire(self, *, for_request: bool = True) -> InstanceT:
         """An idle instance, or a new one; raises :class:`GuestUnavailable` if none can be made.
 
         During a back-off no creation is attempted; once it is over, one caller
-        tries while the others are still refused.
+        tries while the others are still refused.  ``for_request=False``: a
+        look at the instance (its features, say) that does not count towards
+        ``max_requests``.
         """
         probing = False
         with self._lock:
-            if self._idle:
+            while self._idle:
                 instance = self._idle.pop()
                 self._idle_since.pop()
-                self._lent()
+                if self.max_age is not None and self._worn_out(instance, self._clock()):
+                    self._usage.pop(instance, None)  # aged while idle
+                    self.stats.recycled += 1
+                    continue
+                self._lent(instance, for_request)
                 return instance
+            self.stats.idle = 0
             if self._backoff:
                 now = self._clock()
                 if self._probing or now < self._retry_at:
@@ -120,21 +161,40 @@ class GuestPool(Generic[InstanceT]):
         except Exception as error:
             with self._lock:
                 self.stats.creation_failures += 1
+                self._failures += 1
+                failures = self._failures
                 self._backoff = min(_MAX_BACKOFF, self._backoff * 2 or _FIRST_BACKOFF)
                 self._retry_at = self._clock() + self._backoff
                 self._last_error = str(error)
                 backoff = self._backoff
+            self._tell(
+                ERROR,
+                f"new instances fail to initialise ({failures} in a row): {error}; "
+                f"requests that need one get 503 until the next try in {backoff:g} s",
+            )
             raise GuestUnavailable(f"guest instances cannot be created: {error}", retry_after=backoff) from error
         finally:
             if probing:
                 self._probing = False
         with self._lock:
             self._backoff = 0.0
+            failures, self._failures = self._failures, 0
             self.stats.created += 1
-            self._lent()
+            if self.max_requests is not None or self.max_age is not None:
+                self._usage[instance] = [0, self._clock()]
+            self._lent(instance, for_request)
+        if failures:
+            self._tell(INFO, f"recovered: a new instance initialised after {failures} failed attempt(s)")
         return instance
 
-    def _lent(self) -> None:
+    def _tell(self, level: str, message: str) -> None:
+        if self._on_event is not None:
+            self._on_event(level, message)
+
+    def _lent(self, instance: InstanceT, for_request: bool) -> None:
+        usage = self._usage.get(instance)
+        if usage is not None and for_request:
+            usage[0] += 1
         stats = self.stats
         stats.in_use += 1
         stats.idle = len(self._idle)
@@ -142,17 +202,47 @@ class GuestPool(Generic[InstanceT]):
             stats.peak_in_use = stats.in_use
 
     def release(self, instance: InstanceT) -> None:
-        """Give back an instance; one that trapped is discarded, never lent again."""
+        """Give back an instance; one that trapped is discarded, never lent again.
+
+        One that reached ``max_requests`` or ``max_age``, or any when the pool
+        is retired, is dropped too (its store and memory freed).
+        """
         with self._lock:
             self.stats.in_use -= 1
             now = self._clock()
             if instance.trapped:
                 self.stats.discarded += 1
+            elif self.retired or self._worn_out(instance, now):
+                self._usage.pop(instance, None)
+                self.stats.recycled += 1
             else:
                 self._idle.append(instance)
                 self._idle_since.append(now)
             self._retire_idle(now)
             self.stats.idle = len(self._idle)
+
+    def _worn_out(self, instance: InstanceT, now: float) -> bool:
+        usage = self._usage.get(instance)
+        if usage is None:
+            return False
+        served, born = usage
+        return (self.max_requests is not None and served >= self.max_requests) or (
+            self.max_age is not None and now - born >= self.max_age
+        )
+
+    def retire(self) -> None:
+        """Stop pooling: drop the idle instances now and every lent one when it is given back.
+
+        For a pool whose guest was replaced: it can still lend (a request of
+        the old guest that needs a second instance gets a fresh one), but
+        nothing stays once the last request ended.
+        """
+        with self._lock:
+            self.retired = True
+            self.stats.recycled += len(self._idle)
+            self._idle.clear()
+            self._idle_since.clear()
+            self.stats.idle = 0
 
     def retire_idle(self) -> int:
         """Drop the instances idle for longer than ``idle_timeout`` (keeping ``min_idle``); how many went."""

@@ -48,6 +48,7 @@ from ..web.resource import FailurePolicy, GuestResource
 from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import observability
+from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError
 from .workers import TCPListen, WorkersService
 
 __all__ = ["DEMO_LISTEN", "Options", "makeService", "make_site", "parse_size"]
@@ -156,6 +157,8 @@ then are cut and logged. twistd then exits with status 0.
         self["guest-env"] = []
         self["guest-mounts"] = []
         self["workers"] = 1
+        self["guest-max-requests"] = None
+        self["guest-max-age"] = None
         self["shutdown-timeout"] = DEFAULT_SHUTDOWN_TIMEOUT
         self["proxy-trust-forwarded"] = False
         self["wsgi-keep-underscore-headers"] = False
@@ -179,7 +182,36 @@ then are cut and logged. twistd then exits with status 0.
 
     def opt_guest(self, path: str) -> None:
         """A guest (.wasm or .wat) in front of the downstream; repeat for a chain, the first outermost."""
-        self["guests"].append({"path": path, "config": b""})
+        self["guests"].append({"path": path, "config": b"", "config_file": None, "sha256": None})
+
+    def opt_guest_sha256(self, digest: str) -> None:
+        """sha256 (64 hex digits) the preceding --guest must have; a guest whose digest differs is refused."""
+        digest = digest.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise usage.UsageError(f"--guest-sha256 must be 64 hexadecimal digits, not {digest!r}")
+        if not self["guests"]:
+            raise usage.UsageError("--guest-sha256 must come after the --guest it applies to")
+        self["guests"][-1]["sha256"] = digest
+
+    def opt_guest_max_requests(self, count: str) -> None:
+        """Recycle each guest instance after it served this many requests (between requests). [default: off]"""
+        try:
+            requests = int(count)
+        except ValueError:
+            requests = 0
+        if requests < 1:
+            raise usage.UsageError(f"--guest-max-requests must be a positive number of requests, not {count!r}")
+        self["guest-max-requests"] = requests
+
+    def opt_guest_max_age(self, seconds: str) -> None:
+        """Recycle each guest instance this many seconds after it was made (between requests). [default: off]"""
+        try:
+            age = float(seconds)
+        except ValueError:
+            age = math.nan
+        if not (math.isfinite(age) and age > 0):
+            raise usage.UsageError(f"--guest-max-age must be a positive number of seconds, not {seconds!r}")
+        self["guest-max-age"] = age
 
     def opt_guest_config(self, text: str) -> None:
         """Configuration of the preceding --guest: these bytes are what its get_config returns. [default: empty]"""
@@ -192,6 +224,7 @@ then are cut and logged. twistd then exits with status 0.
         except OSError as error:
             raise usage.UsageError(f"--guest-config-file: cannot read {path!r}: {error.strerror or error}") from None
         self._configure_last_guest("--guest-config-file", data)
+        self["guests"][-1]["config_file"] = path  # read again at each reload (SIGHUP)
 
     def _configure_last_guest(self, option: str, data: bytes) -> None:
         if not self["guests"]:
@@ -440,7 +473,9 @@ then are cut and logged. twistd then exits with status 0.
                 self["root"] = DemoPage(demo_guest=False)
             else:
                 self["demo"] = True
-                self["guests"].append({"path": str(bundled_guest(DEMO_GUEST)), "config": b""})
+                self["guests"].append(
+                    {"path": str(bundled_guest(DEMO_GUEST)), "config": b"", "config_file": None, "sha256": None}
+                )
                 self["root"] = DemoPage(demo_guest=True)
             self["downstream"] = _DEMO_PAGE
             if not (self["ports"] or self["port"] or self["https"]):
@@ -539,23 +574,54 @@ def _with_twistd_hint(reason: str) -> str:
     )
 
 
+def _load_guest(config: Options, entry: dict[str, Any], guest_config: bytes) -> Guest:
+    """The guest of one ``--guest`` entry with ``guest_config``; raises :class:`GuestLoadError`."""
+    return Guest(
+        entry["path"],
+        config=guest_config,
+        log_level=config["log-level"],
+        execution=config["execution"],
+        timeout=config["guest-timeout"],
+        memory_limit=config["guest-memory-limit"],
+        max_buffer_bytes=config["max-buffer-bytes"],
+        env=config["guest-env"],
+        mounts=config["guest-mounts"],
+        log_limit=config["guest-log-limit"],
+        sha256=entry.get("sha256"),
+        max_requests=config["guest-max-requests"],
+        max_age=config["guest-max-age"],
+    )
+
+
+def _reload_guests(config: Options) -> list[Guest]:
+    """Every ``--guest`` loaded afresh, its configuration file read again; :class:`ReloadError` if one fails."""
+    guests = []
+    for entry in config["guests"]:
+        guest_config = entry["config"]
+        if entry.get("config_file") is not None:
+            try:
+                guest_config = Path(entry["config_file"]).read_bytes()
+            except OSError as error:
+                raise ReloadError(
+                    f"--guest {entry['path']}: --guest-config-file {entry['config_file']}: "
+                    f"cannot read it: {error.strerror or error}"
+                ) from None
+        try:
+            guests.append(_load_guest(config, entry, guest_config))
+        except GuestLoadError as error:
+            said = " / ".join(error.log_lines)
+            raise ReloadError(
+                f"--guest {entry['path']}: {error}" + (f" (the guest logged: {said})" if said else "")
+            ) from None
+    return guests
+
+
 def _load_guests(config: Options) -> list[Guest]:
     """Every ``--guest``, loaded; a guest that cannot load ends ``twistd`` with its reason."""
     guests = []
     for entry in config["guests"]:
         try:
-            guest = Guest(
-                entry["path"],
-                config=entry["config"],
-                log_level=config["log-level"],
-                execution=config["execution"],
-                timeout=config["guest-timeout"],
-                memory_limit=config["guest-memory-limit"],
-                max_buffer_bytes=config["max-buffer-bytes"],
-                env=config["guest-env"],
-                mounts=config["guest-mounts"],
-                log_limit=config["guest-log-limit"],
-            )
+            guest = _load_guest(config, entry, entry["config"])
         except GuestLoadError as error:
             # SystemExit with a message: twistd prints it to stderr and exits with status 1.  The
             # log has not begun yet, so what the guest logged while it failed goes with the message.
@@ -589,15 +655,20 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
 
     root = downstream
     guests = _load_guests(config)
+    resources: list[GuestResource] = []
     for guest in reversed(guests):
         root = GuestResource(guest, root, on_guest_error=config["on-guest-error"])
+        resources.insert(0, root)
+    # SIGHUP reloads every guest (the service is found by name: RELOAD_SERVICE).
+    reloader = GuestReloader(resources, functools.partial(_reload_guests, config))
+    HangupService(reloader).setServiceParent(parent)  # type: ignore[no-untyped-call]
 
     limits = {
         "max_request_body": _request_body_limit(config, guests),
         "idle_timeout": config["idle-timeout"],
         "header_timeout": config["header-timeout"],
         # Instances a burst needed go back once idle (a timer that runs while the site listens).
-        "housekeeping": functools.partial(_retire_idle_instances, guests),
+        "housekeeping": functools.partial(_retire_idle_instances, reloader),
     }
     site = GuestSite(root, logPath=config["logfile"], **limits) if config["logfile"] else GuestSite(root, **limits)
     if config["display-tracebacks"]:
@@ -607,8 +678,8 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     return site
 
 
-def _retire_idle_instances(guests: list[Guest]) -> None:
-    for guest in guests:
+def _retire_idle_instances(reloader: GuestReloader) -> None:
+    for guest in reloader.guests:  # the guests serving now, after any reload
         guest.pool.retire_idle()
 
 
@@ -620,7 +691,7 @@ def _request_body_limit(config: Options, guests: list[Guest]) -> int | None:
     """
     limit: int | None = config["max-request-body"]
     for guest in guests:
-        instance = guest.pool.acquire()  # the instance made at load: its init enabled the features
+        instance = guest.pool.acquire(for_request=False)  # the instance made at load: its init enabled the features
         try:
             buffers = bool(instance.features & Feature.BUFFER_REQUEST)
         finally:
@@ -658,6 +729,9 @@ def makeService(config: Options) -> service.MultiService:
             site, listen, workers, argv=config.argv, cwd=config.cwd, shutdown_timeout=config["shutdown-timeout"]
         )
         shared.setServiceParent(top)  # type: ignore[no-untyped-call]
+        # SIGHUP: this process reloads its guests, then asks every worker to reload theirs.
+        reloading: Any = top.getServiceNamed(RELOAD_SERVICE)  # type: ignore[no-untyped-call]
+        reloading.reloader.after_reload.append(shared.reload_workers)
     else:
         for description in config["ports"]:
             # Site provides IProtocolFactory; mypy cannot see zope interface declarations.
@@ -679,7 +753,10 @@ def makeService(config: Options) -> service.MultiService:
         "httpwasm: {guests} in front of {downstream}, listening on {endpoints}"
         " (execution {execution}, {policy}, guest memory limit {memory}, time limit {timeout} s{processes})",
         guests=("guest " if len(config["guests"]) == 1 else "guests ")
-        + " -> ".join(e["path"] for e in config["guests"]),
+        + " -> ".join(
+            f"{entry['path']} (sha256 {guest.sha256})"
+            for entry, guest in zip(config["guests"], reloading_guests(top), strict=True)
+        ),
         downstream=config["downstream"],
         endpoints=", ".join(config["ports"]),
         execution=config["execution"].value,
@@ -689,6 +766,13 @@ def makeService(config: Options) -> service.MultiService:
         processes=processes,
     )
     return top
+
+
+def reloading_guests(top: service.MultiService) -> list[Guest]:
+    """The guests that the service tree ``top`` (from :func:`makeService` or :func:`make_site`) serves now."""
+    reloading: Any = top.getServiceNamed(RELOAD_SERVICE)  # type: ignore[no-untyped-call]
+    guests: list[Guest] = reloading.reloader.guests
+    return guests
 
 
 def _url_of(description: str) -> str | None:

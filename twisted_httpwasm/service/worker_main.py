@@ -26,6 +26,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from ..web.drain import stop_reactor
+from .reload import RELOAD_SERVICE
 from .workers import SPEC_VARIABLE
 
 __all__ = ["main"]
@@ -155,6 +156,9 @@ def main() -> None:
     except SystemExit as error:
         _log.error("{reason}", reason=error.code)
         raise SystemExit(1) from None
+    # SIGHUP from the main process: this worker reloads its guests and says how it went.
+    reloading: Any = top.getServiceNamed(RELOAD_SERVICE)  # type: ignore[no-untyped-call]
+    reloading.reloader.label = f"httpwasm worker {spec['worker']}"
     ports = _AdoptedPortsService(site, spec["listen"], spec["worker"], spec["workers"], reactor)
     ports.setServiceParent(top)  # type: ignore[no-untyped-call]
     _watch_stdin(reactor)

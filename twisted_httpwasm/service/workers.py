@@ -216,6 +216,21 @@ class WorkersService(service.Service):
             childFDs=child_fds,
         )
 
+    def reload_workers(self) -> None:
+        """Ask every worker that is serving to reload its guests (SIGHUP); each logs how its reload went.
+
+        A worker still starting is not signalled: it loads the guests' sources as they are now anyway.
+        """
+        ready = [protocol for protocol in self.processes.values() if protocol.ready and not protocol.stopping]
+        for protocol in ready:
+            protocol.signal("HUP")
+        if ready:
+            _log.info(
+                "httpwasm: asked {count} worker(s) to reload their guests (pids {pids})",
+                count=len(ready),
+                pids=", ".join(str(protocol.pid) for protocol in ready),
+            )
+
     def worker_ended(self, protocol: WorkerProtocol, reason: Failure) -> None:
         """A worker process ended: replace it if it served and was not asked to stop."""
         number = protocol.number
@@ -329,6 +344,10 @@ class WorkerProtocol(ProcessProtocol):
             self._signal("TERM")
             self._kill = self.workers.reactor.callLater(timeout, self._signal, "KILL")
         return stopped
+
+    def signal(self, name: str) -> None:
+        """Send the signal ``name`` (``"HUP"``, ...) to the worker, if it still runs."""
+        self._signal(name)
 
     def _signal(self, name: str) -> None:
         transport: Any = self.transport

@@ -11,6 +11,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from ..runtime.guest import Execution, Guest
+from ..runtime.observe import NO_OBSERVER
 from .filter import RequestFilter
 from .guest_threads import workers_for
 from .runners import InlineRunner, Runner, ThreadRunner
@@ -74,6 +75,24 @@ class GuestResource(Resource):
             self.runner = ThreadRunner(reactor, threadpool)
         else:
             self.runner = workers_for(reactor)
+
+    def replace_guest(self, guest: Guest) -> Guest:
+        """Serve every request that starts from now on with ``guest``; returns the guest it replaced.
+
+        Hot reload: load (and so validate and initialise) ``guest`` first, then
+        swap.  Requests in flight finish on the instance they pinned at their
+        start; the old guest is retired, so its instances are freed as their
+        last requests end.  ``guest`` must run in the same execution mode.
+        """
+        old = self.guest
+        if guest.execution is not old.execution:
+            raise ValueError(f"replacing a {old.execution.value} guest with a {guest.execution.value} one")
+        guest.reactor = old.reactor
+        if guest.observer is NO_OBSERVER:
+            guest.observer = old.observer  # metrics and traces go on
+        self.guest = guest
+        old.retire()
+        return old
 
     def render(self, request: Request) -> Any:
         return RequestFilter(self, request).start()

@@ -1,0 +1,345 @@
+"""Hot reload: ``GuestResource.replace_guest``, :class:`GuestReloader`, and ``kill -HUP`` on a real ``twistd``.
+
+The in-process tests swap guests under a live loopback server; the
+end-to-end tests rewrite the guest file the command line names and send
+SIGHUP to a ``twistd httpwasm`` subprocess (with ``--workers 2`` too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.logger import Logger, formatEvent
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from twisted_httpwasm import GuestResource
+from twisted_httpwasm.service import reload as reload_module
+from twisted_httpwasm.service.reload import GuestReloader, ReloadError
+
+from .support import NOOP_RESPONSE, LogCapture, ServerTestCase, make_guest, module, poll
+from .test_twistd import DEADLINE, TwistdTestCase
+
+
+def version_guest(version: int) -> str:
+    """Adds ``x-version: VERSION`` to every response and passes the request on."""
+    return (
+        f"""
+  (data (i32.const 0) "x-version")
+  (data (i32.const 16) "{version}")
+  (func (export "handle_request") (result i64)
+    (call $set_header_value (i32.const 1) (i32.const 0) (i32.const 9) (i32.const 16) (i32.const 1))
+    (i64.const 1))
+"""
+        + NOOP_RESPONSE
+    )
+
+
+def pinning_guest(version: int) -> str:
+    """Remembers a request number in the instance (a global) and returns it as req_ctx.
+
+    handle_response logs ``vVERSION same instance`` when the req_ctx it gets is the
+    number this instance remembered, ``vVERSION other instance`` otherwise.
+    """
+    return f"""
+  (global $n (mut i32) (i32.const 0))
+  (data (i32.const 0) "v{version} same instance")
+  (data (i32.const 32) "v{version} other instance")
+  (func (export "handle_request") (result i64)
+    (global.set $n (i32.add (global.get $n) (i32.const 7)))
+    (i64.or (i64.shl (i64.extend_i32_u (global.get $n)) (i64.const 32)) (i64.const 1)))
+  (func (export "handle_response") (param $ctx i32) (param $is_error i32)
+    (if (i32.eq (local.get $ctx) (global.get $n))
+      (then (call $log (i32.const 1) (i32.const 0) (i32.const 16)))
+      (else (call $log (i32.const 1) (i32.const 32) (i32.const 17)))))
+"""
+
+
+class Held(Resource):
+    """A downstream that answers only when the test fires ``release``."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived: Deferred[None] = Deferred()
+        self.release: Deferred[None] = Deferred()
+
+    def render_GET(self, request: Any) -> Any:
+        if self.arrived.called:
+            return b"quick"
+
+        def answer(_: object) -> None:
+            request.write(b"held")
+            request.finish()
+
+        self.release.addCallback(answer)
+        self.arrived.callback(None)
+        return NOT_DONE_YET
+
+
+class Plain(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"ok"
+
+
+class ReplaceGuestTests(ServerTestCase):
+    @inlineCallbacks
+    def test_request_in_flight_finishes_on_the_instance_it_pinned(self) -> Generator[Any, Any, None]:
+        """A request started before replace_guest runs handle_response on the old guest's instance; new ones get
+        the new guest; the old guest's instances are freed once that request ended."""
+        old = make_guest(pinning_guest(1), name="pinning")
+        new = make_guest(pinning_guest(2), name="pinning")
+        logged = LogCapture(self, "pinning")
+        downstream = Held()
+        resource = GuestResource(old, downstream)
+        url = self.serve(resource)
+
+        pinned = self.fetch("GET", url + "/slow")
+        yield downstream.arrived
+        self.assertIs(resource.replace_guest(new), old)
+        self.assertEqual(old.pool.stats.in_use, 1)  # still pinned by the request in flight
+
+        status, _, body = yield self.fetch("GET", url + "/after")
+        self.assertEqual((status, body), (200, b"quick"))
+        downstream.release.callback(None)
+        status, _, body = yield pinned
+        self.assertEqual((status, body), (200, b"held"))
+
+        texts = [text for _, text in logged.messages()]
+        self.assertEqual(sorted(t.split("] ", 1)[1] for t in texts), ["v1 same instance", "v2 same instance"])
+        # The old pool kept nothing: its last instance was dropped when the request gave it back.
+        self.assertEqual((old.pool.stats.in_use, old.pool.stats.idle), (0, 0))
+        self.assertTrue(old.pool.retired)
+        self.assertGreaterEqual(old.pool.stats.recycled, 1)
+
+    def test_execution_mode_must_match(self) -> None:
+        """replace_guest refuses a guest that would need another runner (thread vs inline)."""
+        resource = GuestResource(make_guest(version_guest(1)), Plain())
+        with self.assertRaises(ValueError):
+            resource.replace_guest(make_guest(version_guest(2), execution="inline"))
+
+
+class ReloaderTests(ServerTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[dict[str, Any]] = []
+        self.patch(reload_module, "_log", Logger(namespace="httpwasm", observer=self.events.append))
+
+    def lines(self) -> list[str]:
+        return [formatEvent(event) for event in self.events]
+
+    @inlineCallbacks
+    def test_failing_guest_leaves_the_whole_chain_serving(self) -> Generator[Any, Any, None]:
+        """If one guest of a chain fails to load, no guest is swapped and one error line says why."""
+        outer = GuestResource(make_guest(version_guest(1), name="outer"), Plain())
+        inner = GuestResource(make_guest(version_guest(1), name="inner"), Plain())
+        before = [outer.guest, inner.guest]
+
+        def load() -> list[Any]:
+            make_guest(version_guest(2))  # the first one loads...
+            raise ReloadError("--guest inner.wat: guest 'inner' does not export handle_response")
+
+        reloader = GuestReloader([outer, inner], load)
+        swapped = yield reloader.reload()
+        self.assertFalse(swapped)
+        self.assertEqual(reloader.guests, before)
+        self.assertEqual(
+            self.lines(),
+            [
+                "httpwasm: reload failed, the running guests keep serving: "
+                "--guest inner.wat: guest 'inner' does not export handle_response"
+            ],
+        )
+
+    @inlineCallbacks
+    def test_every_guest_is_swapped_and_named_with_its_digest(self) -> Generator[Any, Any, None]:
+        """A good reload swaps every guest of the chain and logs each one's sha256; after_reload hooks run."""
+        outer = GuestResource(make_guest(version_guest(1), name="outer"), Plain())
+        inner = GuestResource(make_guest(version_guest(1), name="inner"), Plain())
+        fresh = [make_guest(version_guest(2), name="outer"), make_guest(version_guest(2), name="inner")]
+        hooks: list[str] = []
+        reloader = GuestReloader([outer, inner], lambda: fresh)
+        reloader.after_reload.append(lambda: hooks.append("ran"))
+        swapped = yield reloader.reload()
+        self.assertTrue(swapped)
+        self.assertEqual(reloader.guests, fresh)
+        self.assertEqual(hooks, ["ran"])
+        self.assertEqual(
+            self.lines(),
+            [f"httpwasm: reloaded outer (sha256 {fresh[0].sha256}) -> inner (sha256 {fresh[1].sha256})"],
+        )
+
+
+# -- end to end: twistd and SIGHUP ----------------------------------------------------------
+
+
+def write_guest(path: str, body: str) -> None:
+    """Replace ``path`` atomically (what a deploy does), so twistd never reads half a file."""
+    temporary = path + ".new"
+    Path(temporary).write_bytes(module(body))
+    os.replace(temporary, path)
+
+
+class HangupTests(TwistdTestCase):
+    RELOADED = "httpwasm: reloaded"
+    FAILED = "httpwasm: reload failed"
+
+    @inlineCallbacks
+    def wait_for_count(self, text: str, count: int) -> Generator[Any, Any, None]:
+        server = self.server
+        if not (yield poll(lambda: server.exited() or server.output().count(text) >= count, DEADLINE)):
+            self.fail(f"no {count}. {text!r} in the log:\n{server.output()}")
+        if server.exited():
+            self.fail(f"twistd exited:\n{server.output()}")
+
+    @inlineCallbacks
+    def versions(self, url: str, count: int = 4) -> Generator[Any, Any, list[str]]:
+        responses = yield gatherResults([self.fetch("GET", url + "/") for _ in range(count)])
+        return [headers.getRawHeaders("x-version", ["-"])[0] for _, headers, _ in responses]
+
+    @inlineCallbacks
+    def test_reload_under_load_drops_nothing(self) -> Generator[Any, Any, None]:
+        """8 concurrent clients across a SIGHUP that swaps x-version 1 for 2: no failed request, every response
+        has version 1 or 2, and none that started after the reload line has 1."""
+        guest = self.guest_file(version_guest(1))
+        url = yield self.start_server("--guest", guest, "--class", "tests.test_twistd.Hello")
+        results: list[tuple[float, int, str]] = []  # (start, status, version)
+        failures: list[str] = []
+        reloaded_at: list[float] = []
+        end = time.monotonic() + 20  # bound, whatever happens
+
+        @inlineCallbacks
+        def client() -> Generator[Any, Any, None]:
+            while time.monotonic() < end and (not reloaded_at or len(results) < len(results_at_reload) + 200):
+                started = time.monotonic()
+                try:
+                    status, headers, _ = yield self.fetch("GET", url + "/load")
+                except Exception as error:  # noqa: BLE001  # counted and reported, not raised
+                    failures.append(repr(error))
+                    continue
+                results.append((started, status, headers.getRawHeaders("x-version", ["-"])[0]))
+
+        results_at_reload: list[Any] = []
+        clients = gatherResults([client() for _ in range(8)])
+        yield poll(lambda: len(results) >= 200, DEADLINE)
+        write_guest(guest, version_guest(2))
+        os.kill(self.server.process.pid, signal.SIGHUP)
+        yield self.wait_for_count(self.RELOADED, 1)
+        reloaded_at.append(time.monotonic())
+        results_at_reload.extend(results)
+        yield clients
+
+        self.assertEqual(failures, [])
+        self.assertEqual({status for _, status, _ in results}, {200})
+        self.assertEqual({version for _, _, version in results} - {"1", "2"}, set())
+        after = [version for started, _, version in results if started > reloaded_at[0]]
+        self.assertGreater(len(after), 0)
+        self.assertEqual(set(after), {"2"})
+        self.assertIn("1", {version for _, _, version in results})
+
+    @inlineCallbacks
+    def test_broken_guest_is_refused_and_the_old_one_serves(self) -> Generator[Any, Any, None]:
+        """Reload to a broken guest: the old one still serves, one error line names the reason; reload to a good
+        one: it takes over."""
+        guest = self.guest_file(version_guest(1))
+        url = yield self.start_server("--guest", guest, "--class", "tests.test_twistd.Hello")
+        Path(guest).write_text(
+            '(module (memory (export "memory") 1) (func (export "handle_request") (result i64) (i64.const 1)))'
+        )
+        os.kill(self.server.process.pid, signal.SIGHUP)
+        yield self.wait_for_count(self.FAILED, 1)
+        self.assertEqual((yield self.versions(url)), ["1"] * 4)
+        failed = [line for line in self.server.output().splitlines() if self.FAILED in line]
+        self.assertEqual(len(failed), 1)
+        self.assertIn("does not export handle_response", failed[0])
+
+        write_guest(guest, version_guest(2))
+        os.kill(self.server.process.pid, signal.SIGHUP)
+        yield self.wait_for_count(self.RELOADED, 1)
+        self.assertEqual((yield self.versions(url)), ["2"] * 4)
+
+    @inlineCallbacks
+    def test_config_file_is_read_again(self) -> Generator[Any, Any, None]:
+        """--guest-config-file is read again at each reload: the guest answers with the new configuration."""
+        from .test_twistd import ANSWERING_GUEST
+
+        config = self.mktemp()
+        Path(config).write_bytes(b"first")
+        url = yield self.start_server(
+            "--guest",
+            self.guest_file(ANSWERING_GUEST),
+            "--guest-config-file",
+            config,
+            "--class",
+            "tests.test_twistd.Hello",
+        )
+        self.assertEqual((yield self.fetch("GET", url + "/guest"))[2], b"first")
+        Path(config).write_bytes(b"second")
+        os.kill(self.server.process.pid, signal.SIGHUP)
+        yield self.wait_for_count(self.RELOADED, 1)
+        self.assertEqual((yield self.fetch("GET", url + "/guest"))[2], b"second")
+
+    @inlineCallbacks
+    def test_sha256_mismatch_refused_at_startup_and_at_reload(self) -> Generator[Any, Any, None]:
+        """--guest-sha256: a guest whose digest differs is refused at startup (exit 1) and at reload (the old one
+        serves), with both digests in the message."""
+        import hashlib
+
+        guest = self.guest_file(version_guest(1))
+        good = hashlib.sha256(Path(guest).read_bytes()).hexdigest()
+        wrong = "0" * 64
+        status, output = yield self.exit_status(
+            "--guest", guest, "--guest-sha256", wrong, "--class", "tests.test_twistd.Hello"
+        )
+        self.assertEqual(status, 1)
+        self.assertIn(f"has sha256 {good}, not the expected {wrong}", output)
+
+        url = yield self.start_server("--guest", guest, "--guest-sha256", good, "--class", "tests.test_twistd.Hello")
+        self.assertIn(f"(sha256 {good})", self.server.output())
+        write_guest(guest, version_guest(2))
+        changed = hashlib.sha256(Path(guest).read_bytes()).hexdigest()
+        os.kill(self.server.process.pid, signal.SIGHUP)
+        yield self.wait_for_count(self.FAILED, 1)
+        self.assertIn(f"has sha256 {changed}, not the expected {good}", self.server.output())
+        self.assertEqual((yield self.versions(url)), ["1"] * 4)
+
+
+class WorkersHangupTests(TwistdTestCase):
+    @inlineCallbacks
+    def test_every_worker_reloads(self) -> Generator[Any, Any, None]:
+        """--workers 2 + SIGHUP to the main process: both processes report the reload and serve the new guest."""
+        guest = self.guest_file(version_guest(1))
+        url = yield self.start_server("--workers", "2", "--guest", guest, "--class", "tests.test_workers.Pid")
+        server = self.server
+        if not (yield poll(lambda: "httpwasm worker 2 of 2" in server.output(), DEADLINE)):
+            self.fail(f"worker 2 did not start:\n{server.output()}")
+        write_guest(guest, version_guest(2))
+        os.kill(server.process.pid, signal.SIGHUP)
+        reloaded = re.compile(r"httpwasm worker 2: reloaded")
+        if not (
+            yield poll(lambda: reloaded.search(server.output()) and "httpwasm: reloaded" in server.output(), DEADLINE)
+        ):
+            self.fail(f"both processes did not report a reload:\n{server.output()}")
+
+        seen: dict[int, set[str]] = {}
+
+        @inlineCallbacks
+        def both_answered() -> Generator[Any, Any, bool]:
+            responses = yield gatherResults([self.fetch("GET", url + "/pid") for _ in range(8)])
+            for _, headers, body in responses:
+                seen.setdefault(int(body), set()).add(headers.getRawHeaders("x-version", ["-"])[0])
+            return len(seen) >= 2
+
+        if not (yield poll(both_answered, 20)):
+            self.fail(f"only {sorted(seen)} answered")
+        self.assertEqual(list(seen.values()), [{"2"}, {"2"}])
