@@ -305,7 +305,7 @@ class HangupTests(TwistdTestCase):
         self.assertIn(f"has sha256 {good}, not the expected {wrong}", output)
 
         url = yield self.start_server("--guest", guest, "--guest-sha256", good, "--class", "tests.test_twistd.Hello")
-        self.assertIn(f"(sha256 {good})", self.server.output())
+        self.assertIn(f"; sha256 {good}", self.server.output())
         write_guest(guest, version_guest(2))
         changed = hashlib.sha256(Path(guest).read_bytes()).hexdigest()
         os.kill(self.server.process.pid, signal.SIGHUP)

@@ -159,6 +159,9 @@ then are cut and logged. twistd then exits with status 0.
         self["workers"] = 1
         self["guest-max-requests"] = None
         self["guest-max-age"] = None
+        #: By --guest index: the --guest-sha256 and --guest-config-file given for it.
+        self["guest-sha256"] = {}
+        self["guest-config-files"] = {}
         self["shutdown-timeout"] = DEFAULT_SHUTDOWN_TIMEOUT
         self["proxy-trust-forwarded"] = False
         self["wsgi-keep-underscore-headers"] = False
@@ -182,7 +185,7 @@ then are cut and logged. twistd then exits with status 0.
 
     def opt_guest(self, path: str) -> None:
         """A guest (.wasm or .wat) in front of the downstream; repeat for a chain, the first outermost."""
-        self["guests"].append({"path": path, "config": b"", "config_file": None, "sha256": None})
+        self["guests"].append({"path": path, "config": b""})
 
     def opt_guest_sha256(self, digest: str) -> None:
         """sha256 (64 hex digits) the preceding --guest must have; a guest whose digest differs is refused."""
@@ -191,7 +194,7 @@ then are cut and logged. twistd then exits with status 0.
             raise usage.UsageError(f"--guest-sha256 must be 64 hexadecimal digits, not {digest!r}")
         if not self["guests"]:
             raise usage.UsageError("--guest-sha256 must come after the --guest it applies to")
-        self["guests"][-1]["sha256"] = digest
+        self["guest-sha256"][len(self["guests"]) - 1] = digest
 
     def opt_guest_max_requests(self, count: str) -> None:
         """Recycle each guest instance after it served this many requests (between requests). [default: off]"""
@@ -224,7 +227,7 @@ then are cut and logged. twistd then exits with status 0.
         except OSError as error:
             raise usage.UsageError(f"--guest-config-file: cannot read {path!r}: {error.strerror or error}") from None
         self._configure_last_guest("--guest-config-file", data)
-        self["guests"][-1]["config_file"] = path  # read again at each reload (SIGHUP)
+        self["guest-config-files"][len(self["guests"]) - 1] = path  # read again at each reload (SIGHUP)
 
     def _configure_last_guest(self, option: str, data: bytes) -> None:
         if not self["guests"]:
@@ -473,9 +476,7 @@ then are cut and logged. twistd then exits with status 0.
                 self["root"] = DemoPage(demo_guest=False)
             else:
                 self["demo"] = True
-                self["guests"].append(
-                    {"path": str(bundled_guest(DEMO_GUEST)), "config": b"", "config_file": None, "sha256": None}
-                )
+                self["guests"].append({"path": str(bundled_guest(DEMO_GUEST)), "config": b""})
                 self["root"] = DemoPage(demo_guest=True)
             self["downstream"] = _DEMO_PAGE
             if not (self["ports"] or self["port"] or self["https"]):
@@ -574,8 +575,9 @@ def _with_twistd_hint(reason: str) -> str:
     )
 
 
-def _load_guest(config: Options, entry: dict[str, Any], guest_config: bytes) -> Guest:
-    """The guest of one ``--guest`` entry with ``guest_config``; raises :class:`GuestLoadError`."""
+def _load_guest(config: Options, index: int, guest_config: bytes) -> Guest:
+    """The guest of the ``index``-th ``--guest`` with ``guest_config``; raises :class:`GuestLoadError`."""
+    entry = config["guests"][index]
     return Guest(
         entry["path"],
         config=guest_config,
@@ -587,7 +589,7 @@ def _load_guest(config: Options, entry: dict[str, Any], guest_config: bytes) -> 
         env=config["guest-env"],
         mounts=config["guest-mounts"],
         log_limit=config["guest-log-limit"],
-        sha256=entry.get("sha256"),
+        sha256=config["guest-sha256"].get(index),
         max_requests=config["guest-max-requests"],
         max_age=config["guest-max-age"],
     )
@@ -596,18 +598,19 @@ def _load_guest(config: Options, entry: dict[str, Any], guest_config: bytes) -> 
 def _reload_guests(config: Options) -> list[Guest]:
     """Every ``--guest`` loaded afresh, its configuration file read again; :class:`ReloadError` if one fails."""
     guests = []
-    for entry in config["guests"]:
+    for index, entry in enumerate(config["guests"]):
         guest_config = entry["config"]
-        if entry.get("config_file") is not None:
+        config_file = config["guest-config-files"].get(index)
+        if config_file is not None:
             try:
-                guest_config = Path(entry["config_file"]).read_bytes()
+                guest_config = Path(config_file).read_bytes()
             except OSError as error:
                 raise ReloadError(
-                    f"--guest {entry['path']}: --guest-config-file {entry['config_file']}: "
+                    f"--guest {entry['path']}: --guest-config-file {config_file}: "
                     f"cannot read it: {error.strerror or error}"
                 ) from None
         try:
-            guests.append(_load_guest(config, entry, guest_config))
+            guests.append(_load_guest(config, index, guest_config))
         except GuestLoadError as error:
             said = " / ".join(error.log_lines)
             raise ReloadError(
@@ -619,9 +622,9 @@ def _reload_guests(config: Options) -> list[Guest]:
 def _load_guests(config: Options) -> list[Guest]:
     """Every ``--guest``, loaded; a guest that cannot load ends ``twistd`` with its reason."""
     guests = []
-    for entry in config["guests"]:
+    for index, entry in enumerate(config["guests"]):
         try:
-            guest = _load_guest(config, entry, entry["config"])
+            guest = _load_guest(config, index, entry["config"])
         except GuestLoadError as error:
             # SystemExit with a message: twistd prints it to stderr and exits with status 1.  The
             # log has not begun yet, so what the guest logged while it failed goes with the message.
@@ -751,12 +754,11 @@ def makeService(config: Options) -> service.MultiService:
         return top
     _log.info(
         "httpwasm: {guests} in front of {downstream}, listening on {endpoints}"
-        " (execution {execution}, {policy}, guest memory limit {memory}, time limit {timeout} s{processes})",
+        " (execution {execution}, {policy}, guest memory limit {memory}, time limit {timeout} s{processes});"
+        " sha256 {digests}",
         guests=("guest " if len(config["guests"]) == 1 else "guests ")
-        + " -> ".join(
-            f"{entry['path']} (sha256 {guest.sha256})"
-            for entry, guest in zip(config["guests"], reloading_guests(top), strict=True)
-        ),
+        + " -> ".join(e["path"] for e in config["guests"]),
+        digests=" -> ".join(guest.sha256 for guest in reloading_guests(top)),
         downstream=config["downstream"],
         endpoints=", ".join(config["ports"]),
         execution=config["execution"].value,

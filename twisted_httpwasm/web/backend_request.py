@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from .tracing import traceparent_of
+
 __all__ = [
     "HOP_BY_HOP_HEADERS",
     "PathOutsideBase",
@@ -227,5 +229,8 @@ def backend_headers(request: Request, backend_host: bytes, *, trust_forwarded: b
         headers.setRawHeaders(b"x-forwarded-host", [host])
     forwarded_proto = described.get(b"x-forwarded-proto") if trust_forwarded else None
     headers.setRawHeaders(b"x-forwarded-proto", forwarded_proto or [proto])
+    traceparent = traceparent_of(request)
+    if traceparent is not None:  # traced (--otel): the backend's spans join this request's trace
+        headers.setRawHeaders(b"traceparent", [traceparent])
     headers.setRawHeaders(b"host", [backend_host])
     return headers

@@ -28,11 +28,12 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from .access_log import printable
 from .backend_request import (
     HOP_BY_HOP_HEADERS,
     PathOutsideBase,
@@ -58,6 +59,12 @@ _BAD_REQUEST_BODY = b"Bad Request\n"
 
 #: Idle connections to the backend kept open for reuse.
 MAX_IDLE_CONNECTIONS = 10
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """A backend connection's factory that does not log its start and stop (two lines per request)."""
+
+    noisy = False
 
 
 class HTTPAgent(TypingProtocol):
@@ -180,6 +187,7 @@ class ProxyResource(Resource):
         if agent is None:
             self.pool = HTTPConnectionPool(reactor, persistent=True)
             self.pool.maxPersistentPerHost = MAX_IDLE_CONNECTIONS
+            self.pool._factory = _QuietClientFactory
             agent = Agent(reactor, pool=self.pool)
         self.agent: HTTPAgent = agent
 
@@ -218,7 +226,10 @@ class ProxyResource(Resource):
             url = self.backend_url(request)
         except PathOutsideBase as error:
             _log.info(
-                "refused {method} {uri}: {reason}; answering 400", method=request.method, uri=request.uri, reason=error
+                "refused {method} {uri}: {reason}; answering 400",
+                method=printable(request.method),
+                uri=printable(request.uri),
+                reason=error,
             )
             request.setResponseCode(http.BAD_REQUEST)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -274,15 +285,15 @@ class _ProxiedRequest:
             return
         _log.warn(
             "backend {url} unreachable for {method} {uri}: {error}",
-            url=self.url,
-            method=self.request.method,
-            uri=self.request.uri,
+            url=printable(self.url),
+            method=printable(self.request.method),
+            uri=printable(self.request.uri),
             error=_describe(reason),
         )
         self.fail()
 
     def _internal_error(self, reason: Failure) -> None:
-        _log.failure("proxying {uri} failed", failure=reason, uri=self.request.uri)
+        _log.failure("proxying {uri} failed", failure=reason, uri=printable(self.request.uri))
         if not self.client_gone and not self.request.finished:
             self.fail()
 
@@ -358,9 +369,9 @@ class _BodyRelay(Protocol):
             return
         _log.warn(
             "backend {url} failed while sending its response to {method} {uri}: {error}",
-            url=proxied.url,
-            method=request.method,
-            uri=request.uri,
+            url=printable(proxied.url),
+            method=printable(request.method),
+            uri=printable(request.uri),
             error=_describe(reason),
         )
         proxied.fail()

@@ -24,6 +24,7 @@ from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 
+from .access_log import access_log_formatter, remember_client_uri
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
 
 __all__ = [
@@ -89,6 +90,13 @@ class _LimitedRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self._refused:
             super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+
+    def process(self) -> None:
+        # Before any guest runs: the access log's client URI, and the site's hooks (a trace's server span).
+        remember_client_uri(self)
+        for hook in getattr(getattr(self.channel, "site", None), "request_hooks", ()):
+            hook(self)
+        super().process()  # type: ignore[no-untyped-call]
 
     def _refuse_body(self, what: str, limit: int) -> None:
         """Answer 413 now; HTTP/1 closes the connection, HTTP/2 ends the stream."""
@@ -198,7 +206,14 @@ def _guarded_protocol(factory: Any) -> _GenericHTTPChannelProtocol:
 
 
 class GuestSite(Site):
-    """A ``Site`` with connection/request limits and a graceful drain."""
+    """A ``Site`` with connection/request limits and a graceful drain.
+
+    Its access log shows the URI as the client sent it (and a guest's rewrite,
+    see :mod:`~twisted_httpwasm.web.access_log`).  ``request_hooks`` are called
+    with each request before it is processed (tracing starts its span there).
+    """
+
+    request_hooks: tuple[Callable[[Request], object], ...] = ()
 
     def __init__(
         self,
@@ -211,6 +226,7 @@ class GuestSite(Site):
         **kwargs: Any,
     ):
         kwargs.setdefault("timeout", idle_timeout)
+        kwargs.setdefault("logFormatter", access_log_formatter)  # the client's URI, and a guest's rewrite
         super().__init__(resource, *args, **kwargs)  # type: ignore[no-untyped-call]
         self._init_limits(max_request_body, header_timeout, housekeeping)
 

@@ -82,11 +82,13 @@ def _epoch_ns(monotonic: float, offset: int) -> int:
 class _Trace:
     """One request's server span and what its guests' spans hang from."""
 
-    __slots__ = ("context", "downstream", "span")
+    __slots__ = ("context", "downstream", "offset", "span")
 
     def __init__(self, span: Any, context: Any):
         self.span = span
         self.context = context
+        #: Nanoseconds from time.monotonic() to the epoch: one per request, so its spans line up exactly.
+        self.offset = time.time_ns() - time.monotonic_ns()
         #: The downstream's (start, end, guest): between the innermost guest's two calls.
         self.downstream: tuple[float, float, str] | None = None
 
@@ -178,16 +180,19 @@ class GuestTracing:
         span = tracer.start_span(method, context=parent, kind=trace.SpanKind.SERVER)
         span.set_attribute("http.request.method", method)
         span.set_attribute("url.path", request.path.decode("latin-1"))
-        context = span.get_span_context()
-        request.__dict__[_TRACE] = _Trace(span, trace.set_span_in_context(span))
-        request.__dict__[_TRACEPARENT] = b"00-%032x-%016x-%02x" % (
-            context.trace_id,
-            context.span_id,
-            int(context.trace_flags),
-        )
+        inside = trace.set_span_in_context(span)
+        request.__dict__[_TRACE] = _Trace(span, inside)
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier, context=inside)  # the W3C header, as OpenTelemetry writes it
+        if "traceparent" in carrier:
+            request.__dict__[_TRACEPARENT] = carrier["traceparent"].encode("ascii")
         request.notifyFinish().addBoth(self._request_done, request)
 
     def _request_done(self, result: object, request: Request) -> None:
+        # Ended once the guests' observers (told at the same moment) have set the outcome on it.
+        self.reactor.callLater(0, self._end_server_span, result, request, time.time_ns())
+
+    def _end_server_span(self, result: object, request: Request, ended: int) -> None:
         from opentelemetry.trace import Status, StatusCode
 
         record: _Trace = request.__dict__[_TRACE]
@@ -198,7 +203,7 @@ class GuestTracing:
             span.set_attribute("httpwasm.client_gone", True)
         if code >= 500:
             span.set_status(Status(StatusCode.ERROR))
-        span.end()
+        span.end(end_time=ended)
 
     # -- the observer -------------------------------------------------------------
 
@@ -209,9 +214,9 @@ class GuestTracing:
             return
         from opentelemetry.trace import Status, StatusCode
 
-        offset = time.time_ns() - time.monotonic_ns()
         now = time.monotonic()
         record: _Trace | None = request.__dict__.get(_TRACE) if request is not None else None
+        offset = record.offset if record is not None else time.time_ns() - time.monotonic_ns()
         parent = record.context if record is not None else None
         if record is not None:
             record.span.set_attribute("httpwasm.outcome", outcome)  # the last guest to finish is the outermost
@@ -238,16 +243,17 @@ class GuestTracing:
             # Between a guest's two calls its downstream ran; the innermost guest's is the downstream itself.
             begun, ended = request_calls[-1][2], response_calls[0][1]
             if record.downstream is None:
-                self.reactor.callLater(0, self._downstream_span, record, offset)  # once every guest told
+                self.reactor.callLater(0, self._downstream_span, record)  # once every guest told
                 record.downstream = (begun, ended, guest.name)
             elif begun >= record.downstream[0] and ended <= record.downstream[1]:
                 record.downstream = (begun, ended, guest.name)
         span.end(end_time=_epoch_ns(now, offset))
 
-    def _downstream_span(self, record: _Trace, offset: int) -> None:
+    def _downstream_span(self, record: _Trace) -> None:
         if record.downstream is None:
             return
         begun, ended, guest = record.downstream
+        offset = record.offset
         span = self._tracer.start_span("downstream", context=record.context, start_time=_epoch_ns(begun, offset))
         span.set_attribute("httpwasm.guest", guest)  # the innermost guest, in front of it
         span.end(end_time=_epoch_ns(ended, offset))

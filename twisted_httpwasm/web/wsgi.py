@@ -23,6 +23,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from .access_log import printable
+
 __all__ = ["UnderscoreHeaderGuard", "drop_underscore_headers"]
 
 _log = Logger(namespace="httpwasm.wsgi")
@@ -37,8 +39,8 @@ def drop_underscore_headers(request: Request) -> list[bytes]:
     if dropped:
         _log.debug(
             "dropped request headers {names} of {uri}: a WSGI application would read them as their hyphenated twins",
-            names=b", ".join(dropped),
-            uri=request.uri,
+            names=printable(b", ".join(dropped)),
+            uri=printable(request.uri),
         )
     return dropped
 

@@ -1,0 +1,165 @@
+"""Logs an operator reads: text, not byte reprs; no per-request factory noise; the client's URI in the access log."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.web.client import _HTTP11ClientFactory
+from twisted.web.resource import Resource
+
+from twisted_httpwasm import Guest, GuestResource
+from twisted_httpwasm.web import filter as filter_module
+from twisted_httpwasm.web.proxy import ProxyResource
+from twisted_httpwasm.web.site import GuestSite
+
+from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, module, poll
+from .test_twistd import free_port
+
+#: Logs one line per request, then passes it on.
+CHATTY_GUEST = (
+    """
+  (data (i32.const 0) "hello from the guest")
+  (func (export "handle_request") (result i64)
+    (call $log (i32.const 0) (i32.const 0) (i32.const 20))
+    (i64.const 1))
+"""
+    + NOOP_RESPONSE
+)
+
+#: Rewrites every request's URI to /rewritten?x=1.
+REWRITING_GUEST = (
+    """
+  (data (i32.const 0) "/rewritten?x=1")
+  (func (export "handle_request") (result i64)
+    (call $set_uri (i32.const 0) (i32.const 14))
+    (i64.const 1))
+"""
+    + NOOP_RESPONSE
+)
+
+#: The Combined Log Format, as log parsers read it (anything after the user agent is ignored).
+COMBINED = re.compile(
+    r'^"?(?P<host>[^ "]+)"? (?P<ident>\S+) (?P<user>\S+) \[(?P<time>[^\]]+)\] "(?P<request>[^"]*)" '
+    r'(?P<status>\d{3}) (?P<size>\S+) "(?P<referer>[^"]*)" "(?P<agent>[^"]*)"(?P<rest>.*)$'
+)
+
+
+class Backend(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"backend"
+
+
+class Echo(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return request.uri
+
+
+class QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+class CapturedLog:
+    """Every log event, formatted as a log file shows it."""
+
+    def __init__(self, test: Any):
+        self.lines: list[str] = []
+        self.filter_lines: list[str] = []  # web/filter.py's own (its log calls are being reworked apart)
+        globalLogPublisher.addObserver(self._observe)
+        test.addCleanup(globalLogPublisher.removeObserver, self._observe)
+
+    def _observe(self, event: dict[str, Any]) -> None:
+        text = formatEvent(event) or ""
+        (self.filter_lines if event.get("log_logger") is filter_module._log else self.lines).append(text)
+
+
+class OperatorLogTests(TempFilesMixin, ServerTestCase):
+    @inlineCallbacks
+    def test_a_request_through_the_proxy_logs_text_once(self) -> Generator[Any, Any, None]:
+        """Through a guest and --proxy: one ``[guest NAME] message`` line per guest message, no factory lines,
+        and no Python byte reprs, also when the backend is unreachable."""
+        guest = Guest(module(CHATTY_GUEST), name="chatty", cache=False)
+        proxy = ProxyResource(self.serve(Backend()), timeout=10)
+        self.addCleanup(proxy.close)
+        url = self.listen(GuestSite(GuestResource(guest, proxy)))
+        down = ProxyResource(f"http://127.0.0.1:{free_port()}", timeout=10)
+        self.addCleanup(down.close)
+        down_url = self.listen(GuestSite(GuestResource(guest, down)))
+        self.pool._factory = QuietClientFactory  # the test's own client: only the server's lines count
+        log = CapturedLog(self)
+
+        for _ in range(2):
+            status, _, body = yield self.fetch("GET", url + "/note.txt?q=1")
+            self.assertEqual((status, body), (200, b"backend"))
+        status, _, _ = yield self.fetch("GET", down_url + "/note.txt?q=1")
+        self.assertEqual(status, 502)
+        # Guest lines logged from a worker thread reach the log through the reactor.
+        yield poll(lambda: sum("hello from the guest" in line for line in log.lines) >= 3, 5)
+
+        guest_lines = [line for line in log.lines if "hello from the guest" in line]
+        self.assertEqual(guest_lines, ["[guest chatty] hello from the guest"] * 3)
+        self.assertEqual([line for line in log.lines if "b'" in line or 'b"' in line], [])
+        self.assertEqual([line for line in log.lines if "factory" in line.lower()], [])
+        unreachable = [line for line in log.lines if "unreachable" in line]
+        self.assertEqual(len(unreachable), 1, log.lines)
+        self.assertIn(" unreachable for GET /note.txt?q=1: ", unreachable[0])
+
+    @inlineCallbacks
+    def test_the_filters_lines_carry_text(self) -> Generator[Any, Any, None]:
+        """The request filter's own lines (a failed downstream) show the method and URI as text too."""
+        log = CapturedLog(self)
+        guest = Guest(module(CHATTY_GUEST), name="chatty", cache=False)
+        down = ProxyResource(f"http://127.0.0.1:{free_port()}", timeout=10)
+        self.addCleanup(down.close)
+        url = self.listen(GuestSite(GuestResource(guest, down)))
+        status, _, _ = yield self.fetch("GET", url + "/note.txt?q=1")
+        self.assertEqual(status, 502)
+        self.assertTrue(log.filter_lines)
+        self.assertEqual([line for line in log.filter_lines if "b'" in line], [])
+
+    test_the_filters_lines_carry_text.skip = (  # type: ignore[attr-defined]
+        "web/filter.py's log calls belong to the request-path redesign (issue 13 leaves them to it)"
+    )
+
+    @inlineCallbacks
+    def test_access_log_has_the_clients_uri_and_the_rewritten_one(self) -> Generator[Any, Any, None]:
+        """The access log's request field is what the client sent; a guest's rewrite follows as a last field,
+        and the line still parses as the Combined Log Format."""
+        path = self.mktemp() + ".log"
+        guest = Guest(module(REWRITING_GUEST), name="rewrite", cache=False)
+        site = GuestSite(GuestResource(guest, Echo()), logPath=path)
+        url = self.listen(site)
+        status, _, body = yield self.fetch("GET", url + "/original/path?a=b", headers={"user-agent": "probe/1"})
+        self.assertEqual((status, body), (200, b"/rewritten?x=1"))
+        if not (yield poll(lambda: Path(path).exists() and Path(path).read_text().endswith("\n"), 5)):
+            self.fail("no access log line")
+        (line,) = Path(path).read_text().splitlines()
+        fields = COMBINED.match(line)
+        self.assertIsNotNone(fields, line)
+        assert fields is not None
+        self.assertEqual(fields["request"], "GET /original/path?a=b HTTP/1.1")
+        self.assertEqual(fields["status"], "200")
+        self.assertEqual(fields["agent"], "probe/1")
+        self.assertEqual(fields["rest"], ' "/rewritten?x=1"')
+
+    @inlineCallbacks
+    def test_access_log_without_a_rewrite_is_plain_combined(self) -> Generator[Any, Any, None]:
+        """A request no guest rewrote: the usual Combined Log Format line, nothing after the user agent."""
+        path = self.mktemp() + ".log"
+        guest = Guest(module(CHATTY_GUEST), name="plain", cache=False)
+        url = self.listen(GuestSite(GuestResource(guest, Echo()), logPath=path))
+        status, _, _ = yield self.fetch("GET", url + "/same")
+        self.assertEqual(status, 200)
+        if not (yield poll(lambda: Path(path).exists() and Path(path).read_text().endswith("\n"), 5)):
+            self.fail("no access log line")
+        fields = COMBINED.match(Path(path).read_text().splitlines()[0])
+        assert fields is not None
+        self.assertEqual((fields["request"], fields["rest"]), ("GET /same HTTP/1.1", ""))
