@@ -15,9 +15,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Mapping
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import treq
@@ -274,3 +274,34 @@ def c_guest_binary(source: Path, *, wasi: bool, skip_missing_tools: bool = False
                 raise SkipTest(f"cannot build {source.name}: {error}") from None
             raise
     return _c_built[source]
+
+
+# -- execution-mode variants ----------------------------------------------------------
+
+
+def execution_variants(
+    mixin: type,
+    *bases: type,
+    name: str | None = None,
+    only: Mapping[Execution, type] = MappingProxyType({}),
+    **attributes: Any,
+) -> dict[str, type]:
+    """One test case class per execution mode (thread, inline), generated from one definition.
+
+    As Twisted's ``ReactorBuilder.makeTestCaseClasses`` makes one class per reactor: each
+    class mixes ``mixin`` into ``bases`` (``ServerTestCase``, say), with ``execution`` set,
+    and is named ``{name}{Mode}Tests`` (``name``: the mixin's name without ``TestsMixin`` or
+    ``Mixin``).  ``only`` maps a mode to a mixin of tests that apply to that mode alone;
+    ``attributes`` are set on every class.  Define them at a module's top level, where
+    pytest and trial both find them::
+
+        globals().update(execution_variants(FooTestsMixin, ServerTestCase))
+    """
+    stem = name or mixin.__name__.removesuffix("Mixin").removesuffix("Tests")
+    classes: dict[str, type] = {}
+    for execution in EXECUTIONS:
+        class_name = f"{stem}{execution.name.title()}Tests"
+        namespace = {"__module__": mixin.__module__, "__qualname__": class_name, "execution": execution, **attributes}
+        extra = (only[execution],) if execution in only else ()
+        classes[class_name] = type(class_name, (*extra, mixin, *bases), namespace)
+    return classes

@@ -15,9 +15,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.web.resource import Resource
 
-from twisted_httpwasm import Execution
-
-from .support import ServerTestCase
+from .support import ServerTestCase, execution_variants
 from .test_resource import GuestTestMixin, log_text, read_four
 
 
@@ -90,9 +88,4 @@ class BodyRemainderTestsMixin(GuestTestMixin):
         self.assertEqual((seen["body"], seen["length"]), (b"", b"0"))
 
 
-class BodyRemainderThreadTests(BodyRemainderTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class BodyRemainderInlineTests(BodyRemainderTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(BodyRemainderTestsMixin, ServerTestCase))
