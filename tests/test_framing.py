@@ -25,7 +25,7 @@ from twisted.web.static import Data
 
 from twisted_httpwasm import Execution, GuestResource, ProxyResource
 
-from .support import ServerTestCase, TempFilesMixin, make_guest
+from .support import ServerTestCase, TempFilesMixin, execution_variants, make_guest
 from .test_http2 import BIG, H2_SKIP, Http2Mixin, certificates, h2_fetch
 from .test_proxy import serve_backend
 from .test_resource import GuestTestMixin, Strings, event_text, log_text, raw_connect
@@ -209,12 +209,7 @@ class HoldBackTestsMixin(GuestTestMixin):
             self.assertEqual((len(responses), rest), (2, b""))
 
 
-class HoldBackThreadTests(HoldBackTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class HoldBackInlineTests(HoldBackTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(HoldBackTestsMixin, ServerTestCase))
 
 
 # -- 2. guest-set framing headers never reach the wire --------------------------------
@@ -475,20 +470,10 @@ class DownstreamLengthTestsMixin(GuestTestMixin):
             self.assertRaises(Incomplete, parse_responses, raw, [b"GET", b"GET"])
 
 
-class DownstreamLengthThreadTests(DownstreamLengthTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
+globals().update(execution_variants(DownstreamLengthTestsMixin, ServerTestCase))
 
 
-class DownstreamLengthInlineTests(DownstreamLengthTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
-
-
-class FramingThreadTests(FramingTestsMixin, TempFilesMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class FramingInlineTests(FramingTestsMixin, TempFilesMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(FramingTestsMixin, TempFilesMixin, ServerTestCase))
 
 
 class Http2FramingTestsMixin:
@@ -510,9 +495,4 @@ class Http2FramingTestsMixin:
             self.assertNotIn("keep-alive", answer.headers)  # type: ignore[attr-defined]
 
 
-class Http2FramingThreadTests(Http2FramingTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class Http2FramingInlineTests(Http2FramingTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(Http2FramingTestsMixin, ServerTestCase))

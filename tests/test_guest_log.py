@@ -22,7 +22,7 @@ from twisted_httpwasm.abi import LogLevel
 from twisted_httpwasm.runtime.calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, LogLimit
 from twisted_httpwasm.service.tap import Options
 
-from .support import LogCapture, ServerTestCase, module, request_state
+from .support import LogCapture, ServerTestCase, execution_variants, module, request_state
 
 #: Logs ``COUNT`` messages of ``SIZE`` bytes (zeros at 4096) in handle_request, then answers next=1.
 LOG_LOOP = """
@@ -276,12 +276,7 @@ class FloodTestsMixin:
         self.assertLessEqual(len(log.events), 6)  # type: ignore[attr-defined]
 
 
-class FloodThreadTests(FloodTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class FloodInlineTests(FloodTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(FloodTestsMixin, ServerTestCase))
 
 
 

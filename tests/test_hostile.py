@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 
 from twisted_httpwasm import Execution, Guest, GuestLoadError
 
-from .support import ServerTestCase
+from .support import ServerTestCase, execution_variants
 from .test_limits import FakeClock, WasiGuestMixin, next_with_ctx, wasi_module
 from .test_resource import Strings, log_text, port_of, released
 from .test_resource_response import HELLO, hello
@@ -232,12 +232,7 @@ class HostileGuestTestsMixin(WasiGuestMixin):
         self.assertEqual(stats.idle, stats.created - stats.discarded)
 
 
-class HostileGuestThreadTests(HostileGuestTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class HostileGuestInlineTests(HostileGuestTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(HostileGuestTestsMixin, ServerTestCase))
 
 
 # -- hostile initialisation ---------------------------------------------------------------------
@@ -338,12 +333,7 @@ class HostileInitTestsMixin(WasiGuestMixin):
         self.assertEqual(guest.pool.stats.in_use, 0)
 
 
-class HostileInitThreadTests(HostileInitTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class HostileInitInlineTests(HostileInitTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(HostileInitTestsMixin, ServerTestCase))
 
 
 # -- clients that go away while a guest call runs --------------------------------------------------
@@ -430,9 +420,4 @@ class DroppedClientTestsMixin(WasiGuestMixin):
         yield self.check_reset_during("/slow-response", "in handle_response")
 
 
-class DroppedClientThreadTests(DroppedClientTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class DroppedClientInlineTests(DroppedClientTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(DroppedClientTestsMixin, ServerTestCase))

@@ -16,9 +16,9 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import LogLevel as TwistedLogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_httpwasm import Execution, Guest, GuestLoadError
+from twisted_httpwasm import Guest, GuestLoadError
 
-from .support import LogCapture, ServerTestCase, module
+from .support import LogCapture, ServerTestCase, execution_variants, module
 from .test_resource import Echo, GuestTestMixin
 
 CONFIG = b"user:secret"
@@ -140,9 +140,4 @@ class StartFunctionRequestsMixin(GuestTestMixin):
             self.assertEqual(json.loads(response.body)["body"], "0123456789")
 
 
-class StartFunctionRequestsThreadTests(StartFunctionRequestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class StartFunctionRequestsInlineTests(StartFunctionRequestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(StartFunctionRequestsMixin, ServerTestCase))

@@ -20,9 +20,9 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from twisted_httpwasm import Execution, Guest, GuestLoadError, Mount
+from twisted_httpwasm import Guest, GuestLoadError, Mount
 
-from .support import ServerTestCase, c_guest_binary
+from .support import ServerTestCase, c_guest_binary, execution_variants
 from .test_resource import Echo, GuestTestMixin, Strings
 from .test_resource_response import hello
 
@@ -153,12 +153,7 @@ class IsolationTestsMixin(GuestTestMixin):
         self.assertEqual((status, body), (503, b"Service Unavailable\n"))
 
 
-class IsolationThreadTests(IsolationTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class IsolationInlineTests(IsolationTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(IsolationTestsMixin, ServerTestCase))
 
 
 # -- per-request state -----------------------------------------------------------------------------
@@ -252,9 +247,4 @@ class RequestStateTestsMixin(GuestTestMixin):
         self.assertEqual((guest.pool.stats.created, guest.pool.stats.in_use), (1, 0))  # one instance served both
 
 
-class RequestStateThreadTests(RequestStateTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class RequestStateInlineTests(RequestStateTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(RequestStateTestsMixin, ServerTestCase))

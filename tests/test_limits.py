@@ -24,7 +24,7 @@ from twisted_httpwasm.runtime.guest import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT
 from twisted_httpwasm.runtime.hostfuncs import MAX_LOG_MESSAGE
 from twisted_httpwasm.runtime.pool import GuestPool, GuestUnavailable
 
-from .support import ServerTestCase, module, poll
+from .support import ServerTestCase, execution_variants, module, poll
 from .test_resource import Echo, GuestTestMixin, Strings, event_text, log_text, raw_connect, split_response
 from .test_resource_failures import log_is_error
 from .test_resource_response import HELLO, hello
@@ -187,8 +187,8 @@ class TimeLimitTestsMixin(WasiGuestMixin):
         self.assertEqual(self.wasi_guest(TIMED).timeout, 1.0)
 
 
-class TimeLimitThreadTests(TimeLimitTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
+class TimeLimitThreadOnlyMixin:
+    """Time-limit tests for the thread execution mode alone."""
 
     @inlineCallbacks
     def test_other_requests_are_served_while_a_guest_loops(self):
@@ -212,8 +212,8 @@ class TimeLimitThreadTests(TimeLimitTestsMixin, ServerTestCase):
         self.assertLess(longest_gap, 0.5, "the reactor was blocked")
 
 
-class TimeLimitInlineTests(TimeLimitTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+class TimeLimitInlineOnlyMixin:
+    """Time-limit tests for the inline execution mode alone."""
 
     @inlineCallbacks
     def test_reactor_is_free_again_right_after_the_limit(self):
@@ -238,6 +238,15 @@ class TimeLimitInlineTests(TimeLimitTestsMixin, ServerTestCase):
         self.assertGreaterEqual(longest_gap, 0.25, "inline: the guest runs on the reactor thread")
         self.assertLess(longest_gap, 1.0, "the reactor must be free right after the limit")
         self.assertLess(finished["ok"], 1.5)
+
+
+globals().update(
+    execution_variants(
+        TimeLimitTestsMixin,
+        ServerTestCase,
+        only={Execution.THREAD: TimeLimitThreadOnlyMixin, Execution.INLINE: TimeLimitInlineOnlyMixin},
+    )
+)
 
 
 # -- 2. memory limit ----------------------------------------------------------------------
@@ -320,12 +329,7 @@ class MemoryLimitTestsMixin(WasiGuestMixin):
         self.assertEqual(status, 200)
 
 
-class MemoryLimitThreadTests(MemoryLimitTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class MemoryLimitInlineTests(MemoryLimitTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(MemoryLimitTestsMixin, ServerTestCase))
 
 
 # -- 3. failure policy ---------------------------------------------------------------------
@@ -411,12 +415,7 @@ class FailurePolicyTestsMixin(WasiGuestMixin):
         self.assertEqual((guest.pool.stats.discarded, guest.pool.stats.in_use), (1, 0))
 
 
-class FailurePolicyThreadTests(FailurePolicyTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class FailurePolicyInlineTests(FailurePolicyTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(FailurePolicyTestsMixin, ServerTestCase))
 
 
 # -- 3b. instances that cannot be created ----------------------------------------------------
@@ -591,12 +590,7 @@ class CreationFailureTestsMixin(WasiGuestMixin):
         yield self.check_unavailable(guest, url, attempts=1)
 
 
-class CreationFailureThreadTests(CreationFailureTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class CreationFailureInlineTests(CreationFailureTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(CreationFailureTestsMixin, ServerTestCase))
 
 
 # -- 4. bounded buffering --------------------------------------------------------------------
@@ -786,9 +780,4 @@ HEADER_HOG = S.wrap(f"""
 """)
 
 
-class BufferLimitThreadTests(BufferLimitTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class BufferLimitInlineTests(BufferLimitTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(BufferLimitTestsMixin, ServerTestCase))

@@ -22,9 +22,9 @@ from twisted.logger import LogLevel
 from twisted.web.resource import Resource
 from twisted.web.static import File
 
-from twisted_httpwasm import Execution, ProxyResource
+from twisted_httpwasm import ProxyResource
 
-from .support import ServerTestCase, TempFilesMixin
+from .support import ServerTestCase, TempFilesMixin, execution_variants
 from .test_resource import GuestTestMixin, Strings, event_text, port_of
 
 S = Strings()
@@ -185,9 +185,4 @@ class MalformedInputTestsMixin(GuestTestMixin):
         self.assertEqual(noisy(events), [])
 
 
-class MalformedInputThreadTests(MalformedInputTestsMixin, TempFilesMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class MalformedInputInlineTests(MalformedInputTestsMixin, TempFilesMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(MalformedInputTestsMixin, TempFilesMixin, ServerTestCase))

@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from twisted_httpwasm import Execution, Guest, GuestResource
 
-from .support import NOOP_RESPONSE, ServerTestCase, module
+from .support import NOOP_RESPONSE, ServerTestCase, execution_variants, module
 
 # -- helpers shared by the test_resource* modules -----------------------------------
 
@@ -280,12 +280,7 @@ class PinningTestsMixin(GuestTestMixin):
         self.assertGreater(stats.peak_in_use, 1)
 
 
-class PinningThreadTests(PinningTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class PinningInlineTests(PinningTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(PinningTestsMixin, ServerTestCase))
 
 
 # -- what the guest changes on the request -----------------------------------------
@@ -378,12 +373,7 @@ class RequestChangesTestsMixin(GuestTestMixin):
         self.assertIn("host", headers)
 
 
-class RequestChangesThreadTests(RequestChangesTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class RequestChangesInlineTests(RequestChangesTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(RequestChangesTestsMixin, ServerTestCase))
 
 
 # -- request bodies --------------------------------------------------------------------
@@ -446,12 +436,7 @@ class RequestBodyTestsMixin(GuestTestMixin):
         self.assertEqual(seen["headers"]["content-length"], ["10"])
 
 
-class RequestBodyThreadTests(RequestBodyTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class RequestBodyInlineTests(RequestBodyTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(RequestBodyTestsMixin, ServerTestCase))
 
 
 # -- what the guest reads about the request ------------------------------------------------
@@ -497,9 +482,4 @@ class RequestInfoTestsMixin(GuestTestMixin):
         self.assertEqual(body.split(b"|")[:2], [b"/", b"HTTP/1.0"])
 
 
-class RequestInfoThreadTests(RequestInfoTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class RequestInfoInlineTests(RequestInfoTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(RequestInfoTestsMixin, ServerTestCase))

@@ -13,7 +13,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from twisted_httpwasm import Execution
 
-from .support import ServerTestCase
+from .support import ServerTestCase, execution_variants
 from .test_resource import GuestTestMixin, Strings, log_text, raw_connect, released
 from .test_resource_response import HELLO, Chunks, hello
 
@@ -167,12 +167,7 @@ class TrapTestsMixin(GuestTestMixin):
         self.assertEqual((guest.pool.stats.discarded, guest.pool.stats.in_use), (2, 0))
 
 
-class TrapThreadTests(TrapTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class TrapInlineTests(TrapTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(TrapTestsMixin, ServerTestCase))
 
 
 class DownstreamFailureTestsMixin(GuestTestMixin):
@@ -212,22 +207,12 @@ class DownstreamFailureTestsMixin(GuestTestMixin):
         self.assertIn("handle_response is_error=0", log_text(events))
 
 
-class DownstreamFailureThreadTests(DownstreamFailureTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
+globals().update(execution_variants(DownstreamFailureTestsMixin, ServerTestCase))
 
 
-class DownstreamFailureInlineTests(DownstreamFailureTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
-
-
-class BufferedDownstreamFailureThreadTests(DownstreamFailureTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-    features = 2
-
-
-class BufferedDownstreamFailureInlineTests(DownstreamFailureTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
-    features = 2
+globals().update(
+    execution_variants(DownstreamFailureTestsMixin, ServerTestCase, name="BufferedDownstreamFailure", features=2)
+)
 
 
 class PartialFailureTestsMixin(GuestTestMixin):
@@ -244,12 +229,7 @@ class PartialFailureTestsMixin(GuestTestMixin):
         self.assertEqual((guest.pool.stats.in_use, guest.pool.stats.discarded), (0, 0))
 
 
-class PartialFailureThreadTests(PartialFailureTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class PartialFailureInlineTests(PartialFailureTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(PartialFailureTestsMixin, ServerTestCase))
 
 
 class DisconnectTestsMixin(GuestTestMixin):
@@ -278,12 +258,7 @@ class DisconnectTestsMixin(GuestTestMixin):
         return self.check_client_goes_away(features=2)
 
 
-class DisconnectThreadTests(DisconnectTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class DisconnectInlineTests(DisconnectTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(DisconnectTestsMixin, ServerTestCase))
 
 
 class ManualThreadPool:
@@ -382,12 +357,7 @@ class FailureStatusTestsMixin(GuestTestMixin):
         self.assertEqual(guest.pool.stats.in_use, 0)
 
 
-class FailureStatusThreadTests(FailureStatusTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class FailureStatusInlineTests(FailureStatusTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(FailureStatusTestsMixin, ServerTestCase))
 
 
 class ChainedFailureTestsMixin(GuestTestMixin):
@@ -411,12 +381,7 @@ class ChainedFailureTestsMixin(GuestTestMixin):
         self.assertEqual((status, body), (200, HELLO))
 
 
-class ChainedFailureThreadTests(ChainedFailureTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class ChainedFailureInlineTests(ChainedFailureTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(ChainedFailureTestsMixin, ServerTestCase))
 
 
 class FailOpenTestsMixin(GuestTestMixin):
@@ -432,9 +397,4 @@ class FailOpenTestsMixin(GuestTestMixin):
         self.assertEqual((guest.pool.stats.in_use, guest.pool.stats.discarded), (0, 1))
 
 
-class FailOpenThreadTests(FailOpenTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class FailOpenInlineTests(FailOpenTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(FailOpenTestsMixin, ServerTestCase))

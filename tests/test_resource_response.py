@@ -13,9 +13,7 @@ from twisted.web.resource import EncodingResourceWrapper, Resource
 from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory
 from twisted.web.static import Data, File
 
-from twisted_httpwasm import Execution
-
-from .support import NOOP_RESPONSE, ServerTestCase, collect_streamed
+from .support import NOOP_RESPONSE, ServerTestCase, collect_streamed, execution_variants
 from .test_resource import GuestTestMixin, Strings, log_text, raw_connect, split_response
 
 HELLO = b"hello from downstream"
@@ -238,12 +236,7 @@ class GuestResponseTestsMixin(GuestTestMixin):
         self.assertEqual((status, body, length), (200, b"guest prefix;", 13))
 
 
-class GuestResponseThreadTests(GuestResponseTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class GuestResponseInlineTests(GuestResponseTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(GuestResponseTestsMixin, ServerTestCase))
 
 
 class BufferedResponseTestsMixin(GuestTestMixin):
@@ -335,12 +328,7 @@ class BufferedResponseTestsMixin(GuestTestMixin):
         self.assertEqual(zlib.decompress(body, 16 + zlib.MAX_WBITS), b"[" + HELLO + b"]")
 
 
-class BufferedResponseThreadTests(BufferedResponseTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class BufferedResponseInlineTests(BufferedResponseTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(BufferedResponseTestsMixin, ServerTestCase))
 
 
 class StreamedResponseTestsMixin(GuestTestMixin):
@@ -439,9 +427,4 @@ class StreamedResponseTestsMixin(GuestTestMixin):
         self.assertIn("enable buffer_response", log_text(events))
 
 
-class StreamedResponseThreadTests(StreamedResponseTestsMixin, ServerTestCase):
-    execution = Execution.THREAD
-
-
-class StreamedResponseInlineTests(StreamedResponseTestsMixin, ServerTestCase):
-    execution = Execution.INLINE
+globals().update(execution_variants(StreamedResponseTestsMixin, ServerTestCase))
