@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from twisted_httpwasm import Execution, GuestResource
 
-from .support import EXECUTIONS, ServerTestCase, guest_text, make_guest, on_guest_log
+from .support import ServerTestCase, execution_variants, guest_text, make_guest, on_guest_log
 
 #: Outer guest: request header x-order += "a", response header x-a: 1, "/x..." -> "/y...";
 #: handle_response adds x-order-response += "a" (buffer_response, so it may) and logs "A done".
@@ -181,7 +181,4 @@ class ChainMixin:
         self.assertEqual((a.pool.stats.in_use, b.pool.stats.in_use), (0, 0))
 
 
-for _execution in EXECUTIONS:
-    _name = f"Chain{_execution.name.title()}Tests"
-    globals()[_name] = type(_name, (ChainMixin, ServerTestCase), {"execution": _execution})
-del _execution, _name
+globals().update(execution_variants(ChainMixin, ServerTestCase))

@@ -28,11 +28,11 @@ from twisted_httpwasm import Execution, Guest, GuestLoadError
 
 from .support import (
     EXAMPLES,
-    EXECUTIONS,
     ROOT,
     ServerTestCase,
     c_build_module,
     c_guest_binary,
+    execution_variants,
     guest_text,
     load_example_module,
     on_guest_log,
@@ -390,10 +390,8 @@ _MIXINS = (
     CRequestIdWasiMixin,
 )
 for _mixin in _MIXINS:
-    for _execution in EXECUTIONS:
-        _name = _mixin.__name__.removesuffix("Mixin") + _execution.name.title() + "Tests"
-        globals()[_name] = type(_name, (_mixin, ServerTestCase), {"execution": _execution})
-del _mixin, _execution, _name
+    globals().update(execution_variants(_mixin, ServerTestCase))
+del _mixin
 
 
 # -- embedding examples -----------------------------------------------------------------

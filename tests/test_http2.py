@@ -28,7 +28,7 @@ from twisted.web.static import Data
 
 from twisted_httpwasm import Execution, GuestResource
 
-from .support import EXECUTIONS, ServerTestCase, make_guest
+from .support import ServerTestCase, execution_variants, make_guest
 from .test_proxy import ConnectionTracker
 
 try:
@@ -438,10 +438,7 @@ class Http2Mixin:
         self.assertEqual(trapping.pool.stats.in_use, 0)  # type: ignore[attr-defined]
 
 
-for _execution in EXECUTIONS:
-    _name = f"Http2{_execution.name.title()}Tests"
-    globals()[_name] = type(_name, (Http2Mixin, ServerTestCase), {"execution": _execution})
-del _execution, _name
+globals().update(execution_variants(Http2Mixin, ServerTestCase))
 
 
 class CertificateTests(SynchronousTestCase):

@@ -25,7 +25,15 @@ from twisted.web.test.requesthelper import DummyRequest
 from twisted_httpwasm import Execution
 from twisted_httpwasm.web.proxy import BadGateway, ProxyResource, end_to_end_headers
 
-from .support import EXECUTIONS, ServerTestCase, collect_streamed, guest_text, make_guest, on_guest_log, poll
+from .support import (
+    ServerTestCase,
+    collect_streamed,
+    execution_variants,
+    guest_text,
+    make_guest,
+    on_guest_log,
+    poll,
+)
 
 # -- guests ---------------------------------------------------------------------------
 
@@ -464,10 +472,7 @@ class ProxyBehindGuestMixin:
         self.assertIsNone(request.producer)
 
 
-for _execution in EXECUTIONS:
-    _name = f"ProxyBehindGuest{_execution.name.title()}Tests"
-    globals()[_name] = type(_name, (ProxyBehindGuestMixin, ServerTestCase), {"execution": _execution})
-del _execution, _name
+globals().update(execution_variants(ProxyBehindGuestMixin, ServerTestCase))
 
 
 class ProxyAloneTests(ServerTestCase):
