@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import re
 from collections.abc import Generator
 from pathlib import Path
@@ -9,16 +11,20 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python import usage
 from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.resource import Resource
 
 from twisted_httpwasm import Guest, GuestResource
+from twisted_httpwasm.service.jsonlog import JSONLinesObserver
+from twisted_httpwasm.service.tap import Options
 from twisted_httpwasm.web import filter as filter_module
+from twisted_httpwasm.web.access_log import RequestLog
 from twisted_httpwasm.web.proxy import ProxyResource
 from twisted_httpwasm.web.site import GuestSite
 
 from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, module, poll
-from .test_twistd import free_port
+from .test_twistd import DEADLINE, TwistdTestCase, free_port
 
 #: Logs one line per request, then passes it on.
 CHATTY_GUEST = (
@@ -163,3 +169,83 @@ class OperatorLogTests(TempFilesMixin, ServerTestCase):
         fields = COMBINED.match(Path(path).read_text().splitlines()[0])
         assert fields is not None
         self.assertEqual((fields["request"], fields["rest"]), ("GET /same HTTP/1.1", ""))
+
+
+#: Traps on /trap..., passes anything else on.
+TRAP_ON_T_GUEST = (
+    """
+  (func (export "handle_request") (result i64)
+    (drop (call $get_uri (i32.const 100) (i32.const 64)))
+    (if (i32.eq (i32.load8_u (i32.const 101)) (i32.const 116)) (then unreachable))
+    (i64.const 1))
+"""
+    + NOOP_RESPONSE
+)
+
+
+class JSONLogTests(TempFilesMixin, ServerTestCase):
+    @inlineCallbacks
+    def test_json_lines_carry_request_id_guest_phase_outcome(self) -> Generator[Any, Any, None]:
+        """With the request log and the JSON observer: one JSON line per request and guest, with its fields;
+        the two guests of one request share its request id."""
+        stream = io.StringIO()
+        observer = JSONLinesObserver(stream)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        outer = Guest(module(CHATTY_GUEST), name="outer", cache=False)
+        inner = Guest(module(TRAP_ON_T_GUEST), name="inner", cache=False)
+        request_log = RequestLog()
+        request_log.watch(outer)
+        request_log.watch(inner)
+        site = GuestSite(GuestResource(outer, GuestResource(inner, Echo())))
+        request_log.install(site)
+        url = self.listen(site)
+        status, _, _ = yield self.fetch("GET", url + "/fine?x=1")
+        self.assertEqual(status, 200)
+        status, _, _ = yield self.fetch("GET", url + "/trap")
+        self.assertEqual(status, 500)
+        yield poll(lambda: stream.getvalue().count('"namespace": "httpwasm.request"') >= 4, 5)
+
+        records = [json.loads(line) for line in stream.getvalue().splitlines()]
+        requests = [record for record in records if record["namespace"] == "httpwasm.request"]
+        summary = [(r["guest"], r["phase"], r["outcome"], r["status"], r["method"], r["uri"]) for r in requests]
+        self.assertEqual(
+            sorted(summary),
+            [
+                ("inner", "handle_request", "trapped", 500, "GET", "/trap"),
+                ("inner", "handle_response", "passed", 200, "GET", "/fine?x=1"),
+                ("outer", "handle_response", "passed", 200, "GET", "/fine?x=1"),
+                ("outer", "handle_response", "passed", 500, "GET", "/trap"),
+            ],
+        )
+        ids = {(r["uri"], r["request_id"]) for r in requests}
+        self.assertEqual(len(ids), 2, ids)  # one id per request, shared by its guests
+        for _, request_id in ids:
+            self.assertRegex(request_id, r"^[0-9a-f]{16}$")
+        for record in records:
+            self.assertEqual(set(record) >= {"time", "level", "namespace", "text"}, True, record)
+        guest_lines = [r for r in records if r.get("guest") == "outer" and "hello from the guest" in r["text"]]
+        self.assertEqual(len(guest_lines), 2)
+
+
+class TwistdJSONLogTests(TwistdTestCase):
+    @inlineCallbacks
+    def test_log_format_json(self) -> Generator[Any, Any, None]:
+        """twistd httpwasm --log-format json: every log line is a JSON object; a request logs its outcome."""
+        url = yield self.start_server(
+            "--log-format", "json", "--guest", self.guest_file(CHATTY_GUEST), "--class", "tests.test_twistd.Hello"
+        )
+        status, _, _ = yield self.fetch("GET", url + "/x")
+        self.assertEqual(status, 200)
+        if not (yield poll(lambda: '"outcome": "passed"' in self.server.output(), DEADLINE)):
+            self.fail(self.server.output())
+        records = [json.loads(line) for line in self.server.output().splitlines() if line.strip()]
+        (request,) = [r for r in records if r["namespace"] == "httpwasm.request"]
+        self.assertEqual((request["outcome"], request["status"], request["uri"]), ("passed", 200, "/x"))
+        self.assertRegex(request["request_id"], r"^[0-9a-f]{16}$")
+
+    def test_log_format_is_checked(self) -> None:
+        """--log-format accepts text or json only."""
+        with self.assertRaises(usage.UsageError) as raised:
+            Options().parseOptions(["--log-format", "xml"])
+        self.assertIn("--log-format must be one of text, json", str(raised.exception))

@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from ..web import metrics as _metrics
 from ..web import tracing as _tracing
+from ..web.access_log import RequestLog
 
 __all__ = ["check_metrics_option", "observe_site", "prepare_processes", "serve_metrics"]
 
@@ -38,6 +39,23 @@ def check_metrics_option(description: str) -> str:
     except (ValueError, TypeError, KeyError, OSError) as error:
         raise usage.UsageError(f"--metrics {description}: not a usable endpoint: {error}") from None
     return description
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def set_log_format(options: Any, log_format: str) -> str:
+    """``--log-format text|json``: json makes twistd log JSON lines (where ``--logfile`` says, as twistd would)."""
+    if log_format not in LOG_FORMATS:
+        raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+    twistd = getattr(options, "parent", None)
+    if log_format == "json" and twistd is not None:
+        from . import jsonlog
+
+        # twistd imports its --logger (a name) once this command line was parsed, and calls it to start logging.
+        jsonlog.configure(twistd.get("logfile"), bool(twistd.get("nodaemon")))
+        twistd["logger"] = "twisted_httpwasm.service.jsonlog.twistd_observer"
+    return log_format
 
 
 def check_otel_option() -> None:
@@ -78,6 +96,11 @@ def observe_site(config: Any, site: Any, guests: list[Any], parent: service.Mult
             metrics.watch(guest)
         site.guest_metrics = metrics
         _metrics.MetricsSyncService(metrics).setServiceParent(parent)  # type: ignore[no-untyped-call]
+    if config["log-format"] == "json":
+        request_log = RequestLog()
+        for guest in guests:
+            request_log.watch(guest)
+        request_log.install(site)
     if config["otel"] or _tracing.enabled_by_environment():
         tracing = _tracing.GuestTracing()
         for guest in guests:

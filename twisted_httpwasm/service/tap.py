@@ -167,6 +167,7 @@ then are cut and logged. twistd then exits with status 0.
         self["wsgi-keep-underscore-headers"] = False
         self["metrics"] = None
         self["otel"] = False
+        self["log-format"] = "text"
         self._configured_guests: set[int] = set()
         self.argv: list[str] = []
         self.cwd = os.getcwd()
@@ -433,6 +434,12 @@ then are cut and logged. twistd then exits with status 0.
         """
         observability.check_otel_option()
         self["otel"] = True
+
+    def opt_log_format(self, log_format: str) -> None:
+        """text, or json: JSON lines with request_id, guest, phase, outcome fields, one event per request and
+        guest. [default: text]
+        """
+        self["log-format"] = observability.set_log_format(self, log_format)
 
     def opt_listen(self, description: str) -> None:
         """An endpoint to serve on (strports description); repeatable. [default: tcp:8080; for the demo page

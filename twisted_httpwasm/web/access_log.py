@@ -22,7 +22,7 @@ from twisted.web.http import _escape, combinedLogFormatter
 from twisted.web.iweb import IAccessLogFormatter
 from zope.interface import provider
 
-__all__ = ["access_log_formatter", "client_uri", "printable", "remember_client_uri"]
+__all__ = ["RequestLog", "access_log_formatter", "client_uri", "printable", "remember_client_uri", "request_id_of"]
 
 _CLIENT_URI = "_httpwasm_client_uri"
 
@@ -61,3 +61,62 @@ def access_log_formatter(timestamp: str, request: Any) -> str:
     finally:
         request.uri = rewritten
     return f'{line} "{_escape(rewritten)}"'
+
+
+# -- one structured event per request and guest (--log-format json) ----------------------------
+
+_REQUEST_ID = "_httpwasm_request_id"
+
+
+def request_id_of(request: Any) -> str | None:
+    """The id :class:`RequestLog` gave ``request`` when it arrived, if any."""
+    value: str | None = request.__dict__.get(_REQUEST_ID)
+    return value
+
+
+class RequestLog:
+    """An observer that logs one event per request and guest, with fields a log shipper can index.
+
+    ``request_id`` (given to each request as it arrives, once :meth:`install` ran
+    on the site), ``guest``, ``phase`` (where the guest's part ended: the call
+    that failed, else its last call), ``outcome``, ``status``, ``method``,
+    ``uri`` (the client's) and ``duration_ms``.
+    """
+
+    def __init__(self) -> None:
+        from twisted.logger import Logger
+
+        self.log = Logger(namespace="httpwasm.request")
+
+    def watch(self, guest: Any) -> None:
+        from ..runtime.observe import add_observer
+
+        add_observer(guest, self)
+
+    def install(self, site: Any) -> None:
+        """Give every request ``site`` receives a request id (a :class:`GuestSite`)."""
+        site.request_hooks = (*getattr(site, "request_hooks", ()), self.request_arrived)
+
+    def request_arrived(self, request: Any) -> None:
+        import os
+
+        request.__dict__.setdefault(_REQUEST_ID, os.urandom(8).hex())
+
+    def request_finished(self, guest: Any, request: Any, state: Any, outcome: str, started: float) -> None:
+        import time
+
+        calls = list(getattr(state, "calls", ()))
+        failed = [call for call in calls if call[3] is not None]
+        last = failed[0] if failed else calls[-1] if calls else None
+        phase = getattr(last[0], "value", str(last[0])) if last is not None else "none"
+        self.log.info(
+            "guest {guest}: {outcome} in {phase}, {status} for {method} {uri} ({duration_ms} ms)",
+            request_id=request_id_of(request),
+            guest=guest.name,
+            phase=phase,
+            outcome=outcome,
+            status=int(getattr(request, "code", 0) or 0),
+            method=printable(getattr(request, "method", b"")),
+            uri=printable(client_uri(request)),
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+        )
