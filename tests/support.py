@@ -292,8 +292,8 @@ def execution_variants(
     class mixes ``mixin`` into ``bases`` (``ServerTestCase``, say), with ``execution`` set,
     and is named ``{name}{Mode}Tests`` (``name``: the mixin's name without ``TestsMixin`` or
     ``Mixin``).  ``only`` maps a mode to a mixin of tests that apply to that mode alone;
-    ``attributes`` are set on every class.  Define them at a module's top level, where
-    pytest and trial both find them::
+    ``attributes`` are set on every class.  The classes belong to the mixin's module: define
+    them at that module's top level, where pytest and trial both find them::
 
         globals().update(execution_variants(FooTestsMixin, ServerTestCase))
     """
