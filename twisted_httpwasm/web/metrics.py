@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable, Iterator
+from time import monotonic as _monotonic
 from typing import Any
 
 from twisted.application import service
@@ -160,6 +161,8 @@ class GuestMetrics:
             registry=registry,
         )
         self._synced: dict[tuple[str, str], float] = {}
+        #: The labelled series already looked up, by (guest, outcome), guest, or (guest, phase).
+        self._children: dict[Any, Any] = {}
         if self.multiprocess:
             # The runtime's counters cannot be read across processes at scrape time: copied here by sync().
             self._mp_counters = {
@@ -202,19 +205,28 @@ class GuestMetrics:
 
     def request_finished(self, guest: Any, request: Any, state: Any, outcome: str, started: float) -> None:
         """Count the request by outcome and time it; time each guest call and count its traps."""
-        import time
-
         name = guest.name
         known = self._guests.get(name)
         if known is None or known() is not guest:
             self._guests[name] = weakref.ref(guest)  # a reloaded guest goes on being read
-        self.requests.labels(name, outcome).inc()
-        self.request_seconds.labels(name).observe(max(0.0, time.monotonic() - started))
+        children = self._children
+        key = (name, outcome)
+        child = children.get(key)
+        if child is None:
+            child = children[key] = self.requests.labels(name, outcome)
+        child.inc()
+        child = children.get(name)
+        if child is None:
+            child = children[name] = self.request_seconds.labels(name)
+        child.observe(max(0.0, _monotonic() - started))
         for phase, begun, ended, failed in getattr(state, "calls", ()):
-            label = _PHASES.get(phase, "other")
-            self.call_seconds.labels(name, label).observe(max(0.0, ended - begun))
+            key = (name, phase)
+            child = children.get(key)
+            if child is None:
+                child = children[key] = self.call_seconds.labels(name, _PHASES.get(phase, "other"))
+            child.observe(max(0.0, ended - begun))
             if failed is not None:
-                self.traps.labels(name, label).inc()
+                self.traps.labels(name, _PHASES.get(phase, "other")).inc()
 
     # -- scraping -----------------------------------------------------------------
 
