@@ -16,12 +16,13 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application import service, strports
-from twisted.internet import interfaces
+from twisted.internet import defer, interfaces
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import static
@@ -47,7 +48,7 @@ from ..web.proxy import ProxyResource
 from ..web.resource import FailurePolicy, GuestResource
 from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
 from ..web.wsgi import UnderscoreHeaderGuard
-from . import observability
+from . import observability, sources
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError
 from .workers import TCPListen, WorkersService
 
@@ -159,6 +160,7 @@ then are cut and logged. twistd then exits with status 0.
         self["workers"] = 1
         self["guest-max-requests"] = None
         self["guest-max-age"] = None
+        self["guest-fetch-timeout"] = sources.DEFAULT_FETCH_TIMEOUT
         #: By --guest index: the --guest-sha256 and --guest-config-file given for it.
         self["guest-sha256"] = {}
         self["guest-config-files"] = {}
@@ -185,7 +187,9 @@ then are cut and logged. twistd then exits with status 0.
     # -- guests -------------------------------------------------------------------
 
     def opt_guest(self, path: str) -> None:
-        """A guest (.wasm or .wat) in front of the downstream; repeat for a chain, the first outermost."""
+        """A guest (.wasm or .wat file, or https:// URL) in front of the downstream; repeat for a chain, the
+        first outermost.
+        """
         self["guests"].append({"path": path, "config": b""})
 
     def opt_guest_sha256(self, digest: str) -> None:
@@ -196,6 +200,16 @@ then are cut and logged. twistd then exits with status 0.
         if not self["guests"]:
             raise usage.UsageError("--guest-sha256 must come after the --guest it applies to")
         self["guest-sha256"][len(self["guests"]) - 1] = digest
+
+    def opt_guest_fetch_timeout(self, seconds: str) -> None:
+        """Seconds a --guest https:// URL may take to fetch, at startup and at reload. [default: 30]"""
+        try:
+            timeout = float(seconds)
+        except ValueError:
+            timeout = math.nan
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise usage.UsageError(f"--guest-fetch-timeout must be a positive number of seconds, not {seconds!r}")
+        self["guest-fetch-timeout"] = timeout
 
     def opt_guest_max_requests(self, count: str) -> None:
         """Recycle each guest instance after it served this many requests (between requests). [default: off]"""
@@ -494,6 +508,7 @@ then are cut and logged. twistd then exits with status 0.
                 "(without --guest and a downstream, httpwasm serves its demo)"
             )
         web_tap.Options.postOptions(self)
+        self._check_guest_urls()
         self._check_downstream_flags()
         self._check_writable_mounts()
         from twisted.internet import endpoints, reactor
@@ -510,6 +525,15 @@ then are cut and logged. twistd then exits with status 0.
                         f"--workers {self['workers']} shares tcp: and tcp6: endpoints between processes; "
                         f"--listen {description} is not one"
                     )
+
+    def _check_guest_urls(self) -> None:
+        """A guest fetched over plain http:// must be pinned by its digest (nothing else authenticates it)."""
+        for index, entry in enumerate(self["guests"]):
+            if entry["path"].lower().startswith("http://") and index not in self["guest-sha256"]:
+                raise usage.UsageError(
+                    f"--guest {entry['path']}: a guest fetched over plain http:// needs --guest-sha256 "
+                    "(or use https://)"
+                )
 
     def _check_downstream_flags(self) -> None:
         """Flags that only mean something for one kind of downstream need that downstream."""
@@ -582,11 +606,15 @@ def _with_twistd_hint(reason: str) -> str:
     )
 
 
-def _load_guest(config: Options, index: int, guest_config: bytes) -> Guest:
-    """The guest of the ``index``-th ``--guest`` with ``guest_config``; raises :class:`GuestLoadError`."""
+def _load_guest(config: Options, index: int, guest_config: bytes, fetched: sources.FetchedGuest | None = None) -> Guest:
+    """The guest of the ``index``-th ``--guest`` with ``guest_config``; raises :class:`GuestLoadError`.
+
+    ``fetched``: the bytes of a remote guest (``https://...``).
+    """
     entry = config["guests"][index]
     return Guest(
-        entry["path"],
+        entry["path"] if fetched is None else fetched.data,
+        name=None if fetched is None else fetched.name,
         config=guest_config,
         log_level=config["log-level"],
         execution=config["execution"],
@@ -602,8 +630,24 @@ def _load_guest(config: Options, index: int, guest_config: bytes) -> Guest:
     )
 
 
-def _reload_guests(config: Options) -> list[Guest]:
-    """Every ``--guest`` loaded afresh, its configuration file read again; :class:`ReloadError` if one fails."""
+def _reload_guests(config: Options) -> defer.Deferred[Sequence[Guest]]:
+    """Every ``--guest`` loaded afresh (a remote one fetched again), its configuration file read again.
+
+    Fails with :class:`ReloadError` if one cannot be loaded.
+    """
+    return defer.ensureDeferred(_reload_guests_from_sources(config))
+
+
+async def _reload_guests_from_sources(config: Options) -> Sequence[Guest]:
+    fetched: dict[int, sources.FetchedGuest] = {}
+    for index, entry in enumerate(config["guests"]):
+        if sources.is_remote(entry["path"]):
+            try:
+                fetched[index] = await sources.resolve(
+                    entry["path"], config["guest-sha256"].get(index), config["guest-fetch-timeout"]
+                )
+            except sources.SourceError as error:
+                raise ReloadError(f"--guest {entry['path']}: {error}") from None
     guests = []
     for index, entry in enumerate(config["guests"]):
         guest_config = entry["config"]
@@ -617,7 +661,7 @@ def _reload_guests(config: Options) -> list[Guest]:
                     f"cannot read it: {error.strerror or error}"
                 ) from None
         try:
-            guests.append(_load_guest(config, index, guest_config))
+            guests.append(_load_guest(config, index, guest_config, fetched.get(index)))
         except GuestLoadError as error:
             said = " / ".join(error.log_lines)
             raise ReloadError(
@@ -631,7 +675,15 @@ def _load_guests(config: Options) -> list[Guest]:
     guests = []
     for index, entry in enumerate(config["guests"]):
         try:
-            guest = _load_guest(config, index, entry["config"])
+            fetched = None
+            if sources.is_remote(entry["path"]):
+                # Before the reactor runs: a blocking fetch (nothing is served yet).
+                fetched = sources.resolve_blocking(
+                    entry["path"], config["guest-sha256"].get(index), config["guest-fetch-timeout"]
+                )
+            guest = _load_guest(config, index, entry["config"], fetched)
+        except sources.SourceError as error:
+            raise SystemExit(f"twistd httpwasm: --guest {entry['path']}: {error}") from None
         except GuestLoadError as error:
             # SystemExit with a message: twistd prints it to stderr and exits with status 1.  The
             # log has not begun yet, so what the guest logged while it failed goes with the message.
