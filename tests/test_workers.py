@@ -21,13 +21,13 @@ from typing import Any
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.error import CannotListenError, ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.logger import Logger, LogLevel, eventAsText, formatEvent, jsonFileLogObserver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from twisted_httpwasm.service import worker_main, workers
+from twisted_httpwasm.service import workers
 from twisted_httpwasm.service.workers import (
     SPEC_VARIABLE,
     STOP_TIMEOUT,
@@ -203,12 +203,14 @@ class WorkersServiceTests(SynchronousTestCase):
         self.assertEqual(service.sockets, [])
 
     def test_worker_log_is_relayed(self) -> None:
-        """JSON lines on a worker's stdout become log events of the same level, marked with the worker's number."""
+        """Events a worker's jsonFileLogObserver writes on its stdout become the same events here (level, text),
+        marked with the worker's number; other output is relayed as text."""
         self.start(self.service(2))
         (process,) = self.reactor.processes
         protocol: WorkerProtocol = process.protocol
-        record = {"level": "warn", "system": "httpwasm.guest.g#warn", "text": "careful\nsecond line", "ready": False}
-        line = json.dumps(record).encode() + b"\n"
+        out = io.StringIO()
+        Logger(namespace="httpwasm.guest.g", observer=jsonFileLogObserver(out)).warn("careful\nsecond line")
+        line = out.getvalue().encode()
         protocol.childDataReceived(1, line[:10])
         protocol.childDataReceived(1, line[10:] + b"not json\n")
         protocol.childDataReceived(2, b"Traceback: on stderr\npartial")
@@ -222,37 +224,32 @@ class WorkersServiceTests(SynchronousTestCase):
             ],
         )
         self.assertFalse(protocol.ready)
-        ready = {"level": "info", "system": "httpwasm#info", "text": "serving", "ready": True}
-        protocol.childDataReceived(1, json.dumps(ready).encode() + b"\n")
+        out = io.StringIO()
+        Logger(namespace="httpwasm", observer=jsonFileLogObserver(out)).info("serving", httpwasm_worker_ready=True)
+        protocol.childDataReceived(1, out.getvalue().encode())
         self.assertTrue(protocol.ready)
         process.end(exited(0))
         self.assertIn("partial", [formatEvent(e) for e in self.events])
 
-    def test_worker_log_lines_round_trip(self) -> None:
-        """A worker writes each event as one JSON line: level, system, text (tracebacks included), readiness."""
+    def test_worker_log_events_round_trip(self) -> None:
+        """What a worker logs arrives as events: format and fields, level, readiness, and a failure's traceback."""
         out = io.StringIO()
-        worker_log = Logger(namespace="httpwasm.test", observer=worker_main._JSONLinesObserver(out))
+        worker_log = Logger(namespace="httpwasm.test", observer=jsonFileLogObserver(out))
         worker_log.warn("hello {who}", who="you")
         worker_log.info("serving", httpwasm_worker_ready=True)
         try:
             1 / 0  # noqa: B018
         except ZeroDivisionError:
             worker_log.failure("boom")
-        records = [json.loads(line) for line in out.getvalue().splitlines()]
-        self.assertEqual(len(records), 3)
-        self.assertEqual(
-            records[0], {"level": "warn", "system": "httpwasm.test#warn", "text": "hello you", "ready": False}
-        )
-        self.assertTrue(records[1]["ready"])
-        self.assertEqual(records[2]["level"], "critical")
-        self.assertIn("boom", records[2]["text"])
-        self.assertIn("ZeroDivisionError", records[2]["text"])
 
         self.start(self.service(2))
         protocol: WorkerProtocol = self.reactor.processes[0].protocol
         protocol.childDataReceived(1, out.getvalue().encode())
         relayed = self.events[1:]
         self.assertEqual([e["log_level"] for e in relayed], [LogLevel.warn, LogLevel.info, LogLevel.critical])
+        self.assertEqual([formatEvent(e) for e in relayed], ["hello you", "serving", "boom"])
+        self.assertEqual(relayed[0]["log_system"], "worker 2|httpwasm.test#warn")
+        self.assertIn("ZeroDivisionError", eventAsText(relayed[2]))
         self.assertTrue(protocol.ready)
 
     def test_ready_worker_that_dies_is_replaced(self) -> None:

@@ -3,8 +3,10 @@
 The main process (:class:`~twisted_httpwasm.service.workers.WorkersService`)
 starts this module with its listening sockets inherited and a JSON
 specification in the environment.  It re-runs the same command line (its own
-guests, its own instance pools), serves the inherited sockets, and writes its
-log events as JSON lines on stdout for the main process to relay.  It ends
+guests, its own instance pools), serves the inherited sockets
+(``AdoptedStreamServerEndpoint``), and writes its log events on stdout with
+Twisted's ``jsonFileLogObserver``, for the main process to relay
+(``eventFromJSON``).  SIGHUP reloads its guests.  It ends
 with the main process (``PR_SET_PDEATHSIG`` and the end of its stdin).
 """
 
@@ -17,11 +19,12 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, eventAsText, globalLogBeginner
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.logger import ILogObserver, LogEvent, Logger, globalLogBeginner, jsonFileLogObserver
 from twisted.web.server import Site
 from zope.interface import implementer
 
@@ -37,26 +40,17 @@ _PR_SET_PDEATHSIG = 1
 
 
 @implementer(ILogObserver)
-class _JSONLinesObserver:
-    """Writes each log event as one JSON line, for the main process to relay."""
+class _StdoutGuard:
+    """An observer that drops what cannot be written: the main process is gone, and the stdin watch stops us."""
 
-    def __init__(self, stream: IO[str]):
-        self.stream = stream
+    def __init__(self, observer: Any):  # an ILogObserver
+        self.observer = observer
 
     def __call__(self, event: LogEvent) -> None:
-        level = event.get("log_level", LogLevel.info)
-        system = event.get("log_system") or f"{event.get('log_namespace', '-')}#{level.name}"
-        record = {
-            "level": level.name,
-            "system": str(system),
-            "text": eventAsText(event, includeTimestamp=False, includeSystem=False),
-            "ready": bool(event.get("httpwasm_worker_ready")),
-        }
         try:
-            self.stream.write(json.dumps(record) + "\n")
-            self.stream.flush()
+            self.observer(event)
         except (OSError, ValueError):
-            pass  # the main process is gone; the stdin watch stops this process
+            pass
 
 
 def _die_with_parent(parent: int) -> None:
@@ -103,8 +97,10 @@ class _AdoptedPortsService(service.Service):
     def startService(self) -> None:
         service.Service.startService(self)  # type: ignore[no-untyped-call]
         for entry in self.sockets:
-            self.ports.append(self.reactor.adoptStreamPort(entry["fd"], entry["family"], self.site))
-            os.close(entry["fd"])  # the port holds its own duplicate
+            # The endpoint adopts the socket, then closes our descriptor: the port holds its own duplicate.
+            endpoint = AdoptedStreamServerEndpoint(self.reactor, entry["fd"], entry["family"])  # type: ignore[no-untyped-call]
+            listening = endpoint.listen(self.site)  # type: ignore[no-untyped-call]  # fires at once
+            listening.addCallback(self.ports.append)
         _log.info(
             "httpwasm worker {number} of {workers} (pid {pid}) serving {endpoints}",
             number=self.number,
@@ -134,7 +130,7 @@ def main() -> None:
         if entry not in sys.path:
             sys.path.insert(0, entry)
     stdout = sys.stdout
-    observer: Any = _JSONLinesObserver(stdout)
+    observer: Any = _StdoutGuard(jsonFileLogObserver(stdout))  # an ILogObserver; mypy cannot see zope declarations
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=True)
 
     from twisted.internet import reactor as global_reactor

@@ -6,7 +6,11 @@ that inherit the listening sockets and re-run the same command line, so that
 each process loads its own guests and keeps its own instance pools.  The kernel
 hands each new connection to whichever process accepts it first.
 
-A worker's log events reach the main process's log as JSON lines on its stdout.
+A worker's log events reach the main process's log through its stdout: the
+worker writes them with Twisted's ``jsonFileLogObserver``, the main process
+reads them back with ``eventFromJSON`` and logs them, marked with the worker's
+number.  SIGHUP reloads the guests of the main process, then of every worker
+(:meth:`WorkersService.reload_workers`).
 Workers end with the main process: it stops them when its service stops
 (SIGTERM: each drains its requests in flight, as the main process does), and
 if it dies without doing so, ``PR_SET_PDEATHSIG`` (Linux) and the end of the
@@ -29,11 +33,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError, ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import (
-    InvalidLogLevelError,
-    Logger,
-    LogLevel,
-)
+from twisted.logger import Logger, LogLevel, eventFromJSON
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
@@ -301,21 +301,28 @@ class WorkerProtocol(ProcessProtocol):
             self._relay(childFD, line)
 
     def _relay(self, childFD: int, line: bytes) -> None:
+        """One line of the worker's output into this process's log.
+
+        On stdout, an event the worker's ``jsonFileLogObserver`` wrote goes on as
+        that event (its level, format, fields, failure), its system prefixed
+        with the worker; any other line (stderr, a stray print) as text.
+        """
         text = line.decode("utf-8", "replace").rstrip()
         if not text:
             return
         system = f"worker {self.number}"
-        level = LogLevel.warn if childFD == 2 else LogLevel.info
-        if childFD == 1:
-            try:
-                record = json.loads(text)
-                level = LogLevel.levelWithName(record["level"])
-                system = f"{system}|{record['system']}"
-                text = str(record["text"])
-                if record.get("ready"):
+        if childFD == 1 and text.startswith(_RECORD_SEPARATOR):
+            event = _event_from_json(text[len(_RECORD_SEPARATOR) :])
+            if event is not None:
+                if event.get("httpwasm_worker_ready"):
                     self.ready = True
-            except (ValueError, KeyError, TypeError, InvalidLogLevelError):
-                pass
+                level = event["log_level"]
+                own = event.get("log_system") or f"{event.get('log_namespace', '-')}#{level.name}"
+                event["log_system"] = f"{system}|{own}"
+                publish: Any = _log.observer  # an ILogObserver; mypy cannot see zope declarations
+                publish(event)
+                return
+        level = LogLevel.warn if childFD == 2 else LogLevel.info
         _log.emit(level, "{text}", text=text, log_system=system)
 
     def processEnded(self, reason: Failure) -> None:
@@ -355,6 +362,21 @@ class WorkerProtocol(ProcessProtocol):
             transport.signalProcess(name)
         except ProcessExitedAlready:
             pass
+
+
+#: What ``jsonFileLogObserver`` writes before each event.
+_RECORD_SEPARATOR = "\x1e"
+
+
+def _event_from_json(text: str) -> dict[str, Any] | None:
+    """The event ``text`` (JSON from ``jsonFileLogObserver``) holds, or None if it is not one."""
+    try:
+        event = eventFromJSON(text)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("log_level"), type(LogLevel.info)):
+        return None
+    return event
 
 
 def describe_exit(reason: Failure) -> str:
