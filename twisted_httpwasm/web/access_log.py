@@ -16,6 +16,7 @@ they are (most ignore what follows, or take it as an extra field).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.web.http import _escape, combinedLogFormatter
@@ -65,6 +66,18 @@ def access_log_formatter(timestamp: str, request: Any) -> str:
 
 # -- one structured event per request and guest (--log-format json) ----------------------------
 
+
+def after_response(request: Any, then: Callable[[], object]) -> None:
+    """Call ``then`` once ``request``'s response is decided: now if it is over, else when it ends.
+
+    A guest's part may end before the response's status is set (a trap answers 500 after).
+    """
+    if getattr(request, "finished", True) or getattr(request, "_disconnected", False):
+        then()
+    else:
+        request.notifyFinish().addBoth(lambda _: then())
+
+
 _REQUEST_ID = "_httpwasm_request_id"
 
 
@@ -105,6 +118,10 @@ class RequestLog:
     def request_finished(self, guest: Any, request: Any, state: Any, outcome: str, started: float) -> None:
         import time
 
+        ended = time.monotonic()
+        after_response(request, lambda: self._log_request(guest, request, state, outcome, ended - started))
+
+    def _log_request(self, guest: Any, request: Any, state: Any, outcome: str, duration: float) -> None:
         calls = list(getattr(state, "calls", ()))
         failed = [call for call in calls if call[3] is not None]
         last = failed[0] if failed else calls[-1] if calls else None
@@ -118,5 +135,5 @@ class RequestLog:
             status=int(getattr(request, "code", 0) or 0),
             method=printable(getattr(request, "method", b"")),
             uri=printable(client_uri(request)),
-            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            duration_ms=round(duration * 1000, 3),
         )

@@ -33,6 +33,7 @@ from twisted.web.server import Request
 
 from ..runtime.observe import add_observer
 from ..runtime.state import Phase
+from .access_log import after_response
 
 __all__ = [
     "INSTALL_HINT",
@@ -209,16 +210,20 @@ class GuestTracing:
 
     def request_finished(self, guest: Any, request: Any, state: Any, outcome: str, started: float) -> None:
         """The guest's span and its calls' spans, after the fact, with the times the runtime recorded."""
-        tracer = self._tracer
-        if tracer is None:
+        if self._tracer is None:
             return
+        now = time.monotonic()
+        # The guest span carries the response's status, which may be set after the guest's part ended.
+        after_response(request, lambda: self._guest_spans(guest, request, state, outcome, started, now))
+
+    def _guest_spans(self, guest: Any, request: Any, state: Any, outcome: str, started: float, now: float) -> None:
         from opentelemetry.trace import Status, StatusCode
 
-        now = time.monotonic()
+        tracer = self._tracer
         record: _Trace | None = request.__dict__.get(_TRACE) if request is not None else None
         offset = record.offset if record is not None else time.time_ns() - time.monotonic_ns()
         parent = record.context if record is not None else None
-        if record is not None:
+        if record is not None and record.span.is_recording():
             record.span.set_attribute("httpwasm.outcome", outcome)  # the last guest to finish is the outermost
         span = tracer.start_span(f"guest {guest.name}", context=parent, start_time=_epoch_ns(started, offset))
         span.set_attribute("httpwasm.guest", guest.name)
