@@ -15,16 +15,17 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from twisted_httpwasm import GuestResource
 from twisted_httpwasm.service import reload as reload_module
-from twisted_httpwasm.service.reload import GuestReloader, ReloadError
+from twisted_httpwasm.service.reload import GuestReloader, ReloadError, WatchService
 
-from .support import NOOP_RESPONSE, LogCapture, ServerTestCase, make_guest, module, poll
+from .support import NOOP_RESPONSE, LogCapture, ServerTestCase, TempFilesMixin, make_guest, module, poll
 from .test_twistd import DEADLINE, TwistdTestCase
 
 
@@ -190,7 +191,9 @@ def write_guest(path: str, body: str) -> None:
     os.replace(temporary, path)
 
 
-class HangupTests(TwistdTestCase):
+class HangupTestCase(TwistdTestCase):
+    """Helpers of the SIGHUP and --watch end-to-end tests."""
+
     RELOADED = "httpwasm: reloaded"
     FAILED = "httpwasm: reload failed"
 
@@ -207,6 +210,8 @@ class HangupTests(TwistdTestCase):
         responses = yield gatherResults([self.fetch("GET", url + "/") for _ in range(count)])
         return [headers.getRawHeaders("x-version", ["-"])[0] for _, headers, _ in responses]
 
+
+class HangupTests(HangupTestCase):
     @inlineCallbacks
     def test_reload_under_load_drops_nothing(self) -> Generator[Any, Any, None]:
         """8 concurrent clients across a SIGHUP that swaps x-version 1 for 2: no failed request, every response
@@ -343,3 +348,52 @@ class WorkersHangupTests(TwistdTestCase):
         if not (yield poll(both_answered, 20)):
             self.fail(f"only {sorted(seen)} answered")
         self.assertEqual(list(seen.values()), [{"2"}, {"2"}])
+
+
+class FakeReloader:
+    label = "httpwasm"
+
+    def __init__(self) -> None:
+        self.reloads = 0
+
+    def reload(self) -> Deferred[bool]:
+        self.reloads += 1
+        return succeed(True)
+
+
+class WatchTests(TempFilesMixin, ServerTestCase):
+    def test_reload_once_the_change_holds_still(self) -> None:
+        """--watch: a change to a watched file reloads once, one interval after the files stopped changing."""
+        path = self.mktemp()
+        Path(path).write_bytes(b"one")
+        clock, reloader = Clock(), FakeReloader()
+        watch = WatchService(reloader, [path], interval=1.0, reactor=clock)  # type: ignore[arg-type]
+        watch.startService()
+        self.addCleanup(watch.stopService)
+        clock.advance(1)
+        self.assertEqual(reloader.reloads, 0)  # nothing changed
+        Path(path).write_bytes(b"two, longer")
+        clock.advance(1)  # seen changing
+        Path(path).write_bytes(b"three, longer still")
+        clock.advance(1)  # still changing: wait
+        self.assertEqual(reloader.reloads, 0)
+        clock.advance(1)  # held still for an interval
+        self.assertEqual(reloader.reloads, 1)
+        clock.advance(5)
+        self.assertEqual(reloader.reloads, 1)
+        os.unlink(path)  # a file that goes away is a change too (the reload will say what is wrong)
+        clock.pump([1, 1])
+        self.assertEqual(reloader.reloads, 2)
+
+
+class WatchEndToEndTests(HangupTestCase):
+    @inlineCallbacks
+    def test_watch_reloads_without_a_signal(self) -> Generator[Any, Any, None]:
+        """twistd --watch reloads by itself when the --guest file is replaced."""
+        guest = self.guest_file(version_guest(1))
+        url = yield self.start_server("--watch", "--guest", guest, "--class", "tests.test_twistd.Hello")
+        self.assertEqual((yield self.versions(url, 1)), ["1"])
+        write_guest(guest, version_guest(2))
+        yield self.wait_for_count(self.RELOADED, 1)
+        self.assertIn(f"httpwasm: {guest} changed; reloading", self.server.output())
+        self.assertEqual((yield self.versions(url)), ["2"] * 4)

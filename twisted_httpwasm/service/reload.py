@@ -10,28 +10,38 @@ Requests in flight finish on the instances they pinned; the old guests are
 retired, and their instances freed once their last request ended.  If any
 guest fails to load, nothing changes and one error line says why.
 
-:class:`HangupService` runs a reload on ``SIGHUP`` while it runs.
+:class:`HangupService` runs a reload on ``SIGHUP`` while it runs;
+:class:`WatchService` (``--watch``) runs one when a watched file changed and
+then stayed unchanged for a polling interval (debounced, so a file being
+written is not loaded half-way).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from ..runtime.guest import Guest
 from ..web.resource import GuestResource
 
-__all__ = ["RELOAD_SERVICE", "GuestReloader", "HangupService", "ReloadError"]
+__all__ = ["RELOAD_SERVICE", "WATCH_SERVICE", "GuestReloader", "HangupService", "ReloadError", "WatchService"]
 
 _log = Logger(namespace="httpwasm")
 
 #: The name of the :class:`HangupService` in a ``twistd httpwasm`` service tree.
 RELOAD_SERVICE = "httpwasm-reload"
+
+#: The name of the :class:`WatchService` (``--watch``) in a ``twistd httpwasm`` service tree.
+WATCH_SERVICE = "httpwasm-watch"
+
+#: Seconds between two looks at the watched files; a change is acted on once it held for one interval.
+WATCH_INTERVAL = 1.0
 
 
 class ReloadError(Exception):
@@ -145,3 +155,64 @@ class HangupService(service.Service):
     def _hangup(self, number: int, frame: Any) -> None:
         # A signal handler: hand the work to the reactor (safe from here, and it wakes the reactor up).
         self.reactor.callFromThread(self.reloader.reload)
+
+
+class WatchService(service.Service):
+    """Reloads when one of ``paths`` changed (modification time, size, inode, existence), debounced.
+
+    The files are polled every ``interval`` seconds; a reload runs once a
+    change has been seen and the files then stayed the same for one interval.
+    """
+
+    def __init__(
+        self, reloader: GuestReloader, paths: Sequence[str], interval: float = WATCH_INTERVAL, reactor: Any = None
+    ):
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.reloader = reloader
+        self.paths = list(dict.fromkeys(paths))
+        self.interval = interval
+        self.reactor = reactor
+        self._seen: tuple[tuple[str, tuple[int, ...] | None], ...] = ()
+        self._changed: list[str] = []  # seen changing, not yet reloaded
+        self._loop: task.LoopingCall | None = None
+        self.setName(WATCH_SERVICE)  # type: ignore[no-untyped-call]
+
+    def _signature(self) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
+        signature: list[tuple[str, tuple[int, ...] | None]] = []
+        for path in self.paths:
+            try:
+                status = os.stat(path)
+            except OSError:
+                signature.append((path, None))
+            else:
+                signature.append((path, (status.st_mtime_ns, status.st_size, status.st_ino)))
+        return tuple(signature)
+
+    def startService(self) -> None:
+        service.Service.startService(self)  # type: ignore[no-untyped-call]
+        self._seen = self._signature()
+        self._loop = task.LoopingCall(self._check)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)  # type: ignore[no-untyped-call]
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+
+    def _check(self) -> None:
+        current = self._signature()
+        if current != self._seen:
+            for (path, before), (_, now) in zip(self._seen, current, strict=True):
+                if before != now and path not in self._changed:
+                    self._changed.append(path)
+            self._seen = current
+            return  # wait until the files hold still for an interval
+        if self._changed:
+            changed, self._changed = self._changed, []
+            _log.info("{label}: {paths} changed; reloading", label=self.reloader.label, paths=", ".join(changed))
+            self.reloader.reload()

@@ -49,7 +49,7 @@ from ..web.resource import FailurePolicy, GuestResource
 from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import observability, sources
-from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError
+from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError, WatchService
 from .workers import TCPListen, WorkersService
 
 __all__ = ["DEMO_LISTEN", "Options", "makeService", "make_site", "parse_size"]
@@ -161,6 +161,7 @@ then are cut and logged. twistd then exits with status 0.
         self["guest-max-requests"] = None
         self["guest-max-age"] = None
         self["guest-fetch-timeout"] = sources.DEFAULT_FETCH_TIMEOUT
+        self["watch"] = False
         #: By --guest index: the --guest-sha256 and --guest-config-file given for it.
         self["guest-sha256"] = {}
         self["guest-config-files"] = {}
@@ -200,6 +201,10 @@ then are cut and logged. twistd then exits with status 0.
         if not self["guests"]:
             raise usage.UsageError("--guest-sha256 must come after the --guest it applies to")
         self["guest-sha256"][len(self["guests"]) - 1] = digest
+
+    def opt_watch(self) -> None:
+        """Reload the guests when a --guest or --guest-config-file file changes (polled every second, debounced)."""
+        self["watch"] = True
 
     def opt_guest_fetch_timeout(self, seconds: str) -> None:
         """Seconds a --guest https:// URL may take to fetch, at startup and at reload. [default: 30]"""
@@ -724,6 +729,10 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     # SIGHUP reloads every guest (the service is found by name: RELOAD_SERVICE).
     reloader = GuestReloader(resources, functools.partial(_reload_guests, config))
     HangupService(reloader).setServiceParent(parent)  # type: ignore[no-untyped-call]
+    if config["watch"]:
+        watched = [entry["path"] for entry in config["guests"] if not sources.is_remote(entry["path"])]
+        watched += config["guest-config-files"].values()
+        WatchService(reloader, watched).setServiceParent(parent)  # type: ignore[no-untyped-call]
 
     limits = {
         "max_request_body": _request_body_limit(config, guests),

@@ -29,7 +29,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from ..web.drain import stop_reactor
-from .reload import RELOAD_SERVICE
+from .reload import RELOAD_SERVICE, WATCH_SERVICE
 from .workers import SPEC_VARIABLE
 
 __all__ = ["main"]
@@ -155,6 +155,10 @@ def main() -> None:
     # SIGHUP from the main process: this worker reloads its guests and says how it went.
     reloading: Any = top.getServiceNamed(RELOAD_SERVICE)  # type: ignore[no-untyped-call]
     reloading.reloader.label = f"httpwasm worker {spec['worker']}"
+    if config["watch"]:
+        # The main process watches the files and signals the workers: one reload each, not two.
+        watching: Any = top.getServiceNamed(WATCH_SERVICE)  # type: ignore[no-untyped-call]
+        watching.disownServiceParent()
     ports = _AdoptedPortsService(site, spec["listen"], spec["worker"], spec["workers"], reactor)
     ports.setServiceParent(top)  # type: ignore[no-untyped-call]
     _watch_stdin(reactor)
