@@ -311,7 +311,7 @@ class DisconnectDuringGuestCallTests(GuestTestMixin, ServerTestCase):
         url = self.serve(GuestResource(guest, hello(), threadpool=threads))  # type: ignore[arg-type]
         client = yield raw_connect(url, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
         work = yield threads.queued
-        request = work.__self__.request
+        request = work.__self__.state.request  # the queued call is a method of the request's guest session
         gone = request.notifyFinish()
         client.transport.abortConnection()
         yield self.assertFailure(gone, Exception)

@@ -34,6 +34,7 @@ from .native import CallerMemory, GuestCallError, NativeFunc, NativeMemory
 from .observe import NO_OBSERVER, GuestObserver
 from .output import CapturedOutput
 from .pool import GuestPool, GuestUnavailable
+from .session import GuestSession
 from .state import Phase, RequestState
 
 __all__ = [
@@ -300,6 +301,10 @@ class Guest:
         for mount in self.mounts:
             wasi.preopen_dir(mount.host_dir, mount.guest_dir, fs_mutable=not mount.read_only)
         return wasi
+
+    def session(self, state: RequestState) -> GuestSession:
+        """The guest calls of one request, on one instance pinned from ``handle_request`` to ``handle_response``."""
+        return GuestSession(self.pool, state)
 
     def retire(self) -> None:
         """This guest was replaced: drop its idle instances now, the others when their requests end."""

@@ -1,9 +1,10 @@
 """Per-request plain data that the host functions read and change.
 
-A :class:`RequestState` is built on the reactor thread from the Twisted
-request, handed to whichever thread runs the guest, and read back on the
-reactor thread, which applies the guest's changes to the real request.  It
-holds no Twisted object, so a worker thread can never touch the reactor.
+A :class:`RequestState` is made on the reactor thread for each request,
+handed to whichever thread runs the guest, and read back on the reactor
+thread, which applies the guest's changes to the real request.  It knows no
+Twisted object (the twisted.web adapter subclasses it to read its request on
+first use), so the runtime never touches the reactor.
 """
 
 from __future__ import annotations
@@ -121,59 +122,171 @@ class BodyReader:
 
 
 class RequestState:
-    """Everything the guest can see or change for one request."""
+    """Everything the guest can see or change for one request.
+
+    Made for every request, so it copies nothing up front: what most guests
+    never ask for (the protocol, the client's address, the request headers, the
+    body's length, the response headers after ``next``) is read on first use,
+    through the ``read_*`` methods.  Here they return what the constructor was
+    given; the twisted.web adapter overrides them to read its request, which
+    nothing else touches while a guest call runs.  What is never changed keeps
+    its class-level default, so that an untouched request costs no attribute
+    writes.
+    """
+
+    # Defaults for the many requests that never change them (set per instance on first change).
+    method_changed = False
+    uri_changed = False
+    status = 200
+    status_changed = False
+    request_body: bytearray | None = None  # set when the guest wrote one
+    response_body: bytearray | None = None
+    response_reader_position = 0
+    is_error = False
+    trap_reason: str | None = None
+    _written = 0  # the BodyKind values written in this phase, as bits
+    _request_headers: HeaderList | None = None
+    _response_headers: HeaderList | None = None
+    _request_reader: BodyReader | None = None
+    _body_length: int | None = None
+    _protocol = b""
+    _source_addr = b""
+    _headers: Iterable[tuple[bytes, bytes]] = ()
 
     def __init__(
         self,
         *,
         method: bytes,
         uri: bytes,
-        protocol: bytes,
-        source_addr: bytes,
-        headers: Iterable[tuple[bytes, bytes]],
+        protocol: bytes = b"",
+        source_addr: bytes = b"",
+        headers: Iterable[tuple[bytes, bytes]] = (),
         body: BinaryIO | None,
         features: int = 0,
         max_buffer_bytes: int | None = None,
     ):
         self.phase = Phase.REQUEST
-        self.features = int(features)  # a plain int: IntFlag arithmetic is slow on the hot path
+        self.features = features  # a plain int: IntFlag arithmetic is slow on the hot path
         self.max_buffer_bytes = max_buffer_bytes
         self.method = method
         self.uri = uri or b"/"
-        self.protocol = protocol
-        self.source_addr = source_addr
-        self.request_headers = HeaderList(headers)
         self.request_body_source = body
-        self.request_reader = BodyReader(body)
-        self.request_body: bytearray | None = None  # set when the guest wrote one
-        self.method_changed = False
-        self.uri_changed = False
-        self.status = 200
-        self.status_changed = False
-        self.response_headers = HeaderList()
-        self.response_body: bytearray | None = None
-        self.response_reader_position = 0
-        self.is_error = False
-        self.trap_reason: str | None = None
         #: Each guest call on this request: (phase, monotonic start, end, error: None, "trap" or "timeout").
         #: Read by observers (metrics, traces) once the request is over.
         self.calls: list[tuple[Phase, float, float, str | None]] = []
-        self._written: set[BodyKind] = set()
+        if protocol:
+            self._protocol = protocol
+        if source_addr:
+            self._source_addr = source_addr
+        if headers:
+            self._headers = headers
 
-    def enter_response_phase(self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes | None) -> None:
-        """Move to ``handle_response`` with what the next handler produced."""
+    # -- read on first use ----------------------------------------------------------
+
+    def read_protocol(self) -> bytes:
+        """The request's protocol version (``HTTP/1.1``); the adapter reads its request."""
+        return self._protocol
+
+    def read_source_addr(self) -> bytes:
+        """The client's ``host:port``; the adapter reads its request."""
+        return self._source_addr
+
+    def read_request_headers(self) -> Iterable[tuple[bytes, bytes]]:
+        """The request's header fields, in order; the adapter reads its request."""
+        return self._headers
+
+    def read_response_headers(self) -> Iterable[tuple[bytes, bytes]]:
+        """The next handler's response header fields, in the response phase; the adapter reads its request."""
+        return ()
+
+    @property
+    def protocol(self) -> bytes:
+        return self.read_protocol()
+
+    @property
+    def source_addr(self) -> bytes:
+        return self.read_source_addr()
+
+    @property
+    def request_headers(self) -> HeaderList:
+        headers = self._request_headers
+        if headers is None:
+            headers = self._request_headers = HeaderList(self.read_request_headers())
+        return headers
+
+    @property
+    def response_headers(self) -> HeaderList:
+        """In the request phase what the guest set so far; in the response phase the next handler's."""
+        headers = self._response_headers
+        if headers is None:
+            entries = self.read_response_headers() if self.phase is Phase.RESPONSE else ()
+            headers = self._response_headers = HeaderList(entries)
+        return headers
+
+    @property
+    def request_reader(self) -> BodyReader:
+        reader = self._request_reader
+        if reader is None:
+            reader = self._request_reader = BodyReader(self.request_body_source)
+        return reader
+
+    @property
+    def body_length(self) -> int:
+        """The length of the request body as received (0 without one)."""
+        length = self._body_length
+        if length is None:
+            length = 0
+            body = self.request_body_source
+            if body is not None:
+                position = body.tell()
+                length = body.seek(0, 2)
+                body.seek(position)
+            self._body_length = length
+        return length
+
+    # -- what the adapter asks after a call ------------------------------------------
+
+    def changed_request_headers(self) -> HeaderList | None:
+        """The request headers, if the guest changed them."""
+        headers = self._request_headers
+        return headers if headers is not None and headers.changed else None
+
+    def changed_response_headers(self) -> HeaderList | None:
+        """The response headers as the guest left them, if it changed them in this phase."""
+        headers = self._response_headers
+        return headers if headers is not None and headers.changed else None
+
+    def consumed_request_body(self) -> int:
+        """How many bytes of the request body the guest read."""
+        reader = self._request_reader
+        return reader.consumed if reader is not None else 0
+
+    # -- phases ------------------------------------------------------------------------
+
+    def enter_response_phase(
+        self, status: int, headers: Iterable[tuple[bytes, bytes]] | None = None, body: bytearray | bytes | None = None
+    ) -> None:
+        """Move to ``handle_response`` with what the next handler produced.
+
+        ``headers`` None: read on first use (:meth:`read_response_headers`).
+        ``body`` is the buffered response body; a bytearray is taken as it is,
+        not copied (the guest's own writes replace it with a new one).
+        """
         self.phase = Phase.RESPONSE
         self.status = status
-        self.response_headers = HeaderList(headers)
-        self.response_body = bytearray(body) if body is not None else None
+        self._response_headers = None if headers is None else HeaderList(headers)
+        if body is not None and not isinstance(body, bytearray):
+            body = bytearray(body)
+        self.response_body = body
         self.response_reader_position = 0
-        self._written.clear()
+        self._written = 0
 
     def first_write(self, kind: BodyKind) -> bool:
         """True once per phase and body kind: that write replaces the body."""
-        if kind in self._written:
+        bit = 1 << kind
+        if self._written & bit:
             return False
-        self._written.add(kind)
+        self._written |= bit
         return True
 
     def check_size(self, size: int, what: str = "body") -> None:

@@ -1,16 +1,19 @@
-"""The per-request filter: pins one guest instance from request to response.
+"""The flow of one request through a guest.
 
 A :class:`RequestFilter` is made for each request that reaches a
 :class:`~twisted_httpwasm.web.resource.GuestResource`.  It
 
-1. snapshots the request as plain data and runs ``handle_request`` (in a
-   worker thread or inline) on an instance it takes from the pool and pins;
+1. runs ``handle_request`` in a guest session (one pinned instance, see
+   :mod:`..runtime.session`), in a guest thread or straight through (inline);
 2. applies what the guest changed to the real ``Request`` on the reactor
-   thread, redoes resource traversal on the (possibly rewritten) path and
-   renders the downstream resource, watching its ``write``/``finish``;
-3. runs ``handle_response`` on the *same* instance when the downstream is
-   done, failed, or the client went away, then gives the instance back to the
-   pool exactly once.
+   thread, traverses and renders the downstream, its response going to the
+   sink picked for this request (:mod:`.sinks`: streamed or buffered);
+3. runs ``handle_response`` on the same instance when the downstream is done,
+   failed, or the client went away, and sends the response.
+
+Nothing is copied for the guest up front (the state reads the request on first
+use), and what happens on a failure is decided in :mod:`.policy`.  The guest's
+observer hears once how the request ended, when the guest's part is over.
 """
 
 from __future__ import annotations
@@ -18,27 +21,28 @@ from __future__ import annotations
 import enum
 import io
 import math
-import re
 import time
 from collections.abc import Iterable
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource, _IEncodingResource, getChildForRequest
+from twisted.web.resource import _IEncodingResource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..abi import Feature
-from ..runtime.guest import Guest, GuestInstance, GuestTrap
-from ..runtime.observe import NO_OBSERVER, Outcome
+from ..runtime.guest import Guest, GuestTrap
+from ..runtime.observe import NO_OBSERVER, GuestObserver, Outcome
 from ..runtime.pool import GuestUnavailable
-from ..runtime.state import BodyTooLarge, RequestState
+from ..runtime.state import BodyTooLarge, HeaderList, RequestState
 from .backend_request import remember_client_headers
-from .runners import Runner
+from .downstream import BadRequest, BodyRemainder, unusable_path
+from .policy import FailurePolicy, Remedy, after_guest_failure, outcome_of_status, refusal_of
+from .runners import InlineRunner, Runner
+from .sinks import BufferedSink, StreamedSink, abort
 
 __all__ = ["FilterSettings", "RequestFilter"]
 
@@ -50,7 +54,7 @@ class FilterSettings(Protocol):
     downstream: Any
     reactor: Any
     runner: Runner
-    fail_open: bool
+    policy: FailurePolicy
     noted_framing_headers: set[bytes]
 
 
@@ -81,6 +85,7 @@ _FRAMING_HEADERS = frozenset(
 _HOOKED = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
 _BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
+_NOT_READ: Any = object()
 
 
 class _Stage(enum.Enum):
@@ -90,283 +95,203 @@ class _Stage(enum.Enum):
     DONE = "done"
 
 
-def _source_addr(request: Request) -> bytes:
-    address = request.getClientAddress()
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None or port is None:
-        return b""
-    if ":" in host:
-        return f"[{host}]:{port}".encode()
-    return f"{host}:{port}".encode()
-
-
-def _protocol(request: Request) -> bytes:
-    proto = request.clientproto or b"HTTP/1.0"
-    return b"HTTP/2.0" if proto in (b"HTTP/2", b"HTTP/2.0") else proto
-
-
-def _abort(request: Request) -> None:
-    """Cut the response: reset the HTTP/2 stream, or abort the HTTP/1 connection."""
-    abort = getattr(request.channel, "abortConnection", None)  # H2Stream: RST_STREAM
-    if abort is None:
-        transport = getattr(request.channel, "transport", None)
-        abort = getattr(transport, "abortConnection", None) or getattr(transport, "loseConnection", None)
-    if abort is not None:
-        abort()
+def _raw_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """Every (name, value) pair, in order; RequestState lowercases the names."""
+    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
 def _ignore(*args: object) -> None:
     """Stands in for the request methods of a downstream the filter has cut off."""
 
 
-#: What a request-target may hold (RFC 3986: printable ASCII), as ``set_uri`` requires of guests.
-_URI_BYTES = re.compile(rb"[\x21-\x7e]*\Z")
+class _RequestState(RequestState):
+    """The guest's view of a Twisted request, read from it on first use.
 
-
-def _unusable_path(request: Request) -> str | None:
-    """Why a downstream cannot take the request's path, if so: the client's error (400).
-
-    Raw control, space, DEL or non-ASCII bytes are not part of any URI (Twisted's
-    client, under ``--proxy``, raises on them).  A NUL byte (sent encoded, ``%00``)
-    cannot be part of a file name, and most code handed one raises deep inside;
-    ``static.File`` logs a traceback for every path segment that is not UTF-8 once
-    percent-decoded.
-    """
-    if not _URI_BYTES.match(request.uri or b""):
-        return "a byte that a URI cannot hold (not printable ASCII)"
-    for segment in request.postpath or ():
-        if b"\x00" in segment:
-            return "a NUL byte in the path"
-        try:
-            segment.decode("utf-8")
-        except UnicodeDecodeError:
-            return "a path segment that is not UTF-8"
-    return None
-
-
-class _BadRequest(Resource):
-    """Answers 400 with a short plain body, for a request no downstream can take."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-
-    def render(self, request: Request) -> bytes:
-        request.setResponseCode(http.BAD_REQUEST)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"Bad Request\n"
-
-
-class _BodyRemainder(io.RawIOBase):
-    """A read-only window onto ``length`` bytes of ``source`` from ``start``: the unread rest of a
-    request body, read where Twisted spooled it (a temporary file for large bodies), never copied.
-
-    Positions are relative to the window, so the downstream sees a whole body of ``length`` bytes.
+    Read in whichever thread runs the guest: during a guest call nothing else
+    touches the request's headers (the reactor waits for the call's result).
     """
 
-    def __init__(self, source: BinaryIO, start: int, length: int):
-        super().__init__()
-        self._source = source
-        self._start = start
-        self._length = length
-        self._position = 0
+    def __init__(self, request: Request, max_buffer_bytes: int):
+        RequestState.__init__(
+            self, method=request.method, uri=request.uri, body=request.content, max_buffer_bytes=max_buffer_bytes
+        )
+        self.request = request
+        # The headers object, not a copy: a guest's changes replace it on the request, never change it.
+        self.client_headers = request.requestHeaders
 
-    def readable(self) -> bool:
-        return True
+    def read_protocol(self) -> bytes:
+        proto = self.request.clientproto or b"HTTP/1.0"
+        return b"HTTP/2.0" if proto in (b"HTTP/2", b"HTTP/2.0") else proto
 
-    def seekable(self) -> bool:
-        return True
+    def read_source_addr(self) -> bytes:
+        address = self.request.getClientAddress()
+        host = getattr(address, "host", None)
+        port = getattr(address, "port", None)
+        if host is None or port is None:
+            return b""
+        if ":" in host:
+            return f"[{host}]:{port}".encode()
+        return f"{host}:{port}".encode()
 
-    def readinto(self, buffer: Any) -> int:
-        wanted = min(len(buffer), self._length - self._position)
-        if wanted <= 0:
-            return 0
-        self._source.seek(self._start + self._position)
-        data = self._source.read(wanted)
-        buffer[: len(data)] = data
-        self._position += len(data)
-        return len(data)
+    def read_request_headers(self) -> Iterable[tuple[bytes, bytes]]:
+        return _raw_headers(self.client_headers)
 
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
-        self._position = max(0, base + offset)
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def close(self) -> None:
-        if not self.closed:
-            self._source.close()
-        super().close()
-
-
-def _raw_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
-    """Every (name, value) pair, in order; RequestState lowercases the names."""
-    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+    def read_response_headers(self) -> Iterable[tuple[bytes, bytes]]:
+        request = self.request
+        return _raw_headers(request.responseHeaders) + [(b"set-cookie", cookie) for cookie in request.cookies]
 
 
 class RequestFilter:
-    """One request's passage through a guest, holding its pinned instance."""
+    """One request's passage through one guest."""
 
-    def __init__(self, wrapper: FilterSettings, request: Request):
-        # Before any guest changes them: a proxy downstream tells the client's headers from a guest's.
-        remember_client_headers(request)
-        self.wrapper = wrapper
-        self.guest = wrapper.guest
+    __slots__ = (
+        "_detached_body",
+        "_downstream_code",
+        "_host_connection",
+        "_original_body",
+        "_reported",
+        "_saved_hooks",
+        "client_gone",
+        "downstream_failure",
+        "guest",
+        "hooked",
+        "inline",
+        "observer",
+        "request",
+        "session",
+        "settings",
+        "sink",
+        "stage",
+        "started",
+        "state",
+        "then_status",
+    )
+
+    def __init__(self, settings: FilterSettings, request: Request):
+        self.settings = settings
+        guest = self.guest = settings.guest  # read once: a guest replaced mid-request keeps this request
         self.request = request
-        self.instance: GuestInstance | None = None
+        self.state = state = _RequestState(request, guest.max_buffer_bytes)
+        self.session = guest.session(state)
+        self.inline = type(settings.runner) is InlineRunner
         self.stage = _Stage.GUEST_REQUEST
-        self.req_ctx = 0
-        self.next_called = False
         self.client_gone = False
+        self.sink: StreamedSink | BufferedSink | None = None
+        self.hooked = False
         self.downstream_failure: Failure | None = None
-        self._buffering = False
-        self._buffer = bytearray()
-        self._prefix = b""
-        self._held = b""  # the last byte of a sized streamed response, sent once handle_response succeeded
-        self._declared_length: int | None = None
-        self._accepted = 0  # body bytes the downstream wrote, sent or held
-        self._length_mismatch_logged = False
-        self._original_response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
-        self._producer: Any = None
+        self.then_status: int | None = None  # the status a refusal answers with once handle_response ran
+        self._saved_hooks: dict[str, Any] | None = None
         self._detached_body: Any = None
-        self._hooked = False
-        self._saved_hooks: dict[str, Any] = {}
-        self._forward_write: Any = None
-        self._cut_off = False  # the downstream was stopped mid-response (buffer limit)
-        self._mount = list(request.prepath or [])
-        # Twisted's own Connection header (close, when the client asked for it), set before rendering.
-        self._host_connection = request.responseHeaders.getRawHeaders(b"connection")
-        body = request.content
-        self._content_length = 0  # the body as received: Twisted holds all of it by now, sized or chunked
-        if body is not None:
-            self._content_length = body.seek(0, io.SEEK_END)
-            body.seek(0)
-        self.state = RequestState(
-            method=request.method,
-            uri=request.uri,
-            protocol=_protocol(request),
-            source_addr=_source_addr(request),
-            headers=_raw_headers(request.requestHeaders),
-            body=body,
-            max_buffer_bytes=self.guest.max_buffer_bytes,
-        )
-        if self.guest.observer is not NO_OBSERVER:
-            self._observed_from = time.monotonic()
-            request.notifyFinish().addBoth(self._tell_observer)
-
-    def _tell_observer(self, result: object) -> None:
-        """INTERIM (issue 13), until the request path reports each ending itself: the outcome, inferred."""
-        state, request = self.state, self.request
-        failed = {kind for _, _, _, kind in state.calls if kind is not None}
-        code = request.code
-        outcome = Outcome.PASSED
-        if failed:
-            outcome = Outcome.TIMED_OUT if "timeout" in failed else Outcome.TRAPPED
-            if self.wrapper.fail_open and code != http.INTERNAL_SERVER_ERROR:
-                outcome = Outcome.FAIL_OPEN
-        elif code == http.REQUEST_ENTITY_TOO_LARGE:
-            outcome = Outcome.TOO_LARGE
-        elif code == http.SERVICE_UNAVAILABLE and not state.calls:
-            outcome = Outcome.UNAVAILABLE
-        elif code == http.BAD_GATEWAY:
-            outcome = Outcome.BAD_GATEWAY
-        elif isinstance(result, Failure):
-            outcome = Outcome.CLIENT_GONE
-        elif state.calls and not self.next_called:
-            outcome = Outcome.ANSWERED
-        self.guest.observer.request_finished(self.guest, request, state, outcome, self._observed_from)
+        self._host_connection: Any = _NOT_READ
+        self._original_body: bytearray | None = None
+        self._downstream_code = 0
+        self._reported = False
+        observer = guest.observer
+        self.observer: GuestObserver | None = None if observer is NO_OBSERVER else observer
+        self.started = time.monotonic() if self.observer is not None else 0.0
 
     # -- 1. handle_request ---------------------------------------------------------
 
     def start(self) -> object:
         """Render entry point: always answers asynchronously (NOT_DONE_YET)."""
-        # Twisted closes request.content when the client goes away, which must not
-        # happen under a guest reading it in a worker: the request has no body
-        # until handle_request is over.
-        self._detached_body = self.request.content
-        self.request.content = None
-        self.request.notifyFinish().addErrback(self._connection_lost)
-        self.wrapper.runner.run(
-            self._run_handle_request, self._after_handle_request, self._handle_request_failed, self._client_there
+        if self.inline:
+            try:
+                next_ = self.session.handle_request()
+            except Exception as error:  # noqa: BLE001 - handed to the policy, never lost
+                self._handle_request_failed(error)
+            else:
+                self._after_handle_request(next_)
+            return NOT_DONE_YET
+        # Twisted closes request.content when the client goes away, which must not happen
+        # under a guest reading it in a worker: the request has no body until the call is over.
+        request = self.request
+        self._detached_body, request.content = request.content, None
+        self._watch_client()
+        self.settings.runner.run(
+            self.session.handle_request, self._after_handle_request, self._handle_request_failed, self._client_there
         )
         return NOT_DONE_YET
 
+    def _watch_client(self) -> None:
+        self.request.notifyFinish().addErrback(self._connection_lost)
+
     def _client_there(self) -> bool:
         """Asked before a queued handle_request starts: a call for a client that left is dropped."""
-        return not self.client_gone
+        if not self.client_gone:
+            return True
+        self.settings.reactor.callFromThread(self._dropped)
+        return False
 
-    def _run_handle_request(self) -> bool:
-        """Worker side: pin an instance and run ``handle_request``."""
-        instance = self.guest.pool.acquire()
-        self.instance = instance
-        if instance.features & _BUFFER_REQUEST:
-            self._check_request_size()
-        ctx = instance.handle_request(self.state)
-        self.req_ctx = ctx.req_ctx
-        if not ctx.next:
-            self._release()
-        return ctx.next
-
-    def _check_request_size(self) -> None:
-        self.state.check_size(self._content_length)
+    def _dropped(self) -> None:
+        self.stage = _Stage.DONE
+        self._report(Outcome.CLIENT_GONE)
 
     def _reattach_body(self) -> None:
         """Give the request its body back for the downstream (kept by the filter if the client left)."""
-        if not self.client_gone:
+        if not self.client_gone and self._detached_body is not None:
             self.request.content, self._detached_body = self._detached_body, None
 
     def _handle_request_failed(self, error: BaseException) -> None:
         self._reattach_body()
-        if isinstance(error, BodyTooLarge):
-            self._release()
-            self._log_refusal("request body too large for buffer_request", error)
-            self._fail(http.REQUEST_ENTITY_TOO_LARGE)
-            return
-        self._release()
-        if isinstance(error, GuestUnavailable):
-            self._log_refusal("no guest instance available", error)
-            # When the pool will try to create an instance again (whole seconds, at least 1).
-            self.request.setHeader(b"retry-after", b"%d" % max(1, math.ceil(error.retry_after)))
-            self._fail(http.SERVICE_UNAVAILABLE)
+        refusal = refusal_of(error)
+        if refusal is not None:
+            self._log_refusal(refusal.what, error)
+            if isinstance(error, GuestUnavailable):
+                # When the pool will try to create an instance again (whole seconds, at least 1).
+                self.request.setHeader(b"retry-after", b"%d" % max(1, math.ceil(error.retry_after)))
+            self.stage = _Stage.DONE
+            self._report(refusal.outcome)
+            self._fail(refusal.status)
             return
         self._log_guest_failure("handle_request", error)
-        if self.wrapper.fail_open and not self.client_gone:
-            # Pass the untouched request on, without the guest.
+        decision = after_guest_failure(self.settings.policy, "handle_request", error, started=False)
+        self._report(decision.outcome)
+        if decision.remedy is Remedy.PASS_UNTOUCHED and not self.client_gone:
             self.stage = _Stage.DOWNSTREAM
             if self.request.content is not None:
                 self.request.content.seek(0)
-            self._render_downstream(hooked=False)
+            self._render_downstream()
             return
+        self.stage = _Stage.DONE
         self._fail(http.INTERNAL_SERVER_ERROR)
 
     def _after_handle_request(self, next_: bool) -> None:
         self._reattach_body()
         if not next_:
             self.stage = _Stage.DONE
-            if not self.client_gone:
+            if self.client_gone:
+                self._report(Outcome.CLIENT_GONE)
+            else:
+                self._report(Outcome.ANSWERED)
                 self._send_guest_response()
             return
-        self.next_called = True
-        state = self.state
+        request, state = self.request, self.state
         if self.client_gone:
-            self._enter_response_phase(self.request.code, [], None)
-            self._run_handle_response(is_error=True)
+            self._run_handle_response(request.code, is_error=True)
             return
         if state.features & _BUFFER_REQUEST:
             try:
-                self._check_request_size()
+                state.check_size(state.body_length)
             except BodyTooLarge as error:
                 self._log_refusal("request body too large for buffer_request", error)
-                self._enter_response_phase(http.REQUEST_ENTITY_TOO_LARGE, [], None)
-                self._run_handle_response(is_error=True, then_status=http.REQUEST_ENTITY_TOO_LARGE)
+                self._run_handle_response(
+                    http.REQUEST_ENTITY_TOO_LARGE, is_error=True, then_status=http.REQUEST_ENTITY_TOO_LARGE
+                )
                 return
         self._apply_request_changes()
+        if state.features & _BUFFER_RESPONSE:
+            prefix = self._take_prefix()
+            self.sink = BufferedSink(prefix, self.guest.max_buffer_bytes, self._buffer_overflow, self.settings.reactor)
+        else:
+            self.sink = StreamedSink(request, self._take_prefix(), self.guest.name)
         self.stage = _Stage.DOWNSTREAM
-        self._render_downstream(hooked=True)
+        self._hook()
+        self._render_downstream()
+
+    def _take_prefix(self) -> bytes:
+        """What the guest wrote as the response body before next: the response starts with it."""
+        body = self.state.response_body
+        return bytes(body) if body else b""
 
     def _send_guest_response(self) -> None:
         request, state = self.request, self.state
@@ -386,17 +311,12 @@ class RequestFilter:
         self._merge_guest_response_headers()  # over an outer guest's, when chained
         body = bytes(state.response_body or b"")
         request.responseHeaders.removeHeader(b"transfer-encoding")
-        if self._has_body_status(request.code):
+        if _has_body_status(request.code):
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
             request.write(body)
         else:
             request.responseHeaders.removeHeader(b"content-length")
         request.finish()
-
-    @staticmethod
-    def _has_body_status(status: int) -> bool:
-        """False for the statuses that never have a body: 1xx, 204, 304."""
-        return status >= 200 and status not in http.NO_BODY_CODES
 
     # -- 2. the downstream -------------------------------------------------------------
 
@@ -404,26 +324,31 @@ class RequestFilter:
         request, state = self.request, self.state
         if state.method_changed:
             request.method = state.method
-        if state.request_headers.changed:
+        changed = state.changed_request_headers()
+        if changed is not None:
+            remember_client_headers(request)  # a proxy downstream tells the client's headers from a guest's
             headers = Headers()
-            for name, value in state.request_headers.items():
+            for name, value in changed.items():
                 headers.addRawHeader(name, value)
             request.requestHeaders = headers
         body: Any = None
         length = 0
+        consumed = state.consumed_request_body()
         if state.request_body is not None:
             body = io.BytesIO(state.request_body)
             length = len(state.request_body)
-        elif state.request_reader.consumed and not state.features & _BUFFER_REQUEST and request.content is not None:
+        elif consumed and not state.features & _BUFFER_REQUEST and request.content is not None:
             # What the guest read is gone; the rest is read from where Twisted spooled it, not copied.
-            start = state.request_reader.consumed
-            length = max(0, self._content_length - start)
-            body = io.BufferedReader(_BodyRemainder(request.content, start, length))
+            length = max(0, state.body_length - consumed)
+            body = io.BufferedReader(BodyRemainder(request.content, consumed, length))
         if body is not None:
             request.content = body
+            if changed is None:  # the guest's view (and the client's) keeps the headers as they came
+                remember_client_headers(request)
+                request.requestHeaders = request.requestHeaders.copy()
             request.requestHeaders.removeHeader(b"transfer-encoding")
             request.requestHeaders.setRawHeaders(b"content-length", [b"%d" % length])
-        elif request.content is not None:
+        elif consumed and request.content is not None:
             request.content.seek(0)
         if state.uri_changed:
             request.uri = state.uri
@@ -431,10 +356,10 @@ class RequestFilter:
             request.path = path
             request.args = http.parse_qs(query, 1)
             segments = [unquote_to_bytes(segment) for segment in path[1:].split(b"/")]
-            mount = self._mount
+            mount = list(request.prepath or [])
             if segments[: len(mount)] == mount:
                 segments = segments[len(mount) :]
-            request.prepath = list(mount)
+            request.prepath = mount
             request.postpath = segments
         # What the guest set on the response before next is part of the final response.
         self._merge_guest_response_headers()
@@ -443,18 +368,15 @@ class RequestFilter:
                 request.setResponseCode(state.status)
             else:
                 self._note_dropped(b":status", f"set the interim status {state.status} on the response")
-        self._prefix = bytes(state.response_body or b"")
-        self._buffering = bool(state.features & _BUFFER_RESPONSE)
-        if self._buffering:
-            self._buffer = bytearray(self._prefix)
-            self._prefix = b""
 
     def _merge_guest_response_headers(self) -> None:
-        """Set each response header the guest set in handle_request, over what the request has.
+        """Set each response header the guest set, over what the request has.
 
         Framing and connection headers are left out: the host sets those for the bytes it sends.
         """
-        headers = self.state.response_headers
+        headers = self.state.changed_response_headers()
+        if headers is None:
+            return
         for name in headers.names():
             if name in _FRAMING_HEADERS:
                 self._note_dropped(name, f"set the response header {name.decode('latin-1')}")
@@ -463,7 +385,7 @@ class RequestFilter:
 
     def _note_dropped(self, key: bytes, what: str) -> None:
         """Say once per resource and ``key`` why something a guest set for framing is not sent."""
-        noted = self.wrapper.noted_framing_headers
+        noted = self.settings.noted_framing_headers
         if key not in noted:
             noted.add(key)
             _log.debug(
@@ -478,17 +400,20 @@ class RequestFilter:
         for name, value in headers:
             if name.lower() not in _FRAMING_HEADERS:
                 fresh.addRawHeader(name, value)
-        if self._host_connection:
-            fresh.setRawHeaders(b"connection", self._host_connection)
+        connection = self._host_connection
+        if connection is _NOT_READ:  # the downstream has not run: the request's own is Twisted's
+            connection = self.request.responseHeaders.getRawHeaders(b"connection")
+        if connection:
+            fresh.setRawHeaders(b"connection", connection)
         return fresh
 
-    def _render_downstream(self, hooked: bool) -> None:
+    def _render_downstream(self) -> None:
         """Traverse and render the downstream as ``Request.process`` would have."""
         request = self.request
-        if hooked:
-            self._hook()
+        # Twisted's own Connection header (close, when the client asked for it), before the downstream's.
+        self._host_connection = request.responseHeaders.getRawHeaders(b"connection")
         try:
-            refusal = _unusable_path(request)
+            refusal = unusable_path(request)
             if refusal is not None:
                 # The client's error: one line, no traceback (a traceback per request floods the log).
                 _log.info(
@@ -497,9 +422,9 @@ class RequestFilter:
                     uri=repr(request.uri)[2:-1],
                     refusal=refusal,
                 )
-                resource: Any = _BadRequest()
+                resource: Any = BadRequest()
             else:
-                resource = getChildForRequest(self.wrapper.downstream, request)
+                resource = getChildForRequest(self.settings.downstream, request)
             if _IEncodingResource.providedBy(resource):
                 encoder = resource.getEncoder(request)
                 if encoder is not None:
@@ -507,128 +432,47 @@ class RequestFilter:
             request.render(resource)
         except BaseException:  # noqa: BLE001 - as Request.process: any failure is the request's 500
             request.processingFailed(Failure())
+        if self.inline and self.stage is _Stage.DOWNSTREAM and self.hooked:
+            # The downstream answers later: from now on the client may go away under it.
+            self._watch_client()
+            if getattr(request, "_disconnected", False):
+                self._connection_lost(Failure(ConnectionError("the client went away")))
 
     def _hook(self) -> None:
-        """Watch the downstream's writes and ending.
+        """Send the downstream's writes to the sink, and watch its ending.
 
         What was there before is kept and forwarded to: the request's own methods,
         or the hooks of an outer guest's filter when guests are chained.
         """
         request: Any = self.request
-        self._hooked = True
+        sink: Any = self.sink
         attributes = request.__dict__
         if "write" in attributes or "finish" in attributes:  # an outer guest's hooks
             self._saved_hooks = {name: attributes[name] for name in _HOOKED if name in attributes}
-        self._forward_write = request.write
-        request.write = self._downstream_write
+        self.hooked = True
+        sink.forward = request.write
+        request.write = sink.write
         request.finish = self._downstream_finish
         request.processingFailed = self._downstream_failed
-        if self._buffering:
-            request.registerProducer = self._register_producer
-            request.unregisterProducer = self._unregister_producer
+        if sink.buffered:
+            request.registerProducer = sink.register_producer
+            request.unregisterProducer = sink.unregister_producer
 
     def _unhook(self) -> None:
-        if not self._hooked:
+        if not self.hooked:
             return  # never touch hooks that are not ours (an outer guest's, when chained)
-        self._hooked = False
-        request: Any = self.request
-        for name in _HOOKED:
-            if name in self._saved_hooks:
-                setattr(request, name, self._saved_hooks[name])
-            else:
-                request.__dict__.pop(name, None)
-
-    def _downstream_write(self, data: bytes) -> None:
-        if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
-            return  # late write from a downstream whose request already ended
-        if self._buffering:
-            self._buffer += data
-            if len(self._buffer) > self.guest.max_buffer_bytes:
-                self._buffer_overflow()
-            return
-        if self._prefix:
-            prefix, self._prefix = self._prefix, b""
-            length = self.request.responseHeaders.getRawHeaders(b"content-length")
-            if length and length[0].isdigit():
-                self.request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (int(length[0]) + len(prefix))])
-            data = prefix + data
-        self._stream(data)
-
-    def _stream(self, data: bytes) -> None:
-        """Send body bytes on, holding back what would complete the response.
-
-        Without buffer_response the response is on the wire before ``handle_response``
-        runs; holding back its last byte (or, when it has no body bytes at all, its
-        headers) keeps a failure there visible to the client (a 500, or an incomplete
-        response) instead of a complete response that hides it.
-        """
-        request = self.request
-        if not request.startedWriting:
-            if self._bodiless():
-                return  # the headers are the whole response: finish() sends them
-            self._declared_length = self._sized_body_length()
-            if self._declared_length == 0:
-                return  # likewise; bytes past a length of 0 would desync the connection
-        self._accepted += len(data)
-        declared = self._declared_length
-        if declared is not None and self._accepted > declared:
-            # Bytes past the announced length would be read as the start of the next response.
-            data = data[: len(data) - (self._accepted - declared)]
-            self._accepted = declared
-            self._log_length_mismatch("wrote more than", "the excess is not sent")
-        data, self._held = self._held + data, b""
-        if declared is not None and self._accepted >= declared and data:
-            data, self._held = data[:-1], data[-1:]
-        if data or not request.startedWriting:
-            self._forward_write(data)
-
-    def _bodiless(self) -> bool:
-        """A response that never has body bytes: to HEAD, or with status 1xx, 204 or 304."""
-        request = self.request
-        return request.method == b"HEAD" or request.code in http.NO_BODY_CODES or 100 <= request.code < 200
-
-    def _sized_body_length(self) -> int | None:
-        """The Content-Length the body will be sent with, if it is sent as is."""
-        request = self.request
-        if getattr(request, "_encoder", None) is not None:
-            return None  # an encoder (gzip) drops Content-Length and changes the length
-        length = request.responseHeaders.getRawHeaders(b"content-length")
-        return int(length[0]) if length and length[0].isdigit() else None
-
-    def _finish_streamed(self) -> None:
-        """The streamed response succeeded: send what was held back and finish."""
-        declared = self._declared_length
-        if declared is not None and self._accepted < declared and self.request.startedWriting:
-            # The client would wait for the missing bytes; cutting the connection says it is incomplete.
-            self._log_length_mismatch("finished short of", "closing the connection")
-            _abort(self.request)
-            return
-        held, self._held = self._held, b""
-        if held:
-            self.request.write(held)
-        elif not self.request.startedWriting:
-            self._drop_length_of_no_content()
-        self.request.finish()
-
-    def _log_length_mismatch(self, what: str, action: str) -> None:
-        if self._length_mismatch_logged:
-            return
-        self._length_mismatch_logged = True
-        _log.warn(
-            "downstream of guest {guest} {what} its Content-Length of {length} for {method} {uri}; {action}",
-            guest=self.guest.name,
-            what=what,
-            length=self._declared_length,
-            method=self.request.method,
-            uri=self.request.uri,
-            action=action,
-        )
-
-    def _drop_length_of_no_content(self) -> None:
-        """1xx and 204 responses carry no Content-Length (RFC 9110 8.6); Twisted's render sets one."""
-        request = self.request
-        if request.code == http.NO_CONTENT or 100 <= request.code < 200:
-            request.responseHeaders.removeHeader(b"content-length")
+        self.hooked = False
+        attributes = self.request.__dict__
+        saved = self._saved_hooks
+        if saved is None:
+            for name in _HOOKED:
+                attributes.pop(name, None)
+        else:
+            for name in _HOOKED:
+                if name in saved:
+                    attributes[name] = saved[name]
+                else:
+                    attributes.pop(name, None)
 
     def _buffer_overflow(self) -> None:
         _log.error(
@@ -637,113 +481,111 @@ class RequestFilter:
             uri=self.request.uri,
             limit=self.guest.max_buffer_bytes,
         )
-        self._buffer = bytearray()
-        self._cut_off = True
-        self._stop_producer()
-        self.stage = _Stage.GUEST_RESPONSE
-        self._enter_response_phase(http.BAD_GATEWAY, [], None)
-        self._run_handle_response(is_error=True, then_status=http.BAD_GATEWAY)
+        self._run_handle_response(http.BAD_GATEWAY, is_error=True, then_status=http.BAD_GATEWAY)
 
     def _downstream_finish(self) -> None:
         if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
             return
-        self.stage = _Stage.GUEST_RESPONSE
-        if self._prefix and not self._buffering:
-            self._downstream_write_prefix_only()
-        request = self.request
-        headers = _raw_headers(request.responseHeaders)
-        headers += [(b"set-cookie", cookie) for cookie in request.cookies]
-        if self._buffering:
-            body = bytes(self._buffer)
-            self._buffer = bytearray()
-            self._original_response = (request.code, headers, body)
-            self._enter_response_phase(request.code, headers, body)
+        request, sink = self.request, self.sink
+        self._downstream_code = request.code
+        if isinstance(sink, BufferedSink):
+            self._original_body = body = sink.take()
+            self.stage = _Stage.GUEST_RESPONSE
+            self.state.enter_response_phase(request.code, None, body)
         else:
-            self._enter_response_phase(request.code, headers, None)
-        self._run_handle_response(is_error=False)
-
-    def _downstream_write_prefix_only(self) -> None:
-        prefix, self._prefix = self._prefix, b""
-        if not self.request.startedWriting and not self.request.responseHeaders.hasHeader(b"content-length"):
-            self.request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(prefix)])
-        self._stream(prefix)
+            assert sink is not None
+            sink.downstream_finished()
+            self.stage = _Stage.GUEST_RESPONSE
+            self.state.enter_response_phase(request.code)
+        self._call_handle_response()
 
     def _downstream_failed(self, reason: Failure) -> Failure:
         if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
             return reason
-        self.stage = _Stage.GUEST_RESPONSE
         self.downstream_failure = reason
-        self._stop_producer()
-        self._enter_response_phase(http.INTERNAL_SERVER_ERROR, [], None)
-        self._run_handle_response(is_error=True)
+        self._run_handle_response(http.INTERNAL_SERVER_ERROR, is_error=True)
         return reason
-
-    def _register_producer(self, producer: Any, streaming: bool) -> None:
-        """Buffer mode: the transport never sees the bytes, so drive producers here."""
-        self._producer = producer
-        if not streaming and IPullProducer.providedBy(producer):
-            self._pump()
-
-    def _pump(self) -> None:
-        producer = self._producer
-        if producer is None or self.stage is not _Stage.DOWNSTREAM:
-            return
-        producer.resumeProducing()
-        if self._producer is producer:
-            self.wrapper.reactor.callLater(0, self._pump)
-
-    def _unregister_producer(self) -> None:
-        self._producer = None
-
-    def _stop_producer(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None and (IPushProducer.providedBy(producer) or IPullProducer.providedBy(producer)):
-            try:
-                producer.stopProducing()
-            except Exception:  # noqa: BLE001 - the downstream's own problem; the request is ending
-                _log.failure("stopping the downstream's producer failed")
 
     # -- 3. handle_response --------------------------------------------------------------
 
-    def _enter_response_phase(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None) -> None:
+    def _run_handle_response(self, status: int, *, is_error: bool, then_status: int | None = None) -> None:
+        """End the downstream's part with ``status`` (an error: the guest sees no response) and run handle_response."""
+        sink = self.sink
+        if sink is not None:
+            sink.open = False
+            sink.stop_producer()
         self.stage = _Stage.GUEST_RESPONSE
-        self.state.enter_response_phase(status, headers, body)
+        self.then_status = then_status
+        state = self.state
+        state.enter_response_phase(status, () if is_error else None)
+        state.is_error = is_error
+        self._call_handle_response()
 
-    def _run_handle_response(self, *, is_error: bool, then_status: int | None = None) -> None:
-        def work() -> None:
-            instance = self.instance
-            assert instance is not None
+    def _call_handle_response(self) -> None:
+        if self.inline:
             try:
-                instance.handle_response(self.state, self.req_ctx, is_error)
-            finally:
-                self._release()
+                self.session.handle_response()
+            except Exception as error:  # noqa: BLE001 - handed to the policy, never lost
+                self._handle_response_failed(error)
+            else:
+                self._after_handle_response(None)
+            return
+        self.settings.runner.run(
+            self.session.handle_response, self._after_handle_response, self._handle_response_failed
+        )
 
-        def done(_: None) -> None:
-            self._after_handle_response(then_status)
-
-        def failed(error: BaseException) -> None:
-            self._handle_response_failed(error, then_status)
-
-        self.state.is_error = is_error
-        self.wrapper.runner.run(work, done, failed)
-
-    def _after_handle_response(self, then_status: int | None) -> None:
+    def _after_handle_response(self, _: None) -> None:
         self.stage = _Stage.DONE
         if self.client_gone:
+            self._report(Outcome.CLIENT_GONE)
             return  # the hooks stay: they swallow the downstream's late writes and finish
         self._unhook()
-        if then_status is not None:
-            self._fail(then_status)
+        if self.then_status is not None:
+            self._report(outcome_of_status(self.then_status))
+            self._fail(self.then_status)
         elif self.downstream_failure is not None:
-            self._answer_downstream_failure(self.downstream_failure)
-        elif self._buffering:
-            self._send_buffered(
-                self.state.status, self.state.response_headers.items(), bytes(self.state.response_body or b"")
-            )
+            self._answer_downstream_failure(self.downstream_failure, reported=False)
+        elif isinstance(self.sink, BufferedSink):
+            self._report(Outcome.PASSED)
+            state = self.state
+            self._send_buffered(state.status, state.changed_response_headers(), state.response_body or b"")
         else:
-            self._finish_streamed()
+            assert self.sink is not None
+            self._report(Outcome.PASSED)
+            self.sink.complete()
 
-    def _answer_downstream_failure(self, failure: Failure) -> None:
+    def _handle_response_failed(self, error: BaseException) -> None:
+        self.stage = _Stage.DONE
+        self._log_guest_failure("handle_response", error)
+        request = self.request
+        decision = after_guest_failure(
+            self.settings.policy, "handle_response", error, started=bool(request.startedWriting)
+        )
+        if self.client_gone:
+            self._report(decision.outcome)
+            return  # the hooks stay: they swallow the downstream's late writes and finish
+        self._unhook()
+        if self.then_status is not None:
+            self._report(outcome_of_status(self.then_status))
+            self._fail(self.then_status)
+        elif self.downstream_failure is not None:
+            self._report(decision.outcome)
+            self._answer_downstream_failure(self.downstream_failure, reported=True)
+        elif decision.remedy is Remedy.SEND_AS_IS:
+            self._report(decision.outcome)
+            if isinstance(self.sink, BufferedSink):
+                self._send_buffered(self._downstream_code, None, self._original_body or b"")
+            else:
+                assert self.sink is not None
+                self.sink.complete()
+        elif decision.remedy is Remedy.CUT:
+            self._report(decision.outcome)
+            abort(request)
+        else:
+            self._report(decision.outcome)
+            self._fail(http.INTERNAL_SERVER_ERROR)
+
+    def _answer_downstream_failure(self, failure: Failure, *, reported: bool) -> None:
         """Twisted's usual 500, unless part of the downstream's response is already sent.
 
         A failure whose exception names an ``http_status`` (the proxy's ``BadGateway``)
@@ -752,6 +594,8 @@ class RequestFilter:
         request = self.request
         status = getattr(failure.value, "http_status", None)
         if not request.startedWriting and isinstance(status, int) and 400 <= status <= 599:
+            if not reported:
+                self._report(outcome_of_status(status))
             # An expected failure (the proxy's dead backend): a warning, not a traceback.
             _log.warn(
                 "downstream of guest {guest} failed for {method} {uri}: {reason}; answering {status}",
@@ -763,6 +607,8 @@ class RequestFilter:
             )
             self._fail(status)
             return
+        if not reported:
+            self._report(Outcome.PASSED)
         if not request.startedWriting:
             request.processingFailed(failure)
             return
@@ -774,62 +620,44 @@ class RequestFilter:
             method=request.method,
             uri=request.uri,
         )
-        _abort(request)
+        abort(request)
 
-    def _send_buffered(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def _send_buffered(self, status: int, headers: HeaderList | None, body: bytes | bytearray) -> None:
+        """The buffered response: ``headers`` as the guest left them, or (None) the downstream's."""
         request = self.request
         if status < 200:  # an interim status cannot end a response: keep the downstream's
             self._note_dropped(b":status", f"set the interim status {status} on the response")
-            downstream = self._original_response
-            status = downstream[0] if downstream is not None and downstream[0] >= 200 else http.INTERNAL_SERVER_ERROR
+            code = self._downstream_code
+            status = code if code >= 200 else http.INTERNAL_SERVER_ERROR
         request.setResponseCode(status)
+        downstream_headers = request.responseHeaders
+        pairs = headers.items() if headers is not None else self.state.read_response_headers()
         request.cookies = []
-        request.responseHeaders = self._fresh_response_headers(headers)
-        if self._has_body_status(status):
+        request.responseHeaders = self._fresh_response_headers(pairs)
+        if _has_body_status(status):
             if request.method != b"HEAD" or body:
                 request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
             else:
                 # A HEAD response has no body to measure: it keeps the Content-Length a GET
                 # would have, as the downstream set it.
-                original = self._original_response[1] if self._original_response is not None else []
-                lengths = [value for name, value in original if name.lower() == b"content-length"]
+                lengths = downstream_headers.getRawHeaders(b"content-length")
                 if lengths:
                     request.responseHeaders.setRawHeaders(b"content-length", lengths[-1:])
-            request.write(body)
+            request.write(bytes(body))
         request.finish()
-
-    def _handle_response_failed(self, error: BaseException, then_status: int | None) -> None:
-        self.stage = _Stage.DONE
-        self._log_guest_failure("handle_response", error)
-        if self.client_gone:
-            return  # the hooks stay: they swallow the downstream's late writes and finish
-        self._unhook()
-        request = self.request
-        if then_status is not None:
-            self._fail(then_status)
-        elif self.downstream_failure is not None:
-            self._answer_downstream_failure(self.downstream_failure)
-        elif self.wrapper.fail_open and self._original_response is not None:
-            self._send_buffered(*self._original_response)
-        elif self.wrapper.fail_open and not self._buffering:
-            self._finish_streamed()
-        elif request.startedWriting:
-            # Part of the response is on the wire: the only honest signal left is to cut it.
-            _abort(request)
-        else:
-            self._fail(http.INTERNAL_SERVER_ERROR)
 
     # -- endings ----------------------------------------------------------------------------
 
-    def _release(self) -> None:
-        """Give the pinned instance back, exactly once (thread-safe: pool is locked)."""
-        instance, self.instance = self.instance, None
-        if instance is not None:
-            self.guest.pool.release(instance)
-        if self.client_gone and self._detached_body is not None:
-            # No guest call and no downstream will read it any more.
-            body, self._detached_body = self._detached_body, None
-            body.close()
+    def _report(self, outcome: str) -> None:
+        """The guest's part of the request is over: close what it held, tell the observer (once)."""
+        if self._reported:
+            return
+        self._reported = True
+        body, self._detached_body = self._detached_body, None
+        if body is not None:
+            body.close()  # the client left: no guest call and no downstream will read it
+        if self.observer is not None:
+            self.observer.request_finished(self.guest, self.request, self.state, outcome, self.started)
 
     def _fail(self, status: int) -> None:
         request = self.request
@@ -846,7 +674,7 @@ class RequestFilter:
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         request.write(body)
         request.finish()
-        if self._cut_off:
+        if self.sink is not None and self.sink.buffered and not self.sink.open and self.then_status == http.BAD_GATEWAY:
             # A downstream that was cut off may still write and finish: those calls go nowhere.
             request.write = request.finish = request.unregisterProducer = _ignore  # type: ignore[method-assign]
 
@@ -872,14 +700,22 @@ class RequestFilter:
 
     def _connection_lost(self, reason: Failure) -> None:
         """The client went away: release everything without writing again."""
+        if self.client_gone:
+            return
         self.client_gone = True
-        self._stop_producer()
+        sink = self.sink
         if self.stage is _Stage.DOWNSTREAM:
-            # The hooks stay on: a downstream that does not watch notifyFinish may still
-            # write and finish, which Twisted would answer with RuntimeError.
-            if self.next_called:
-                self._enter_response_phase(self.request.code, [], None)
-                self._run_handle_response(is_error=True)
+            if sink is not None:
+                # The hooks stay on: a downstream that does not watch notifyFinish may still
+                # write and finish, which Twisted would answer with RuntimeError.
+                self._run_handle_response(self.request.code, is_error=True)
             else:
-                self.stage = _Stage.DONE
+                self.stage = _Stage.DONE  # fail-open: the guest's part was over already
+        elif sink is not None:
+            sink.stop_producer()
         # GUEST_REQUEST / GUEST_RESPONSE: the running call sees client_gone when it returns.
+
+
+def _has_body_status(status: int) -> bool:
+    """False for the statuses that never have a body: 1xx, 204, 304."""
+    return status >= 200 and status not in http.NO_BODY_CODES

@@ -14,17 +14,10 @@ from ..runtime.guest import Execution, Guest
 from ..runtime.observe import NO_OBSERVER
 from .filter import RequestFilter
 from .guest_threads import workers_for
+from .policy import FailurePolicy
 from .runners import InlineRunner, Runner, ThreadRunner
 
 __all__ = ["FailurePolicy", "GuestResource"]
-
-
-class FailurePolicy:
-    """What a failing guest means for its request."""
-
-    FAIL_CLOSED = "fail-closed"  # answer 500, nothing passes
-    FAIL_OPEN = "fail-open"  # pass the request on untouched, log the failure
-    ALL = (FAIL_CLOSED, FAIL_OPEN)
 
 
 @implementer(IResource)
@@ -33,8 +26,9 @@ class GuestResource(Resource):
 
     The guest sees each request first; what it changes (method, URI, headers,
     body) is what ``downstream`` sees, and traversal is redone on the new path.
-    Each request gets a :class:`RequestFilter` that pins one guest instance
-    from ``handle_request`` to ``handle_response``.
+    Each request is a :class:`RequestFilter`, whose guest session pins one
+    instance from ``handle_request`` to ``handle_response``.
+    ``on_guest_error`` is a :class:`FailurePolicy` (or its name, ``"fail-open"``).
 
     ``reactor`` defaults to the global reactor.  In thread mode guest calls run
     in the process's shared :class:`GuestWorkers` (dedicated threads, results
@@ -51,7 +45,7 @@ class GuestResource(Resource):
         *,
         reactor: Any = None,
         threadpool: ThreadPool | None = None,
-        on_guest_error: str = FailurePolicy.FAIL_CLOSED,
+        on_guest_error: FailurePolicy | str = FailurePolicy.FAIL_CLOSED,
     ):
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
@@ -60,12 +54,18 @@ class GuestResource(Resource):
             reactor = global_reactor
         else:
             guest.reactor = reactor  # its log lines go to the reactor this resource runs on
-        if on_guest_error not in FailurePolicy.ALL:
-            raise ValueError(f"on_guest_error must be one of {', '.join(FailurePolicy.ALL)}, not {on_guest_error!r}")
+        try:
+            policy = FailurePolicy(on_guest_error)
+        except ValueError:
+            raise ValueError(
+                f"on_guest_error must be one of {', '.join(FailurePolicy.ALL)}, not {on_guest_error!r}"
+            ) from None
         self.guest = guest
         self.downstream = downstream
         self.reactor: IReactorCore = reactor
-        self.fail_open = on_guest_error == FailurePolicy.FAIL_OPEN
+        #: What a failing guest means for its request (see :mod:`.policy`).
+        self.policy = policy
+        self.fail_open = policy is FailurePolicy.FAIL_OPEN
         #: Framing headers a guest set and the host dropped, already reported in the log.
         self.noted_framing_headers: set[bytes] = set()
         self.runner: Runner

@@ -1,0 +1,92 @@
+"""One request's pinned guest instance.
+
+A guest instance is not thread-safe and keeps per-request state between its
+two calls, so a request takes one instance from the guest's pool for
+``handle_request`` and keeps it, pinned, for ``handle_response``, whenever and
+in whichever thread that runs.  A :class:`GuestSession` is that pinning: the
+only place that takes instances from the pool and gives them back, exactly
+once (:meth:`GuestSession.close` is idempotent), so the twisted.web adapter
+never touches the pool or an instance.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..abi import CtxNext, Feature
+from .state import RequestState
+
+__all__ = ["GuestSession"]
+
+
+class _Instance(Protocol):
+    """What a session needs of a guest instance (a ``GuestInstance``)."""
+
+    features: int
+
+    def handle_request(self, state: RequestState) -> CtxNext: ...
+
+    def handle_response(self, state: RequestState, req_ctx: int, is_error: bool) -> None: ...
+
+
+class _Pool(Protocol):
+    """What a session needs of the guest's pool (a ``GuestPool``)."""
+
+    def acquire(self) -> Any: ...
+
+    def release(self, instance: Any) -> None: ...
+
+
+_BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
+
+
+class GuestSession:
+    """The guest calls of one request (``state``), on one pinned instance."""
+
+    __slots__ = ("_instance", "_pool", "req_ctx", "state")
+
+    def __init__(self, pool: _Pool, state: RequestState):
+        self._pool = pool
+        self._instance: _Instance | None = None
+        self.state = state
+        self.req_ctx = 0
+
+    def handle_request(self) -> bool:
+        """Pin an instance and run ``handle_request``; True if the guest passes the request on (next).
+
+        Raises :class:`~.pool.GuestUnavailable` when no instance can be had,
+        :class:`~.state.BodyTooLarge` when the instance buffers every request
+        body and this one is over the limit (the guest is not called), and
+        :class:`~.guest.GuestTrap`.  The instance stays pinned only for a
+        ``handle_response`` to come (next).
+        """
+        state = self.state
+        instance: _Instance = self._pool.acquire()
+        self._instance = instance
+        try:
+            if instance.features & _BUFFER_REQUEST:
+                state.check_size(state.body_length)
+            ctx = instance.handle_request(state)
+        except BaseException:
+            self.close()
+            raise
+        self.req_ctx = ctx.req_ctx
+        if not ctx.next:
+            self.close()
+        return ctx.next
+
+    def handle_response(self) -> None:
+        """Run ``handle_response`` (``state.is_error`` says how the next handler ended) and unpin."""
+        instance = self._instance
+        if instance is None:
+            raise RuntimeError("handle_response without a pinned instance (handle_request did not pass it on)")
+        try:
+            instance.handle_response(self.state, self.req_ctx, self.state.is_error)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Give the pinned instance back to the pool (a trapped one is discarded); again: nothing."""
+        instance, self._instance = self._instance, None
+        if instance is not None:
+            self._pool.release(instance)

@@ -1,0 +1,234 @@
+"""Where the downstream's response goes while a guest waits for it: one sink per request.
+
+The filter picks the sink once, when the guest passes the request on and its
+features are known (as http-wasm-host-go picks a buffering response writer):
+
+- :class:`StreamedSink` (no ``buffer_response``): the body goes on to the
+  client as the downstream writes it, except what would complete the
+  response, which waits for ``handle_response``;
+- :class:`BufferedSink` (``buffer_response``): the body is collected for
+  ``handle_response`` to read and rewrite, up to the buffer limit, and the
+  downstream's producer is driven here, since the transport never sees it.
+
+The request's ``write`` (and, buffered, its producer methods) are the sink's
+while the downstream runs; ``open`` goes False when the downstream's part is
+over, and later writes go nowhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IPullProducer, IPushProducer
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.server import Request
+
+__all__ = ["BufferedSink", "StreamedSink", "abort", "is_bodiless"]
+
+_log = Logger(namespace="httpwasm")
+
+
+def abort(request: Request) -> None:
+    """Cut the response: reset the HTTP/2 stream, or abort the HTTP/1 connection."""
+    abort_connection = getattr(request.channel, "abortConnection", None)  # H2Stream: RST_STREAM
+    if abort_connection is None:
+        transport = getattr(request.channel, "transport", None)
+        abort_connection = getattr(transport, "abortConnection", None) or getattr(transport, "loseConnection", None)
+    if abort_connection is not None:
+        abort_connection()
+
+
+def is_bodiless(request: Request) -> bool:
+    """A response that never has body bytes: to HEAD, or with status 1xx, 204 or 304."""
+    code = request.code
+    return request.method == b"HEAD" or code in http.NO_BODY_CODES or 100 <= code < 200
+
+
+class StreamedSink:
+    """Sends the body on as it comes, holding back what would complete the response.
+
+    Without buffer_response the response is on the wire before
+    ``handle_response`` runs; holding back its last byte (or, when it has no
+    body bytes at all, its headers) keeps a failure there visible to the client
+    (a 500, or an incomplete response) instead of a complete response that
+    hides it.  A body that does not match its own Content-Length cannot desync
+    the connection: the excess is not sent, a short body cuts the connection.
+    """
+
+    __slots__ = (
+        "_accepted",
+        "_declared",
+        "_held",
+        "_mismatch_logged",
+        "forward",
+        "guest_name",
+        "open",
+        "prefix",
+        "request",
+    )
+
+    buffered = False
+
+    def __init__(self, request: Request, prefix: bytes, guest_name: str):
+        self.request = request
+        #: What the guest wrote as the response body before next: it goes first.
+        self.prefix = prefix
+        self.guest_name = guest_name
+        self.open = True
+        self.forward: Callable[[bytes], None] = request.write  # the request's own write, or an outer guest's sink
+        self._held = b""
+        self._declared: int | None = None
+        self._accepted = 0  # body bytes the downstream wrote, sent or held
+        self._mismatch_logged = False
+
+    def write(self, data: bytes) -> None:
+        if not self.open:
+            return  # a late write from a downstream whose request already ended
+        request = self.request
+        if not request.startedWriting:
+            if self.prefix:
+                prefix, self.prefix = self.prefix, b""
+                length = request.responseHeaders.getRawHeaders(b"content-length")
+                if length and length[0].isdigit():
+                    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (int(length[0]) + len(prefix))])
+                data = prefix + data
+            if is_bodiless(request):
+                return  # the headers are the whole response: finish() sends them
+            declared = self._declared = self._sized_body_length()
+            if declared == 0:
+                return  # likewise; bytes past a length of 0 would desync the connection
+        else:
+            declared = self._declared
+        accepted = self._accepted = self._accepted + len(data)
+        if declared is not None and accepted > declared:
+            # Bytes past the announced length would be read as the start of the next response.
+            data = data[: len(data) - (accepted - declared)]
+            self._accepted = accepted = declared
+            self._log_length_mismatch("wrote more than", "the excess is not sent")
+        if self._held:
+            data, self._held = self._held + data, b""
+        if declared is not None and accepted >= declared and data:
+            data, self._held = data[:-1], data[-1:]
+        if data or not request.startedWriting:
+            self.forward(data)
+
+    def _sized_body_length(self) -> int | None:
+        """The Content-Length the body will be sent with, if it is sent as is."""
+        request = self.request
+        if getattr(request, "_encoder", None) is not None:
+            return None  # an encoder (gzip) drops Content-Length and changes the length
+        length = request.responseHeaders.getRawHeaders(b"content-length")
+        return int(length[0]) if length and length[0].isdigit() else None
+
+    def downstream_finished(self) -> None:
+        """The downstream finished: a prefix it never followed with a write is the body."""
+        prefix, self.prefix = self.prefix, b""
+        if prefix:
+            request = self.request
+            if not request.startedWriting and not request.responseHeaders.hasHeader(b"content-length"):
+                request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(prefix)])
+            self.write(prefix)
+        self.open = False
+
+    def complete(self) -> None:
+        """The guest is done with the response: send what was held back and finish."""
+        request = self.request
+        declared = self._declared
+        if declared is not None and self._accepted < declared and request.startedWriting:
+            # The client would wait for the missing bytes; cutting the connection says it is incomplete.
+            self._log_length_mismatch("finished short of", "closing the connection")
+            abort(request)
+            return
+        held, self._held = self._held, b""
+        if held:
+            request.write(held)
+        elif not request.startedWriting:
+            code = request.code
+            if code == http.NO_CONTENT or 100 <= code < 200:
+                # 1xx and 204 responses carry no Content-Length (RFC 9110 8.6); Twisted's render sets one.
+                request.responseHeaders.removeHeader(b"content-length")
+        request.finish()
+
+    def _log_length_mismatch(self, what: str, action: str) -> None:
+        if self._mismatch_logged:
+            return
+        self._mismatch_logged = True
+        _log.warn(
+            "downstream of guest {guest} {what} its Content-Length of {length} for {method} {uri}; {action}",
+            guest=self.guest_name,
+            what=what,
+            length=self._declared,
+            method=self.request.method,
+            uri=self.request.uri,
+            action=action,
+        )
+
+    def stop_producer(self) -> None:
+        """Streamed, the downstream's producer is the transport's business."""
+
+
+class BufferedSink:
+    """Collects the whole body for ``handle_response``, up to ``limit`` bytes.
+
+    Past the limit ``on_overflow`` is called once and the sink closes.  The
+    downstream's producer is driven here: a pull producer is pumped once per
+    reactor turn, a push producer writes on its own.
+    """
+
+    __slots__ = ("_on_overflow", "_producer", "_reactor", "body", "forward", "limit", "open")
+
+    buffered = True
+
+    def __init__(self, prefix: bytes, limit: int, on_overflow: Callable[[], None], reactor: Any):
+        #: The body so far, starting with what the guest wrote before next.
+        self.body = bytearray(prefix)
+        self.limit = limit
+        self.open = True
+        self.forward: Callable[[bytes], None] | None = None
+        self._on_overflow = on_overflow
+        self._reactor = reactor
+        self._producer: Any = None
+
+    def write(self, data: bytes) -> None:
+        if not self.open:
+            return
+        body = self.body
+        body += data
+        if len(body) > self.limit:
+            self.open = False
+            self.body = bytearray()
+            self.stop_producer()
+            self._on_overflow()
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        self._producer = producer
+        if not streaming and IPullProducer.providedBy(producer):
+            self._pump()
+
+    def _pump(self) -> None:
+        producer = self._producer
+        if producer is None or not self.open:
+            return
+        producer.resumeProducing()
+        if self._producer is producer:
+            self._reactor.callLater(0, self._pump)
+
+    def unregister_producer(self) -> None:
+        self._producer = None
+
+    def stop_producer(self) -> None:
+        """Stop the downstream's producer: its response is not wanted any more."""
+        producer, self._producer = self._producer, None
+        if producer is not None and (IPushProducer.providedBy(producer) or IPullProducer.providedBy(producer)):
+            try:
+                producer.stopProducing()
+            except Exception:  # noqa: BLE001 - the downstream's own problem; the request is ending
+                _log.failure("stopping the downstream's producer failed")
+
+    def take(self) -> bytearray:
+        """The downstream finished: the whole body (the sink is closed)."""
+        self.open = False
+        body, self.body = self.body, bytearray()
+        return body
