@@ -474,7 +474,8 @@ class GuestInstance:
         current.target = self
         self.state = state
         failed: str | None = None
-        started = time.monotonic()
+        observed = self.guest.observer is not NO_OBSERVER  # the call's times are for observers only
+        started = time.monotonic() if observed else 0.0
         try:
             return function(*args)
         except GuestCallError as error:
@@ -488,7 +489,8 @@ class GuestInstance:
             state.trap_reason = reason
             raise GuestTrap(reason, timed_out=error.interrupted) from None
         finally:
-            state.calls.append((state.phase, started, time.monotonic(), failed))
+            if observed:
+                state.calls.append((state.phase, started, time.monotonic(), failed))
             self.state = None
             current.target = previous
             if self._outputs:

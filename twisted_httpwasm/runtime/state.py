@@ -171,8 +171,8 @@ class RequestState:
         self.method = method
         self.uri = uri or b"/"
         self.request_body_source = body
-        #: Each guest call on this request: (phase, monotonic start, end, error: None, "trap" or "timeout").
-        #: Read by observers (metrics, traces) once the request is over.
+        #: Each guest call on this request: (phase, monotonic start, end, error: None, "trap" or "timeout"),
+        #: recorded when the guest has an observer (metrics, traces), which reads it once the request is over.
         self.calls: list[tuple[Phase, float, float, str | None]] = []
         if protocol:
             self._protocol = protocol
