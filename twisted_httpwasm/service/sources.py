@@ -14,7 +14,8 @@ verified digest of each URL.  So:
 
 At startup, before the reactor runs, the fetch is a blocking ``urllib`` call
 (the process serves nothing yet); at reload it is a ``treq`` request on the
-running reactor.  Both verify TLS against the system's trust store, which
+running reactor (``pip install 'twisted-httpwasm[remote]'``: treq and
+Twisted's TLS).  Both verify TLS against the system's trust store, which
 honours ``SSL_CERT_FILE``.
 """
 
@@ -119,7 +120,10 @@ def _fetch_blocking(url: str, timeout: float) -> bytes:
 
 
 async def _fetch_treq(url: str, timeout: float, reactor: Any) -> bytes:
-    from treq.client import HTTPClient
+    try:
+        from treq.client import HTTPClient
+    except ImportError:
+        raise SourceError("fetching at reload needs treq: pip install 'twisted-httpwasm[remote]'") from None
     from twisted.web.client import Agent
     from twisted.web.http_headers import Headers
 
