@@ -653,6 +653,21 @@ async def _reload_guests_from_sources(config: Options) -> Sequence[Guest]:
                 )
             except sources.SourceError as error:
                 raise ReloadError(f"--guest {entry['path']}: {error}") from None
+    # Compiling and initialising run in a thread: the reactor goes on serving the running guests meanwhile.
+    from twisted.internet import reactor, threads
+
+    loaded: Sequence[Guest] = await threads.deferToThreadPool(
+        reactor,
+        reactor.getThreadPool(),
+        _load_guests_for_reload,
+        config,
+        fetched,
+    )
+    return loaded
+
+
+def _load_guests_for_reload(config: Options, fetched: dict[int, sources.FetchedGuest]) -> list[Guest]:
+    """Every ``--guest`` loaded, with ``fetched`` bytes for the remote ones; :class:`ReloadError` if one fails."""
     guests = []
     for index, entry in enumerate(config["guests"]):
         guest_config = entry["config"]
