@@ -322,7 +322,8 @@ class HangupTests(HangupTestCase):
 class WorkersHangupTests(TwistdTestCase):
     @inlineCallbacks
     def test_every_worker_reloads(self) -> Generator[Any, Any, None]:
-        """--workers 2 + SIGHUP to the main process: both processes report the reload and serve the new guest."""
+        """--workers 2 + SIGHUP to the main process: both processes report the reload and serve the new guest; a
+        reload that fails is reported by both, and both go on serving."""
         guest = self.guest_file(version_guest(1))
         url = yield self.start_server("--workers", "2", "--guest", guest, "--class", "tests.test_workers.Pid")
         server = self.server
@@ -345,6 +346,17 @@ class WorkersHangupTests(TwistdTestCase):
                 seen.setdefault(int(body), set()).add(headers.getRawHeaders("x-version", ["-"])[0])
             return len(seen) >= 2
 
+        if not (yield poll(both_answered, 20)):
+            self.fail(f"only {sorted(seen)} answered")
+        self.assertEqual(list(seen.values()), [{"2"}, {"2"}])
+
+        # A guest that does not load: each process says so, and keeps serving version 2.
+        Path(guest).write_text('(module (memory (export "memory") 1))')
+        os.kill(server.process.pid, signal.SIGHUP)
+        failed = ("httpwasm worker 2: reload failed", "httpwasm: reload failed")
+        if not (yield poll(lambda: all(text in server.output() for text in failed), DEADLINE)):
+            self.fail(f"both processes did not report the failed reload:\n{server.output()}")
+        seen.clear()
         if not (yield poll(both_answered, 20)):
             self.fail(f"only {sorted(seen)} answered")
         self.assertEqual(list(seen.values()), [{"2"}, {"2"}])
