@@ -131,7 +131,9 @@ class RequestState:
     given; the twisted.web adapter overrides them to read its request, which
     nothing else touches while a guest call runs.  What is never changed keeps
     its class-level default, so that an untouched request costs no attribute
-    writes.
+    writes, and an instance's ``__dict__`` grows exactly when a guest changes
+    something or reads something lazily: the adapter compares its size to
+    skip applying changes to requests a guest only looked at.
     """
 
     # Defaults for the many requests that never change them (set per instance on first change).

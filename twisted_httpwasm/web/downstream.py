@@ -12,7 +12,7 @@ import io
 import re
 from typing import Any, BinaryIO
 
-from twisted.web import http
+from twisted.web.http import BAD_REQUEST
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -53,7 +53,7 @@ class BadRequest(Resource):
         super().__init__()  # type: ignore[no-untyped-call]
 
     def render(self, request: Request) -> bytes:
-        request.setResponseCode(http.BAD_REQUEST)
+        request.setResponseCode(BAD_REQUEST)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"Bad Request\n"
 

@@ -28,7 +28,14 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web.http import (
+    BAD_GATEWAY,
+    INTERNAL_SERVER_ERROR,
+    NO_BODY_CODES,
+    REQUEST_ENTITY_TOO_LARGE,
+    SERVICE_UNAVAILABLE,
+    parse_qs,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.resource import _IEncodingResource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
@@ -61,10 +68,10 @@ class FilterSettings(Protocol):
 _log = Logger(namespace="httpwasm")
 
 _ERROR_BODIES = {
-    http.INTERNAL_SERVER_ERROR: b"Internal Server Error\n",
-    http.BAD_GATEWAY: b"Bad Gateway\n",
-    http.SERVICE_UNAVAILABLE: b"Service Unavailable\n",
-    http.REQUEST_ENTITY_TOO_LARGE: b"Request Entity Too Large\n",
+    INTERNAL_SERVER_ERROR: b"Internal Server Error\n",
+    BAD_GATEWAY: b"Bad Gateway\n",
+    SERVICE_UNAVAILABLE: b"Service Unavailable\n",
+    REQUEST_ENTITY_TOO_LARGE: b"Request Entity Too Large\n",
 }
 
 #: Response headers that frame the message or describe the connection: only the host sets
@@ -109,15 +116,12 @@ class _RequestState(RequestState):
 
     Read in whichever thread runs the guest: during a guest call nothing else
     touches the request's headers (the reactor waits for the call's result).
+    The filter sets ``request``, and ``client_headers``: the headers object, not
+    a copy (a guest's changes replace it on the request, never change it).
     """
 
-    def __init__(self, request: Request, max_buffer_bytes: int):
-        RequestState.__init__(
-            self, method=request.method, uri=request.uri, body=request.content, max_buffer_bytes=max_buffer_bytes
-        )
-        self.request = request
-        # The headers object, not a copy: a guest's changes replace it on the request, never change it.
-        self.client_headers = request.requestHeaders
+    request: Request
+    client_headers: Headers
 
     def read_protocol(self) -> bytes:
         proto = self.request.clientproto or b"HTTP/1.0"
@@ -151,6 +155,7 @@ class RequestFilter:
         "_original_body",
         "_reported",
         "_saved_hooks",
+        "_untouched",
         "client_gone",
         "downstream_failure",
         "guest",
@@ -171,7 +176,12 @@ class RequestFilter:
         self.settings = settings
         guest = self.guest = settings.guest  # read once: a guest replaced mid-request keeps this request
         self.request = request
-        self.state = state = _RequestState(request, guest.max_buffer_bytes)
+        self.state = state = _RequestState(
+            method=request.method, uri=request.uri, body=request.content, max_buffer_bytes=guest.max_buffer_bytes
+        )
+        state.request = request
+        state.client_headers = request.requestHeaders
+        self._untouched = len(state.__dict__)  # grows when the guest changes something (see RequestState)
         self.session = guest.session(state)
         self.inline = type(settings.runner) is InlineRunner
         self.stage = _Stage.GUEST_REQUEST
@@ -253,10 +263,11 @@ class RequestFilter:
             self._render_downstream()
             return
         self.stage = _Stage.DONE
-        self._fail(http.INTERNAL_SERVER_ERROR)
+        self._fail(INTERNAL_SERVER_ERROR)
 
     def _after_handle_request(self, next_: bool) -> None:
-        self._reattach_body()
+        if self._detached_body is not None:
+            self._reattach_body()
         if not next_:
             self.stage = _Stage.DONE
             if self.client_gone:
@@ -274,24 +285,20 @@ class RequestFilter:
                 state.check_size(state.body_length)
             except BodyTooLarge as error:
                 self._log_refusal("request body too large for buffer_request", error)
-                self._run_handle_response(
-                    http.REQUEST_ENTITY_TOO_LARGE, is_error=True, then_status=http.REQUEST_ENTITY_TOO_LARGE
-                )
+                self._run_handle_response(REQUEST_ENTITY_TOO_LARGE, is_error=True, then_status=REQUEST_ENTITY_TOO_LARGE)
                 return
-        self._apply_request_changes()
+        prefix = b""
+        if len(state.__dict__) != self._untouched:
+            self._apply_request_changes()
+            if state.response_body:
+                prefix = bytes(state.response_body)  # what the guest wrote before next: the response starts with it
         if state.features & _BUFFER_RESPONSE:
-            prefix = self._take_prefix()
             self.sink = BufferedSink(prefix, self.guest.max_buffer_bytes, self._buffer_overflow, self.settings.reactor)
         else:
-            self.sink = StreamedSink(request, self._take_prefix(), self.guest.name)
+            self.sink = StreamedSink(request, prefix, self.guest.name)
         self.stage = _Stage.DOWNSTREAM
         self._hook()
         self._render_downstream()
-
-    def _take_prefix(self) -> bytes:
-        """What the guest wrote as the response body before next: the response starts with it."""
-        body = self.state.response_body
-        return bytes(body) if body else b""
 
     def _send_guest_response(self) -> None:
         request, state = self.request, self.state
@@ -305,7 +312,7 @@ class RequestFilter:
                 uri=request.uri,
                 status=state.status,
             )
-            self._fail(http.INTERNAL_SERVER_ERROR)
+            self._fail(INTERNAL_SERVER_ERROR)
             return
         request.setResponseCode(state.status)
         self._merge_guest_response_headers()  # over an outer guest's, when chained
@@ -354,7 +361,7 @@ class RequestFilter:
             request.uri = state.uri
             path, _, query = state.uri.partition(b"?")
             request.path = path
-            request.args = http.parse_qs(query, 1)
+            request.args = parse_qs(query, 1)
             segments = [unquote_to_bytes(segment) for segment in path[1:].split(b"/")]
             mount = list(request.prepath or [])
             if segments[: len(mount)] == mount:
@@ -481,7 +488,7 @@ class RequestFilter:
             uri=self.request.uri,
             limit=self.guest.max_buffer_bytes,
         )
-        self._run_handle_response(http.BAD_GATEWAY, is_error=True, then_status=http.BAD_GATEWAY)
+        self._run_handle_response(BAD_GATEWAY, is_error=True, then_status=BAD_GATEWAY)
 
     def _downstream_finish(self) -> None:
         if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
@@ -503,7 +510,7 @@ class RequestFilter:
         if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
             return reason
         self.downstream_failure = reason
-        self._run_handle_response(http.INTERNAL_SERVER_ERROR, is_error=True)
+        self._run_handle_response(INTERNAL_SERVER_ERROR, is_error=True)
         return reason
 
     # -- 3. handle_response --------------------------------------------------------------
@@ -557,10 +564,7 @@ class RequestFilter:
     def _handle_response_failed(self, error: BaseException) -> None:
         self.stage = _Stage.DONE
         self._log_guest_failure("handle_response", error)
-        request = self.request
-        decision = after_guest_failure(
-            self.settings.policy, "handle_response", error, started=bool(request.startedWriting)
-        )
+        decision = after_guest_failure(self.settings.policy, "handle_response", error, started=self._response_started())
         if self.client_gone:
             self._report(decision.outcome)
             return  # the hooks stay: they swallow the downstream's late writes and finish
@@ -580,10 +584,10 @@ class RequestFilter:
                 self.sink.complete()
         elif decision.remedy is Remedy.CUT:
             self._report(decision.outcome)
-            abort(request)
+            self._cut()
         else:
             self._report(decision.outcome)
-            self._fail(http.INTERNAL_SERVER_ERROR)
+            self._fail(INTERNAL_SERVER_ERROR)
 
     def _answer_downstream_failure(self, failure: Failure, *, reported: bool) -> None:
         """Twisted's usual 500, unless part of the downstream's response is already sent.
@@ -592,8 +596,9 @@ class RequestFilter:
         is answered with that status and a short plain body instead.
         """
         request = self.request
+        started = self._response_started()
         status = getattr(failure.value, "http_status", None)
-        if not request.startedWriting and isinstance(status, int) and 400 <= status <= 599:
+        if not started and isinstance(status, int) and 400 <= status <= 599:
             if not reported:
                 self._report(outcome_of_status(status))
             # An expected failure (the proxy's dead backend): a warning, not a traceback.
@@ -609,7 +614,7 @@ class RequestFilter:
             return
         if not reported:
             self._report(Outcome.PASSED)
-        if not request.startedWriting:
+        if not started:
             request.processingFailed(failure)
             return
         # An error page glued to a partial body would pass for a whole response.
@@ -620,7 +625,7 @@ class RequestFilter:
             method=request.method,
             uri=request.uri,
         )
-        abort(request)
+        self._cut()
 
     def _send_buffered(self, status: int, headers: HeaderList | None, body: bytes | bytearray) -> None:
         """The buffered response: ``headers`` as the guest left them, or (None) the downstream's."""
@@ -628,7 +633,7 @@ class RequestFilter:
         if status < 200:  # an interim status cannot end a response: keep the downstream's
             self._note_dropped(b":status", f"set the interim status {status} on the response")
             code = self._downstream_code
-            status = code if code >= 200 else http.INTERNAL_SERVER_ERROR
+            status = code if code >= 200 else INTERNAL_SERVER_ERROR
         request.setResponseCode(status)
         downstream_headers = request.responseHeaders
         pairs = headers.items() if headers is not None else self.state.read_response_headers()
@@ -647,6 +652,19 @@ class RequestFilter:
         request.finish()
 
     # -- endings ----------------------------------------------------------------------------
+
+    def _response_started(self) -> bool:
+        """Whether part of the response is on the wire (or held back to complete it)."""
+        sink = self.sink
+        return bool(self.request.startedWriting) or (isinstance(sink, StreamedSink) and sink.started)
+
+    def _cut(self) -> None:
+        """End a started response as incomplete: the only honest signal left."""
+        sink = self.sink
+        if isinstance(sink, StreamedSink):
+            sink.cut()
+        else:
+            abort(self.request)
 
     def _report(self, outcome: str) -> None:
         """The guest's part of the request is over: close what it held, tell the observer (once)."""
@@ -674,7 +692,7 @@ class RequestFilter:
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         request.write(body)
         request.finish()
-        if self.sink is not None and self.sink.buffered and not self.sink.open and self.then_status == http.BAD_GATEWAY:
+        if self.sink is not None and self.sink.buffered and not self.sink.open and self.then_status == BAD_GATEWAY:
             # A downstream that was cut off may still write and finish: those calls go nowhere.
             request.write = request.finish = request.unregisterProducer = _ignore  # type: ignore[method-assign]
 
@@ -718,4 +736,4 @@ class RequestFilter:
 
 def _has_body_status(status: int) -> bool:
     """False for the statuses that never have a body: 1xx, 204, 304."""
-    return status >= 200 and status not in http.NO_BODY_CODES
+    return status >= 200 and status not in NO_BODY_CODES

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from typing import ClassVar, NamedTuple
 
-from twisted.web import http
+from twisted.web.http import BAD_GATEWAY, REQUEST_ENTITY_TOO_LARGE, SERVICE_UNAVAILABLE
 
 from ..runtime.guest import GuestTrap
 from ..runtime.observe import Outcome
@@ -94,18 +94,18 @@ class Refusal(NamedTuple):
 def refusal_of(error: BaseException) -> Refusal | None:
     """The refusal ``error`` from ``handle_request`` stands for (a limit, not a guest failure), if any."""
     if isinstance(error, BodyTooLarge):
-        return Refusal(http.REQUEST_ENTITY_TOO_LARGE, "request body too large for buffer_request", Outcome.TOO_LARGE)
+        return Refusal(REQUEST_ENTITY_TOO_LARGE, "request body too large for buffer_request", Outcome.TOO_LARGE)
     if isinstance(error, GuestUnavailable):
-        return Refusal(http.SERVICE_UNAVAILABLE, "no guest instance available", Outcome.UNAVAILABLE)
+        return Refusal(SERVICE_UNAVAILABLE, "no guest instance available", Outcome.UNAVAILABLE)
     return None
 
 
 def outcome_of_status(status: int) -> str:
     """The outcome of a request the host answers with ``status`` after ``handle_response(is_error=1)``."""
-    if status == http.REQUEST_ENTITY_TOO_LARGE:
+    if status == REQUEST_ENTITY_TOO_LARGE:
         return Outcome.TOO_LARGE
-    if status == http.BAD_GATEWAY:
+    if status == BAD_GATEWAY:
         return Outcome.BAD_GATEWAY
-    if status == http.SERVICE_UNAVAILABLE:
+    if status == SERVICE_UNAVAILABLE:
         return Outcome.UNAVAILABLE
     return Outcome.PASSED

@@ -22,7 +22,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.logger import Logger
-from twisted.web import http
+from twisted.web.http import NO_BODY_CODES, NO_CONTENT
 from twisted.web.server import Request
 
 __all__ = ["BufferedSink", "StreamedSink", "abort", "is_bodiless"]
@@ -43,17 +43,18 @@ def abort(request: Request) -> None:
 def is_bodiless(request: Request) -> bool:
     """A response that never has body bytes: to HEAD, or with status 1xx, 204 or 304."""
     code = request.code
-    return request.method == b"HEAD" or code in http.NO_BODY_CODES or 100 <= code < 200
+    return request.method == b"HEAD" or code in NO_BODY_CODES or 100 <= code < 200
 
 
 class StreamedSink:
     """Sends the body on as it comes, holding back what would complete the response.
 
     Without buffer_response the response is on the wire before
-    ``handle_response`` runs; holding back its last byte (or, when it has no
-    body bytes at all, its headers) keeps a failure there visible to the client
-    (a 500, or an incomplete response) instead of a complete response that
-    hides it.  A body that does not match its own Content-Length cannot desync
+    ``handle_response`` runs; holding back the write that completes it (or,
+    when it has no body bytes at all, its headers) keeps a failure there
+    visible to the client (a 500, or an incomplete response: :meth:`cut` sends
+    all but the last byte of what was held, then cuts) instead of a complete
+    response that hides it.  A body that does not match its own Content-Length cannot desync
     the connection: the excess is not sent, a short body cuts the connection.
     """
 
@@ -94,9 +95,14 @@ class StreamedSink:
                 if length and length[0].isdigit():
                     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (int(length[0]) + len(prefix))])
                 data = prefix + data
-            if is_bodiless(request):
-                return  # the headers are the whole response: finish() sends them
-            declared = self._declared = self._sized_body_length()
+            code = request.code
+            if request.method == b"HEAD" or code in NO_BODY_CODES or 100 <= code < 200:
+                return  # bodiless: the headers are the whole response, finish() sends them
+            # The Content-Length the body will be sent with, if it is sent as is
+            # (an encoder, gzip, drops Content-Length and changes the length).
+            encoded = getattr(request, "_encoder", None) is not None
+            length = None if encoded else request.responseHeaders.getRawHeaders(b"content-length")
+            declared = self._declared = int(length[0]) if length and length[0].isdigit() else None
             if declared == 0:
                 return  # likewise; bytes past a length of 0 would desync the connection
         else:
@@ -107,20 +113,26 @@ class StreamedSink:
             data = data[: len(data) - (accepted - declared)]
             self._accepted = accepted = declared
             self._log_length_mismatch("wrote more than", "the excess is not sent")
-        if self._held:
-            data, self._held = self._held + data, b""
-        if declared is not None and accepted >= declared and data:
-            data, self._held = data[:-1], data[-1:]
+        if declared is not None and accepted >= declared:
+            # The write that completes the body waits whole for handle_response: one write then
+            # instead of two, and a failure there still cuts a started response (see cut()).
+            if data:
+                self._held += data
+            return
         if data or not request.startedWriting:
             self.forward(data)
 
-    def _sized_body_length(self) -> int | None:
-        """The Content-Length the body will be sent with, if it is sent as is."""
-        request = self.request
-        if getattr(request, "_encoder", None) is not None:
-            return None  # an encoder (gzip) drops Content-Length and changes the length
-        length = request.responseHeaders.getRawHeaders(b"content-length")
-        return int(length[0]) if length and length[0].isdigit() else None
+    @property
+    def started(self) -> bool:
+        """Whether the response counts as on the wire: started, or its completing write held back."""
+        return bool(self.request.startedWriting or self._held)
+
+    def cut(self) -> None:
+        """End the response as incomplete: all but the last byte of what was held back, then cut."""
+        held, self._held = self._held, b""
+        if held:
+            self.forward(held[:-1])
+        abort(self.request)
 
     def downstream_finished(self) -> None:
         """The downstream finished: a prefix it never followed with a write is the body."""
@@ -146,7 +158,7 @@ class StreamedSink:
             request.write(held)
         elif not request.startedWriting:
             code = request.code
-            if code == http.NO_CONTENT or 100 <= code < 200:
+            if code == NO_CONTENT or 100 <= code < 200:
                 # 1xx and 204 responses carry no Content-Length (RFC 9110 8.6); Twisted's render sets one.
                 request.responseHeaders.removeHeader(b"content-length")
         request.finish()
