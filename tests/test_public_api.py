@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -16,6 +18,9 @@ PUBLIC_MODULES = (
     "web.wsgi",
     "web.site",
     "web.drain",
+    "web.metrics",
+    "web.tracing",
+    "web.access_log",
     "service.tap",
 )
 
@@ -39,17 +44,31 @@ class PublicApiTests(SynchronousTestCase):
                 "Feature",
                 "Guest",
                 "GuestLoadError",
+                "GuestMetrics",
                 "GuestResource",
                 "GuestSite",
+                "GuestTracing",
                 "GuestTrap",
                 "HeaderKind",
                 "LogLevel",
                 "LogLimit",
                 "Mount",
                 "ProxyResource",
+                "RequestLog",
                 "UnderscoreHeaderGuard",
             ],
         )
 
     def test_nothing_private_is_exported(self):
         self.assertEqual([name for name in twisted_httpwasm.__all__ if name.startswith("_")], [])
+
+    def test_the_facade_needs_no_extra(self):
+        """Importing the package (metrics and tracing names included) loads neither prometheus_client
+        nor OpenTelemetry: they are optional extras, imported when metrics or traces are turned on."""
+        probe = (
+            "import sys, twisted_httpwasm; "
+            "extras = ('prometheus_client', 'opentelemetry'); "
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(extras)}))"
+        )
+        output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+        self.assertEqual(output.strip(), "[]")

@@ -10,10 +10,13 @@ Three lines put a guest in front of a resource::
 from .abi import BodyKind, Feature, HeaderKind, LogLevel
 from .runtime.calllog import LogLimit
 from .runtime.guest import Execution, Guest, GuestLoadError, GuestTrap, Mount
+from .web.access_log import RequestLog
 from .web.drain import DrainService
+from .web.metrics import GuestMetrics
 from .web.proxy import ProxyResource
 from .web.resource import FailurePolicy, GuestResource
 from .web.site import GuestSite
+from .web.tracing import GuestTracing
 from .web.wsgi import UnderscoreHeaderGuard
 
 __all__ = [
@@ -24,13 +27,16 @@ __all__ = [
     "Feature",
     "Guest",
     "GuestLoadError",
+    "GuestMetrics",
     "GuestResource",
     "GuestSite",
+    "GuestTracing",
     "GuestTrap",
     "HeaderKind",
     "LogLevel",
     "LogLimit",
     "Mount",
     "ProxyResource",
+    "RequestLog",
     "UnderscoreHeaderGuard",
 ]
