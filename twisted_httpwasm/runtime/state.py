@@ -55,6 +55,17 @@ class HeaderList:
         """Each name once, in the order first seen."""
         return list(dict.fromkeys(name for name, _ in self._entries))
 
+    def grouped(self) -> dict[bytes, list[bytes]]:
+        """Each name once, in the order first seen, with its values in order."""
+        grouped: dict[bytes, list[bytes]] = {}
+        for name, value in self._entries:
+            values = grouped.get(name)
+            if values is None:
+                grouped[name] = [value]
+            else:
+                values.append(value)
+        return grouped
+
     def values(self, name: bytes) -> list[bytes]:
         name = name.lower()
         return [value for key, value in self._entries if key == name]

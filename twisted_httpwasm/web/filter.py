@@ -384,11 +384,12 @@ class RequestFilter:
         headers = self.state.changed_response_headers()
         if headers is None:
             return
-        for name in headers.names():
+        response_headers = self.request.responseHeaders
+        for name, values in headers.grouped().items():
             if name in _FRAMING_HEADERS:
                 self._note_dropped(name, f"set the response header {name.decode('latin-1')}")
             else:
-                self.request.responseHeaders.setRawHeaders(name, headers.values(name))
+                response_headers.setRawHeaders(name, values)
 
     def _note_dropped(self, key: bytes, what: str) -> None:
         """Say once per resource and ``key`` why something a guest set for framing is not sent."""
@@ -501,7 +502,10 @@ class RequestFilter:
             self.state.enter_response_phase(request.code, None, body)
         else:
             assert sink is not None
-            sink.downstream_finished()
+            if sink.prefix:
+                sink.downstream_finished()
+            else:
+                sink.open = False
             self.stage = _Stage.GUEST_RESPONSE
             self.state.enter_response_phase(request.code)
         self._call_handle_response()
@@ -558,7 +562,8 @@ class RequestFilter:
             self._send_buffered(state.status, state.changed_response_headers(), state.response_body or b"")
         else:
             assert self.sink is not None
-            self._report(Outcome.PASSED)
+            if self.observer is not None or self._detached_body is not None:
+                self._report(Outcome.PASSED)
             self.sink.complete()
 
     def _handle_response_failed(self, error: BaseException) -> None:
