@@ -1,0 +1,119 @@
+"""The request path's parts: the guest session (pinning), the failure policy, and what observers hear."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from tests.support import NOOP_RESPONSE, ServerTestCase, execution_variants, make_guest, request_state
+from twisted_httpwasm import FailurePolicy, GuestResource
+from twisted_httpwasm.runtime.guest import GuestTrap
+from twisted_httpwasm.runtime.observe import Outcome
+
+PASS_ON = '(func (export "handle_request") (result i64) (i64.const 1))'
+ANSWER = '(func (export "handle_request") (result i64) (i64.const 0))'
+TRAP_IN_REQUEST = '(func (export "handle_request") (result i64) (unreachable))'
+
+
+class _Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"hello\n"
+
+
+class GuestSessionTests(SynchronousTestCase):
+    def test_instance_stays_pinned_until_handle_response(self) -> None:
+        """A guest that passes the request on keeps its instance until handle_response ran."""
+        guest = make_guest(PASS_ON, NOOP_RESPONSE)
+        state = request_state()
+        session = guest.session(state)
+        self.assertTrue(session.handle_request())
+        self.assertEqual(guest.pool.stats.in_use, 1)
+        state.enter_response_phase(200)
+        session.handle_response()
+        self.assertEqual(guest.pool.stats.in_use, 0)
+
+    def test_answering_guest_gives_the_instance_back_at_once(self) -> None:
+        """next=0: no handle_response follows, so the instance goes back with handle_request's result."""
+        guest = make_guest(ANSWER, NOOP_RESPONSE)
+        session = guest.session(request_state())
+        self.assertFalse(session.handle_request())
+        self.assertEqual(guest.pool.stats.in_use, 0)
+
+    def test_close_is_idempotent(self) -> None:
+        """close() gives the instance back once, however often it is called (every ending calls it)."""
+        guest = make_guest(PASS_ON, NOOP_RESPONSE)
+        session = guest.session(request_state())
+        session.handle_request()
+        session.close()
+        session.close()
+        stats = guest.pool.stats
+        self.assertEqual((stats.in_use, stats.idle), (0, 1))
+
+    def test_trap_discards_the_instance(self) -> None:
+        """A trapping call unpins its instance and the pool discards it, never lends it again."""
+        guest = make_guest(TRAP_IN_REQUEST, NOOP_RESPONSE)
+        session = guest.session(request_state())
+        self.assertRaises(GuestTrap, session.handle_request)
+        session.close()
+        stats = guest.pool.stats
+        self.assertEqual((stats.in_use, stats.discarded), (0, 1))
+
+
+class FailurePolicyTests(SynchronousTestCase):
+    def test_names_and_members_are_accepted(self) -> None:
+        """on_guest_error takes the enum or its name; the members equal the names the CLI uses."""
+        guest = make_guest(PASS_ON, NOOP_RESPONSE)
+        self.assertIs(GuestResource(guest, _Hello(), on_guest_error="fail-open").policy, FailurePolicy.FAIL_OPEN)
+        resource = GuestResource(guest, _Hello(), on_guest_error=FailurePolicy.FAIL_CLOSED)
+        self.assertIs(resource.policy, FailurePolicy.FAIL_CLOSED)
+        self.assertEqual(FailurePolicy.FAIL_OPEN, "fail-open")
+        self.assertEqual(f"{FailurePolicy.FAIL_CLOSED}", "fail-closed")
+
+    def test_unknown_policy_is_refused_with_the_choices(self) -> None:
+        guest = make_guest(PASS_ON, NOOP_RESPONSE)
+        error = self.assertRaises(ValueError, GuestResource, guest, _Hello(), on_guest_error="ignore")
+        self.assertIn("fail-closed, fail-open", str(error))
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    def request_finished(self, guest: Any, request: Any, state: Any, outcome: str, started: float) -> None:
+        self.outcomes.append(outcome)
+
+
+class ObserverTestsMixin:
+    """Each request through a guest is reported once, with how it ended."""
+
+    execution: Any
+
+    @inlineCallbacks
+    def check(self, body: str, policy: FailurePolicy, expected: str, status: int) -> Any:
+        guest = make_guest(body, NOOP_RESPONSE, execution=self.execution)
+        recorder = _Recorder()
+        guest.observer = recorder
+        url = self.serve(GuestResource(guest, _Hello(), on_guest_error=policy))  # type: ignore[attr-defined]
+        got, _, _ = yield self.fetch("GET", url + "/")  # type: ignore[attr-defined]
+        self.assertEqual(got, status)  # type: ignore[attr-defined]
+        self.assertEqual(recorder.outcomes, [expected])  # type: ignore[attr-defined]
+
+    def test_passed_on(self) -> Any:
+        return self.check(PASS_ON, FailurePolicy.FAIL_CLOSED, Outcome.PASSED, 200)
+
+    def test_answered(self) -> Any:
+        return self.check(ANSWER, FailurePolicy.FAIL_CLOSED, Outcome.ANSWERED, 200)
+
+    def test_trapped_fail_closed(self) -> Any:
+        return self.check(TRAP_IN_REQUEST, FailurePolicy.FAIL_CLOSED, Outcome.TRAPPED, 500)
+
+    def test_trapped_fail_open_passes_the_request_on(self) -> Any:
+        return self.check(TRAP_IN_REQUEST, FailurePolicy.FAIL_OPEN, Outcome.FAIL_OPEN, 200)
+
+
+globals().update(execution_variants(ObserverTestsMixin, ServerTestCase))
