@@ -19,12 +19,10 @@ observer hears once how the request ended, when the guest's part is over.
 from __future__ import annotations
 
 import enum
-import io
 import math
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
-from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,7 +32,6 @@ from twisted.web.http import (
     NO_BODY_CODES,
     REQUEST_ENTITY_TOO_LARGE,
     SERVICE_UNAVAILABLE,
-    parse_qs,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.resource import _IEncodingResource, getChildForRequest
@@ -44,10 +41,15 @@ from ..abi import Feature
 from ..runtime.guest import Guest, GuestTrap
 from ..runtime.observe import NO_OBSERVER, GuestObserver, Outcome
 from ..runtime.pool import GuestUnavailable
-from ..runtime.state import BodyTooLarge, HeaderList, RequestState
-from .backend_request import remember_client_headers
-from .downstream import BadRequest, BodyRemainder, unusable_path
+from ..runtime.state import BodyTooLarge, HeaderList
+from .downstream import BadRequest, unusable_path
 from .policy import FailurePolicy, Remedy, after_guest_failure, outcome_of_status, refusal_of
+from .request_changes import (
+    FRAMING_HEADERS,
+    TwistedRequestState,
+    apply_request_changes,
+    merge_guest_response_headers,
+)
 from .runners import InlineRunner, Runner
 from .sinks import BufferedSink, StreamedSink, abort
 
@@ -74,21 +76,6 @@ _ERROR_BODIES = {
     REQUEST_ENTITY_TOO_LARGE: b"Request Entity Too Large\n",
 }
 
-#: Response headers that frame the message or describe the connection: only the host sets
-#: them, to match the bytes it sends (RFC 9112 6, RFC 9110 7.6.1). A guest's are dropped.
-_FRAMING_HEADERS = frozenset(
-    {
-        b"connection",
-        b"content-length",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
 _HOOKED = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
 _BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
@@ -102,47 +89,8 @@ class _Stage(enum.Enum):
     DONE = "done"
 
 
-def _raw_headers(headers: Headers) -> list[tuple[bytes, bytes]]:
-    """Every (name, value) pair, in order; RequestState lowercases the names."""
-    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
-
-
 def _ignore(*args: object) -> None:
     """Stands in for the request methods of a downstream the filter has cut off."""
-
-
-class _RequestState(RequestState):
-    """The guest's view of a Twisted request, read from it on first use.
-
-    Read in whichever thread runs the guest: during a guest call nothing else
-    touches the request's headers (the reactor waits for the call's result).
-    The filter sets ``request``, and ``client_headers``: the headers object, not
-    a copy (a guest's changes replace it on the request, never change it).
-    """
-
-    request: Request
-    client_headers: Headers
-
-    def read_protocol(self) -> bytes:
-        proto = self.request.clientproto or b"HTTP/1.0"
-        return b"HTTP/2.0" if proto in (b"HTTP/2", b"HTTP/2.0") else proto
-
-    def read_source_addr(self) -> bytes:
-        address = self.request.getClientAddress()
-        host = getattr(address, "host", None)
-        port = getattr(address, "port", None)
-        if host is None or port is None:
-            return b""
-        if ":" in host:
-            return f"[{host}]:{port}".encode()
-        return f"{host}:{port}".encode()
-
-    def read_request_headers(self) -> Iterable[tuple[bytes, bytes]]:
-        return _raw_headers(self.client_headers)
-
-    def read_response_headers(self) -> Iterable[tuple[bytes, bytes]]:
-        request = self.request
-        return _raw_headers(request.responseHeaders) + [(b"set-cookie", cookie) for cookie in request.cookies]
 
 
 class RequestFilter:
@@ -176,7 +124,7 @@ class RequestFilter:
         self.settings = settings
         guest = self.guest = settings.guest  # read once: a guest replaced mid-request keeps this request
         self.request = request
-        self.state = state = _RequestState(
+        self.state = state = TwistedRequestState(
             method=request.method, uri=request.uri, body=request.content, max_buffer_bytes=guest.max_buffer_bytes
         )
         state.request = request
@@ -289,7 +237,7 @@ class RequestFilter:
                 return
         prefix = b""
         if len(state.__dict__) != self._untouched:
-            self._apply_request_changes()
+            apply_request_changes(request, state, self._note_dropped)
             if state.response_body:
                 prefix = bytes(state.response_body)  # what the guest wrote before next: the response starts with it
         if state.features & _BUFFER_RESPONSE:
@@ -315,7 +263,8 @@ class RequestFilter:
             self._fail(INTERNAL_SERVER_ERROR)
             return
         request.setResponseCode(state.status)
-        self._merge_guest_response_headers()  # over an outer guest's, when chained
+        # over an outer guest's, when chained
+        merge_guest_response_headers(request, state.changed_response_headers(), self._note_dropped)
         body = bytes(state.response_body or b"")
         request.responseHeaders.removeHeader(b"transfer-encoding")
         if _has_body_status(request.code):
@@ -326,70 +275,6 @@ class RequestFilter:
         request.finish()
 
     # -- 2. the downstream -------------------------------------------------------------
-
-    def _apply_request_changes(self) -> None:
-        request, state = self.request, self.state
-        if state.method_changed:
-            request.method = state.method
-        changed = state.changed_request_headers()
-        if changed is not None:
-            remember_client_headers(request)  # a proxy downstream tells the client's headers from a guest's
-            headers = Headers()
-            for name, value in changed.items():
-                headers.addRawHeader(name, value)
-            request.requestHeaders = headers
-        body: Any = None
-        length = 0
-        consumed = state.consumed_request_body()
-        if state.request_body is not None:
-            body = io.BytesIO(state.request_body)
-            length = len(state.request_body)
-        elif consumed and not state.features & _BUFFER_REQUEST and request.content is not None:
-            # What the guest read is gone; the rest is read from where Twisted spooled it, not copied.
-            length = max(0, state.body_length - consumed)
-            body = io.BufferedReader(BodyRemainder(request.content, consumed, length))
-        if body is not None:
-            request.content = body
-            if changed is None:  # the guest's view (and the client's) keeps the headers as they came
-                remember_client_headers(request)
-                request.requestHeaders = request.requestHeaders.copy()
-            request.requestHeaders.removeHeader(b"transfer-encoding")
-            request.requestHeaders.setRawHeaders(b"content-length", [b"%d" % length])
-        elif consumed and request.content is not None:
-            request.content.seek(0)
-        if state.uri_changed:
-            request.uri = state.uri
-            path, _, query = state.uri.partition(b"?")
-            request.path = path
-            request.args = parse_qs(query, 1)
-            segments = [unquote_to_bytes(segment) for segment in path[1:].split(b"/")]
-            mount = list(request.prepath or [])
-            if segments[: len(mount)] == mount:
-                segments = segments[len(mount) :]
-            request.prepath = mount
-            request.postpath = segments
-        # What the guest set on the response before next is part of the final response.
-        self._merge_guest_response_headers()
-        if state.status_changed:
-            if state.status >= 200:
-                request.setResponseCode(state.status)
-            else:
-                self._note_dropped(b":status", f"set the interim status {state.status} on the response")
-
-    def _merge_guest_response_headers(self) -> None:
-        """Set each response header the guest set, over what the request has.
-
-        Framing and connection headers are left out: the host sets those for the bytes it sends.
-        """
-        headers = self.state.changed_response_headers()
-        if headers is None:
-            return
-        response_headers = self.request.responseHeaders
-        for name, values in headers.grouped().items():
-            if name in _FRAMING_HEADERS:
-                self._note_dropped(name, f"set the response header {name.decode('latin-1')}")
-            else:
-                response_headers.setRawHeaders(name, values)
 
     def _note_dropped(self, key: bytes, what: str) -> None:
         """Say once per resource and ``key`` why something a guest set for framing is not sent."""
@@ -406,7 +291,7 @@ class RequestFilter:
         """``headers`` without framing headers, plus Twisted's own Connection header."""
         fresh = Headers()
         for name, value in headers:
-            if name.lower() not in _FRAMING_HEADERS:
+            if name.lower() not in FRAMING_HEADERS:
                 fresh.addRawHeader(name, value)
         connection = self._host_connection
         if connection is _NOT_READ:  # the downstream has not run: the request's own is Twisted's
