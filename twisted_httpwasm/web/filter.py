@@ -21,7 +21,6 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Iterable
 from typing import Any, Protocol
 
 from twisted.logger import Logger
@@ -29,11 +28,8 @@ from twisted.python.failure import Failure
 from twisted.web.http import (
     BAD_GATEWAY,
     INTERNAL_SERVER_ERROR,
-    NO_BODY_CODES,
     REQUEST_ENTITY_TOO_LARGE,
-    SERVICE_UNAVAILABLE,
 )
-from twisted.web.http_headers import Headers
 from twisted.web.resource import _IEncodingResource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -42,10 +38,10 @@ from ..runtime.guest import Guest, GuestTrap
 from ..runtime.observe import NO_OBSERVER, GuestObserver, Outcome
 from ..runtime.pool import GuestUnavailable
 from ..runtime.state import BodyTooLarge, HeaderList
+from .answers import send_buffered, send_error, send_guest_answer
 from .downstream import BadRequest, unusable_path
 from .policy import FailurePolicy, Remedy, after_guest_failure, outcome_of_status, refusal_of
 from .request_changes import (
-    FRAMING_HEADERS,
     TwistedRequestState,
     apply_request_changes,
     merge_guest_response_headers,
@@ -68,13 +64,6 @@ class FilterSettings(Protocol):
 
 
 _log = Logger(namespace="httpwasm")
-
-_ERROR_BODIES = {
-    INTERNAL_SERVER_ERROR: b"Internal Server Error\n",
-    BAD_GATEWAY: b"Bad Gateway\n",
-    SERVICE_UNAVAILABLE: b"Service Unavailable\n",
-    REQUEST_ENTITY_TOO_LARGE: b"Request Entity Too Large\n",
-}
 
 _HOOKED = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
@@ -262,17 +251,9 @@ class RequestFilter:
             )
             self._fail(INTERNAL_SERVER_ERROR)
             return
-        request.setResponseCode(state.status)
-        # over an outer guest's, when chained
+        # Over an outer guest's headers, when chained.
         merge_guest_response_headers(request, state.changed_response_headers(), self._note_dropped)
-        body = bytes(state.response_body or b"")
-        request.responseHeaders.removeHeader(b"transfer-encoding")
-        if _has_body_status(request.code):
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-            request.write(body)
-        else:
-            request.responseHeaders.removeHeader(b"content-length")
-        request.finish()
+        send_guest_answer(request, state.status, bytes(state.response_body or b""))
 
     # -- 2. the downstream -------------------------------------------------------------
 
@@ -286,19 +267,6 @@ class RequestFilter:
                 guest=self.guest.name,
                 what=what,
             )
-
-    def _fresh_response_headers(self, headers: Iterable[tuple[bytes, bytes]] = ()) -> Headers:
-        """``headers`` without framing headers, plus Twisted's own Connection header."""
-        fresh = Headers()
-        for name, value in headers:
-            if name.lower() not in FRAMING_HEADERS:
-                fresh.addRawHeader(name, value)
-        connection = self._host_connection
-        if connection is _NOT_READ:  # the downstream has not run: the request's own is Twisted's
-            connection = self.request.responseHeaders.getRawHeaders(b"connection")
-        if connection:
-            fresh.setRawHeaders(b"connection", connection)
-        return fresh
 
     def _render_downstream(self) -> None:
         """Traverse and render the downstream as ``Request.process`` would have."""
@@ -519,29 +487,21 @@ class RequestFilter:
 
     def _send_buffered(self, status: int, headers: HeaderList | None, body: bytes | bytearray) -> None:
         """The buffered response: ``headers`` as the guest left them, or (None) the downstream's."""
-        request = self.request
         if status < 200:  # an interim status cannot end a response: keep the downstream's
             self._note_dropped(b":status", f"set the interim status {status} on the response")
             code = self._downstream_code
             status = code if code >= 200 else INTERNAL_SERVER_ERROR
-        request.setResponseCode(status)
-        downstream_headers = request.responseHeaders
         pairs = headers.items() if headers is not None else self.state.read_response_headers()
-        request.cookies = []
-        request.responseHeaders = self._fresh_response_headers(pairs)
-        if _has_body_status(status):
-            if request.method != b"HEAD" or body:
-                request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-            else:
-                # A HEAD response has no body to measure: it keeps the Content-Length a GET
-                # would have, as the downstream set it.
-                lengths = downstream_headers.getRawHeaders(b"content-length")
-                if lengths:
-                    request.responseHeaders.setRawHeaders(b"content-length", lengths[-1:])
-            request.write(bytes(body))
-        request.finish()
+        send_buffered(self.request, status, pairs, body, self._connection())
 
     # -- endings ----------------------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        """Twisted's own Connection header, as it was before the downstream ran."""
+        connection = self._host_connection
+        if connection is _NOT_READ:  # the downstream has not run: the request's own is Twisted's
+            connection = self.request.responseHeaders.getRawHeaders(b"connection")
+        return connection
 
     def _response_started(self) -> bool:
         """Whether part of the response is on the wire (or held back to complete it)."""
@@ -572,16 +532,7 @@ class RequestFilter:
         if self.client_gone or request.finished:
             return
         self._unhook()
-        body = _ERROR_BODIES.get(status, b"Error\n")
-        request.setResponseCode(status)
-        request.cookies = []
-        retry_after = request.responseHeaders.getRawHeaders(b"retry-after")
-        request.responseHeaders = self._fresh_response_headers([(b"content-type", b"text/plain; charset=utf-8")])
-        if retry_after:
-            request.responseHeaders.setRawHeaders(b"retry-after", retry_after)
-        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        request.write(body)
-        request.finish()
+        send_error(request, status, self._connection())
         if self.sink is not None and self.sink.buffered and not self.sink.open and self.then_status == BAD_GATEWAY:
             # A downstream that was cut off may still write and finish: those calls go nowhere.
             request.write = request.finish = request.unregisterProducer = _ignore  # type: ignore[method-assign]
@@ -622,8 +573,3 @@ class RequestFilter:
         elif sink is not None:
             sink.stop_producer()
         # GUEST_REQUEST / GUEST_RESPONSE: the running call sees client_gone when it returns.
-
-
-def _has_body_status(status: int) -> bool:
-    """False for the statuses that never have a body: 1xx, 204, 304."""
-    return status >= 200 and status not in NO_BODY_CODES
