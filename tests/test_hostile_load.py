@@ -267,6 +267,17 @@ class LimitOptionsTests(TempFilesMixin, SynchronousTestCase):
         site = self.site_for("--max-request-body", "none", "--idle-timeout", "0", "--header-timeout", "none")
         self.assertEqual((site.max_request_body, site.timeOut, site.header_timeout), (None, None, None))
 
+    def test_max_buffered_total_is_one_budget_for_every_guest(self) -> None:
+        """--max-buffered-total gives every guest of the chain the same budget (256 MiB by default; none: unbounded)."""
+        guest = self.guest_file(NOOP_RESPONSE + '(func (export "handle_request") (result i64) (i64.const 1))')
+        site = self.site_for("--guest", guest)
+        outer = site.resource
+        inner = outer.downstream
+        self.assertIs(outer.buffer_budget, inner.buffer_budget)
+        self.assertEqual(outer.buffer_budget.total, 256 * 1024**2)
+        self.assertEqual(self.site_for("--max-buffered-total", "2MiB").resource.buffer_budget.total, 2 * 1024**2)
+        self.assertIsNone(self.site_for("--max-buffered-total", "none").resource.buffer_budget.total)
+
     def test_bad_values_are_usage_errors(self) -> None:
         """A limit that is not a size or a positive number of seconds is refused with the option's name."""
         for option, value in (("--max-request-body", "lots"), ("--idle-timeout", "-1"), ("--header-timeout", "x")):

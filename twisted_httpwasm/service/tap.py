@@ -32,6 +32,7 @@ from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 
 from ..abi import Feature, LogLevel
+from ..runtime.budget import DEFAULT_MAX_BUFFERED_TOTAL, BufferBudget
 from ..runtime.guest import (
     DEFAULT_MAX_BUFFER_BYTES,
     DEFAULT_MEMORY_LIMIT,
@@ -152,6 +153,7 @@ then are cut and logged. twistd then exits with status 0.
         self["guest-memory-limit"] = DEFAULT_MEMORY_LIMIT
         self["max-buffer-bytes"] = DEFAULT_MAX_BUFFER_BYTES
         self["max-request-body"] = DEFAULT_MAX_REQUEST_BODY
+        self["max-buffered-total"] = DEFAULT_MAX_BUFFERED_TOTAL
         self["idle-timeout"] = DEFAULT_IDLE_TIMEOUT
         self["header-timeout"] = DEFAULT_HEADER_TIMEOUT
         self["on-guest-error"] = FailurePolicy.FAIL_CLOSED
@@ -315,6 +317,13 @@ then are cut and logged. twistd then exits with status 0.
         """
         unlimited = size.strip().lower() in ("0", "none")
         self["max-request-body"] = None if unlimited else self._size("--max-request-body", size)
+
+    def opt_max_buffered_total(self, size: str) -> None:
+        """Bytes all buffered responses of a process may hold together: bytes or with a KiB, MiB or GiB suffix;
+        0 or none for no bound. Past it a buffered response gets 503 with Retry-After. [default: 256MiB]
+        """
+        unlimited = size.strip().lower() in ("0", "none")
+        self["max-buffered-total"] = None if unlimited else self._size("--max-buffered-total", size)
 
     def opt_idle_timeout(self, seconds: str) -> None:
         """Seconds a connection may stay silent before it is closed; 0 or none for never. [default: 60]"""
@@ -738,8 +747,9 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     root = downstream
     guests = _load_guests(config)
     resources: list[GuestResource] = []
+    budget = BufferBudget(config["max-buffered-total"])  # one for all guests of this process
     for guest in reversed(guests):
-        root = GuestResource(guest, root, on_guest_error=config["on-guest-error"])
+        root = GuestResource(guest, root, on_guest_error=config["on-guest-error"], buffer_budget=budget)
         resources.insert(0, root)
     # SIGHUP reloads every guest (the service is found by name: RELOAD_SERVICE).
     reloader = GuestReloader(resources, functools.partial(_reload_guests, config))

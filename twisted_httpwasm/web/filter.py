@@ -29,11 +29,13 @@ from twisted.web.http import (
     BAD_GATEWAY,
     INTERNAL_SERVER_ERROR,
     REQUEST_ENTITY_TOO_LARGE,
+    SERVICE_UNAVAILABLE,
 )
 from twisted.web.resource import _IEncodingResource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..abi import Feature
+from ..runtime.budget import BufferBudget
 from ..runtime.guest import Guest, GuestTrap
 from ..runtime.observe import NO_OBSERVER, GuestObserver, Outcome
 from ..runtime.pool import GuestUnavailable
@@ -61,6 +63,7 @@ class FilterSettings(Protocol):
     runner: Runner
     policy: FailurePolicy
     noted_framing_headers: set[bytes]
+    buffer_budget: BufferBudget | None
 
 
 _log = Logger(namespace="httpwasm")
@@ -230,7 +233,14 @@ class RequestFilter:
             if state.response_body:
                 prefix = bytes(state.response_body)  # what the guest wrote before next: the response starts with it
         if state.features & _BUFFER_RESPONSE:
-            self.sink = BufferedSink(prefix, self.guest.max_buffer_bytes, self._buffer_overflow, self.settings.reactor)
+            self.sink = BufferedSink(
+                prefix,
+                self.guest.max_buffer_bytes,
+                self._buffer_overflow,
+                self.settings.reactor,
+                self.settings.buffer_budget,
+                self._buffer_full,
+            )
         else:
             self.sink = StreamedSink(request, prefix, self.guest.name)
         self.stage = _Stage.DOWNSTREAM
@@ -335,6 +345,27 @@ class RequestFilter:
                 else:
                     attributes.pop(name, None)
 
+    def _swallow_late_calls(self) -> None:
+        """The client left and the guest's part is over: the downstream's late calls go nowhere.
+
+        A downstream that does not watch ``notifyFinish`` may still write and
+        finish, which Twisted would answer with RuntimeError, so the request keeps
+        hooks - but plain functions, not this filter's or its sink's methods: those
+        would make a reference cycle (request -> hook -> filter -> request) that
+        keeps the request and its buffered body alive until the cycle collector runs.
+        """
+        if not self.hooked:
+            return
+        self.hooked = False
+        attributes = self.request.__dict__
+        for name in _HOOKED:
+            attributes[name] = _ignore
+        sink = self.sink
+        if sink is not None:
+            sink.forward = None
+            if isinstance(sink, BufferedSink):
+                sink.close()  # the body nobody will read
+
     def _buffer_overflow(self) -> None:
         _log.error(
             "guest {guest}: buffered response for {uri} exceeds {limit} bytes; answering 502",
@@ -343,6 +374,20 @@ class RequestFilter:
             limit=self.guest.max_buffer_bytes,
         )
         self._run_handle_response(BAD_GATEWAY, is_error=True, then_status=BAD_GATEWAY)
+
+    def _buffer_full(self) -> None:
+        budget = self.settings.buffer_budget
+        _log.warn(
+            "guest {guest}: buffered responses of this process hold {held} of {total} bytes;"
+            " answering 503 to {method} {uri}",
+            guest=self.guest.name,
+            held=budget.held if budget is not None else 0,
+            total=budget.total if budget is not None else 0,
+            method=self.request.method.decode("latin-1"),
+            uri=self.request.uri.decode("latin-1"),
+        )
+        self.request.setHeader(b"retry-after", b"1")
+        self._run_handle_response(SERVICE_UNAVAILABLE, is_error=True, then_status=SERVICE_UNAVAILABLE)
 
     def _downstream_finish(self) -> None:
         if self.stage is not _Stage.DOWNSTREAM or self.client_gone:
@@ -375,7 +420,9 @@ class RequestFilter:
     def _run_handle_response(self, status: int, *, is_error: bool, then_status: int | None = None) -> None:
         """End the downstream's part with ``status`` (an error: the guest sees no response) and run handle_response."""
         sink = self.sink
-        if sink is not None:
+        if isinstance(sink, BufferedSink):
+            sink.close()  # an error ends the body: the guest sees none
+        elif sink is not None:
             sink.open = False
             sink.stop_producer()
         self.stage = _Stage.GUEST_RESPONSE
@@ -402,7 +449,8 @@ class RequestFilter:
         self.stage = _Stage.DONE
         if self.client_gone:
             self._report(Outcome.CLIENT_GONE)
-            return  # the hooks stay: they swallow the downstream's late writes and finish
+            self._swallow_late_calls()
+            return
         self._unhook()
         if self.then_status is not None:
             self._report(outcome_of_status(self.then_status))
@@ -425,7 +473,8 @@ class RequestFilter:
         decision = after_guest_failure(self.settings.policy, "handle_response", error, started=self._response_started())
         if self.client_gone:
             self._report(decision.outcome)
-            return  # the hooks stay: they swallow the downstream's late writes and finish
+            self._swallow_late_calls()
+            return
         self._unhook()
         if self.then_status is not None:
             self._report(outcome_of_status(self.then_status))
@@ -521,6 +570,8 @@ class RequestFilter:
         if self._reported:
             return
         self._reported = True
+        if isinstance(self.sink, BufferedSink):
+            self.sink.release()  # its bytes leave the process-wide budget
         body, self._detached_body = self._detached_body, None
         if body is not None:
             body.close()  # the client left: no guest call and no downstream will read it

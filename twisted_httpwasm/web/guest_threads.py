@@ -252,17 +252,13 @@ class GuestWorkers:
             if item is _STOP:
                 self._leave(worker, idle=False)
                 return
-            work, on_result, on_error, still_wanted = item
-            if still_wanted is not None and not still_wanted():
-                with self._lock:
-                    self.dropped += 1
+            ran = self._run_one(worker, item, done, clock)
+            # A thread waiting for its next call must not keep the last request (its filter, its
+            # buffered body) alive for up to idle_exit seconds: the call's references die in
+            # _run_one's frame, and the item goes here.
+            del item
+            if not ran:
                 continue
-            worker.since = clock()
-            try:
-                done.append((on_result, work()))
-            except BaseException as error:  # noqa: BLE001 - handed to the request, never lost
-                done.append((on_error, error))
-            worker.since = None
             # One reactor wake-up serves every result that lands before the reactor runs it.
             if not self._wake_scheduled:
                 self._wake_scheduled = True
@@ -270,6 +266,21 @@ class GuestWorkers:
             if worker.demoted:
                 self._leave(worker, idle=False)
                 return
+
+    def _run_one(self, worker: _Worker, item: _Item, done: Any, clock: Callable[[], float]) -> bool:
+        """Run one queued call, its result going to ``done``; False if it was dropped unstarted."""
+        work, on_result, on_error, still_wanted = item
+        if still_wanted is not None and not still_wanted():
+            with self._lock:
+                self.dropped += 1
+            return False
+        worker.since = clock()
+        try:
+            done.append((on_result, work()))
+        except BaseException as error:  # noqa: BLE001 - handed to the request, never lost
+            done.append((on_error, error))
+        worker.since = None
+        return True
 
     def _deliver(self) -> None:
         """Reactor side: run every continuation that is ready."""

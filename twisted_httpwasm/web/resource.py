@@ -10,6 +10,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from ..runtime.budget import PROCESS_BUDGET, BufferBudget
 from ..runtime.guest import Execution, Guest
 from ..runtime.observe import NO_OBSERVER
 from .filter import RequestFilter
@@ -46,6 +47,7 @@ class GuestResource(Resource):
         reactor: Any = None,
         threadpool: ThreadPool | None = None,
         on_guest_error: FailurePolicy | str = FailurePolicy.FAIL_CLOSED,
+        buffer_budget: BufferBudget | None = PROCESS_BUDGET,
     ):
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
@@ -68,6 +70,8 @@ class GuestResource(Resource):
         self.fail_open = policy is FailurePolicy.FAIL_OPEN
         #: Framing headers a guest set and the host dropped, already reported in the log.
         self.noted_framing_headers: set[bytes] = set()
+        #: Bytes all buffered responses may hold together (shared by every resource of the process by default).
+        self.buffer_budget = buffer_budget
         self.runner: Runner
         if guest.execution is Execution.INLINE:
             self.runner = InlineRunner()

@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from twisted.web.http import NO_BODY_CODES, NO_CONTENT
 from twisted.web.server import Request
 
+from ..runtime.budget import BufferBudget
+
 __all__ = ["BufferedSink", "StreamedSink", "abort", "is_bodiless"]
 
 _log = Logger(namespace="httpwasm")
@@ -184,35 +186,85 @@ class StreamedSink:
 class BufferedSink:
     """Collects the whole body for ``handle_response``, up to ``limit`` bytes.
 
-    Past the limit ``on_overflow`` is called once and the sink closes.  The
-    downstream's producer is driven here: a pull producer is pumped once per
-    reactor turn, a push producer writes on its own.
+    Past the limit ``on_overflow`` is called once and the sink closes; when the
+    process-wide ``budget`` of buffered bytes has no room for a write,
+    ``on_full`` is called once instead.  The bytes held are reserved in the
+    budget until :meth:`release` (the request is over).  The downstream's
+    producer is driven here: a pull producer is pumped once per reactor turn, a
+    push producer writes on its own.
     """
 
-    __slots__ = ("_on_overflow", "_producer", "_reactor", "body", "forward", "limit", "open")
+    __slots__ = (
+        "_budget",
+        "_on_full",
+        "_on_overflow",
+        "_producer",
+        "_reactor",
+        "body",
+        "forward",
+        "limit",
+        "open",
+        "reserved",
+    )
 
     buffered = True
 
-    def __init__(self, prefix: bytes, limit: int, on_overflow: Callable[[], None], reactor: Any):
+    def __init__(
+        self,
+        prefix: bytes,
+        limit: int,
+        on_overflow: Callable[[], None],
+        reactor: Any,
+        budget: BufferBudget | None = None,
+        on_full: Callable[[], None] | None = None,
+    ):
         #: The body so far, starting with what the guest wrote before next.
         self.body = bytearray(prefix)
         self.limit = limit
         self.open = True
         self.forward: Callable[[bytes], None] | None = None
-        self._on_overflow = on_overflow
+        self._on_overflow: Callable[[], None] = on_overflow
+        self._on_full: Callable[[], None] = on_full or on_overflow
+        self._budget = budget
+        self.reserved = 0  # bytes of this body counted in the budget
         self._reactor = reactor
         self._producer: Any = None
 
     def write(self, data: bytes) -> None:
         if not self.open:
             return
+        budget = self._budget
+        if budget is not None:
+            if not budget.reserve(len(data)):
+                self._refuse(self._on_full)
+                return
+            self.reserved += len(data)
         body = self.body
         body += data
         if len(body) > self.limit:
-            self.open = False
-            self.body = bytearray()
-            self.stop_producer()
-            self._on_overflow()
+            self._refuse(self._on_overflow)
+
+    def _refuse(self, then: Callable[[], None]) -> None:
+        self.close()
+        then()
+
+    def close(self) -> None:
+        """No more body is wanted: drop what was collected and stop the downstream's producer.
+
+        It also lets go of the filter's callbacks, so that the filter, its
+        request and this sink form no reference cycle that only the cycle
+        collector would free.
+        """
+        self.open = False
+        self.body = bytearray()
+        self._on_overflow = self._on_full = _nothing
+        self.stop_producer()
+
+    def release(self) -> None:
+        """The request is over: give its bytes back to the budget (once)."""
+        reserved, self.reserved = self.reserved, 0
+        if reserved and self._budget is not None:
+            self._budget.release(reserved)
 
     def register_producer(self, producer: Any, streaming: bool) -> None:
         self._producer = producer
@@ -240,7 +292,12 @@ class BufferedSink:
                 _log.failure("stopping the downstream's producer failed")
 
     def take(self) -> bytearray:
-        """The downstream finished: the whole body (the sink is closed)."""
+        """The downstream finished: the whole body (the sink is closed; the bytes stay reserved)."""
         self.open = False
+        self._on_overflow = self._on_full = _nothing
         body, self.body = self.body, bytearray()
         return body
+
+
+def _nothing() -> None:
+    """A closed sink's callback."""
