@@ -155,10 +155,6 @@ class OperatorLogTests(TempFilesMixin, ServerTestCase):
         self.assertTrue(log.filter_lines)
         self.assertEqual([line for line in log.filter_lines if "b'" in line], [])
 
-    test_the_filters_lines_carry_text.skip = (  # type: ignore[attr-defined]
-        "the request path's log calls (web/filter.py) belong to its redesign (issue 13 leaves them to it)"
-    )
-
     @inlineCallbacks
     def test_access_log_has_the_clients_uri_and_the_rewritten_one(self) -> Generator[Any, Any, None]:
         """The access log's request field is what the client sent; a guest's rewrite follows as a last field,

@@ -40,6 +40,7 @@ from ..runtime.guest import Guest, GuestTrap
 from ..runtime.observe import NO_OBSERVER, GuestObserver, Outcome
 from ..runtime.pool import GuestUnavailable
 from ..runtime.state import BodyTooLarge, HeaderList
+from .access_log import printable
 from .answers import send_buffered, send_error, send_guest_answer
 from .downstream import BadRequest, unusable_path
 from .policy import FailurePolicy, Remedy, after_guest_failure, outcome_of_status, refusal_of
@@ -185,7 +186,9 @@ class RequestFilter:
         self._reattach_body()
         refusal = refusal_of(error)
         if refusal is not None:
-            self._log_refusal(refusal.what, error)
+            # A guest whose instances cannot be made is logged by its pool, once per back-off step:
+            # a line per refused request would flood the log while it backs off.
+            self._log_refusal(refusal.what, error, debug=isinstance(error, GuestUnavailable))
             if isinstance(error, GuestUnavailable):
                 # When the pool will try to create an instance again (whole seconds, at least 1).
                 self.request.setHeader(b"retry-after", b"%d" % max(1, math.ceil(error.retry_after)))
@@ -255,8 +258,8 @@ class RequestFilter:
                 "guest {guest} answered {method} {uri} with the interim status {status}, "
                 "which cannot end a response; answering 500",
                 guest=self.guest.name,
-                method=request.method,
-                uri=request.uri,
+                method=printable(request.method),
+                uri=printable(request.uri),
                 status=state.status,
             )
             self._fail(INTERNAL_SERVER_ERROR)
@@ -289,8 +292,8 @@ class RequestFilter:
                 # The client's error: one line, no traceback (a traceback per request floods the log).
                 _log.info(
                     "refusing {method} {uri}: {refusal}; answering 400",
-                    method=repr(request.method)[2:-1],  # escaped: these are the client's bytes
-                    uri=repr(request.uri)[2:-1],
+                    method=printable(request.method),  # escaped: these are the client's bytes
+                    uri=printable(request.uri),
                     refusal=refusal,
                 )
                 resource: Any = BadRequest()
@@ -370,7 +373,7 @@ class RequestFilter:
         _log.error(
             "guest {guest}: buffered response for {uri} exceeds {limit} bytes; answering 502",
             guest=self.guest.name,
-            uri=self.request.uri,
+            uri=printable(self.request.uri),
             limit=self.guest.max_buffer_bytes,
         )
         self._run_handle_response(BAD_GATEWAY, is_error=True, then_status=BAD_GATEWAY)
@@ -383,8 +386,8 @@ class RequestFilter:
             guest=self.guest.name,
             held=budget.held if budget is not None else 0,
             total=budget.total if budget is not None else 0,
-            method=self.request.method.decode("latin-1"),
-            uri=self.request.uri.decode("latin-1"),
+            method=printable(self.request.method),
+            uri=printable(self.request.uri),
         )
         self.request.setHeader(b"retry-after", b"1")
         self._run_handle_response(SERVICE_UNAVAILABLE, is_error=True, then_status=SERVICE_UNAVAILABLE)
@@ -512,8 +515,8 @@ class RequestFilter:
             _log.warn(
                 "downstream of guest {guest} failed for {method} {uri}: {reason}; answering {status}",
                 guest=self.guest.name,
-                method=request.method,
-                uri=request.uri,
+                method=printable(request.method),
+                uri=printable(request.uri),
                 reason=failure.getErrorMessage(),
                 status=status,
             )
@@ -529,8 +532,8 @@ class RequestFilter:
             "downstream of guest {guest} failed after starting its response to {method} {uri}; closing",
             failure=failure,
             guest=self.guest.name,
-            method=request.method,
-            uri=request.uri,
+            method=printable(request.method),
+            uri=printable(request.uri),
         )
         self._cut()
 
@@ -594,17 +597,17 @@ class RequestFilter:
             "guest {guest} failed in {phase} for {method} {uri}: {reason}",
             guest=self.guest.name,
             phase=phase,
-            method=self.request.method,
-            uri=self.request.uri,
+            method=printable(self.request.method),
+            uri=printable(self.request.uri),
             reason=error.reason if isinstance(error, GuestTrap) else repr(error),
         )
 
-    def _log_refusal(self, what: str, error: BaseException) -> None:
-        _log.warn(
+    def _log_refusal(self, what: str, error: BaseException, *, debug: bool = False) -> None:
+        (_log.debug if debug else _log.warn)(
             "guest {guest}: {what} for {uri}: {error}",
             guest=self.guest.name,
             what=what,
-            uri=self.request.uri,
+            uri=printable(self.request.uri),
             error=error,
         )
 

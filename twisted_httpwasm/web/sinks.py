@@ -26,6 +26,7 @@ from twisted.web.http import NO_BODY_CODES, NO_CONTENT
 from twisted.web.server import Request
 
 from ..runtime.budget import BufferBudget
+from .access_log import printable
 
 __all__ = ["BufferedSink", "StreamedSink", "abort", "is_bodiless"]
 
@@ -174,8 +175,8 @@ class StreamedSink:
             guest=self.guest_name,
             what=what,
             length=self._declared,
-            method=self.request.method,
-            uri=self.request.uri,
+            method=printable(self.request.method),
+            uri=printable(self.request.uri),
             action=action,
         )
 
