@@ -303,6 +303,12 @@ from twisted_httpwasm.service import tap
 options = tap.Options()
 options.parseOptions(sys.argv[1:])
 tap.makeService(options)
+# A thread that was joined may still be leaving the kernel for a moment (Python's join returns
+# just before the OS thread ends): give it a second; a thread that still runs stays counted.
+import time
+deadline = time.monotonic() + 1
+while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
 print("OS threads after makeService:", len(os.listdir("/proc/self/task")), flush=True)
 """
 
