@@ -7,6 +7,8 @@ Run from the repository root (loopback only; each scenario stops by itself)::
     python -m bench.abuse abandon --spinners 200
     python -m bench.abuse burst --clients 300
     python -m bench.abuse slowloris --clients 1100 --duration 60
+    python -m bench.abuse buffered --clients 16
+    python -m bench.abuse buffered --clients 16 --server-arg=--max-buffered-total --server-arg=none
 
 ``spin``: a real ``twistd -n httpwasm`` (thread mode, ``--guest-timeout 1``) with
 one guest in front of ``bench.downstream.Hello``.  The guest spins until its
@@ -30,6 +32,11 @@ at once make as many instances, then the server's RSS is sampled every 5 s for
 a second, never finishing the headers, while one client sends a good request
 every 0.25 s (2 s timeout).  Prints, per 10 s, how many good requests
 succeeded and how many slow connections the server had closed.
+
+``buffered``: a guest that enables ``buffer_response`` in front of a downstream
+that answers 15 MiB (``bench.abuse.Big``, written in 1 MiB pieces); ``--clients``
+requests at once.  Prints the statuses (200, or 503 past ``--max-buffered-total``)
+and the server's RSS before, at its peak and 5 s after.
 
 Figures go to docs/reliability.md; nothing here is asserted by the tests.
 """
@@ -81,7 +88,42 @@ BURST_GUEST = """\
   (func (export "handle_response") (param i32 i32)))
 """
 
+BUFFERING_GUEST = """\
+(module
+  (import "http_handler" "enable_features" (func $enable_features (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_initialize") (drop (call $enable_features (i32.const 2))))
+  (func (export "handle_request") (result i64) (i64.const 1))
+  (func (export "handle_response") (param i32 i32)))
+"""
+
+BIG_PIECE = b"b" * (1024 * 1024)
+BIG_PIECES = 15
+
 GOOD_TIMEOUT = 10.0
+
+
+class Big(Resource):
+    """A downstream that answers 15 MiB, a 1 MiB piece per reactor turn."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> object:
+        from twisted.internet import reactor
+
+        request.setHeader(b"content-length", b"%d" % (len(BIG_PIECE) * BIG_PIECES))
+
+        def piece(left: int) -> None:
+            if request.finished or request._disconnected:
+                return
+            if left == 0:
+                request.finish()
+                return
+            request.write(BIG_PIECE)
+            reactor.callLater(0, piece, left - 1)
+
+        piece(BIG_PIECES)
+        return NOT_DONE_YET
 
 
 class Slow(Resource):
@@ -249,6 +291,21 @@ async def _burst(port: int, clients: int, pid: int) -> None:
     print(f"  RSS (MiB) after the burst: {', '.join(samples)}")
 
 
+async def _buffered(port: int, clients: int, pid: int) -> None:
+    await _request(port, "/", 30)
+    await asyncio.sleep(1)
+    before = _rss_mib(pid)
+    peak = before
+    statuses = asyncio.gather(*(_request(port, "/", 60) for _ in range(clients)))
+    while not statuses.done():
+        peak = max(peak, _rss_mib(pid))
+        await asyncio.sleep(0.05)
+    counts = {status: (await statuses).count(status) for status in sorted(set(await statuses))}
+    await asyncio.sleep(5)
+    print(f"buffered: {clients} requests of 15 MiB at once: statuses {counts}")
+    print(f"  RSS before {before:.0f} MiB, peak {peak:.0f} MiB, 5 s after {_rss_mib(pid):.0f} MiB")
+
+
 def _serve(
     guest: Path, port: int, extra: list[str], downstream: str = "bench.downstream.Hello", limit_files: bool = False
 ) -> subprocess.Popen[bytes]:
@@ -293,7 +350,7 @@ async def _wait_for_port(port: int, timeout: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=("spin", "abandon", "burst", "slowloris"))
+    parser.add_argument("scenario", choices=("spin", "abandon", "burst", "slowloris", "buffered"))
     parser.add_argument("--spinners", type=int, default=16)
     parser.add_argument("--clients", type=int, default=300)
     parser.add_argument("--duration", type=float, default=15.0)
@@ -301,9 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory:
         guest = Path(directory) / "guest.wat"
-        guest.write_text(BURST_GUEST if args.scenario == "burst" else SPIN_GUEST)
+        guests = {"burst": BURST_GUEST, "buffered": BUFFERING_GUEST}
+        guest.write_text(guests.get(args.scenario, SPIN_GUEST))
         port = free_port()
-        downstream = "bench.abuse.Slow" if args.scenario == "burst" else "bench.downstream.Hello"
+        downstreams = {"burst": "bench.abuse.Slow", "buffered": "bench.abuse.Big"}
+        downstream = downstreams.get(args.scenario, "bench.downstream.Hello")
         server = _serve(guest, port, args.server_arg, downstream, limit_files=args.scenario == "slowloris")
         try:
             asyncio.run(_wait_for_port(port, 30))
@@ -313,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
                 asyncio.run(_slowloris(port, args.clients, args.duration))
             elif args.scenario == "burst":
                 asyncio.run(_burst(port, args.clients, server.pid))
+            elif args.scenario == "buffered":
+                asyncio.run(_buffered(port, args.clients, server.pid))
             else:
                 asyncio.run(_abandon(port, args.spinners))
         finally:
