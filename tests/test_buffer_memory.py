@@ -21,6 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from twisted_httpwasm import Execution, GuestResource
 from twisted_httpwasm.runtime.budget import BufferBudget
+from twisted_httpwasm.web.sinks import BufferedSink
 
 from .support import NOOP_RESPONSE, ServerTestCase, execution_variants, make_guest, poll
 
@@ -109,6 +110,23 @@ class BufferBudgetTests(ServerTestCase):
         budget.release(60)
         self.assertEqual(budget.held, 40)
         self.assertTrue(budget.reserve(60))
+
+    def test_a_refused_sink_gives_its_bytes_back_at_once(self) -> None:
+        """A buffered response that does not fit any more drops what it held at once, so the requests
+        still buffering can use it (they do not all fail together)."""
+        budget = BufferBudget(10)
+        refused: list[str] = []
+        first = BufferedSink(b"", 100, lambda: refused.append("overflow"), None, budget, lambda: refused.append("1"))
+        second = BufferedSink(b"", 100, lambda: refused.append("overflow"), None, budget, lambda: refused.append("2"))
+        first.write(b"x" * 8)
+        second.write(b"y" * 2)
+        second.write(b"y")
+        self.assertEqual(refused, ["2"])
+        self.assertEqual(budget.held, 8)
+        first.write(b"x" * 2)
+        self.assertEqual(bytes(first.take()), b"x" * 10)
+        first.release()
+        self.assertEqual(budget.held, 0)
 
     def test_no_limit(self) -> None:
         """``None``: every reservation is granted (and still counted)."""

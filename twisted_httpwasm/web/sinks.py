@@ -258,6 +258,7 @@ class BufferedSink:
         """
         self.open = False
         self.body = bytearray()
+        self.release()  # the bytes are gone: other requests may buffer them at once
         self._on_overflow = self._on_full = _nothing
         self.stop_producer()
 
