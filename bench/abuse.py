@@ -272,16 +272,21 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-async def _burst(port: int, clients: int, pid: int) -> None:
-    await _request(port, "/", 10)
-    await asyncio.sleep(2)
-    before = _rss_mib(pid)
-    peak = before
-    statuses = asyncio.gather(*(_request(port, "/", 60) for _ in range(clients)))
-    while not statuses.done():
+async def _at_once(port: int, clients: int, pid: int, interval: float) -> tuple[float, float, list[int]]:
+    """``clients`` GETs at once after one warm-up request: RSS before, peak RSS while they run, statuses."""
+    await _request(port, "/", 30)
+    await asyncio.sleep(1)
+    before = peak = _rss_mib(pid)
+    running = asyncio.gather(*(_request(port, "/", 60) for _ in range(clients)))
+    while not running.done():
         peak = max(peak, _rss_mib(pid))
-        await asyncio.sleep(0.1)
-    answered = (await statuses).count(200)
+        await asyncio.sleep(interval)
+    return before, peak, await running
+
+
+async def _burst(port: int, clients: int, pid: int) -> None:
+    before, peak, statuses = await _at_once(port, clients, pid, 0.1)
+    answered = statuses.count(200)
     print(f"burst: {clients} requests at once, {answered} answered 200")
     print(f"  RSS before {before:.0f} MiB, peak {peak:.0f} MiB")
     samples = []
@@ -292,15 +297,8 @@ async def _burst(port: int, clients: int, pid: int) -> None:
 
 
 async def _buffered(port: int, clients: int, pid: int) -> None:
-    await _request(port, "/", 30)
-    await asyncio.sleep(1)
-    before = _rss_mib(pid)
-    peak = before
-    statuses = asyncio.gather(*(_request(port, "/", 60) for _ in range(clients)))
-    while not statuses.done():
-        peak = max(peak, _rss_mib(pid))
-        await asyncio.sleep(0.05)
-    counts = {status: (await statuses).count(status) for status in sorted(set(await statuses))}
+    before, peak, statuses = await _at_once(port, clients, pid, 0.05)
+    counts = {status: statuses.count(status) for status in sorted(set(statuses))}
     await asyncio.sleep(5)
     print(f"buffered: {clients} requests of 15 MiB at once: statuses {counts}")
     print(f"  RSS before {before:.0f} MiB, peak {peak:.0f} MiB, 5 s after {_rss_mib(pid):.0f} MiB")
