@@ -47,6 +47,8 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_HEADER_TIMEOUT = 30.0
 #: Seconds between two runs of a GuestSite's housekeeping.
 HOUSEKEEPING_INTERVAL = 5.0
+#: Longest time between two looks for connections past the header deadline.
+HEADER_SWEEP_INTERVAL = 1.0
 
 _TOO_LARGE = b"Request Entity Too Large\n"
 _HTTP1_TOO_LARGE = (
@@ -156,16 +158,22 @@ def _reset_if_still_receiving(stream_id: int, connection: Any) -> int:
 
 
 class _GuardedChannel(HTTPChannel):
-    """HTTP/1 with a deadline for the request headers, from their first byte (slowloris)."""
+    """HTTP/1 with a deadline for the request headers, from their first byte (slowloris).
 
-    _header_deadline: Any = None  # the IDelayedCall of the header deadline
+    A channel waiting for headers only notes when their first byte came and
+    joins its site's set of such channels; the site's sweep closes the ones
+    past the deadline.  No timer is armed and cancelled per request: that cost
+    more than the rest of the limits together.
+    """
+
+    _headers_since: float | None = None  # when the first byte of the current request's headers came
 
     def dataReceived(self, data: bytes) -> None:
-        if self._header_deadline is None and self.line_mode and not self._handlingRequest and data:
-            timeout = getattr(getattr(self, "site", None), "header_timeout", None)
-            if timeout is not None:
-                call_later: Any = self.callLater
-                self._header_deadline = call_later(timeout, self._headers_too_slow, timeout)
+        if self._headers_since is None and self.line_mode and not self._handlingRequest and data:
+            site: Any = getattr(self, "site", None)
+            if site is not None and site.header_timeout is not None:
+                self._headers_since = site.reactor.seconds()
+                site.awaiting_headers.add(self)
         super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def allHeadersReceived(self) -> None:
@@ -182,12 +190,14 @@ class _GuardedChannel(HTTPChannel):
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def _cancel_header_deadline(self) -> None:
-        deadline, self._header_deadline = self._header_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        if self._headers_since is not None:
+            self._headers_since = None
+            site: Any = getattr(self, "site", None)
+            if site is not None:
+                site.awaiting_headers.discard(self)
 
     def _headers_too_slow(self, timeout: float) -> None:
-        self._header_deadline = None
+        self._cancel_header_deadline()
         transport: Any = self.transport
         _log.info(
             "closing the connection from {peer}: request headers not complete within {timeout} s (--header-timeout)",
@@ -247,6 +257,12 @@ class GuestSite(Site):
         """
         self.max_request_body = max_request_body
         self.header_timeout = header_timeout
+        #: HTTP/1 channels whose request headers are still coming (the header deadline's sweep reads it).
+        self.awaiting_headers: set[_GuardedChannel] = set()
+        self._header_sweep: LoopingCall | None = None
+        if header_timeout is not None:
+            self._header_sweep = LoopingCall(self._sweep_headers, header_timeout)
+            self._header_sweep.clock = self.reactor
         if self.requestFactory is Request:
             self.requestFactory = _LimitedRequest
         self._housekeeping: LoopingCall | None = None
@@ -254,9 +270,22 @@ class GuestSite(Site):
             self._housekeeping = LoopingCall(housekeeping)
             self._housekeeping.clock = self.reactor
 
+    def _sweep_headers(self, timeout: float) -> None:
+        """Close the connections whose request headers took longer than ``timeout`` seconds."""
+        reactor: Any = self.reactor
+        late = reactor.seconds() - timeout
+        for channel in [c for c in self.awaiting_headers if c._headers_since is not None and c._headers_since <= late]:
+            channel._headers_too_slow(timeout)
+
     def doStart(self) -> None:
-        """A port starts listening: housekeeping starts with the first."""
+        """A port starts listening: housekeeping and the header deadline's sweep start with the first."""
         super().doStart()  # type: ignore[no-untyped-call]
+        sweep = self._header_sweep
+        if sweep is not None and not sweep.running and self.header_timeout is not None:
+            # A deadline is kept to within a quarter of itself (at most a second late).
+            sweep.start(min(HEADER_SWEEP_INTERVAL, self.header_timeout / 4), now=False).addErrback(
+                lambda failure: _log.failure("the header deadline's sweep failed", failure)
+            )
         housekeeping = self._housekeeping
         if housekeeping is not None and not housekeeping.running:
             housekeeping.start(HOUSEKEEPING_INTERVAL, now=False).addErrback(
@@ -264,8 +293,11 @@ class GuestSite(Site):
             )
 
     def doStop(self) -> None:
-        """A port stops listening: housekeeping stops with the last."""
+        """A port stops listening: housekeeping and the sweep stop with the last."""
         super().doStop()  # type: ignore[no-untyped-call]
+        sweep = self._header_sweep
+        if not self.numPorts and sweep is not None and sweep.running:
+            sweep.stop()
         housekeeping = self._housekeeping
         if not self.numPorts and housekeeping is not None and housekeeping.running:
             housekeeping.stop()
