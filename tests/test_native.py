@@ -206,3 +206,39 @@ class FastPathMatchesPublicApiTests(SynchronousTestCase):
             instance.handle_request(fast_state)
         self.assertEqual(caught.exception.reason, public_state.trap_reason)
         self.assertIn("get_uri", caught.exception.reason)
+
+
+#: Grows its memory by one page, has the host write the URI into the new page, then copies it into
+#: a response header; reads 8 bytes past the grown memory's end when the URI is "/past-the-end".
+GROWING_GUEST = """
+  (data (i32.const 0) "x-uri")
+  (func (export "handle_request") (result i64)
+    (local $len i32)
+    (drop (memory.grow (i32.const 1)))
+    (local.set $len (call $get_uri (i32.const 65540) (i32.const 1024)))
+    (call $set_header_value (i32.const 1) (i32.const 0) (i32.const 5) (i32.const 65540) (local.get $len))
+    (if (i32.eq (i32.load8_u (i32.const 65541)) (i32.const 112))  ;; "/p..."
+      (then (call $set_header_value (i32.const 1) (i32.const 0) (i32.const 5) (i32.const 131068) (i32.const 8))))
+    (i64.const 0))
+  (func (export "handle_response") (param i32 i32))
+"""
+
+
+class GrownMemoryTests(SynchronousTestCase):
+    """The host keeps a memory's base and last known size; a guest that grows its memory is seen."""
+
+    def test_host_reaches_a_page_the_guest_grew_during_the_call(self) -> None:
+        """Written by the host into the new page and read back from it, both within one call."""
+        guest = Guest(module(GROWING_GUEST), cache=False)
+        self.addCleanup(guest.pool.clear)
+        state = request_state(uri=b"/grown")
+        guest.pool.acquire().handle_request(state)
+        self.assertEqual(state.response_headers.values(b"x-uri"), [b"/grown"])
+
+    def test_past_the_grown_end_still_traps(self) -> None:
+        """Bounds follow the memory as it is now: 8 bytes from 4 before the end of two pages trap."""
+        guest = Guest(module(GROWING_GUEST), cache=False)
+        self.addCleanup(guest.pool.clear)
+        with self.assertRaises(GuestTrap) as caught:
+            guest.pool.acquire().handle_request(request_state(uri=b"/past-the-end"))
+        self.assertIn("out of bounds memory access: 8 bytes at 131068", caught.exception.reason)

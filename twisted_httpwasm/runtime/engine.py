@@ -48,7 +48,7 @@ __all__ = [
 EPOCH_INTERVAL = 0.01
 
 #: Everything about the engine that changes compiled code (part of the compile cache key).
-ENGINE_SETTINGS = "epoch_interruption=1;max_wasm_stack=524288"
+ENGINE_SETTINGS = "epoch_interruption=1;max_wasm_stack=524288;memory_may_move=0"
 
 #: True once this process's clock runs for good: guest calls check it before each call.
 serving = False
@@ -66,6 +66,9 @@ def _make_engine() -> wasmtime.Engine:
     config.max_wasm_stack = 512 * 1024
     # No compiler thread pool: it would not survive a fork (see the module docstring).
     config.parallel_compilation = False
+    # A memory's base address stays put (growth happens in place, inside the reservation), so
+    # the host keeps it instead of asking wasmtime for it on every access (runtime/native.py).
+    config.memory_may_move = False
     return wasmtime.Engine(config)
 
 
