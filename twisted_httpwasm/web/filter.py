@@ -448,17 +448,28 @@ class RequestFilter:
             self.session.handle_response, self._after_handle_response, self._handle_response_failed
         )
 
-    def _after_handle_response(self, _: None) -> None:
+    def _end_guest_part(self, outcome_if_gone: str) -> bool:
+        """What every ending of ``handle_response`` does first; True if that already ended the request.
+
+        A client that left gets nothing more (``outcome_if_gone`` is reported); a
+        refusal decided before ``handle_response`` (413, 502, 503) is answered now.
+        """
         self.stage = _Stage.DONE
         if self.client_gone:
-            self._report(Outcome.CLIENT_GONE)
+            self._report(outcome_if_gone)
             self._swallow_late_calls()
-            return
+            return True
         self._unhook()
         if self.then_status is not None:
             self._report(outcome_of_status(self.then_status))
             self._fail(self.then_status)
-        elif self.downstream_failure is not None:
+            return True
+        return False
+
+    def _after_handle_response(self, _: None) -> None:
+        if self._end_guest_part(Outcome.CLIENT_GONE):
+            return
+        if self.downstream_failure is not None:
             self._answer_downstream_failure(self.downstream_failure, reported=False)
         elif isinstance(self.sink, BufferedSink):
             self._report(Outcome.PASSED)
@@ -471,18 +482,11 @@ class RequestFilter:
             self.sink.complete()
 
     def _handle_response_failed(self, error: BaseException) -> None:
-        self.stage = _Stage.DONE
         self._log_guest_failure("handle_response", error)
         decision = after_guest_failure(self.settings.policy, "handle_response", error, started=self._response_started())
-        if self.client_gone:
-            self._report(decision.outcome)
-            self._swallow_late_calls()
+        if self._end_guest_part(decision.outcome):
             return
-        self._unhook()
-        if self.then_status is not None:
-            self._report(outcome_of_status(self.then_status))
-            self._fail(self.then_status)
-        elif self.downstream_failure is not None:
+        if self.downstream_failure is not None:
             self._report(decision.outcome)
             self._answer_downstream_failure(self.downstream_failure, reported=True)
         elif decision.remedy is Remedy.SEND_AS_IS:
