@@ -7,19 +7,13 @@ cache lives in a temporary ``TWISTED_HTTPWASM_CACHE``.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import ipaddress
 import os
 import signal
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger, formatEvent
@@ -32,52 +26,17 @@ from twisted_httpwasm.service import sources
 from twisted_httpwasm.service.tap import Options
 
 from .support import TempFilesMixin, module, poll
+from .test_http2 import make_certificates
 from .test_reload import version_guest
 from .test_twistd import DEADLINE, TwistdTestCase
 
 
 def make_tls(directory: Path) -> tuple[Path, ssl.CertificateOptions]:
     """A CA certificate file (PEM) and server options for 127.0.0.1 with a certificate that CA signed."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "httpwasm test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )  # keyCertSign, cRLSign
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    made = make_certificates()  # the same throwaway CA the HTTP/2 tests use
     ca_file = directory / "ca.pem"
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    pem = key_pem + certificate.public_bytes(serialization.Encoding.PEM)
-    options = ssl.PrivateCertificate.loadPEM(pem).options()
-    return ca_file, options
+    ca_file.write_bytes(made.ca_pem)
+    return ca_file, ssl.PrivateCertificate.loadPEM(made.key_pem + made.cert_pem).options()
 
 
 class Files(Resource):
