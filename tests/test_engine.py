@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -45,3 +49,74 @@ class EpochClockTests(SynchronousTestCase):
         so a guest that keeps the GIL busy cannot stretch its own time limit."""
         interval = _engine.EPOCH_INTERVAL
         self.assertEqual(self.run_clock([interval * 50.5]), 50)
+
+
+#: Calls a looping guest inline (keeping the GIL when the clock allows) and not, then on another
+#: thread, and reports what stopped each call and which Python threads the clock needed.
+SERVING_CLOCK_SCRIPT = """
+import os, sys, threading
+from tests.support import module, request_state
+from tests.test_daemon import LOOPING_GUEST
+from twisted_httpwasm import Guest, GuestTrap
+from twisted_httpwasm.runtime import engine
+
+guest = Guest(module(LOOPING_GUEST), timeout=0.3, cache=False)
+instance = guest.pool.acquire()
+for inline in (True, False):
+    try:
+        instance.handle_request(request_state(uri=b"/loop"), inline)
+    except GuestTrap as trap:
+        print("inline" if inline else "released", trap.timed_out, trap.reason, flush=True)
+    instance = guest.pool.acquire()
+print("may hold gil:", engine.calls_may_hold_gil, flush=True)
+print("python threads:", sorted(t.name for t in threading.enumerate()), flush=True)
+# A guest call on another thread (thread mode) is stopped by the same clock.
+def other() -> None:
+    try:
+        guest.pool.acquire().handle_request(request_state(uri=b"/loop"))
+    except GuestTrap as trap:
+        print("other thread", trap.timed_out, flush=True)
+worker = threading.Thread(target=other)
+worker.start()
+worker.join(20)
+"""
+
+
+class ServingClockTests(SynchronousTestCase):
+    """The clock that runs while guests are served, in a fresh interpreter (its state is per process)."""
+
+    def run_script(self, **env: str) -> str:
+        root = Path(__file__).resolve().parent.parent
+        environment = {k: v for k, v in os.environ.items() if k != "TWISTED_HTTPWASM_PYTHON_CLOCK"}
+        environment.update(PYTHONPATH=str(root), **env)
+        done = subprocess.run(
+            [sys.executable, "-c", SERVING_CLOCK_SCRIPT],
+            cwd=root,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        return done.stdout
+
+    def test_a_looping_inline_call_that_keeps_the_gil_is_stopped_without_a_python_clock(self) -> None:
+        """On Linux the serving clock is a POSIX timer: inline calls keep the GIL, no Python thread ticks,
+        and a looping guest still ends at its time limit, inline, released, and on another thread."""
+        if not sys.platform.startswith("linux"):
+            self.skipTest("POSIX timers with SIGEV_THREAD: Linux")
+        out = self.run_script()
+        self.assertIn("inline True guest exceeded its time limit of 0.3 s\n", out)
+        self.assertIn("released True guest exceeded its time limit of 0.3 s\n", out)
+        self.assertIn("other thread True\n", out)
+        self.assertIn("may hold gil: True\n", out)
+        self.assertIn("python threads: ['MainThread']\n", out)
+
+    def test_the_python_clock_still_stops_looping_guests(self) -> None:
+        """Where there is no such timer (forced here), the clock is a Python thread and calls release the GIL."""
+        out = self.run_script(TWISTED_HTTPWASM_PYTHON_CLOCK="1")
+        self.assertIn("inline True guest exceeded its time limit of 0.3 s\n", out)
+        self.assertIn("released True guest exceeded its time limit of 0.3 s\n", out)
+        self.assertIn("other thread True\n", out)
+        self.assertIn("may hold gil: False\n", out)
+        self.assertIn("python threads: ['MainThread', 'httpwasm-epoch']\n", out)

@@ -19,12 +19,24 @@ A forked child forgets the parent's clock (``os.register_at_fork``), so its
 first guest call starts its own.  Compilation runs on the calling thread:
 wasmtime's parallel compilation keeps a pool of threads that a forked child
 would wait on forever.
+
+**The serving clock needs no Python.**  Where the C library has POSIX timers
+(Linux), the clock that runs from the first guest call on is a kernel timer
+whose every expiration runs ``wasmtime_engine_increment_epoch`` in a C thread
+(``SIGEV_THREAD``): it never waits for the GIL, so a guest call may keep the
+GIL (an inline call does, see ``native.NativeFunc.call_holding_gil``: releasing
+and retaking it around each call cost more than the call) and still hit its
+time limit, and the reactor never gives the GIL up to a ticking thread.
+Elsewhere, and while loading (a thread the C library keeps for its timers
+would be counted as one outliving the load), the clock is a Python thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +49,7 @@ from . import native as _native
 __all__ = [
     "ENGINE_SETTINGS",
     "EPOCH_INTERVAL",
+    "calls_may_hold_gil",
     "clock_for_instance",
     "deadline_ticks",
     "serve_time_limits",
@@ -53,9 +66,13 @@ ENGINE_SETTINGS = "epoch_interruption=1;max_wasm_stack=524288;memory_may_move=0"
 #: True once this process's clock runs for good: guest calls check it before each call.
 serving = False
 
+#: True while the serving clock ticks without the GIL (:class:`_TimerClock`): a guest call may keep the GIL.
+calls_may_hold_gil = False
+
 _lock = threading.Lock()
 _engine: wasmtime.Engine | None = None
 _clock: _EpochClock | None = None
+_timer: _TimerClock | None = None
 _instances_being_made = 0
 
 
@@ -91,11 +108,27 @@ def deadline_ticks(timeout: float) -> int:
 
 
 def serve_time_limits() -> None:
-    """Run the clock from now on, in this process: called before the first guest call (and after a fork)."""
-    global serving
+    """Run the clock from now on, in this process: called before the first guest call (and after a fork).
+
+    A POSIX timer where there is one (no Python thread, no GIL), the clock thread otherwise.
+    """
+    global serving, calls_may_hold_gil, _timer
     with _lock:
-        _start_clock()
+        if _timer is None and _TimerClock.available():
+            try:
+                _timer = _TimerClock(_engine_locked())
+            except OSError:
+                _timer = None
+        if _timer is not None:
+            idle = _clock
+            _stop_clock()  # the loading clock, if an instance is being made right now: the timer takes over
+            calls_may_hold_gil = True
+        else:
+            idle = None
+            _start_clock()
         serving = True
+    if idle is not None:
+        idle.join()
 
 
 @contextmanager
@@ -118,9 +151,9 @@ def clock_for_instance() -> Iterator[None]:
 
 
 def _start_clock() -> None:
-    """Start the clock thread unless it runs (the caller holds ``_lock``)."""
+    """Start the clock thread unless it, or the timer, runs (the caller holds ``_lock``)."""
     global _clock
-    if _clock is None:
+    if _clock is None and _timer is None:
         _clock = _EpochClock(_engine_locked())
         _clock.start()
 
@@ -135,10 +168,11 @@ def _stop_clock() -> None:
 
 def _forget_clock_after_fork() -> None:
     """In a forked child: the parent's clock thread is gone; the next guest call starts this process's own."""
-    global _lock, _clock, serving, _instances_being_made
+    global _lock, _clock, _timer, serving, calls_may_hold_gil, _instances_being_made
     _lock = threading.Lock()  # a parent's thread may have held it at the fork
     _clock = None
-    serving = False
+    _timer = None  # POSIX timers are not inherited
+    serving = calls_may_hold_gil = False
     _instances_being_made = 0
 
 
@@ -161,3 +195,77 @@ class _EpochClock(threading.Thread):
             while ticked < due:
                 _native.increment_epoch(self._engine)
                 ticked += 1
+
+
+# -- the serving clock without Python: a POSIX timer ---------------------------------------
+
+_CLOCK_MONOTONIC = 1
+_SIGEV_THREAD = 2
+
+
+class _SigEvent(ctypes.Structure):
+    """``struct sigevent`` of 64-bit Linux, as ``SIGEV_THREAD`` uses it (64 bytes)."""
+
+    _fields_ = [
+        ("sigev_value", ctypes.c_void_p),  # union sigval: passed by value to the function, like a pointer
+        ("sigev_signo", ctypes.c_int),
+        ("sigev_notify", ctypes.c_int),
+        ("sigev_notify_function", ctypes.c_void_p),
+        ("sigev_notify_attributes", ctypes.c_void_p),
+        ("_pad", ctypes.c_int * 8),
+    ]
+
+
+class _TimeSpec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _ITimerSpec(ctypes.Structure):
+    _fields_ = [("it_interval", _TimeSpec), ("it_value", _TimeSpec)]
+
+
+class _TimerClock:
+    """Epoch ticks from a kernel timer: each expiration calls ``wasmtime_engine_increment_epoch(engine)``
+    in a thread of the C library, which runs no Python and never needs the GIL.
+
+    ``void increment_epoch(const wasm_engine_t *)`` is called as a ``SIGEV_THREAD``
+    notify function, ``void (*)(union sigval)``: on 64-bit Linux a pointer-sized
+    union is passed exactly as the pointer is.  The engine is kept alive for good
+    (a tick may still be on its way when the process ends).  Not inherited by a
+    forked child, which starts its own on its first guest call.
+    """
+
+    _libc: ctypes.CDLL | None = None
+
+    @classmethod
+    def available(cls) -> bool:
+        if (
+            not sys.platform.startswith("linux")
+            or sys.maxsize <= 2**32
+            or os.environ.get("TWISTED_HTTPWASM_PYTHON_CLOCK")
+        ):
+            return False
+        if cls._libc is None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if not hasattr(libc, "timer_create"):
+                return False
+            libc.timer_create.argtypes = [ctypes.c_int, ctypes.POINTER(_SigEvent), ctypes.POINTER(ctypes.c_void_p)]
+            libc.timer_settime.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_ITimerSpec), ctypes.c_void_p]
+            cls._libc = libc
+        return True
+
+    def __init__(self, engine: wasmtime.Engine):
+        libc = self._libc
+        assert libc is not None
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(engine))  # never freed: see the class docstring
+        event = _SigEvent()
+        event.sigev_value = ctypes.cast(engine.ptr(), ctypes.c_void_p).value
+        event.sigev_notify = _SIGEV_THREAD
+        event.sigev_notify_function = _native.increment_epoch_address()
+        self._timer = ctypes.c_void_p()
+        if libc.timer_create(_CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(self._timer)) != 0:
+            raise OSError(ctypes.get_errno(), "timer_create failed")
+        nanoseconds = round(EPOCH_INTERVAL * 1e9)
+        interval = _TimeSpec(nanoseconds // 1_000_000_000, nanoseconds % 1_000_000_000)
+        if libc.timer_settime(self._timer, 0, ctypes.byref(_ITimerSpec(interval, interval)), None) != 0:
+            raise OSError(ctypes.get_errno(), "timer_settime failed")

@@ -302,9 +302,13 @@ class Guest:
             wasi.preopen_dir(mount.host_dir, mount.guest_dir, fs_mutable=not mount.read_only)
         return wasi
 
-    def session(self, state: RequestState) -> GuestSession:
-        """The guest calls of one request, on one instance pinned from ``handle_request`` to ``handle_response``."""
-        return GuestSession(self.pool, state)
+    def session(self, state: RequestState, *, inline: bool = False) -> GuestSession:
+        """The guest calls of one request, on one instance pinned from ``handle_request`` to ``handle_response``.
+
+        ``inline``: the calls are made on the reactor thread, which has nothing
+        else to run meanwhile, so they may keep the GIL (see ``NativeFunc.call``).
+        """
+        return GuestSession(self.pool, state, inline)
 
     def retire(self) -> None:
         """This guest was replaced: drop its idle instances now, the others when their requests end."""
@@ -466,7 +470,7 @@ class GuestInstance:
         """How many bytes of a ``length``-byte message the call's log budget lets through; -1 to drop it."""
         return self.call_log.room(length)
 
-    def _call(self, function: NativeFunc, state: RequestState, *args: int) -> int:
+    def _call(self, function: NativeFunc, state: RequestState, inline: bool, *args: int) -> int:
         if not _engine.serving:  # the first call in this process (after a fork too) starts the clock
             _engine.serve_time_limits()
         current = _native.current
@@ -477,7 +481,7 @@ class GuestInstance:
         observed = self.guest.observer is not NO_OBSERVER  # the call's times are for observers only
         started = time.monotonic() if observed else 0.0
         try:
-            return function(*args)
+            return function.call(inline and _engine.calls_may_hold_gil, *args)
         except GuestCallError as error:
             self.trapped = True
             failed = "timeout" if error.interrupted else "trap"
@@ -530,18 +534,21 @@ class GuestInstance:
                 self.trapped = True
                 guest.emit(LogLevel.WARN, f"[{output.stream}] output limit reached; the instance is retired")
 
-    def handle_request(self, state: RequestState) -> CtxNext:
-        """Run ``handle_request`` for ``state``; raises :class:`GuestTrap`."""
+    def handle_request(self, state: RequestState, inline: bool = False) -> CtxNext:
+        """Run ``handle_request`` for ``state``; raises :class:`GuestTrap`.
+
+        ``inline``: called on the reactor thread (see :meth:`Guest.session`).
+        """
         state.features |= self.features
         state.phase = Phase.REQUEST
-        return unpack_ctx_next(self._call(self._handle_request, state))
+        return unpack_ctx_next(self._call(self._handle_request, state, inline))
 
-    def handle_response(self, state: RequestState, req_ctx: int, is_error: bool) -> None:
+    def handle_response(self, state: RequestState, req_ctx: int, is_error: bool, inline: bool = False) -> None:
         """Run ``handle_response``; ``state`` must be in the response phase."""
         req_ctx &= 0xFFFFFFFF
         if req_ctx & 0x80000000:
             req_ctx -= 1 << 32
-        self._call(self._handle_response, state, req_ctx, 1 if is_error else 0)
+        self._call(self._handle_response, state, inline, req_ctx, 1 if is_error else 0)
 
 
 def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str, str]:

@@ -62,6 +62,10 @@ _memory_data_size = _quick("wasmtime_memory_data_size", _c_size_t, _c_void_p, _c
 _func_call_unchecked = _proto(
     "wasmtime_func_call_unchecked", _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_size_t, _c_void_p
 )
+# The same entry point, keeping the GIL: only while the epoch clock ticks without it (engine.py).
+_func_call_unchecked_holding_gil = _quick(
+    "wasmtime_func_call_unchecked", _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_size_t, _c_void_p
+)
 _trap_new = _quick("wasmtime_trap_new", _c_void_p, ctypes.c_char_p, _c_size_t)
 _set_epoch_deadline = _quick("wasmtime_context_set_epoch_deadline", None, _c_void_p, ctypes.c_uint64)
 _increment_epoch = _proto("wasmtime_engine_increment_epoch", None, _c_void_p)
@@ -254,16 +258,26 @@ class NativeFunc:
         self.deadline = deadline
 
     def __call__(self, *args: int) -> int:
+        """Call with i32 arguments, releasing the GIL while wasm runs; see :meth:`call`."""
+        return self.call(False, *args)
+
+    def call(self, hold_gil: bool, *args: int) -> int:
         """Call with i32 arguments; return the first result slot as an i64.
 
         The epoch deadline (the time limit, in ticks) is re-armed for every call.
+        ``hold_gil``: keep the GIL while wasm runs, which saves releasing and
+        retaking it (several µs a call); only when nothing else needs to run
+        meanwhile (an inline call on the reactor thread) and the epoch clock
+        ticks without the GIL (``engine.calls_may_hold_gil``), or a looping
+        guest would never be stopped.
         """
         _set_epoch_deadline(self._context, self.deadline)
         address = self._slots_address
         for index, arg in enumerate(args):
             _c_int64.from_address(address + _SLOT * index).value = arg
         self._trap.value = None
-        error = _func_call_unchecked(self._context, ctypes.addressof(self._func), address, self._count, self._trap_ref)
+        call = _func_call_unchecked_holding_gil if hold_gil else _func_call_unchecked
+        error = call(self._context, ctypes.addressof(self._func), address, self._count, self._trap_ref)
         if error:
             raise _error_from(error)
         if self._trap.value:
@@ -374,3 +388,10 @@ def set_epoch_deadline(store: wasmtime.Store, ticks: int) -> None:
 
 def increment_epoch(engine: wasmtime.Engine) -> None:
     _increment_epoch(ctypes.cast(engine.ptr(), _c_void_p))
+
+
+def increment_epoch_address() -> int:
+    """The address of ``wasmtime_engine_increment_epoch``, for a clock that calls it from C."""
+    address = ctypes.cast(_dll.wasmtime_engine_increment_epoch, _c_void_p).value
+    assert address
+    return address

@@ -24,9 +24,9 @@ class _Instance(Protocol):
 
     features: int
 
-    def handle_request(self, state: RequestState) -> CtxNext: ...
+    def handle_request(self, state: RequestState, inline: bool = False) -> CtxNext: ...
 
-    def handle_response(self, state: RequestState, req_ctx: int, is_error: bool) -> None: ...
+    def handle_response(self, state: RequestState, req_ctx: int, is_error: bool, inline: bool = False) -> None: ...
 
 
 class _Pool(Protocol):
@@ -43,13 +43,15 @@ _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
 class GuestSession:
     """The guest calls of one request (``state``), on one pinned instance."""
 
-    __slots__ = ("_instance", "_pool", "req_ctx", "state")
+    __slots__ = ("_instance", "_pool", "inline", "req_ctx", "state")
 
-    def __init__(self, pool: _Pool, state: RequestState):
+    def __init__(self, pool: _Pool, state: RequestState, inline: bool = False):
         self._pool = pool
         self._instance: _Instance | None = None
         self.state = state
         self.req_ctx = 0
+        #: The calls are made on the reactor thread (they may keep the GIL while wasm runs).
+        self.inline = inline
 
     def handle_request(self) -> bool:
         """Pin an instance and run ``handle_request``; True if the guest passes the request on (next).
@@ -66,7 +68,7 @@ class GuestSession:
         try:
             if instance.features & _BUFFER_REQUEST:
                 state.check_size(state.body_length)
-            ctx = instance.handle_request(state)
+            ctx = instance.handle_request(state, self.inline)
         except BaseException:
             self.close()
             raise
@@ -81,7 +83,7 @@ class GuestSession:
         if instance is None:
             raise RuntimeError("handle_response without a pinned instance (handle_request did not pass it on)")
         try:
-            instance.handle_response(self.state, self.req_ctx, self.state.is_error)
+            instance.handle_response(self.state, self.req_ctx, self.state.is_error, self.inline)
         finally:
             self.close()
 

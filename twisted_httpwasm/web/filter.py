@@ -123,8 +123,8 @@ class RequestFilter:
         state.request = request
         state.client_headers = request.requestHeaders
         self._untouched = len(state.__dict__)  # grows when the guest changes something (see RequestState)
-        self.session = guest.session(state)
-        self.inline = type(settings.runner) is InlineRunner
+        self.inline = inline = type(settings.runner) is InlineRunner
+        self.session = guest.session(state, inline=inline)
         self.stage = _Stage.GUEST_REQUEST
         self.client_gone = False
         self.sink: StreamedSink | BufferedSink | None = None
