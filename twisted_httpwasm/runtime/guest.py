@@ -499,7 +499,8 @@ class GuestInstance:
             current.target = previous
             if self._outputs:
                 self._log_output()
-            if self.call_log.used:
+            call_log = self.call_log
+            if call_log.lines or call_log.messages or call_log.dropped:  # CallLog.used, without the call
                 self._hand_over_log(state)
 
     def _hand_over_log(self, state: RequestState) -> None:
@@ -539,9 +540,13 @@ class GuestInstance:
 
         ``inline``: called on the reactor thread (see :meth:`Guest.session`).
         """
+        return unpack_ctx_next(self.request_call(state, inline))
+
+    def request_call(self, state: RequestState, inline: bool = False) -> int:
+        """Run ``handle_request`` for ``state``; its raw i64 result (see ``abi.unpack_ctx_next``)."""
         state.features |= self.features
         state.phase = Phase.REQUEST
-        return unpack_ctx_next(self._call(self._handle_request, state, inline))
+        return self._call(self._handle_request, state, inline)
 
     def handle_response(self, state: RequestState, req_ctx: int, is_error: bool, inline: bool = False) -> None:
         """Run ``handle_response``; ``state`` must be in the response phase."""

@@ -138,14 +138,22 @@ class GuestPool(Generic[InstanceT]):
         """
         probing = False
         with self._lock:
-            while self._idle:
-                instance = self._idle.pop()
+            idle = self._idle
+            while idle:
+                instance = idle.pop()
                 self._idle_since.pop()
-                if self.max_age is not None and self._worn_out(instance, self._clock()):
-                    self._usage.pop(instance, None)  # aged while idle
-                    self.stats.recycled += 1
-                    continue
-                self._lent(instance, for_request)
+                if self.max_requests is not None or self.max_age is not None:  # recycling: count, or drop the aged
+                    if self.max_age is not None and self._worn_out(instance, self._clock()):
+                        self._usage.pop(instance, None)
+                        self.stats.recycled += 1
+                        continue
+                    self._lent(instance, for_request)
+                    return instance
+                stats = self.stats  # the common case, without recycling: what _lent does, in line
+                stats.in_use = in_use = stats.in_use + 1
+                stats.idle = len(idle)
+                if in_use > stats.peak_in_use:
+                    stats.peak_in_use = in_use
                 return instance
             self.stats.idle = 0
             if self._backoff:
@@ -208,18 +216,24 @@ class GuestPool(Generic[InstanceT]):
         is retired, is dropped too (its store and memory freed).
         """
         with self._lock:
-            self.stats.in_use -= 1
+            stats = self.stats
+            stats.in_use -= 1
             now = self._clock()
+            idle, since = self._idle, self._idle_since
             if instance.trapped:
-                self.stats.discarded += 1
-            elif self.retired or self._worn_out(instance, now):
+                stats.discarded += 1
+            elif self.retired or (
+                (self.max_requests is not None or self.max_age is not None) and self._worn_out(instance, now)
+            ):
                 self._usage.pop(instance, None)
-                self.stats.recycled += 1
+                stats.recycled += 1
             else:
-                self._idle.append(instance)
-                self._idle_since.append(now)
-            self._retire_idle(now)
-            self.stats.idle = len(self._idle)
+                idle.append(instance)
+                since.append(now)
+            timeout = self.idle_timeout
+            if timeout is not None and len(idle) > self.min_idle and now - since[0] > timeout:
+                self._retire_idle(now)
+            stats.idle = len(idle)
 
     def _worn_out(self, instance: InstanceT, now: float) -> bool:
         usage = self._usage.get(instance)

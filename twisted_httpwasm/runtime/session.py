@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..abi import CtxNext, Feature
+from ..abi import Feature
 from .state import RequestState
 
 __all__ = ["GuestSession"]
@@ -24,7 +24,7 @@ class _Instance(Protocol):
 
     features: int
 
-    def handle_request(self, state: RequestState, inline: bool = False) -> CtxNext: ...
+    def request_call(self, state: RequestState, inline: bool = False) -> int: ...
 
     def handle_response(self, state: RequestState, req_ctx: int, is_error: bool, inline: bool = False) -> None: ...
 
@@ -38,6 +38,8 @@ class _Pool(Protocol):
 
 
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
 
 
 class GuestSession:
@@ -68,14 +70,16 @@ class GuestSession:
         try:
             if instance.features & _BUFFER_REQUEST:
                 state.check_size(state.body_length)
-            ctx = instance.handle_request(state, self.inline)
+            value = instance.request_call(state, self.inline) & _U64
         except BaseException:
             self.close()
             raise
-        self.req_ctx = ctx.req_ctx
-        if not ctx.next:
+        # As abi.unpack_ctx_next, without making a CtxNext: the low 32 bits are next, the high req_ctx.
+        self.req_ctx = value >> 32
+        if value & _U32 != 1:
             self.close()
-        return ctx.next
+            return False
+        return True
 
     def handle_response(self) -> None:
         """Run ``handle_response`` (``state.is_error`` says how the next handler ended) and unpin."""
