@@ -158,8 +158,9 @@ def run_threaded(case: Case, site: Site, requests: int, concurrency: int) -> flo
         if state["done"] <= concurrency:
             _check(case, response)
         if state["done"] >= requests:
-            state["end"] = time.perf_counter()
-            reactor.stop()
+            if not state["end"]:  # the last responses may complete in one reactor turn: stop once
+                state["end"] = time.perf_counter()
+                reactor.stop()
             return
         next_request(connection)
 
