@@ -100,10 +100,13 @@ def trap_reason(ctx: HostContext, function: str, trap: HostTrap) -> str:
     return reason
 
 
+_NO_REQUEST = "no request in flight (called during init)"
+
+
 def _request(ctx: HostContext) -> RequestState:
     state = ctx.state
     if state is None:
-        raise HostTrap("no request in flight (called during init)")
+        raise HostTrap(_NO_REQUEST)
     return state
 
 
@@ -152,15 +155,24 @@ def _headers_to_read(state: RequestState, kind: HeaderKind) -> HeaderList | None
     return None
 
 
-def _headers_to_change(state: RequestState, kind_value: int) -> HeaderList:
-    kind = _header_kind(kind_value)
-    if kind is HeaderKind.REQUEST:
-        _require_request_phase(state, "request headers")
+_REQUEST_HEADERS = int(HeaderKind.REQUEST)
+_RESPONSE_HEADERS = int(HeaderKind.RESPONSE)
+_TRAILERS = (int(HeaderKind.REQUEST_TRAILERS), int(HeaderKind.RESPONSE_TRAILERS))
+
+
+def _headers_to_change(state: RequestState, kind: int) -> HeaderList:
+    # The kind is compared as an int: making a HeaderKind per host call cost more than the rest of the check.
+    if kind == _REQUEST_HEADERS:
+        if state.phase is not Phase.REQUEST:
+            _require_request_phase(state, "request headers")
         return state.request_headers
-    if kind is HeaderKind.RESPONSE:
-        _require_response_writable(state, "response headers")
+    if kind == _RESPONSE_HEADERS:
+        if state.phase is Phase.RESPONSE:
+            _require_response_writable(state, "response headers")
         return state.response_headers
-    raise HostTrap("trailers are not supported by this host")
+    if kind in _TRAILERS:
+        raise HostTrap("trailers are not supported by this host")
+    raise HostTrap(f"unknown header kind {kind}")
 
 
 def _require_request_phase(state: RequestState, what: str) -> None:
@@ -186,6 +198,18 @@ def _checked_field(name: bytes, value: bytes) -> None:
         raise HostTrap(f"invalid header name {name[:64]!r}")
     if _FIELD_VALUE_FORBIDDEN.search(value):
         raise HostTrap("header value contains CR, LF or NUL")
+
+
+def _header_field(ctx: HostContext, name: int, name_len: int, value: int, value_len: int) -> tuple[bytes, bytes]:
+    """The header name and value a guest passes to set or add, checked."""
+    memory = ctx.memory
+    key = memory.read(name, name_len)
+    if not key:
+        raise HostTrap("empty header name")
+    data = memory.read(value, value_len)
+    if not _TOKEN.match(key) or _FIELD_VALUE_FORBIDDEN.search(data):
+        _checked_field(key, data)  # raises, with the reason
+    return key, data
 
 
 # -- host functions: guest-wide ------------------------------------------------
@@ -293,30 +317,46 @@ def get_header_names(ctx: HostContext, kind: int, buf: int, buf_limit: int) -> i
 
 @_host_function
 def get_header_values(ctx: HostContext, kind: int, name: int, name_len: int, buf: int, buf_limit: int) -> int:
-    headers = _headers_to_read(_request(ctx), _header_kind(kind))
+    state = ctx.state
+    if state is None:
+        raise HostTrap(_NO_REQUEST)
+    if kind == _REQUEST_HEADERS:
+        headers: HeaderList | None = state.request_headers
+    elif kind == _RESPONSE_HEADERS:
+        headers = state.response_headers
+    else:
+        headers = _headers_to_read(state, _header_kind(kind))  # trailers (none here), or a trap
     key = _header_name(ctx, name, name_len)
-    return _write_list(ctx, buf, buf_limit, headers.values(key) if headers is not None else [])
+    values = headers.values(key) if headers is not None else None
+    if not values:
+        return 0
+    data = b"\0".join(values) + b"\0"  # the NUL-terminated list, as abi.encode_nul_list makes it
+    if len(data) <= buf_limit & _U32:
+        ctx.memory.write(buf, data)
+    return pack_count_len(len(values), len(data))
 
 
 @_host_function
 def set_header_value(ctx: HostContext, kind: int, name: int, name_len: int, value: int, value_len: int) -> None:
-    state = _request(ctx)
+    state = ctx.state
+    if state is None:
+        raise HostTrap(_NO_REQUEST)
     headers = _headers_to_change(state, kind)
-    key = _header_name(ctx, name, name_len)
-    data = ctx.memory.read(value, value_len)
-    _checked_field(key, data)
-    _check_size(state, headers.size - headers.size_of(key) + len(key) + len(data), "headers")
+    key, data = _header_field(ctx, name, name_len, value, value_len)
+    if state.max_buffer_bytes is not None:
+        _check_size(state, headers.size_after_set(key, data), "headers")
     headers.set(key, data)
 
 
 @_host_function
 def add_header_value(ctx: HostContext, kind: int, name: int, name_len: int, value: int, value_len: int) -> None:
-    state = _request(ctx)
+    state = ctx.state
+    if state is None:
+        raise HostTrap(_NO_REQUEST)
     headers = _headers_to_change(state, kind)
-    key = _header_name(ctx, name, name_len)
-    data = ctx.memory.read(value, value_len)
-    _checked_field(key, data)
-    _check_size(state, headers.size + len(key) + len(data), "headers")
+    key, data = _header_field(ctx, name, name_len, value, value_len)
+    if state.max_buffer_bytes is not None:
+        _check_size(state, headers.size + len(key) + len(data), "headers")
     headers.add(key, data)
 
 

@@ -90,8 +90,10 @@ _define_func_unchecked = _proto(
     _c_void_p,
 )
 
-_string_at = ctypes.string_at
-_memmove = ctypes.memmove
+# ctypes.string_at is a Python function around this C one: a host call's arguments are read
+# through it, so the wrapper's frame is skipped where the C function is there (CPython's ctypes).
+_string_at = getattr(ctypes, "_string_at", None) or ctypes.string_at
+_c_char = ctypes.c_char
 _c_int32 = ctypes.c_int32
 _c_int64 = ctypes.c_int64
 
@@ -292,10 +294,11 @@ class NativeMemory:
     the memory's base address never changes, and a wasm memory never shrinks:
     the base and the last known size are kept, and the size is asked for again
     only when an access reaches past it (the guest may have grown its memory).
-    A read or write is then one C call instead of three.
+    Reads and writes go through a ``memoryview`` of the memory as it was last
+    seen: a slice, no call into C through ctypes.
     """
 
-    __slots__ = ("_base", "_context", "_memory", "_memory_address", "_size")
+    __slots__ = ("_base", "_context", "_memory", "_memory_address", "_size", "_view")
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory):
         self._context = _address(store._context())
@@ -303,9 +306,19 @@ class NativeMemory:
         self._memory_address = ctypes.addressof(self._memory)
         self._base = int(_memory_data(self._context, self._memory_address) or 0)
         self._size = int(_memory_data_size(self._context, self._memory_address))
+        self._view = self._make_view()
+
+    def _make_view(self) -> memoryview:
+        """The memory's first ``_size`` bytes, in place (the memory never moves, see above)."""
+        if not self._size or not self._base:
+            return memoryview(b"")
+        return memoryview((_c_char * self._size).from_address(self._base)).cast("B")
 
     def size(self) -> int:
-        self._size = size = int(_memory_data_size(self._context, self._memory_address))
+        size = int(_memory_data_size(self._context, self._memory_address))
+        if size != self._size:
+            self._size = size
+            self._view = self._make_view()
         return size
 
     def _check(self, ptr: int, length: int) -> None:
@@ -316,21 +329,18 @@ class NativeMemory:
     def read(self, ptr: int, length: int) -> bytes:
         """``length`` bytes at ``ptr`` (both as the guest's unsigned i32)."""
         ptr &= 0xFFFFFFFF
-        length &= 0xFFFFFFFF
-        if ptr + length > self._size:
-            self._check(ptr, length)
-        if not length:
-            return b""
-        return _string_at(self._base + ptr, length)
+        end = ptr + (length & 0xFFFFFFFF)
+        if end > self._size:
+            self._check(ptr, end - ptr)
+        return self._view[ptr:end].tobytes()
 
-    def write(self, ptr: int, data: bytes) -> None:
+    def write(self, ptr: int, data: bytes | bytearray) -> None:
         """Write ``data`` at ``ptr``; traps if any byte falls outside memory."""
         ptr &= 0xFFFFFFFF
-        length = len(data)
-        if ptr + length > self._size:
-            self._check(ptr, length)
-        if length:
-            _memmove(self._base + ptr, data, length)
+        end = ptr + len(data)
+        if end > self._size:
+            self._check(ptr, end - ptr)
+        self._view[ptr:end] = data
 
 
 class CallerMemory(NativeMemory):
@@ -361,6 +371,7 @@ class CallerMemory(NativeMemory):
         self._memory_address = ctypes.addressof(extern.of.memory)
         self._base = int(_memory_data(self._context, self._memory_address) or 0)
         self._size = int(_memory_data_size(self._context, self._memory_address))
+        self._view = self._make_view()
 
     def size(self) -> int:
         self._bind()
@@ -370,7 +381,7 @@ class CallerMemory(NativeMemory):
         self._bind()
         return super().read(ptr, length)
 
-    def write(self, ptr: int, data: bytes) -> None:
+    def write(self, ptr: int, data: bytes | bytearray) -> None:
         self._bind()
         super().write(ptr, data)
 

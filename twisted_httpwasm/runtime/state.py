@@ -42,7 +42,7 @@ class HeaderList:
 
     def __init__(self, entries: Iterable[tuple[bytes, bytes]] = ()):
         self._entries: list[tuple[bytes, bytes]] = [(name.lower(), value) for name, value in entries]
-        self._size: int | None = None
+        self._size: int | None = None if self._entries else 0
         self.changed = False
 
     @property
@@ -74,8 +74,22 @@ class HeaderList:
         """The bytes the entries named ``name`` take (what ``set`` would replace)."""
         return sum(len(name) + len(value) for value in self.values(name))
 
+    def size_after_set(self, name: bytes, value: bytes) -> int:
+        """What :attr:`size` would be after ``set(name, value)``."""
+        name = name.lower()
+        size = self.size
+        for key, old in self._entries:
+            if key == name:
+                size -= len(key) + len(old)
+        return size + len(name) + len(value)
+
     def set(self, name: bytes, value: bytes) -> None:
-        self.remove(name)
+        name = name.lower()
+        entries = self._entries
+        for key, _ in entries:
+            if key == name:
+                self.remove(name)
+                break
         self.add(name, value)
 
     def add(self, name: bytes, value: bytes) -> None:
