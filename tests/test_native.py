@@ -79,6 +79,9 @@ class _PublicMemory:
     def size(self) -> int:
         return self._memory.data_len(self._store)
 
+    def holds(self, ptr: int, length: int) -> bool:
+        return (ptr & 0xFFFFFFFF) + (length & 0xFFFFFFFF) <= self.size()
+
     def read(self, ptr: int, length: int) -> bytes:
         ptr &= 0xFFFFFFFF
         length &= 0xFFFFFFFF

@@ -132,11 +132,14 @@ def _header_kind(kind: int) -> HeaderKind:
         raise HostTrap(f"unknown header kind {kind}") from None
 
 
+_BODY_KINDS = {int(kind): kind for kind in BodyKind}
+
+
 def _body_kind(kind: int) -> BodyKind:
-    try:
-        return BodyKind(kind)
-    except ValueError:
-        raise HostTrap(f"unknown body kind {kind}") from None
+    body_kind = _BODY_KINDS.get(kind)  # not BodyKind(kind): building an enum per host call costs more
+    if body_kind is None:
+        raise HostTrap(f"unknown body kind {kind}")
+    return body_kind
 
 
 def _header_name(ctx: HostContext, name: int, name_len: int) -> bytes:
@@ -238,7 +241,7 @@ def log(ctx: HostContext, level: int, message: int, message_len: int) -> None:
         return
     try:
         length = message_len & _U32
-        if (message & _U32) + length > ctx.memory.size():
+        if not ctx.memory.holds(message, length):
             return  # outside memory: not logged, as if reading it had failed
         # Checked before copying: past the call's budget a message costs a counter, not a copy.
         room = ctx.log_room(length)
@@ -377,7 +380,7 @@ def read_body(ctx: HostContext, kind: int, buf: int, buf_limit: int) -> int:
     if limit == 0:
         raise HostTrap("buf_limit is 0")
     # Check the whole buffer first, so that nothing is consumed when the write would trap.
-    if (buf & _U32) + limit > ctx.memory.size():
+    if not ctx.memory.holds(buf, limit):
         raise HostTrap(f"buffer of {limit} bytes at {buf & _U32} is outside memory")
     if body_kind is BodyKind.REQUEST:
         if state.phase is Phase.RESPONSE and not state.features & _BUFFER_REQUEST:

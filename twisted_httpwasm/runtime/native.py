@@ -321,6 +321,11 @@ class NativeMemory:
             self._view = self._make_view()
         return size
 
+    def holds(self, ptr: int, length: int) -> bool:
+        """Whether ``length`` bytes at ``ptr`` (the guest's unsigned i32s) are inside the memory."""
+        end = (ptr & 0xFFFFFFFF) + (length & 0xFFFFFFFF)
+        return end <= self._size or end <= self.size()
+
     def _check(self, ptr: int, length: int) -> None:
         """Trap unless ``length`` bytes at ``ptr`` are inside the memory (as it is now)."""
         if ptr + length > self.size():
@@ -376,6 +381,10 @@ class CallerMemory(NativeMemory):
     def size(self) -> int:
         self._bind()
         return super().size()
+
+    def holds(self, ptr: int, length: int) -> bool:
+        self._bind()
+        return super().holds(ptr, length)
 
     def read(self, ptr: int, length: int) -> bytes:
         self._bind()
