@@ -247,14 +247,28 @@ class NativeFunc:
     Not thread-safe: one call at a time, like the store it belongs to.
     """
 
-    __slots__ = ("_context", "_count", "_func", "_slots", "_slots_address", "_trap", "_trap_ref", "deadline")
+    __slots__ = (
+        "_context",
+        "_count",
+        "_func",
+        "_func_address",
+        "_slots",
+        "_slots_address",
+        "_slots_view",
+        "_trap",
+        "_trap_ref",
+        "deadline",
+    )
 
     def __init__(self, store: wasmtime.Store, func: wasmtime.Func, n_params: int, n_results: int, deadline: int):
         self._context = _address(store._context())
         self._func = func._func  # keep the wasmtime_func_t alive
+        self._func_address = ctypes.addressof(self._func)
         self._count = max(n_params, n_results, 1)
         self._slots = (ctypes.c_byte * (_SLOT * self._count))()
         self._slots_address = ctypes.addressof(self._slots)
+        # The slots as int64s: slot i's i32/i64 is item 2 * i (a slot is 16 bytes).
+        self._slots_view = memoryview(self._slots).cast("B").cast("q")
         self._trap = _c_void_p()
         self._trap_ref = ctypes.byref(self._trap)
         self.deadline = deadline
@@ -273,18 +287,22 @@ class NativeFunc:
         ticks without the GIL (``engine.calls_may_hold_gil``), or a looping
         guest would never be stopped.
         """
-        _set_epoch_deadline(self._context, self.deadline)
-        address = self._slots_address
-        for index, arg in enumerate(args):
-            _c_int64.from_address(address + _SLOT * index).value = arg
-        self._trap.value = None
+        context = self._context
+        _set_epoch_deadline(context, self.deadline)
+        slots = self._slots_view
+        index = 0
+        for arg in args:
+            slots[index] = arg
+            index += 2
+        trap = self._trap
+        trap.value = None
         call = _func_call_unchecked_holding_gil if hold_gil else _func_call_unchecked
-        error = call(self._context, ctypes.addressof(self._func), address, self._count, self._trap_ref)
+        error = call(context, self._func_address, self._slots_address, self._count, self._trap_ref)
         if error:
             raise _error_from(error)
-        if self._trap.value:
-            raise _trap_from(self._trap.value)
-        return int(_c_int64.from_address(address).value)
+        if trap.value:
+            raise _trap_from(trap.value)
+        return slots[0]
 
 
 class NativeMemory:

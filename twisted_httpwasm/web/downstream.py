@@ -31,8 +31,11 @@ def unusable_path(request: Request) -> str | None:
     ``static.File`` logs a traceback for every path segment that is not UTF-8 once
     percent-decoded.
     """
-    if not _URI_BYTES.match(request.uri or b""):
+    uri = request.uri or b""
+    if not _URI_BYTES.match(uri):
         return "a byte that a URI cannot hold (not printable ASCII)"
+    if b"%" not in uri:
+        return None  # printable ASCII that nothing decodes: no NUL, and UTF-8 as it is
     # "/" is never part of a multi-byte UTF-8 sequence: the segments decode alone if they decode together.
     path = b"/".join(request.postpath or ())
     if b"\x00" in path:
