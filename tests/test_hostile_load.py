@@ -11,10 +11,14 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, LoopingCall
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -234,6 +238,133 @@ class ConnectionDeadlineTests(LimitsTestCase):
         received = yield client.closed.addTimeout(20, reactor)
         self.assertTrue(received.startswith(b"HTTP/1.1 200 "), received)
         self.assertEqual(len(runs), 1)
+
+
+class HeaderDeadlineSweepTests(SynchronousTestCase):
+    """The header deadline on a fake clock: the site's sweep looks at its HTTP/1 connections, nothing per request.
+
+    Deadline 2 s: the sweep runs every 0.25 s and a connection past the deadline
+    is closed at most min(1 s, 2 s/4) = 0.5 s after it.
+    """
+
+    TIMEOUT = 2.0
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.site = GuestSite(_Ok(), reactor=self.clock, header_timeout=self.TIMEOUT, idle_timeout=600)
+        self.site.doStart()
+        self.addCleanup(self.site.doStop)
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol = self.site.buildProtocol(transport.getPeer())
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def advance_to(self, when: float) -> None:
+        self.clock.advance(when - self.clock.seconds())
+
+    def test_headers_trickled_after_a_keep_alive_request_are_cut_at_the_deadline(self) -> None:
+        """A request served, then the next one's headers trickled a line at a time: 408 and closed once the
+        deadline from that request's first byte is over, not before (and not more than half a second after)."""
+        protocol, transport = self.connect()
+        self.advance_to(0.1)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        transport.clear()
+        self.advance_to(0.3)
+        protocol.dataReceived(b"GE")  # the next request's first bytes
+        step = 0
+        while not transport.disconnecting and self.clock.seconds() < 10:
+            self.advance_to(0.3 + 0.1 * (step + 1))
+            step += 1
+            protocol.dataReceived(b"T / HTTP/1.1\r\n" if step == 1 else b"X-Slow-%d: 1\r\n" % step)
+            if self.clock.seconds() < 0.3 + self.TIMEOUT:
+                self.assertFalse(transport.disconnecting, self.clock.seconds())
+        self.assertLessEqual(self.clock.seconds(), 0.3 + self.TIMEOUT + 0.5)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "), transport.value())
+
+    def test_a_request_line_trickled_is_cut_at_the_deadline(self) -> None:
+        """Bytes of a request line that never ends count too, from the first one."""
+        protocol, transport = self.connect()
+        self.advance_to(0.1)
+        while not transport.disconnecting and self.clock.seconds() < 10:
+            protocol.dataReceived(b"G" if self.clock.seconds() < 0.15 else b"x")
+            self.advance_to(self.clock.seconds() + 0.1)
+        self.assertGreaterEqual(self.clock.seconds(), 0.1 + self.TIMEOUT)
+        self.assertLessEqual(self.clock.seconds(), 0.1 + self.TIMEOUT + 0.5)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "), transport.value())
+
+    def test_a_fast_keep_alive_client_caught_mid_headers_at_every_sweep_stays_open(self) -> None:
+        """Each request takes less than a sweep interval, but every sweep finds the connection in the middle of
+        one (in its request line, or in its headers): many deadlines long, it is never closed, each request
+        served."""
+        for head, tail in [(b"GET / HT", b"TP/1.1\r\nHost: x\r\n\r\n"), (b"GET / HTTP/1.1\r\nHo", b"st: x\r\n\r\n")]:
+            protocol, transport = self.connect()
+            start = self.clock.seconds()
+            served = 0
+            for sweep in range(1, 41):  # ten seconds: five deadlines
+                self.advance_to(start + sweep * 0.25 - 0.05)
+                protocol.dataReceived((tail if sweep > 1 else b"") + head)
+                self.advance_to(start + sweep * 0.25)  # a sweep: this request has begun, its headers are not all in
+                self.assertFalse(transport.disconnecting, (head, self.clock.seconds()))
+                served += transport.value().count(b"HTTP/1.1 200 ")
+                transport.clear()
+            self.assertEqual(served, 39)
+
+    def test_a_slow_body_is_not_the_header_deadline(self) -> None:
+        """Once the headers are in, a body that comes slowly is left to the idle timeout."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n")
+        for _ in range(50):
+            self.advance_to(self.clock.seconds() + 0.1)
+            protocol.dataReceived(b"y")
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"y" * 10)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 "), transport.value())
+        self.assertNotIn(b" 408 ", transport.value())
+
+    def test_a_lost_connection_is_left_alone(self) -> None:
+        """A connection lost in the middle of its headers gets no 408 later."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost")
+        self.advance_to(0.5)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.advance_to(3 * self.TIMEOUT)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.site.awaiting_headers, {})
+
+    def test_twisted_http_channel_state_the_sweep_reads(self) -> None:
+        """The sweep reads HTTPChannel's private state (see GuestSite._sweep_headers): if this fails, Twisted
+        changed it, and the header deadline must be looked at again."""
+        protocol, transport = self.connect()
+        channel = protocol._channel
+
+        def state() -> tuple[object, ...]:
+            return (channel.line_mode, channel._handlingRequest, channel._buffer, channel._HTTPChannel__first_line)
+
+        self.assertEqual(state(), (1, False, b"", 1))  # idle
+        held_back = channel._dataBuffer
+        protocol.dataReceived(b"GET / HT")
+        self.assertEqual(state(), (1, False, b"GET / HT", 1))  # a partial request line
+        protocol.dataReceived(b"TP/1.1\r\nHost: x\r\n")
+        self.assertEqual(state(), (1, False, b"", 0))  # request line parsed, headers coming
+        self.assertEqual(len(channel.requests), 1)
+        self.assertIs(channel._dataBuffer, held_back)
+        protocol.dataReceived(b"\r\n")  # served: back to lines, a new list for the bytes held back
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(state(), (1, False, b"", 1))
+        self.assertIsNot(channel._dataBuffer, held_back)
+        protocol.dataReceived(b"\r\n")  # the one empty line HTTP/1 tolerates before a request
+        self.assertEqual(state(), (1, False, b"", 2))
+        protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(channel.line_mode, 0)  # the body: not lines
+        protocol.dataReceived(b"12345")
+        self.site._sweep_headers(self.TIMEOUT)
+        self.assertEqual(self.site.awaiting_headers, {})
+        protocol.dataReceived(b"GET")
+        self.site._sweep_headers(self.TIMEOUT)
+        self.assertEqual(list(self.site.awaiting_headers), [channel])
 
 
 PASSING_GUEST = '(func (export "handle_request") (result i64) (i64.const 1))' + NOOP_RESPONSE

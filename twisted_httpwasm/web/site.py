@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 from .access_log import access_log_formatter, remember_client_uri
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
@@ -47,7 +48,7 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_HEADER_TIMEOUT = 30.0
 #: Seconds between two runs of a GuestSite's housekeeping.
 HOUSEKEEPING_INTERVAL = 5.0
-#: Longest time between two looks for connections past the header deadline.
+#: Longest time a connection may get past the header deadline (the sweep looks twice as often).
 HEADER_SWEEP_INTERVAL = 1.0
 
 _TOO_LARGE = b"Request Entity Too Large\n"
@@ -58,6 +59,10 @@ _HTTP1_TOO_LARGE = (
 _HTTP1_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
+# Declared here so that the class has its own ``__provides__``: without it, the
+# ``INonQueuedRequestFactory.providedBy(requestFactory)`` HTTPChannel asks on
+# every request line takes zope.interface's slow path (about 3k instructions).
+@implementer()
 class _LimitedRequest(Request):
     """A request whose body may not grow past the site's ``max_request_body``.
 
@@ -71,12 +76,17 @@ class _LimitedRequest(Request):
     _refused = False
 
     def gotLength(self, length: int | None) -> None:
-        site = getattr(self.channel, "site", None)
-        self._body_limit = limit = getattr(site, "max_request_body", None)
-        if limit is not None and length is not None and length > limit:
-            self._refuse_body(f"declares a {length}-byte body", limit)
-            return
-        super().gotLength(length)  # type: ignore[no-untyped-call]
+        channel: Any = self.channel
+        try:
+            limit = channel.site.max_request_body
+        except AttributeError:  # a channel without a GuestSite (as Request.gotLength allows)
+            limit = None
+        if limit is not None:
+            self._body_limit = limit
+            if length is not None and length > limit:
+                self._refuse_body(f"declares a {length}-byte body", limit)
+                return
+        Request.gotLength(self, length)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -87,18 +97,21 @@ class _LimitedRequest(Request):
             if self._body_received > limit:
                 self._refuse_body("sent a body past the limit", limit)
                 return
-        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+        Request.handleContentChunk(self, data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self._refused:
-            super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+            Request.requestReceived(self, command, path, version)
 
     def process(self) -> None:
         # Before any guest runs: the access log's client URI, and the site's hooks (a trace's server span).
         remember_client_uri(self)
-        for hook in getattr(getattr(self.channel, "site", None), "request_hooks", ()):
-            hook(self)
-        super().process()  # type: ignore[no-untyped-call]
+        channel: Any = self.channel
+        hooks = getattr(channel.site, "request_hooks", None)  # Request.process needs channel.site too
+        if hooks:
+            for hook in hooks:
+                hook(self)
+        Request.process(self)
 
     def _refuse_body(self, what: str, limit: int) -> None:
         """Answer 413 now; HTTP/1 closes the connection, HTTP/2 ends the stream."""
@@ -160,25 +173,12 @@ def _reset_if_still_receiving(stream_id: int, connection: Any) -> int:
 class _GuardedChannel(HTTPChannel):
     """HTTP/1 with a deadline for the request headers, from their first byte (slowloris).
 
-    A channel waiting for headers only notes when their first byte came and
-    joins its site's set of such channels; the site's sweep closes the ones
-    past the deadline.  No timer is armed and cancelled per request: that cost
-    more than the rest of the limits together.
+    Nothing is done for it per request or per read: the site's sweep
+    (:meth:`GuestSite._sweep_headers`) looks at its connections and closes
+    the ones that have been receiving the same request's headers for too long.
     """
 
-    _headers_since: float | None = None  # when the first byte of the current request's headers came
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._headers_since is None and self.line_mode and not self._handlingRequest and data:
-            site: Any = getattr(self, "site", None)
-            if site is not None and site.header_timeout is not None:
-                self._headers_since = site.reactor.seconds()
-                site.awaiting_headers.add(self)
-        super().dataReceived(data)  # type: ignore[no-untyped-call]
-
-    def allHeadersReceived(self) -> None:
-        self._cancel_header_deadline()
-        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+    _gone = False  # lost, or closed by the header deadline: the sweep leaves it alone
 
     def _send100Continue(self) -> None:
         if self.requests and getattr(self.requests[-1], "_refused", False):
@@ -186,18 +186,11 @@ class _GuardedChannel(HTTPChannel):
         super()._send100Continue()  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Any = None) -> None:
-        self._cancel_header_deadline()
+        self._gone = True
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
-    def _cancel_header_deadline(self) -> None:
-        if self._headers_since is not None:
-            self._headers_since = None
-            site: Any = getattr(self, "site", None)
-            if site is not None:
-                site.awaiting_headers.discard(self)
-
     def _headers_too_slow(self, timeout: float) -> None:
-        self._cancel_header_deadline()
+        self._gone = True
         transport: Any = self.transport
         _log.info(
             "closing the connection from {peer}: request headers not complete within {timeout} s (--header-timeout)",
@@ -257,8 +250,8 @@ class GuestSite(Site):
         """
         self.max_request_body = max_request_body
         self.header_timeout = header_timeout
-        #: HTTP/1 channels whose request headers are still coming (the header deadline's sweep reads it).
-        self.awaiting_headers: set[_GuardedChannel] = set()
+        #: HTTP/1 channels seen receiving a request's headers: since when, and that request (see _sweep_headers).
+        self.awaiting_headers: dict[_GuardedChannel, tuple[float, object]] = {}
         self._header_sweep: LoopingCall | None = None
         if header_timeout is not None:
             self._header_sweep = LoopingCall(self._sweep_headers, header_timeout)
@@ -271,10 +264,48 @@ class GuestSite(Site):
             self._housekeeping.clock = self.reactor
 
     def _sweep_headers(self, timeout: float) -> None:
-        """Close the connections whose request headers took longer than ``timeout`` seconds."""
+        """Close the connections whose request headers took longer than ``timeout`` seconds.
+
+        A channel is receiving a request's headers when it parses lines (not a
+        body), handles no request, and has bytes of the next request: a partial
+        line buffered, or the request line (or the one empty line HTTP/1
+        tolerates before it) parsed.  That request is told from the next by the
+        channel's list of bytes held back while a request is handled, which
+        ``HTTPChannel.requestDone`` replaces after each request (the tests pin
+        the private state read here).
+
+        Headers are timed from the first sweep that saw them coming, so from at
+        most one sweep after their first byte; sweeping every min(0.5 s,
+        deadline/8) keeps a late connection's close to within min(1 s,
+        deadline/4) past the deadline, as a timer per request did.
+        """
         reactor: Any = self.reactor
-        late = reactor.seconds() - timeout
-        for channel in [c for c in self.awaiting_headers if c._headers_since is not None and c._headers_since <= late]:
+        now = reactor.seconds()
+        late = now - timeout
+        seen = self.awaiting_headers
+        awaiting: dict[_GuardedChannel, tuple[float, object]] = {}
+        too_slow = []
+        for connection in self.in_flight._connections:  # most idle or busy: the cheap tests first
+            try:
+                channel = connection._channel
+            except AttributeError:
+                continue  # not a channel of ours
+            if not isinstance(channel, _GuardedChannel):
+                continue  # HTTP/2
+            if not (channel._buffer or channel._HTTPChannel__first_line != 1):  # type: ignore[attr-defined]
+                continue
+            if not channel.line_mode or channel._handlingRequest or channel._gone:
+                continue
+            request = channel._dataBuffer
+            since, seen_request = seen.get(channel, (now, request))
+            if seen_request is not request:
+                since = now  # the request seen before was done: this is the next one
+            if since <= late:
+                too_slow.append(channel)
+            else:
+                awaiting[channel] = (since, request)
+        self.awaiting_headers = awaiting
+        for channel in too_slow:
             channel._headers_too_slow(timeout)
 
     def doStart(self) -> None:
@@ -282,8 +313,8 @@ class GuestSite(Site):
         super().doStart()  # type: ignore[no-untyped-call]
         sweep = self._header_sweep
         if sweep is not None and not sweep.running and self.header_timeout is not None:
-            # A deadline is kept to within a quarter of itself (at most a second late).
-            sweep.start(min(HEADER_SWEEP_INTERVAL, self.header_timeout / 4), now=False).addErrback(
+            # A deadline is kept to within a quarter of itself (at most a second late): see _sweep_headers.
+            sweep.start(min(HEADER_SWEEP_INTERVAL, self.header_timeout / 4) / 2, now=False).addErrback(
                 lambda failure: _log.failure("the header deadline's sweep failed", failure)
             )
         housekeeping = self._housekeeping
