@@ -156,9 +156,8 @@ class RequestState:
     given; the twisted.web adapter overrides them to read its request, which
     nothing else touches while a guest call runs.  What is never changed keeps
     its class-level default, so that an untouched request costs no attribute
-    writes, and an instance's ``__dict__`` grows exactly when a guest changes
-    something or reads something lazily: the adapter compares its size to
-    skip applying changes to requests a guest only looked at.
+    writes, and :meth:`touched` tells the adapter whether there is anything to
+    apply to the real request at all.
     """
 
     # Defaults for the many requests that never change them (set per instance on first change).
@@ -207,6 +206,22 @@ class RequestState:
             self._source_addr = source_addr
         if headers:
             self._headers = headers
+
+    def touched(self) -> bool:
+        """Whether the guest may have changed the request or the response so far (False: nothing to apply).
+
+        Reading the headers or the body counts (they may be changed through what was read).
+        """
+        return (
+            self.method_changed
+            or self.uri_changed
+            or self.status_changed
+            or self._request_headers is not None
+            or self._response_headers is not None
+            or self._request_reader is not None
+            or self.request_body is not None
+            or self.response_body is not None
+        )
 
     # -- read on first use ----------------------------------------------------------
 

@@ -70,6 +70,9 @@ class FilterSettings(Protocol):
 _log = Logger(namespace="httpwasm")
 
 _HOOKED = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
+_HOOKED_WITH_MARK = (*_HOOKED, "_httpwasm_hooked_by")
+_STREAMED_HOOKS = ("write", "finish", "processingFailed", "_httpwasm_hooked_by")
+_BUFFERED_HOOKS = _HOOKED_WITH_MARK
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
 _BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
 _NOT_READ: Any = object()
@@ -86,6 +89,23 @@ def _ignore(*args: object) -> None:
     """Stands in for the request methods of a downstream the filter has cut off."""
 
 
+#: The request attribute naming the filter whose hooks it carries (an inner guest saves and restores them).
+_HOOKED_BY = "_httpwasm_hooked_by"
+
+
+def _own_hook(request: Any, name: str) -> Any:
+    """The hook set on ``request`` for ``name`` (None when it is the request's own method)."""
+    value = getattr(request, name)
+    return None if getattr(value, "__self__", None) is request else value
+
+
+def _drop_attribute(request: Any, name: str) -> None:
+    try:
+        delattr(request, name)
+    except AttributeError:
+        pass
+
+
 class RequestFilter:
     """One request's passage through one guest."""
 
@@ -96,7 +116,6 @@ class RequestFilter:
         "_original_body",
         "_reported",
         "_saved_hooks",
-        "_untouched",
         "client_gone",
         "downstream_failure",
         "guest",
@@ -122,7 +141,6 @@ class RequestFilter:
         )
         state.request = request
         state.client_headers = request.requestHeaders
-        self._untouched = len(state.__dict__)  # grows when the guest changes something (see RequestState)
         self.inline = inline = type(settings.runner) is InlineRunner
         self.session = guest.session(state, inline=inline)
         self.stage = _Stage.GUEST_REQUEST
@@ -231,7 +249,7 @@ class RequestFilter:
                 self._run_handle_response(REQUEST_ENTITY_TOO_LARGE, is_error=True, then_status=REQUEST_ENTITY_TOO_LARGE)
                 return
         prefix = b""
-        if len(state.__dict__) != self._untouched:
+        if state.touched():
             apply_request_changes(request, state, self._note_dropped)
             if state.response_body:
                 prefix = bytes(state.response_body)  # what the guest wrote before next: the response starts with it
@@ -320,9 +338,15 @@ class RequestFilter:
         """
         request: Any = self.request
         sink: Any = self.sink
-        attributes = request.__dict__
-        if "write" in attributes or "finish" in attributes:  # an outer guest's hooks
-            self._saved_hooks = {name: attributes[name] for name in _HOOKED if name in attributes}
+        # Instance attributes are read and set one by one, never through request.__dict__: reading that
+        # makes CPython move the request's attributes into a dict, and every later attribute access of
+        # Twisted's on the request miss its fast path.
+        outer = getattr(request, _HOOKED_BY, None)
+        if outer is not None:  # an outer guest's hooks
+            saved = {name: hook for name in _HOOKED if (hook := _own_hook(request, name)) is not None}
+            saved[_HOOKED_BY] = outer
+            self._saved_hooks = saved
+        setattr(request, _HOOKED_BY, self)
         self.hooked = True
         sink.forward = request.write
         request.write = sink.write
@@ -336,17 +360,18 @@ class RequestFilter:
         if not self.hooked:
             return  # never touch hooks that are not ours (an outer guest's, when chained)
         self.hooked = False
-        attributes = self.request.__dict__
+        request = self.request
         saved = self._saved_hooks
-        if saved is None:
-            for name in _HOOKED:
-                attributes.pop(name, None)
-        else:
-            for name in _HOOKED:
-                if name in saved:
-                    attributes[name] = saved[name]
-                else:
-                    attributes.pop(name, None)
+        if saved is None:  # exactly what _hook set
+            sink = self.sink
+            for name in _BUFFERED_HOOKS if sink is not None and sink.buffered else _STREAMED_HOOKS:
+                delattr(request, name)
+            return
+        for name in _HOOKED_WITH_MARK:
+            if name in saved:
+                setattr(request, name, saved[name])
+            else:
+                _drop_attribute(request, name)
 
     def _swallow_late_calls(self) -> None:
         """The client left and the guest's part is over: the downstream's late calls go nowhere.
@@ -360,9 +385,10 @@ class RequestFilter:
         if not self.hooked:
             return
         self.hooked = False
-        attributes = self.request.__dict__
+        request = self.request
         for name in _HOOKED:
-            attributes[name] = _ignore
+            setattr(request, name, _ignore)
+        _drop_attribute(request, _HOOKED_BY)
         sink = self.sink
         if sink is not None:
             sink.forward = None

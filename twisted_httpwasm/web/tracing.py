@@ -72,7 +72,7 @@ def enabled_by_environment() -> bool:
 
 def traceparent_of(request: Request) -> bytes | None:
     """The W3C ``traceparent`` of ``request``'s server span (for a backend), if it is traced."""
-    value: bytes | None = request.__dict__.get(_TRACEPARENT)
+    value: bytes | None = getattr(request, _TRACEPARENT, None)
     return value
 
 
@@ -172,7 +172,7 @@ class GuestTracing:
     def request_arrived(self, request: Request) -> None:
         """Start ``request``'s server span (child of the client's ``traceparent``) before any guest runs."""
         tracer = self._tracer
-        if tracer is None or _TRACE in request.__dict__:
+        if tracer is None or hasattr(request, _TRACE):
             return
         from opentelemetry import trace
 
@@ -182,11 +182,11 @@ class GuestTracing:
         span.set_attribute("http.request.method", method)
         span.set_attribute("url.path", request.path.decode("latin-1"))
         inside = trace.set_span_in_context(span)
-        request.__dict__[_TRACE] = _Trace(span, inside)
+        setattr(request, _TRACE, _Trace(span, inside))
         carrier: dict[str, str] = {}
         self._propagator.inject(carrier, context=inside)  # the W3C header, as OpenTelemetry writes it
         if "traceparent" in carrier:
-            request.__dict__[_TRACEPARENT] = carrier["traceparent"].encode("ascii")
+            setattr(request, _TRACEPARENT, carrier["traceparent"].encode("ascii"))
         request.notifyFinish().addBoth(self._request_done, request)
 
     def _request_done(self, result: object, request: Request) -> None:
@@ -196,7 +196,7 @@ class GuestTracing:
     def _end_server_span(self, result: object, request: Request, ended: int) -> None:
         from opentelemetry.trace import Status, StatusCode
 
-        record: _Trace = request.__dict__[_TRACE]
+        record: _Trace = getattr(request, _TRACE)
         span = record.span
         code = int(request.code)
         span.set_attribute("http.response.status_code", code)
@@ -220,7 +220,7 @@ class GuestTracing:
         from opentelemetry.trace import Status, StatusCode
 
         tracer = self._tracer
-        record: _Trace | None = request.__dict__.get(_TRACE) if request is not None else None
+        record: _Trace | None = getattr(request, _TRACE, None) if request is not None else None
         offset = record.offset if record is not None else time.time_ns() - time.monotonic_ns()
         parent = record.context if record is not None else None
         if record is not None and record.span.is_recording():
