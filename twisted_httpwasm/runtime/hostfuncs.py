@@ -346,7 +346,9 @@ def set_header_value(ctx: HostContext, kind: int, name: int, name_len: int, valu
         raise HostTrap(_NO_REQUEST)
     headers = _headers_to_change(state, kind)
     key, data = _header_field(ctx, name, name_len, value, value_len)
-    if state.max_buffer_bytes is not None:
+    limit = state.max_buffer_bytes
+    # A set only replaces: the size with the new field added bounds the size after it.
+    if limit is not None and headers.size + len(key) + len(data) > limit:
         _check_size(state, headers.size_after_set(key, data), "headers")
     headers.set(key, data)
 
@@ -358,7 +360,8 @@ def add_header_value(ctx: HostContext, kind: int, name: int, name_len: int, valu
         raise HostTrap(_NO_REQUEST)
     headers = _headers_to_change(state, kind)
     key, data = _header_field(ctx, name, name_len, value, value_len)
-    if state.max_buffer_bytes is not None:
+    limit = state.max_buffer_bytes
+    if limit is not None and headers.size + len(key) + len(data) > limit:
         _check_size(state, headers.size + len(key) + len(data), "headers")
     headers.add(key, data)
 

@@ -85,12 +85,14 @@ class HeaderList:
 
     def set(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        entries = self._entries
-        for key, _ in entries:
+        for key, _ in self._entries:
             if key == name:
                 self.remove(name)
                 break
-        self.add(name, value)
+        self._entries.append((name, value))  # as add(), without lowering the name again
+        if self._size is not None:
+            self._size += len(name) + len(value)
+        self.changed = True
 
     def add(self, name: bytes, value: bytes) -> None:
         self._entries.append((name.lower(), value))
