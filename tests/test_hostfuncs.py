@@ -589,6 +589,33 @@ class ChangeHeaderTests(HostFunctionTestCase):
         exchange = self.change("remove_header", b"x-absent")
         self.assertEqual(len(exchange.state.request_headers), len(HEADERS))
 
+    def test_set_past_the_buffer_limit_traps(self) -> None:
+        """Header changes count against ``max_buffer_bytes``: a set that takes them past it traps."""
+        state = request_state()
+        state.max_buffer_bytes = 4
+        exchange = self.assertRequestTraps(
+            [call("set_header_value", RESPONSE, NAME, 1, VALUE, 4)],
+            "set_header_value",
+            "headers of 5 bytes exceeds the limit of 4",
+            state=state,
+            inputs={NAME: b"x", VALUE: b"1234"},
+        )
+        self.assertEqual(exchange.state.response_headers.items(), [])
+
+    def test_set_counts_only_what_it_keeps(self) -> None:
+        """A set replaces: at the limit, replacing a value with a shorter one is allowed."""
+        state = request_state()
+        state.max_buffer_bytes = 6
+        exchange = run_request(
+            [
+                call("set_header_value", RESPONSE, NAME, 1, VALUE, 5),  # x: 12345, 6 bytes
+                call("set_header_value", RESPONSE, NAME, 1, VALUE, 4),  # x: 1234, 5 bytes
+            ],
+            state,
+            inputs={NAME: b"x", VALUE: b"12345"},
+        )
+        self.assertEqual(exchange.state.response_headers.items(), [(b"x", b"1234")])
+
     def test_empty_value_is_allowed(self) -> None:
         """A header may be set to the empty value."""
         exchange = self.change("set_header_value", b"x-empty", b"")
