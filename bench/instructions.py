@@ -1,0 +1,119 @@
+"""Instructions per request, counted by valgrind: the deterministic twin of ``bench.inprocess``.
+
+Run from the repository root (needs ``valgrind``; ``apt-get install valgrind``)::
+
+    python -m bench.instructions                                  # noop, headers, rewrite_body; plain and inline
+    python -m bench.instructions --scenarios noop --modes plain,inline,guestsite
+
+Each case drives the same in-process server as ``bench.inprocess`` (``run_sync``:
+raw request bytes into a channel on a ``StringTransport``) under
+``valgrind --tool=cachegrind --cache-sim=no``, once for ``--low`` and once for
+``--high`` requests, and reports the difference divided by the number of extra
+requests: what one request costs, start-up and compilation excluded.  Hash
+randomisation and address-space layout randomisation are turned off
+(``PYTHONHASHSEED=0``, ``setarch -R``), so repeated runs agree to within a few
+instructions, where timings on this shared machine move by 20 %.
+
+Modes: ``plain`` (``Site(Hello())``, as ``twistd web --class``), ``inline`` (the
+site ``twistd httpwasm --execution inline`` builds), ``guestsite`` (``GuestSite``
+around ``Hello`` without a guest: what the site alone adds) and ``resource``
+(``Site`` around the guest resource: what the guest adds, without ``GuestSite``).
+Thread mode is not counted: its cost is in thread hand-offs, which this does not
+measure (``bench.inprocess`` and ``bench.run`` do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from bench.run import SCENARIOS
+
+MODES = ("plain", "inline", "guestsite", "resource")
+_REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+def _drive(scenario: str, mode: str, requests: int) -> None:
+    """In the process valgrind runs: build the case's site and serve ``requests`` requests."""
+    from twisted.web.server import Site
+
+    from bench import inprocess
+    from bench.downstream import Hello
+
+    by_name = {s.name: s for s in SCENARIOS}
+    case = inprocess.Case(by_name[scenario], "plain" if mode in ("plain", "guestsite") else "inline")
+    site: Site
+    if mode == "guestsite":
+        from twisted_httpwasm.web.site import GuestSite
+
+        site = GuestSite(Hello())
+    elif mode == "resource":
+        site = Site(inprocess.make_site(case).resource)
+    else:
+        site = inprocess.make_site(case)
+    inprocess.run_sync(case, site, requests)
+
+
+def _count(scenario: str, mode: str, requests: int) -> int:
+    python = os.path.realpath(sys.executable)  # not a pyenv shim: valgrind must run Python itself
+    command = [
+        "setarch",
+        "-R",
+        "valgrind",
+        "--tool=cachegrind",
+        "--cache-sim=no",
+        "--cachegrind-out-file=/dev/null",
+        python,
+        "-m",
+        "bench.instructions",
+        "--_drive",
+        f"{scenario}:{mode}:{requests}",
+    ]
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    found = _REFS.search(done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"{scenario}:{mode}: valgrind failed:\n{done.stdout}\n{done.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", default="noop,headers,rewrite_body")
+    parser.add_argument("--modes", default="plain,inline", help=", ".join(MODES))
+    parser.add_argument("--low", type=int, default=300, help="requests in the first count")
+    parser.add_argument("--high", type=int, default=900, help="requests in the second count")
+    parser.add_argument("--_drive", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._drive:
+        scenario, mode, requests = args._drive.split(":")
+        _drive(scenario, mode, int(requests))
+        return 0
+    if shutil.which("valgrind") is None or shutil.which("setarch") is None:
+        raise SystemExit("needs valgrind and setarch: apt-get install valgrind util-linux")
+    print(f"instructions per request (valgrind, ({args.high} - {args.low} requests) / {args.high - args.low})")
+    print("| scenario | mode | instructions | over plain |")
+    print("| --- | --- | --- | --- |")
+    for scenario in [s for s in args.scenarios.split(",") if s]:
+        plain = None
+        for mode in [m for m in args.modes.split(",") if m]:
+            if mode not in MODES:
+                raise SystemExit(f"unknown mode {mode!r}: {', '.join(MODES)}")
+            if mode == "plain" and plain is not None:
+                continue
+            per_request = (_count(scenario, mode, args.high) - _count(scenario, mode, args.low)) / (
+                args.high - args.low
+            )
+            if mode == "plain":
+                plain = per_request
+            over = f"+{per_request - plain:,.0f} ({per_request / plain - 1:+.0%})" if plain and mode != "plain" else ""
+            print(f"| {scenario} | {mode} | {per_request:,.0f} | {over} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
