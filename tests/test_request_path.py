@@ -117,3 +117,37 @@ class ObserverTestsMixin:
 
 
 globals().update(execution_variants(ObserverTestsMixin, ServerTestCase))
+
+
+class RequestHeaderLookupTests(SynchronousTestCase):
+    """A guest reading one request header gets it from Twisted's own header map, without a copy of them all."""
+
+    def state(self) -> Any:
+        from twisted.web.http_headers import Headers
+
+        from twisted_httpwasm.web.request_changes import TwistedRequestState
+
+        state = TwistedRequestState(method=b"GET", uri=b"/", body=None)
+        state.client_headers = Headers({b"X-Multi": [b"a", b"b"], b"User-Agent": [b"ua"]})
+        return state
+
+    def test_values_in_any_case_in_order_without_copying_the_headers(self) -> None:
+        state = self.state()
+        self.assertEqual(state.request_header_values(b"x-multi"), [b"a", b"b"])
+        self.assertEqual(state.request_header_values(b"USER-AGENT"), [b"ua"])
+        self.assertEqual(state.request_header_values(b"x-absent"), [])
+        self.assertIsNone(state._request_headers)
+        self.assertFalse(state.touched())
+
+    def test_a_name_no_header_can_have_matches_nothing(self) -> None:
+        """Twisted would raise on such a name; the guest sees no value."""
+        state = self.state()
+        for name in (b"bad name", b"x\x00y", b"x:y"):
+            self.assertEqual(state.request_header_values(name), [], name)
+
+    def test_after_a_change_the_changed_headers_answer(self) -> None:
+        state = self.state()
+        state.request_headers.set(b"X-Multi", b"c")
+        self.assertEqual(state.request_header_values(b"x-multi"), [b"c"])
+        self.assertEqual(state.request_header_values(b"user-agent"), [b"ua"])
+        self.assertTrue(state.touched())

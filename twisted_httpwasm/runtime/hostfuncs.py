@@ -324,19 +324,20 @@ def get_header_values(ctx: HostContext, kind: int, name: int, name_len: int, buf
     if state is None:
         raise HostTrap(_NO_REQUEST)
     if kind == _REQUEST_HEADERS:
-        headers: HeaderList | None = state.request_headers
+        values = state.request_header_values(_header_name(ctx, name, name_len))
     elif kind == _RESPONSE_HEADERS:
-        headers = state.response_headers
+        values = state.response_headers.values(_header_name(ctx, name, name_len))
     else:
-        headers = _headers_to_read(state, _header_kind(kind))  # trailers (none here), or a trap
-    key = _header_name(ctx, name, name_len)
-    values = headers.values(key) if headers is not None else None
+        _header_kind(kind)  # an unknown kind traps
+        _header_name(ctx, name, name_len)
+        return 0  # trailers: never present here
     if not values:
         return 0
     data = b"\0".join(values) + b"\0"  # the NUL-terminated list, as abi.encode_nul_list makes it
     if len(data) <= buf_limit & _U32:
         ctx.memory.write(buf, data)
-    return pack_count_len(len(values), len(data))
+    # abi.pack_count_len, in line: the count is far below 2**31, so the i64 is never negative.
+    return (len(values) << 32) | len(data)
 
 
 @_host_function

@@ -243,6 +243,24 @@ class RequestState:
         """The next handler's response header fields, in the response phase; the adapter reads its request."""
         return ()
 
+    def read_request_header_values(self, name: bytes) -> list[bytes] | None:
+        """The values of request header ``name`` read straight from the request, or None to read them all.
+
+        Here None; the adapter answers from its request's own header map, so that
+        a guest that only looks at a header or two costs no copy of them all.
+        """
+        return None
+
+    def request_header_values(self, name: bytes) -> list[bytes]:
+        """The values of request header ``name`` (any case), in order, as the guest sees them now."""
+        headers = self._request_headers
+        if headers is None:
+            values = self.read_request_header_values(name)
+            if values is not None:
+                return values
+            headers = self.request_headers
+        return headers.values(name)
+
     @property
     def protocol(self) -> bytes:
         return self.read_protocol()
