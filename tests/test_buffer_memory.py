@@ -135,6 +135,20 @@ class BufferBudgetTests(ServerTestCase):
         self.assertEqual(budget.held, 10**12)
 
     @inlineCallbacks
+    def test_a_downstream_still_writing_after_its_503_writes_nowhere(self) -> Any:
+        """A response refused mid-way because the buffers are full gets 503; the downstream's later
+        writes and its finish go nowhere (Twisted would raise on a write after finish)."""
+        budget = BufferBudget(len(CHUNK) + len(CHUNK) // 2)  # the second chunk does not fit
+        guest = make_guest(BUFFERING, execution=Execution.INLINE)
+        downstream = SlowBody(chunks=4)
+        url = self.serve(GuestResource(guest, downstream, buffer_budget=budget))
+        status, headers, _ = yield self.fetch("GET", url + "/")
+        self.assertEqual((status, headers.getRawHeaders("retry-after")), (503, ["1"]))
+        finished = yield poll(lambda: downstream.ended.called, 10)
+        self.assertTrue(finished, "the downstream's writes after the 503 did not all return")
+        self.assertEqual(budget.held, 0)
+
+    @inlineCallbacks
     def test_buffered_responses_over_the_total_get_503(self) -> Any:
         """With 1 MiB for all buffered responses, two concurrent 768 KiB buffered responses: one is
         answered, the other gets 503 with Retry-After; afterwards nothing is held."""

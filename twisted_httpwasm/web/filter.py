@@ -617,8 +617,9 @@ class RequestFilter:
             return
         self._unhook()
         send_error(request, status, self._connection())
-        if self.sink is not None and self.sink.buffered and not self.sink.open and self.then_status == BAD_GATEWAY:
-            # A downstream that was cut off may still write and finish: those calls go nowhere.
+        if self.sink is not None and self.sink.buffered and not self.sink.open and self.then_status is not None:
+            # A downstream that was cut off (502: its response was too large; 503: the buffers of the
+            # process were full) may still write and finish: those calls go nowhere.
             request.write = request.finish = request.unregisterProducer = _ignore  # type: ignore[method-assign]
 
     def _log_guest_failure(self, phase: str, error: BaseException) -> None:
