@@ -24,7 +24,7 @@ would wait on forever.
 (Linux), the clock that runs from the first guest call on is a kernel timer
 whose every expiration runs ``wasmtime_engine_increment_epoch`` in a C thread
 (``SIGEV_THREAD``): it never waits for the GIL, so a guest call may keep the
-GIL (an inline call does, see ``native.NativeFunc.call_holding_gil``: releasing
+GIL (an inline call does, see ``native.NativeFunc.call``: releasing
 and retaking it around each call cost more than the call) and still hit its
 time limit, and the reactor never gives the GIL up to a ticking thread.
 Elsewhere, and while loading (a thread the C library keeps for its timers
@@ -251,6 +251,7 @@ class _TimerClock:
                 return False
             libc.timer_create.argtypes = [ctypes.c_int, ctypes.POINTER(_SigEvent), ctypes.POINTER(ctypes.c_void_p)]
             libc.timer_settime.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_ITimerSpec), ctypes.c_void_p]
+            libc.timer_delete.argtypes = [ctypes.c_void_p]
             cls._libc = libc
         return True
 
@@ -268,4 +269,6 @@ class _TimerClock:
         nanoseconds = round(EPOCH_INTERVAL * 1e9)
         interval = _TimeSpec(nanoseconds // 1_000_000_000, nanoseconds % 1_000_000_000)
         if libc.timer_settime(self._timer, 0, ctypes.byref(_ITimerSpec(interval, interval)), None) != 0:
-            raise OSError(ctypes.get_errno(), "timer_settime failed")
+            errno = ctypes.get_errno()
+            libc.timer_delete(self._timer)
+            raise OSError(errno, "timer_settime failed")

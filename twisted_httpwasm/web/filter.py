@@ -70,9 +70,11 @@ class FilterSettings(Protocol):
 _log = Logger(namespace="httpwasm")
 
 _HOOKED = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
-_HOOKED_WITH_MARK = (*_HOOKED, "_httpwasm_hooked_by")
-_STREAMED_HOOKS = ("write", "finish", "processingFailed", "_httpwasm_hooked_by")
-_BUFFERED_HOOKS = _HOOKED_WITH_MARK
+#: The request attribute naming the filter whose hooks it carries (an inner guest saves and restores them).
+_HOOKED_BY = "_httpwasm_hooked_by"
+#: What _hook sets on a request: all of it for a buffering sink, the producer hooks aside for a streaming one.
+_ALL_HOOKS = (*_HOOKED, _HOOKED_BY)
+_STREAMED_HOOKS = ("write", "finish", "processingFailed", _HOOKED_BY)
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
 _BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
 _NOT_READ: Any = object()
@@ -87,10 +89,6 @@ class _Stage(enum.Enum):
 
 def _ignore(*args: object) -> None:
     """Stands in for the request methods of a downstream the filter has cut off."""
-
-
-#: The request attribute naming the filter whose hooks it carries (an inner guest saves and restores them).
-_HOOKED_BY = "_httpwasm_hooked_by"
 
 
 def _own_hook(request: Any, name: str) -> Any:
@@ -364,10 +362,10 @@ class RequestFilter:
         saved = self._saved_hooks
         if saved is None:  # exactly what _hook set
             sink = self.sink
-            for name in _BUFFERED_HOOKS if sink is not None and sink.buffered else _STREAMED_HOOKS:
+            for name in _ALL_HOOKS if sink is not None and sink.buffered else _STREAMED_HOOKS:
                 delattr(request, name)
             return
-        for name in _HOOKED_WITH_MARK:
+        for name in _ALL_HOOKS:
             if name in saved:
                 setattr(request, name, saved[name])
             else:
