@@ -100,13 +100,10 @@ def trap_reason(ctx: HostContext, function: str, trap: HostTrap) -> str:
     return reason
 
 
-_NO_REQUEST = "no request in flight (called during init)"
-
-
 def _request(ctx: HostContext) -> RequestState:
     state = ctx.state
     if state is None:
-        raise HostTrap(_NO_REQUEST)
+        raise HostTrap("no request in flight (called during init)")
     return state
 
 
@@ -320,17 +317,13 @@ def get_header_names(ctx: HostContext, kind: int, buf: int, buf_limit: int) -> i
 
 @_host_function
 def get_header_values(ctx: HostContext, kind: int, name: int, name_len: int, buf: int, buf_limit: int) -> int:
-    state = ctx.state
-    if state is None:
-        raise HostTrap(_NO_REQUEST)
-    if kind == _REQUEST_HEADERS:
-        values = state.request_header_values(_header_name(ctx, name, name_len))
-    elif kind == _RESPONSE_HEADERS:
-        values = state.response_headers.values(_header_name(ctx, name, name_len))
-    else:
+    state = _request(ctx)
+    if kind != _REQUEST_HEADERS and kind != _RESPONSE_HEADERS:
         _header_kind(kind)  # an unknown kind traps
         _header_name(ctx, name, name_len)
         return 0  # trailers: never present here
+    key = _header_name(ctx, name, name_len)
+    values = state.request_header_values(key) if kind == _REQUEST_HEADERS else state.response_headers.values(key)
     if not values:
         return 0
     data = b"\0".join(values) + b"\0"  # the NUL-terminated list, as abi.encode_nul_list makes it
@@ -342,9 +335,7 @@ def get_header_values(ctx: HostContext, kind: int, name: int, name_len: int, buf
 
 @_host_function
 def set_header_value(ctx: HostContext, kind: int, name: int, name_len: int, value: int, value_len: int) -> None:
-    state = ctx.state
-    if state is None:
-        raise HostTrap(_NO_REQUEST)
+    state = _request(ctx)
     headers = _headers_to_change(state, kind)
     key, data = _header_field(ctx, name, name_len, value, value_len)
     limit = state.max_buffer_bytes
@@ -356,9 +347,7 @@ def set_header_value(ctx: HostContext, kind: int, name: int, name_len: int, valu
 
 @_host_function
 def add_header_value(ctx: HostContext, kind: int, name: int, name_len: int, value: int, value_len: int) -> None:
-    state = ctx.state
-    if state is None:
-        raise HostTrap(_NO_REQUEST)
+    state = _request(ctx)
     headers = _headers_to_change(state, kind)
     key, data = _header_field(ctx, name, name_len, value, value_len)
     limit = state.max_buffer_bytes
