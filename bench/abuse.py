@@ -55,7 +55,7 @@ from pathlib import Path
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from bench.run import HOST, child_env, free_port, twistd
+from bench.run import HOST, child_env, free_port, stop, twistd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -375,12 +375,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 asyncio.run(_abandon(port, args.spinners))
         finally:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop(server)
     sys.stdout.flush()
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench.abuse import BURST_GUEST, REPO, _request, _rss_mib, _wait_for_port
-from bench.run import HOST, child_env, free_port, twistd
+from bench.run import HOST, child_env, free_port, stop, twistd
 
 
 async def _load(port: int, clients: int, pid: int, guest: Path, duration: float) -> None:
@@ -92,12 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             reloads = [line for line in log.read_text().splitlines() if "reload" in line]
             print("  log: " + ("\n  log: ".join(reloads) or "no reload line"))
         finally:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop(server)
     sys.stdout.flush()
 
 
