@@ -200,8 +200,12 @@ def _checked_field(name: bytes, value: bytes) -> None:
         raise HostTrap("header value contains CR, LF or NUL")
 
 
-def _header_field(ctx: HostContext, name: int, name_len: int, value: int, value_len: int) -> tuple[bytes, bytes]:
-    """The header name and value a guest passes to set or add, checked."""
+def _change_header(
+    ctx: HostContext, kind: int, name: int, name_len: int, value: int, value_len: int, *, replace: bool
+) -> None:
+    """``set_header_value`` (``replace``) or ``add_header_value``: the field checked, the headers held to the limit."""
+    state = _request(ctx)
+    headers = _headers_to_change(state, kind)
     memory = ctx.memory
     key = memory.read(name, name_len)
     if not key:
@@ -209,7 +213,15 @@ def _header_field(ctx: HostContext, name: int, name_len: int, value: int, value_
     data = memory.read(value, value_len)
     if not _TOKEN.match(key) or _FIELD_VALUE_FORBIDDEN.search(data):
         _checked_field(key, data)  # raises, with the reason
-    return key, data
+    limit = state.max_buffer_bytes
+    added = headers.size + len(key) + len(data)
+    # What an add makes the size; a set only replaces, so it is a bound for a set, worked out exactly near the limit.
+    if limit is not None and added > limit:
+        _check_size(state, headers.size_after_set(key, data) if replace else added, "headers")
+    if replace:
+        headers.set(key, data)
+    else:
+        headers.add(key, data)
 
 
 # -- host functions: guest-wide ------------------------------------------------
@@ -335,25 +347,12 @@ def get_header_values(ctx: HostContext, kind: int, name: int, name_len: int, buf
 
 @_host_function
 def set_header_value(ctx: HostContext, kind: int, name: int, name_len: int, value: int, value_len: int) -> None:
-    state = _request(ctx)
-    headers = _headers_to_change(state, kind)
-    key, data = _header_field(ctx, name, name_len, value, value_len)
-    limit = state.max_buffer_bytes
-    # A set only replaces: the size with the new field added bounds the size after it.
-    if limit is not None and headers.size + len(key) + len(data) > limit:
-        _check_size(state, headers.size_after_set(key, data), "headers")
-    headers.set(key, data)
+    _change_header(ctx, kind, name, name_len, value, value_len, replace=True)
 
 
 @_host_function
 def add_header_value(ctx: HostContext, kind: int, name: int, name_len: int, value: int, value_len: int) -> None:
-    state = _request(ctx)
-    headers = _headers_to_change(state, kind)
-    key, data = _header_field(ctx, name, name_len, value, value_len)
-    limit = state.max_buffer_bytes
-    if limit is not None and headers.size + len(key) + len(data) > limit:
-        _check_size(state, headers.size + len(key) + len(data), "headers")
-    headers.add(key, data)
+    _change_header(ctx, kind, name, name_len, value, value_len, replace=False)
 
 
 @_host_function
