@@ -66,10 +66,6 @@ class CallLog:
         self.bytes += room
         return room
 
-    @property
-    def used(self) -> bool:
-        return bool(self.lines or self.messages or self.dropped)
-
     def take(self, guest: str, where: str) -> tuple[list[tuple[LogLevel, str]], str | None]:
         """The lines kept and the summary of those dropped (None if none), and start afresh."""
         lines = self.lines

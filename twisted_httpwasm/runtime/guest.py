@@ -500,7 +500,7 @@ class GuestInstance:
             if self._outputs:
                 self._log_output()
             call_log = self.call_log
-            if call_log.lines or call_log.messages or call_log.dropped:  # CallLog.used, without the call
+            if call_log.lines or call_log.messages or call_log.dropped:  # the call logged, or had lines dropped
                 self._hand_over_log(state)
 
     def _hand_over_log(self, state: RequestState) -> None:

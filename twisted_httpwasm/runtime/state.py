@@ -70,10 +70,6 @@ class HeaderList:
         name = name.lower()
         return [value for key, value in self._entries if key == name]
 
-    def size_of(self, name: bytes) -> int:
-        """The bytes the entries named ``name`` take (what ``set`` would replace)."""
-        return sum(len(name) + len(value) for value in self.values(name))
-
     def size_after_set(self, name: bytes, value: bytes) -> int:
         """What :attr:`size` would be after ``set(name, value)``."""
         name = name.lower()
