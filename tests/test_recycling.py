@@ -101,6 +101,36 @@ class PoolTests(SynchronousTestCase):
         pool.release(lent)
         self.assertEqual((pool.stats.idle, pool.stats.in_use, pool.stats.recycled), (0, 0, 2))
 
+    def test_an_instance_being_made_counts_as_in_use(self) -> None:
+        """An instance given back while another is being made must not leave more idle instances than were ever
+        in use at once: the one being made is counted from the start (the soak's bound, which a thread releasing
+        during a creation broke)."""
+        first = Instance()
+        made: list[Instance] = [first]
+        pool: GuestPool[Instance] = GuestPool(lambda: made.pop())
+        self.assertIs(pool.acquire(), first)
+
+        def factory() -> Instance:
+            self.assertEqual(pool.stats.in_use, 2)  # the caller waiting for this one is counted
+            pool.release(first)  # meanwhile, another thread gives its instance back
+            return Instance()
+
+        pool._factory = factory
+        second = pool.acquire()
+        pool.release(second)
+        stats = pool.stats
+        self.assertEqual((stats.in_use, stats.idle, stats.created), (0, 2, 2))
+        self.assertEqual(stats.peak_in_use, 2)
+
+    def test_a_failed_creation_is_not_counted_in_use(self) -> None:
+        def factory() -> Instance:
+            raise KeyboardInterrupt
+
+        pool: GuestPool[Instance] = GuestPool(factory)
+        with self.assertRaises(KeyboardInterrupt):
+            pool.acquire()
+        self.assertEqual(pool.stats.in_use, 0)
+
     def test_failures_and_recovery_are_told_once_each(self) -> None:
         """A failing factory is reported once per back-off step (not per refused request), and the first success
         after failures is reported as a recovery, once."""

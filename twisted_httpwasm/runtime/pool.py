@@ -83,7 +83,7 @@ class PoolStats:
         self.discarded = 0
         self.retired = 0  # dropped after idle_timeout seconds unused
         self.recycled = 0  # dropped for max_requests/max_age, or because the pool itself was retired
-        self.in_use = 0
+        self.in_use = 0  # lent out, or being made for a caller
         self.peak_in_use = 0
         self.idle = 0
         self.creation_failures = 0
@@ -155,7 +155,8 @@ class GuestPool(Generic[InstanceT]):
                 if in_use > stats.peak_in_use:
                     stats.peak_in_use = in_use
                 return instance
-            self.stats.idle = 0
+            stats = self.stats
+            stats.idle = 0
             if self._backoff:
                 now = self._clock()
                 if self._probing or now < self._retry_at:
@@ -164,10 +165,17 @@ class GuestPool(Generic[InstanceT]):
                         retry_after=max(self._retry_at - now, 0.0) or self._backoff,
                     )
                 self._probing = probing = True  # this caller tries; the others are refused until it knows
+            # The instance being made counts as lent from now: an instance given
+            # back while it is made must not make the pool look bigger than the
+            # concurrency that needed it (in_use + idle is every live instance).
+            stats.in_use = in_use = stats.in_use + 1
+            if in_use > stats.peak_in_use:
+                stats.peak_in_use = in_use
         try:
             instance = self._factory()
         except Exception as error:
             with self._lock:
+                self.stats.in_use -= 1
                 self.stats.creation_failures += 1
                 self._failures += 1
                 failures = self._failures
@@ -181,6 +189,10 @@ class GuestPool(Generic[InstanceT]):
                 f"requests that need one get 503 until the next try in {backoff:g} s",
             )
             raise GuestUnavailable(f"guest instances cannot be created: {error}", retry_after=backoff) from error
+        except BaseException:
+            with self._lock:
+                self.stats.in_use -= 1
+            raise
         finally:
             if probing:
                 self._probing = False
@@ -189,8 +201,7 @@ class GuestPool(Generic[InstanceT]):
             failures, self._failures = self._failures, 0
             self.stats.created += 1
             if self.max_requests is not None or self.max_age is not None:
-                self._usage[instance] = [0, self._clock()]
-            self._lent(instance, for_request)
+                self._usage[instance] = [1 if for_request else 0, self._clock()]
         if failures:
             self._tell(INFO, f"recovered: a new instance initialised after {failures} failed attempt(s)")
         return instance
