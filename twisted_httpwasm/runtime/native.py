@@ -59,13 +59,26 @@ def _quick(name: str, restype: Any, *argtypes: Any) -> Any:
 
 _memory_data = _quick("wasmtime_memory_data", _c_void_p, _c_void_p, _c_void_p)
 _memory_data_size = _quick("wasmtime_memory_data_size", _c_size_t, _c_void_p, _c_void_p)
-_func_call_unchecked = _proto(
-    "wasmtime_func_call_unchecked", _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_size_t, _c_void_p
-)
-# The same entry point, keeping the GIL: only while the epoch clock ticks without it (engine.py).
-_func_call_unchecked_holding_gil = _quick(
-    "wasmtime_func_call_unchecked", _c_void_p, _c_void_p, _c_void_p, _c_void_p, _c_size_t, _c_void_p
-)
+
+
+def _untyped(prototype: Any, name: str, restype: Any) -> Any:
+    """``name`` without argument types, for arguments built once as ctypes objects.
+
+    Converting Python ints through ``argtypes`` makes a ctypes object per
+    argument per call (about a third of a short call's cost); a caller that
+    passes the same ctypes objects every time skips that.
+    """
+    function = prototype(restype)((name, _dll))
+    function.argtypes = None
+    return function
+
+
+# The guest-call path: its arguments are the same ctypes objects for every call of one export.
+# wasmtime_func_call_unchecked releases the GIL while wasm runs; the second keeps it, only while
+# the epoch clock ticks without it (engine.py).
+_func_call_raw = _untyped(ctypes.CFUNCTYPE, "wasmtime_func_call_unchecked", _c_void_p)
+_func_call_raw_holding_gil = _untyped(ctypes.PYFUNCTYPE, "wasmtime_func_call_unchecked", _c_void_p)
+_set_epoch_deadline_raw = _untyped(ctypes.PYFUNCTYPE, "wasmtime_context_set_epoch_deadline", None)
 _trap_new = _quick("wasmtime_trap_new", _c_void_p, ctypes.c_char_p, _c_size_t)
 _set_epoch_deadline = _quick("wasmtime_context_set_epoch_deadline", None, _c_void_p, ctypes.c_uint64)
 _increment_epoch = _proto("wasmtime_engine_increment_epoch", None, _c_void_p)
@@ -247,31 +260,26 @@ class NativeFunc:
     Not thread-safe: one call at a time, like the store it belongs to.
     """
 
-    __slots__ = (
-        "_context",
-        "_count",
-        "_func",
-        "_func_address",
-        "_slots",
-        "_slots_address",
-        "_slots_view",
-        "_trap",
-        "_trap_ref",
-        "deadline",
-    )
+    __slots__ = ("_call_args", "_deadline_args", "_func", "_slots", "_slots_view", "_trap", "deadline")
 
     def __init__(self, store: wasmtime.Store, func: wasmtime.Func, n_params: int, n_results: int, deadline: int):
-        self._context = _address(store._context())
+        context = _c_void_p(_address(store._context()))
         self._func = func._func  # keep the wasmtime_func_t alive
-        self._func_address = ctypes.addressof(self._func)
-        self._count = max(n_params, n_results, 1)
-        self._slots = (ctypes.c_byte * (_SLOT * self._count))()
-        self._slots_address = ctypes.addressof(self._slots)
+        count = max(n_params, n_results, 1)
+        self._slots = (ctypes.c_byte * (_SLOT * count))()
         # The slots as int64s: slot i's i32/i64 is item 2 * i (a slot is 16 bytes).
         self._slots_view = memoryview(self._slots).cast("B").cast("q")
         self._trap = _c_void_p()
-        self._trap_ref = ctypes.byref(self._trap)
         self.deadline = deadline
+        # Every call passes the same arguments: built once, as ctypes objects (see _untyped).
+        self._deadline_args = (context, ctypes.c_uint64(deadline))
+        self._call_args = (
+            context,
+            _c_void_p(ctypes.addressof(self._func)),
+            _c_void_p(ctypes.addressof(self._slots)),
+            _c_size_t(count),
+            ctypes.byref(self._trap),
+        )
 
     def __call__(self, *args: int) -> int:
         """Call with i32 arguments, releasing the GIL while wasm runs; see :meth:`call`."""
@@ -287,8 +295,7 @@ class NativeFunc:
         ticks without the GIL (``engine.calls_may_hold_gil``), or a looping
         guest would never be stopped.
         """
-        context = self._context
-        _set_epoch_deadline(context, self.deadline)
+        _set_epoch_deadline_raw(*self._deadline_args)
         slots = self._slots_view
         index = 0
         for arg in args:
@@ -296,8 +303,8 @@ class NativeFunc:
             index += 2
         trap = self._trap
         trap.value = None
-        call = _func_call_unchecked_holding_gil if hold_gil else _func_call_unchecked
-        error = call(context, self._func_address, self._slots_address, self._count, self._trap_ref)
+        call = _func_call_raw_holding_gil if hold_gil else _func_call_raw
+        error = call(*self._call_args)
         if error:
             raise _error_from(error)
         if trap.value:
