@@ -10,7 +10,10 @@ For every scenario and every execution mode it starts ``twistd web`` (plain) and
 ``twistd httpwasm`` (the same ``bench.downstream.Hello`` resource behind a guest)
 one after the other, ``--rounds`` times, alternating plain and wasm, loads each
 with ``wrk`` over loopback, and reports the median of the rounds and the ratios
-wasm/plain. See bench/README.md.
+wasm/plain, and the server's CPU time per request (user + system, from /proc),
+whose plain/wasm ratio is what the throughput ratio would be for a server with
+a core to itself: wrk shares the two cores, and other load on this machine moves
+throughput far more than it moves CPU time per request. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ class WrkResult:
     requests: int
     non_2xx: int
     socket_errors: int
+    #: The server process's CPU time (user + system, all threads) per request it answered to wrk.
+    cpu_us_per_request: float | None = None
 
 
 @dataclass
@@ -147,9 +152,25 @@ class Pair:
 
     def median(self, side: str, attr: str) -> float | None:
         runs: list[WrkResult] = getattr(self, side)
-        if not runs:
+        values = [float(value) for r in runs if (value := getattr(r, attr)) is not None]
+        if not values:
             return None
-        return float(statistics.median(float(getattr(r, attr)) for r in runs))
+        return float(statistics.median(values))
+
+    def paired_ratio(self, attr: str, invert: bool = False) -> float | None:
+        """The median over rounds of wasm/plain (plain/wasm if ``invert``), each round's two runs side by side.
+
+        Each round measures plain and then the guest, seconds apart, so a change in
+        the machine's speed between rounds cancels out of that round's ratio.
+        """
+        ratios = []
+        for plain, wasm in zip(self.plain, self.wasm, strict=False):
+            a, b = getattr(wasm, attr), getattr(plain, attr)
+            if invert:
+                a, b = b, a
+            if a is not None and b:
+                ratios.append(a / b)
+        return float(statistics.median(ratios)) if ratios else None
 
     def errors(self, side: str) -> int:
         runs: list[WrkResult] = getattr(self, side)
@@ -416,6 +437,17 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 """
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds the process (all its threads) has used; None where /proc has no answer."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # After the ")" closing the command name, utime and stime are the 12th and 13th fields.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_wrk(
     wrk: str,
     args: argparse.Namespace,
@@ -463,18 +495,23 @@ def measure(
 ) -> WrkResult:
     port = free_port()
     log_path = workdir / f"{scenario.name}-{mode}-{side}.log"
-    with server(server_command(side, scenario, mode, port), port, log_path):
+    with server(server_command(side, scenario, mode, port), port, log_path) as proc:
         probe(port, scenario, side)
         if args.warmup > 0:
             run_wrk(wrk, args, port, scenario, args.warmup, lua)
+        cpu_before = cpu_seconds(proc.pid)
         result = run_wrk(wrk, args, port, scenario, args.duration, lua)
+        cpu_after = cpu_seconds(proc.pid)
+    if cpu_before is not None and cpu_after is not None and result.requests:
+        result.cpu_us_per_request = (cpu_after - cpu_before) / result.requests * 1e6
     # both sides log one access line per request: ~15 MB per 10 s; keep only failures
     log_path.unlink(missing_ok=True)
     errors = result.non_2xx + result.socket_errors
     note = f", {errors} errors" if errors else ""
+    cpu = f"  cpu {fmt(result.cpu_us_per_request, '6.1f')} us/req"
     log(
         f"  {scenario.name:<13} {mode:<6} {side:<5} {result.requests_per_sec:9.1f} req/s"
-        f"  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms{note}"
+        f"  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms{cpu}{note}"
     )
     return result
 
@@ -496,9 +533,12 @@ def table(pairs: Sequence[Pair]) -> str:
         "plain req/s",
         "wasm req/s",
         "wasm/plain",
+        "paired",
         "plain p50/p99 ms",
         "wasm p50/p99 ms",
         "p99 wasm/plain",
+        "cpu us/req plain/wasm",
+        "plain/wasm cpu",
     )
     rows: list[tuple[str, ...]] = [headers]
     for p in pairs:
@@ -508,6 +548,7 @@ def table(pairs: Sequence[Pair]) -> str:
         )
         p50, p99 = p.median("plain", "p50_ms"), p.median("plain", "p99_ms")
         w50, w99 = p.median("wasm", "p50_ms"), p.median("wasm", "p99_ms")
+        pcpu, wcpu = p.median("plain", "cpu_us_per_request"), p.median("wasm", "cpu_us_per_request")
         flag = " !" if p.errors("plain") or p.errors("wasm") else ""
         flag += " FAILED" if p.failures else ""
         rows.append(
@@ -517,9 +558,12 @@ def table(pairs: Sequence[Pair]) -> str:
                 fmt(prps, ".1f"),
                 fmt(wrps, ".1f"),
                 fmt(ratio(wrps, prps), ".3f"),
+                fmt(p.paired_ratio("requests_per_sec"), ".3f"),
                 f"{fmt(p50, '.2f')}/{fmt(p99, '.2f')}",
                 f"{fmt(w50, '.2f')}/{fmt(w99, '.2f')}",
                 fmt(ratio(w99, p99), ".3f"),
+                f"{fmt(pcpu, '.1f')}/{fmt(wcpu, '.1f')}",
+                fmt(p.paired_ratio("cpu_us_per_request", invert=True), ".3f"),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
@@ -672,7 +716,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "wasm": [asdict(r) for r in p.wasm],
                     "failures": p.failures,
                     "median": {
-                        side: {attr: p.median(side, attr) for attr in ("requests_per_sec", "p50_ms", "p99_ms")}
+                        side: {
+                            attr: p.median(side, attr)
+                            for attr in ("requests_per_sec", "p50_ms", "p99_ms", "cpu_us_per_request")
+                        }
                         for side in sides
                     },
                     "ratio_rps": ratio(
@@ -680,6 +727,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         p.median("plain", "requests_per_sec"),
                     ),
                     "ratio_p99": ratio(p.median("wasm", "p99_ms"), p.median("plain", "p99_ms")),
+                    # The same ratio, round by round (each round's two runs were seconds apart).
+                    "ratio_rps_paired": p.paired_ratio("requests_per_sec"),
+                    # Plain's CPU per request over the guest's, round by round: the throughput ratio
+                    # of a server that has a core to itself.
+                    "ratio_cpu": p.paired_ratio("cpu_us_per_request", invert=True),
                 }
                 for p in pairs
             ],
