@@ -475,8 +475,9 @@ class GuestInstance:
     def _call(self, function: NativeFunc, state: RequestState, inline: bool, *args: int) -> int:
         if not _engine.serving:  # the first call in this process (after a fork too) starts the clock
             _engine.serve_time_limits()
+        # Guest calls never nest on one thread (no host function calls a guest, and an instance is
+        # made before its request's call, not during it): the target is None before and after.
         current = _native.current
-        previous = current.target
         current.target = self
         self.state = state
         failed: str | None = None
@@ -498,7 +499,7 @@ class GuestInstance:
             if observed:
                 state.calls.append((state.phase, started, time.monotonic(), failed))
             self.state = None
-            current.target = previous
+            current.target = None
             if self._outputs:
                 self._log_output()
             call_log = self.call_log

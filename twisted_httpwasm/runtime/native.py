@@ -129,15 +129,9 @@ class GuestCallError(Exception):
 
 
 class _Current(threading.local):
-    """The object whose guest this thread is running, for host callbacks.
-
-    ``caller`` is the ``wasmtime_caller_t`` of the latest host call on this
-    thread, for :class:`CallerMemory`: valid only while that call runs (it is
-    not cleared after, to keep host calls cheap; only host functions use it).
-    """
+    """The object whose guest this thread is running, for host callbacks."""
 
     target: Any = None
-    caller: int | None = None
 
 
 current = _Current()
@@ -160,7 +154,8 @@ def define_host_function(
     """Define ``module.name`` in ``linker`` as an unchecked host function.
 
     ``function`` receives ``current.target`` (the object whose guest this
-    thread is running) and the i32 parameters as Python ints (signed, as wasm
+    thread is running; its ``memory`` is a :class:`NativeMemory`, told the
+    call's caller when it is a :class:`CallerMemory`) and the i32 parameters as Python ints (signed, as wasm
     passes them), and returns the single result, or ``None``.  When it raises
     :class:`HostTrap`, ``on_trap(target, name, trap)`` gives the message the
     guest traps with (so the function's name is added in one place, not by
@@ -182,8 +177,10 @@ def define_host_function(
     def callback(_env: int, caller: int, slots: int, _n: int) -> int:
         try:
             try:
-                local.caller = caller
                 target = local.target
+                memory = target.memory
+                if memory.per_call:  # a CallerMemory, found through this call's caller
+                    memory.caller = caller
                 value = function(target, *unpack(_string_at(slots, span))) if n_params else function(target)
                 if result_type is not None:
                     result_type.from_address(slots).value = value or 0
@@ -324,6 +321,8 @@ class NativeMemory:
     """
 
     __slots__ = ("_base", "_context", "_memory", "_memory_address", "_size", "_view")
+    #: Whether host calls must tell the memory their caller (see :class:`CallerMemory`).
+    per_call = False
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory):
         self._context = _address(store._context())
@@ -383,13 +382,16 @@ class CallerMemory(NativeMemory):
     instance exists.
     """
 
-    __slots__ = ("_extern",)
+    __slots__ = ("_extern", "caller")
+    per_call = True
 
-    def __init__(self) -> None:  # bound at each access, from the current caller
-        pass
+    def __init__(self) -> None:  # bound at each access, from the caller of the host call in progress
+        #: The ``wasmtime_caller_t`` of the latest host call into this instance: valid only while
+        #: that call runs (it is not cleared after, to keep host calls cheap; only they read it).
+        self.caller: int | None = None
 
     def _bind(self) -> None:
-        caller = current.caller
+        caller = self.caller
         if not caller:
             raise HostTrap("the guest's memory is not reachable outside a host call")
         extern = ffi.wasmtime_extern_t()
