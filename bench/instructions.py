@@ -17,7 +17,12 @@ instructions, where timings on this shared machine move by 20 %.
 Modes: ``plain`` (``Site(Hello())``, as ``twistd web --class``), ``inline`` (the
 site ``twistd httpwasm --execution inline`` builds), ``guestsite`` (``GuestSite``
 around ``Hello`` without a guest: what the site alone adds) and ``resource``
-(``Site`` around the guest resource: what the guest adds, without ``GuestSite``).
+(``Site`` around the guest resource: what the guest adds, without ``GuestSite``),
+and two that leave Twisted out to show the floor under the guest's share:
+``session`` (a bare ``RequestState`` and ``guest.session(...)``: the pool, both
+guest calls and their wrappers, as the filter uses them, inline) and ``calls``
+(the two exports called straight through ``NativeFunc.call`` on one pinned
+instance: what ctypes and wasmtime cost, with nothing of ours around them).
 Thread mode is not counted: its cost is in thread hand-offs, which this does not
 measure (``bench.inprocess`` and ``bench.run`` do).
 """
@@ -33,12 +38,44 @@ import sys
 
 from bench.run import SCENARIOS
 
-MODES = ("plain", "inline", "guestsite", "resource")
+MODES = ("plain", "inline", "guestsite", "resource", "session", "calls")
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+def _drive_runtime(scenario: str, mode: str, requests: int) -> None:
+    """The runtime's share of a request, without Twisted: ``session`` or ``calls`` (see the module's doc)."""
+    from bench.run import GUESTS
+    from twisted_httpwasm.runtime import native
+    from twisted_httpwasm.runtime.guest import Guest
+    from twisted_httpwasm.runtime.state import RequestState
+
+    case = {s.name: s for s in SCENARIOS}[scenario]
+    options = {"config": case.guest_config.encode()} if case.guest_config else {}
+    guest = Guest.load(str(GUESTS / case.guest), **options)
+    if mode == "session":
+        for _ in range(requests):
+            state = RequestState(method=case.method.encode(), uri=case.path.encode(), body=None)
+            session = guest.session(state, inline=True)
+            if session.handle_request():
+                state.enter_response_phase(200)
+                session.handle_response()
+        return
+    # calls: the two exports alone, as the session calls them (GIL kept), on one pinned instance.
+    instance = guest.pool.acquire()
+    state = RequestState(method=case.method.encode(), uri=case.path.encode(), body=None)
+    instance.state = state
+    native.current.target = instance
+    handle_request, handle_response = instance._handle_request, instance._handle_response
+    for _ in range(requests):
+        handle_request.call(True)
+        handle_response.call(True, 0, 0)
 
 
 def _drive(scenario: str, mode: str, requests: int) -> None:
     """In the process valgrind runs: build the case's site and serve ``requests`` requests."""
+    if mode in ("session", "calls"):
+        _drive_runtime(scenario, mode, requests)
+        return
     from twisted.web.server import Site
 
     from bench import inprocess
