@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             if mode == "plain":
                 plain = per_request
-            over = f"+{per_request - plain:,.0f} ({per_request / plain - 1:+.0%})" if plain and mode != "plain" else ""
+            over = ""
+            if plain and mode in ("inline", "guestsite", "resource"):
+                over = f"+{per_request - plain:,.0f} ({per_request / plain - 1:+.0%})"
+            elif mode in ("session", "calls"):
+                over = "(runtime only: no Twisted)"
             print(f"| {scenario} | {mode} | {per_request:,.0f} | {over} |", flush=True)
     return 0
 
