@@ -35,7 +35,7 @@ from .observe import NO_OBSERVER, GuestObserver
 from .output import CapturedOutput
 from .pool import GuestPool, GuestUnavailable
 from .session import GuestSession
-from .state import Phase, RequestState
+from .state import REQUEST_PHASE, RequestState
 
 __all__ = [
     "DEFAULT_LOG_BYTES",
@@ -113,8 +113,6 @@ _REQUIRED_FUNCTIONS = {
     "handle_response": _ExportSpec((_I32, _I32), ()),
 }
 _INIT_FUNCTIONS = ("_initialize", "_start")
-# Read once: in Python 3.11 an Enum class's attribute costs ~5x a plain one (EnumType.__getattr__).
-_REQUEST_PHASE = Phase.REQUEST
 
 
 def _signature(ty: wasmtime.FuncType) -> str:
@@ -548,7 +546,7 @@ class GuestInstance:
     def request_call(self, state: RequestState, inline: bool = False) -> int:
         """Run ``handle_request`` for ``state``; its raw i64 result (see ``abi.unpack_ctx_next``)."""
         state.features |= self.features
-        state.phase = _REQUEST_PHASE
+        state.phase = REQUEST_PHASE
         return self._call(self._handle_request, state, inline)
 
     def handle_response(self, state: RequestState, req_ctx: int, is_error: bool, inline: bool = False) -> None:

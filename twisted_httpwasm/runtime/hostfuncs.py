@@ -26,7 +26,7 @@ from ..abi import (
     pack_eof_len,
 )
 from .native import HostTrap, NativeMemory
-from .state import BodyTooLarge, HeaderList, Phase, RequestState
+from .state import REQUEST_PHASE, RESPONSE_PHASE, BodyTooLarge, HeaderList, RequestState
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -48,11 +48,7 @@ _SUPPORTED = int(SUPPORTED_FEATURES)
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
 _BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
 
-# Enum members read on every host call are read once here: in Python 3.11 an Enum class's
-# attribute costs ~5x a plain one (EnumType defines __getattr__, which slows every lookup).
-_REQUEST_PHASE = Phase.REQUEST
-_RESPONSE_PHASE = Phase.RESPONSE
-_LOG_NONE = int(LogLevel.NONE)
+_LOG_NONE = int(LogLevel.NONE)  # an int: LogLevel.NONE is an Enum class attribute (see state.REQUEST_PHASE)
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FIELD_VALUE_FORBIDDEN = re.compile(rb"[\x00\r\n]")
@@ -169,11 +165,11 @@ _TRAILERS = (int(HeaderKind.REQUEST_TRAILERS), int(HeaderKind.RESPONSE_TRAILERS)
 def _headers_to_change(state: RequestState, kind: int) -> HeaderList:
     # The kind is compared as an int: making a HeaderKind per host call cost more than the rest of the check.
     if kind == _REQUEST_HEADERS:
-        if state.phase is not _REQUEST_PHASE:
+        if state.phase is not REQUEST_PHASE:
             _require_request_phase(state, "request headers")
         return state.request_headers
     if kind == _RESPONSE_HEADERS:
-        if state.phase is _RESPONSE_PHASE:
+        if state.phase is RESPONSE_PHASE:
             _require_response_writable(state, "response headers")
         return state.response_headers
     if kind in _TRAILERS:
@@ -182,12 +178,12 @@ def _headers_to_change(state: RequestState, kind: int) -> HeaderList:
 
 
 def _require_request_phase(state: RequestState, what: str) -> None:
-    if state.phase is not _REQUEST_PHASE:
+    if state.phase is not REQUEST_PHASE:
         raise HostTrap(f"too late to change the {what} after the next handler ran")
 
 
 def _require_response_writable(state: RequestState, what: str) -> None:
-    if state.phase is _RESPONSE_PHASE and not state.features & _BUFFER_RESPONSE:
+    if state.phase is RESPONSE_PHASE and not state.features & _BUFFER_RESPONSE:
         raise HostTrap(f"the {what} may already be sent; enable buffer_response to change it in handle_response")
 
 
@@ -240,7 +236,7 @@ def enable_features(ctx: HostContext, features: int) -> int:
     if state is None:
         ctx.features |= wanted
         return ctx.features
-    if state.phase is _REQUEST_PHASE:
+    if state.phase is REQUEST_PHASE:
         state.features |= wanted
     return state.features
 
@@ -381,11 +377,11 @@ def read_body(ctx: HostContext, kind: int, buf: int, buf_limit: int) -> int:
     if not ctx.memory.holds(buf, limit):
         raise HostTrap(f"buffer of {limit} bytes at {buf & _U32} is outside memory")
     if body_kind is BodyKind.REQUEST:
-        if state.phase is _RESPONSE_PHASE and not state.features & _BUFFER_REQUEST:
+        if state.phase is RESPONSE_PHASE and not state.features & _BUFFER_REQUEST:
             raise HostTrap("the request body is gone; enable buffer_request to read it in handle_response")
         chunk, eof = state.request_reader.read(limit)
     else:
-        if state.phase is _RESPONSE_PHASE and not state.features & _BUFFER_RESPONSE:
+        if state.phase is RESPONSE_PHASE and not state.features & _BUFFER_RESPONSE:
             raise HostTrap("enable buffer_response to read the response body")
         body = state.response_body or b""
         start = state.response_reader_position

@@ -87,8 +87,7 @@ class _Stage(enum.Enum):
     DONE = "done"
 
 
-# Enum members read on every request are read once here: in Python 3.11 an Enum class's
-# attribute costs ~5x a plain one (EnumType defines __getattr__, which slows every lookup).
+# The stages, read once: an Enum class's attribute is slow in Python 3.11 (see state.REQUEST_PHASE).
 _GUEST_REQUEST, _DOWNSTREAM, _GUEST_RESPONSE, _DONE = (
     _Stage.GUEST_REQUEST,
     _Stage.DOWNSTREAM,
