@@ -149,7 +149,7 @@ class GuestPool(Generic[InstanceT]):
                         continue
                     self._lent(instance, for_request)
                     return instance
-                stats = self.stats  # the common case, without recycling: what _lent does, in line
+                stats = self.stats  # the common case, without recycling: what _lent does, in line (hot path)
                 stats.in_use = in_use = stats.in_use + 1
                 stats.idle = len(idle)
                 if in_use > stats.peak_in_use:
@@ -168,9 +168,7 @@ class GuestPool(Generic[InstanceT]):
             # The instance being made counts as lent from now: an instance given
             # back while it is made must not make the pool look bigger than the
             # concurrency that needed it (in_use + idle is every live instance).
-            stats.in_use = in_use = stats.in_use + 1
-            if in_use > stats.peak_in_use:
-                stats.peak_in_use = in_use
+            self._count_in_use()
         try:
             instance = self._factory()
         except Exception as error:
@@ -214,11 +212,15 @@ class GuestPool(Generic[InstanceT]):
         usage = self._usage.get(instance)
         if usage is not None and for_request:
             usage[0] += 1
+        self._count_in_use()
+        self.stats.idle = len(self._idle)
+
+    def _count_in_use(self) -> None:
+        """One more instance lent (or being made); the caller holds the lock."""
         stats = self.stats
-        stats.in_use += 1
-        stats.idle = len(self._idle)
-        if stats.in_use > stats.peak_in_use:
-            stats.peak_in_use = stats.in_use
+        stats.in_use = in_use = stats.in_use + 1
+        if in_use > stats.peak_in_use:
+            stats.peak_in_use = in_use
 
     def release(self, instance: InstanceT) -> None:
         """Give back an instance; one that trapped is discarded, never lent again.
