@@ -54,21 +54,28 @@ class EpochClockTests(SynchronousTestCase):
 #: Calls a looping guest inline (keeping the GIL when the clock allows) and not, then on another
 #: thread, and reports what stopped each call and which Python threads the clock needed.
 SERVING_CLOCK_SCRIPT = """
-import os, sys, threading
+import os, sys, threading, time
 from tests.support import module, request_state
 from tests.test_daemon import LOOPING_GUEST
 from twisted_httpwasm import Guest, GuestTrap
-from twisted_httpwasm.runtime import engine
+from twisted_httpwasm.runtime import engine, native
 
 guest = Guest(module(LOOPING_GUEST), timeout=0.3, cache=False)
 instance = guest.pool.acquire()
 for inline in (True, False):
+    # Quick calls first, then the looping one at once: it may reuse the deadline they armed.
+    for _ in range(100):
+        instance.handle_request(request_state(uri=b"/"), inline)
+    started = time.monotonic()
     try:
         instance.handle_request(request_state(uri=b"/loop"), inline)
     except GuestTrap as trap:
+        took = time.monotonic() - started
         print("inline" if inline else "released", trap.timed_out, trap.reason, flush=True)
+        print("got at least its limit:", took >= 0.3, "and not much more:", took < 0.3 + 1.0, flush=True)
     instance = guest.pool.acquire()
 print("may hold gil:", engine.calls_may_hold_gil, flush=True)
+print("rearm window:", native.rearm_window, flush=True)
 print("python threads:", sorted(t.name for t in threading.enumerate()), flush=True)
 # A guest call on another thread (thread mode) is stopped by the same clock.
 def other() -> None:
@@ -111,6 +118,9 @@ class ServingClockTests(SynchronousTestCase):
         self.assertIn("other thread True\n", out)
         self.assertIn("may hold gil: True\n", out)
         self.assertIn("python threads: ['MainThread']\n", out)
+        # Calls within a tick reuse the deadline armed last, and a looping call still gets its whole limit.
+        self.assertIn(f"rearm window: {_engine.EPOCH_INTERVAL}\n", out)
+        self.assertEqual(out.count("got at least its limit: True and not much more: True\n"), 2, out)
 
     def test_the_python_clock_still_stops_looping_guests(self) -> None:
         """Where there is no such timer (forced here), the clock is a Python thread and calls release the GIL."""
@@ -120,3 +130,6 @@ class ServingClockTests(SynchronousTestCase):
         self.assertIn("other thread True\n", out)
         self.assertIn("may hold gil: False\n", out)
         self.assertIn("python threads: ['MainThread', 'httpwasm-epoch']\n", out)
+        # The Python clock catches up in bursts: every call arms its own deadline.
+        self.assertIn("rearm window: 0.0\n", out)
+        self.assertEqual(out.count("got at least its limit: True and not much more: True\n"), 2, out)

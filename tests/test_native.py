@@ -14,12 +14,13 @@ import wasmtime
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm.abi import HOST_FUNCTIONS, HOST_MODULE, LogLevel
+from twisted_httpwasm.runtime import engine, native
 from twisted_httpwasm.runtime.guest import Guest, GuestTrap
 from twisted_httpwasm.runtime.hostfuncs import IMPLEMENTATIONS, HostImplementation, trap_reason
 from twisted_httpwasm.runtime.native import HostTrap
 from twisted_httpwasm.runtime.state import RequestState
 
-from .support import module, request_state
+from .support import NOOP_RESPONSE, make_guest, module, request_state
 
 #: Calls most host functions and keeps every result in memory at 2048.. (8 bytes each).
 BUSY_GUEST = """
@@ -245,3 +246,52 @@ class GrownMemoryTests(SynchronousTestCase):
         with self.assertRaises(GuestTrap) as caught:
             guest.pool.acquire().handle_request(request_state(uri=b"/past-the-end"))
         self.assertIn("out of bounds memory access: 8 bytes at 131068", caught.exception.reason)
+
+
+class DeadlineArmingTests(SynchronousTestCase):
+    """A guest call arms its epoch deadline, unless a call of the same export armed it within ``rearm_window``."""
+
+    def setUp(self) -> None:
+        if not engine.serving:
+            engine.serve_time_limits()  # as the first guest call would: it sets the window, which the tests patch
+        self.now = [100.0]
+        self.armed: list[tuple[Any, ...]] = []
+        real = native._set_epoch_deadline_raw
+
+        def arm(*args: Any) -> None:
+            self.armed.append(args)
+            real(*args)
+
+        self.patch(native, "_monotonic", lambda: self.now[0])
+        self.patch(native, "_set_epoch_deadline_raw", arm)
+        guest = make_guest('(func (export "handle_request") (result i64) (i64.const 1))', NOOP_RESPONSE, timeout=0.5)
+        self.instance = guest.pool.acquire()
+        self.state = request_state(uri=b"/")
+
+    def call(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.instance.handle_request(self.state)
+
+    def test_every_call_arms_without_a_window(self) -> None:
+        """The Python clock (window 0) catches up in bursts: each call arms a deadline of its own."""
+        self.patch(native, "rearm_window", 0.0)
+        self.call(3)
+        self.assertEqual(len(self.armed), 3)
+
+    def test_calls_within_the_window_reuse_the_deadline(self) -> None:
+        """With the timer clock's window of a tick, the calls of one tick arm once; the next tick arms again."""
+        self.patch(native, "rearm_window", engine.EPOCH_INTERVAL)
+        self.call(50)
+        self.assertEqual(len(self.armed), 1)
+        self.now[0] += engine.EPOCH_INTERVAL * 0.99
+        self.call()
+        self.assertEqual(len(self.armed), 1)
+        self.now[0] += engine.EPOCH_INTERVAL * 0.02
+        self.call()
+        self.assertEqual(len(self.armed), 2)
+
+    def test_a_reused_deadline_covers_the_ticks_that_may_pass_meanwhile(self) -> None:
+        """The deadline is the call's limit in ticks plus the margin, so a reused one still gives the whole limit."""
+        self.call()
+        ticks = self.armed[0][1].value
+        self.assertEqual(ticks, engine.deadline_ticks(0.5) + native.REARM_MARGIN_TICKS)

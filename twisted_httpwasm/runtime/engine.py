@@ -123,6 +123,7 @@ def serve_time_limits() -> None:
             idle = _clock
             _stop_clock()  # the loading clock, if an instance is being made right now: the timer takes over
             calls_may_hold_gil = True
+            _native.rearm_window = EPOCH_INTERVAL  # the timer never ticks in bursts (see NativeFunc.call)
         else:
             idle = None
             _start_clock()
@@ -173,6 +174,7 @@ def _forget_clock_after_fork() -> None:
     _clock = None
     _timer = None  # POSIX timers are not inherited
     serving = calls_may_hold_gil = False
+    _native.rearm_window = 0.0
     _instances_being_made = 0
 
 

@@ -17,6 +17,7 @@ import ctypes
 import re
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "current",
     "define_host_function",
     "increment_epoch",
+    "rearm_window",
     "set_epoch_deadline",
 ]
 
@@ -87,6 +89,18 @@ _caller_export_get = _quick(
 )
 _caller_context = _quick("wasmtime_caller_context", _c_void_p, _c_void_p)
 _EXTERN_MEMORY = int(ffi.WASMTIME_EXTERN_MEMORY.value)
+
+#: Seconds for which the epoch deadline a call of an export armed also serves that export's next
+#: calls (0: every call re-arms).  The engine sets one tick (``EPOCH_INTERVAL``) while its serving
+#: clock is the kernel timer, which adds ticks one at a time (never in bursts to catch up, as the
+#: Python clock does): arming costs a call into C (~2.5k instructions, a quarter of a short guest
+#: call), and a busy instance is called thousands of times per tick.
+rearm_window = 0.0
+#: Ticks a deadline is armed with beyond the call's own limit: the epoch may have moved on since
+#: the deadline a call reuses was armed (one tick within the window, and one late from the timer's
+#: thread), and a call must never get less than its limit.
+REARM_MARGIN_TICKS = 2
+_monotonic = time.monotonic
 
 _UncheckedCallback = ctypes.CFUNCTYPE(_c_size_t, _c_void_p, _c_void_p, _c_void_p, _c_size_t)
 _define_func_unchecked = _proto(
@@ -257,7 +271,16 @@ class NativeFunc:
     Not thread-safe: one call at a time, like the store it belongs to.
     """
 
-    __slots__ = ("_call_args", "_deadline_args", "_func", "_slots", "_slots_view", "_trap", "deadline")
+    __slots__ = (
+        "_armed_until",
+        "_call_args",
+        "_deadline_args",
+        "_func",
+        "_slots",
+        "_slots_view",
+        "_trap",
+        "deadline",
+    )
 
     def __init__(self, store: wasmtime.Store, func: wasmtime.Func, n_params: int, n_results: int, deadline: int):
         context = _c_void_p(_address(store._context()))
@@ -268,8 +291,9 @@ class NativeFunc:
         self._slots_view = memoryview(self._slots).cast("B").cast("q")
         self._trap = _c_void_p()
         self.deadline = deadline
+        self._armed_until = 0.0  # until when the deadline armed last is good for the next call
         # Every call passes the same arguments: built once, as ctypes objects (see _untyped).
-        self._deadline_args = (context, ctypes.c_uint64(deadline))
+        self._deadline_args = (context, ctypes.c_uint64(deadline + REARM_MARGIN_TICKS))
         self._call_args = (
             context,
             _c_void_p(ctypes.addressof(self._func)),
@@ -285,14 +309,20 @@ class NativeFunc:
     def call(self, hold_gil: bool, *args: int) -> int:
         """Call with i32 arguments; return the first result slot as an i64.
 
-        The epoch deadline (the time limit, in ticks) is re-armed for every call.
+        The epoch deadline (the time limit, in ticks) is armed for the call,
+        unless a call of this export armed it less than ``rearm_window`` ago: a
+        deadline is an epoch count, and while the clock has not moved on (by
+        more than ``REARM_MARGIN_TICKS``) the one armed then is as good as a new one.
         ``hold_gil``: keep the GIL while wasm runs, which saves releasing and
         retaking it (several µs a call); only when nothing else needs to run
         meanwhile (an inline call on the reactor thread) and the epoch clock
         ticks without the GIL (``engine.calls_may_hold_gil``), or a looping
         guest would never be stopped.
         """
-        _set_epoch_deadline_raw(*self._deadline_args)
+        now = _monotonic()
+        if now >= self._armed_until:
+            _set_epoch_deadline_raw(*self._deadline_args)
+            self._armed_until = now + rearm_window
         slots = self._slots_view
         index = 0
         for arg in args:
