@@ -94,7 +94,7 @@ _EXTERN_MEMORY = int(ffi.WASMTIME_EXTERN_MEMORY.value)
 #: calls (0: every call re-arms).  The engine sets one tick (``EPOCH_INTERVAL``) while its serving
 #: clock is the kernel timer, which adds ticks one at a time (never in bursts to catch up, as the
 #: Python clock does): arming costs a call into C (~2.5k instructions, a quarter of a short guest
-#: call), and a busy instance is called thousands of times per tick.
+#: call), and a busy instance is called hundreds of times per tick.
 rearm_window = 0.0
 #: Ticks a deadline is armed with beyond the call's own limit: the epoch may have moved on since
 #: the deadline a call reuses was armed (one tick within the window, and one late from the timer's
