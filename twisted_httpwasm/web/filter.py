@@ -143,9 +143,8 @@ class RequestFilter:
         self.settings = settings
         guest = self.guest = settings.guest  # read once: a guest replaced mid-request keeps this request
         self.request = request
-        self.state = state = TwistedRequestState(
-            method=request.method, uri=request.uri, body=request.content, max_buffer_bytes=guest.max_buffer_bytes
-        )
+        # By position: see RequestState.__init__.
+        self.state = state = TwistedRequestState(request.method, request.uri, request.content, guest.max_buffer_bytes)
         state.request = request
         state.client_headers = request.requestHeaders
         self.inline = inline = type(settings.runner) is InlineRunner
