@@ -109,7 +109,8 @@ def _drive(scenario: str, mode: str, requests: int) -> None:
 
 
 def _count(scenario: str, mode: str, requests: int) -> int:
-    python = os.path.realpath(sys.executable)  # not a pyenv shim: valgrind must run Python itself
+    # sys.executable as the tests start their children: in a virtualenv it is the venv's python (a
+    # symlink), which finds the venv's site-packages; its realpath would be the base interpreter.
     command = [
         "setarch",
         "-R",
@@ -117,7 +118,7 @@ def _count(scenario: str, mode: str, requests: int) -> int:
         "--tool=cachegrind",
         "--cache-sim=no",
         "--cachegrind-out-file=/dev/null",
-        python,
+        sys.executable,
         "-m",
         "bench.instructions",
         "--_drive",
