@@ -51,6 +51,7 @@ from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import observability, sources
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError, WatchService
+from .twisted_internals import add_headers_resource, exit_on_usage_error, forget_option, forget_short_option
 from .workers import TCPListen, WorkersService
 
 __all__ = ["DEMO_LISTEN", "Options", "makeService", "make_site", "parse_size"]
@@ -185,7 +186,9 @@ then are cut and logged. twistd then exits with status 0.
         try:
             web_tap.Options.parseOptions(self, options)
         except usage.UsageError as error:
-            raise usage.UsageError(_with_twistd_hint(str(error))) from None
+            refusal = usage.UsageError(_with_twistd_hint(str(error)))
+            exit_on_usage_error(self, refusal)  # an older twistd would exit with status 0
+            raise refusal from None
 
     # -- guests -------------------------------------------------------------------
 
@@ -591,13 +594,9 @@ _UNKNOWN_OPTION = re.compile(r"option (-[^-]|--[^=\s]+) not recognized")
 
 def _drop_twistd_collisions(options: usage.Options) -> None:
     """Forget the deprecated ``twistd web`` options that collide with ``twistd`` flags (see above)."""
-    options.longOpt.remove(_DROPPED_NOTRACEBACKS)
-    for table in (options.docs, options.synonyms, options.defaults, options._dispatch):
-        table.pop(_DROPPED_NOTRACEBACKS, None)
-    del options[_DROPPED_NOTRACEBACKS]
+    forget_option(options, _DROPPED_NOTRACEBACKS)
     for short in _DROPPED_SHORT_NAMES:
-        del options.synonyms[short]
-        options.shortOpt = re.sub(f"{short}:?", "", options.shortOpt)
+        forget_short_option(options, short)
 
 
 def _with_twistd_hint(reason: str) -> str:
@@ -742,7 +741,7 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     if isinstance(downstream, WSGIResource) and not config["wsgi-keep-underscore-headers"]:
         downstream = UnderscoreHeaderGuard(downstream)
     if config["extraHeaders"]:
-        downstream = web_tap._AddHeadersResource(downstream, config["extraHeaders"])
+        downstream = add_headers_resource(downstream, config["extraHeaders"])
 
     root = downstream
     guests = _load_guests(config)

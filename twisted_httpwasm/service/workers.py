@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT
+from .twisted_internals import tcp_endpoint_address
 
 __all__ = ["TCPListen", "WorkersService"]
 
@@ -79,7 +80,7 @@ class TCPListen:
         endpoint = endpoints.serverFromString(reactor, description)  # type: ignore[no-untyped-call]
         if not isinstance(endpoint, endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint):
             return None
-        return cls(description, endpoint._interface, endpoint._port, endpoint._backlog)
+        return cls(description, *tcp_endpoint_address(endpoint))
 
     @property
     def family(self) -> socket.AddressFamily:

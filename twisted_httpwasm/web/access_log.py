@@ -19,9 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.web.http import _escape, combinedLogFormatter
+from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IAccessLogFormatter
 from zope.interface import provider
+
+from .twisted_internals import escape_log_field, request_disconnected
 
 __all__ = ["RequestLog", "access_log_formatter", "client_uri", "printable", "remember_client_uri", "request_id_of"]
 
@@ -68,7 +70,7 @@ def access_log_formatter(timestamp: str, request: Any) -> str:
         line = combinedLogFormatter(timestamp, request)
     finally:
         request.uri = rewritten
-    return f'{line} "{_escape(rewritten)}"'
+    return f'{line} "{escape_log_field(rewritten)}"'
 
 
 # -- one structured event per request and guest (--log-format json) ----------------------------
@@ -79,7 +81,7 @@ def after_response(request: Any, then: Callable[[], object]) -> None:
 
     A guest's part may end before the response's status is set (a trap answers 500 after).
     """
-    if getattr(request, "finished", True) or getattr(request, "_disconnected", False):
+    if getattr(request, "finished", True) or request_disconnected(request):
         then()
     else:
         request.notifyFinish().addBoth(lambda _: then())

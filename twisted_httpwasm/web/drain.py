@@ -34,6 +34,8 @@ from twisted.web.http import HTTPChannel
 from twisted.web.iweb import INonQueuedRequestFactory
 from zope.interface import directlyProvides
 
+from .twisted_internals import channel_of, request_disconnected, stream_requests
+
 __all__ = ["DEFAULT_SHUTDOWN_TIMEOUT", "DrainService", "InFlight", "stop_reactor"]
 
 #: Seconds the requests in flight have to finish once the server stops (what process managers commonly allow).
@@ -74,7 +76,7 @@ class InFlight:
 
     def started(self, request: Any, channel: Any) -> None:
         """During a drain: ``request`` (on ``channel``) is in flight until it finishes or its connection is lost."""
-        if request in self.requests or request.finished or getattr(request, "_disconnected", False):
+        if request in self.requests or request.finished or request_disconnected(request):
             return  # a request that ended will not notify again
         self.requests[request] = (channel, self.reactor.seconds())
         request.notifyFinish().addBoth(self._ended, request)
@@ -105,7 +107,7 @@ class InFlight:
             for connection in list(self._connections):
                 self._closing.add(connection)
                 connection.requestFactory = _TrackedRequests(self, connection.requestFactory)
-                for request, channel in _requests_on(_channel_of(connection)):
+                for request, channel in _requests_on(channel_of(connection)):
                     self.started(request, channel)
             if self.requests:
                 _log.info(
@@ -128,7 +130,7 @@ class InFlight:
     def _progress(self) -> None:
         """Close the connections that have no request left; done once none is open."""
         for connection in list(self._closing):
-            if _close_if_idle(_channel_of(connection)):
+            if _close_if_idle(channel_of(connection)):
                 self._closing.discard(connection)
         if not (self.requests or self._closing) and self._outcome is None:
             self._done(True)
@@ -149,7 +151,7 @@ class InFlight:
             )
             _abort(channel)
         for connection in self._closing:
-            transport: Any = getattr(_channel_of(connection), "transport", None)
+            transport: Any = getattr(channel_of(connection), "transport", None)
             if transport is not None and getattr(transport, "connected", False):
                 transport.abortConnection()
         self._closing.clear()
@@ -185,20 +187,11 @@ class _TrackedRequests:
         return request
 
 
-def _channel_of(connection: Any) -> Any:
-    """The channel behind what ``Site.buildProtocol`` built: an ``HTTPChannel``, or an ``H2Connection``.
-
-    Twisted's ``_GenericHTTPChannelProtocol`` swaps it when TLS negotiates h2, so it is read each time.
-    """
-    return getattr(connection, "_channel", connection)
-
-
 def _requests_on(channel: Any) -> list[tuple[Any, Any]]:
     """The requests ``channel`` has started, with the channel each came on (HTTP/2: its stream)."""
     if isinstance(channel, HTTPChannel):
         return [(request, channel) for request in channel.requests]
-    streams = getattr(channel, "streams", {})  # an H2Connection: one H2Stream per request
-    return [(stream._request, stream) for stream in list(streams.values()) if hasattr(stream, "_request")]
+    return list(stream_requests(channel))  # an H2Connection: one H2Stream per request
 
 
 def _close_if_idle(channel: Any) -> bool:

@@ -31,7 +31,7 @@ from twisted.web.http import (
     REQUEST_ENTITY_TOO_LARGE,
     SERVICE_UNAVAILABLE,
 )
-from twisted.web.resource import _IEncodingResource, getChildForRequest
+from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ..abi import Feature
@@ -51,6 +51,7 @@ from .request_changes import (
 )
 from .runners import InlineRunner, Runner
 from .sinks import BufferedSink, StreamedSink, abort
+from .twisted_internals import install_response_encoder, request_disconnected
 
 __all__ = ["FilterSettings", "RequestFilter"]
 
@@ -323,17 +324,14 @@ class RequestFilter:
                 resource: Any = BadRequest()
             else:
                 resource = getChildForRequest(self.settings.downstream, request)
-            if _IEncodingResource.providedBy(resource):
-                encoder = resource.getEncoder(request)
-                if encoder is not None:
-                    request._encoder = encoder
+            install_response_encoder(resource, request)
             request.render(resource)
         except BaseException:  # noqa: BLE001 - as Request.process: any failure is the request's 500
             request.processingFailed(Failure())
         if self.inline and self.stage is _DOWNSTREAM and self.hooked:
             # The downstream answers later: from now on the client may go away under it.
             self._watch_client()
-            if getattr(request, "_disconnected", False):
+            if request_disconnected(request):
                 self._connection_lost(Failure(ConnectionError("the client went away")))
 
     def _hook(self) -> None:

@@ -28,7 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -42,6 +42,7 @@ from .backend_request import (
     is_hop_by_hop,
     path_inside_base,
 )
+from .twisted_internals import quiet_connection_pool
 
 __all__ = [
     "HOP_BY_HOP_HEADERS",
@@ -59,12 +60,6 @@ _BAD_REQUEST_BODY = b"Bad Request\n"
 
 #: Idle connections to the backend kept open for reuse.
 MAX_IDLE_CONNECTIONS = 10
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """A backend connection's factory that does not log its start and stop (two lines per request)."""
-
-    noisy = False
 
 
 class HTTPAgent(TypingProtocol):
@@ -185,9 +180,8 @@ class ProxyResource(Resource):
         self.base_path = parts.path.rstrip("/").encode("ascii")
         self.pool: HTTPConnectionPool | None = None
         if agent is None:
-            self.pool = HTTPConnectionPool(reactor, persistent=True)
+            self.pool = quiet_connection_pool(HTTPConnectionPool(reactor, persistent=True))
             self.pool.maxPersistentPerHost = MAX_IDLE_CONNECTIONS
-            self.pool._factory = _QuietClientFactory
             agent = Agent(reactor, pool=self.pool)
         self.agent: HTTPAgent = agent
 

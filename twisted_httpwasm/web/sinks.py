@@ -27,6 +27,7 @@ from twisted.web.server import Request
 
 from ..runtime.budget import BufferBudget
 from .access_log import printable
+from .twisted_internals import has_response_encoder
 
 __all__ = ["BufferedSink", "StreamedSink", "abort", "is_bodiless"]
 
@@ -103,7 +104,7 @@ class StreamedSink:
                 return  # bodiless: the headers are the whole response, finish() sends them
             # The Content-Length the body will be sent with, if it is sent as is
             # (an encoder, gzip, drops Content-Length and changes the length).
-            encoded = getattr(request, "_encoder", None) is not None
+            encoded = has_response_encoder(request)
             length = None if encoded else request.responseHeaders.getRawHeaders(b"content-length")
             declared = self._declared = int(length[0]) if length and length[0].isdigit() else None
             if declared == 0:

@@ -20,13 +20,22 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from .access_log import access_log_formatter, remember_client_uri
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
+from .twisted_internals import (
+    ContinueVetoChannel,
+    channel_of,
+    flush_h2_control_data,
+    http_channel_protocol,
+    receiving_headers,
+    request_disconnected,
+    reset_h2_stream_after_cleanup,
+)
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
@@ -142,17 +151,14 @@ class _LimitedRequest(Request):
         ignore what it still sends (Twisted would fail the whole connection on
         DATA for a stream it has ended).
         """
-        if self._disconnected:
+        if request_disconnected(self):
             return
         stream: Any = self.channel
         headers = Headers({b"content-type": [b"text/plain; charset=utf-8"]})
         headers.setRawHeaders(b"content-length", [b"%d" % len(_TOO_LARGE)])
         stream.writeHeaders(b"HTTP/2", b"413", b"Request Entity Too Large", headers)
         stream.write(_TOO_LARGE)
-        connection = getattr(stream, "_conn", None)  # Twisted's H2Connection
-        cleaned_up = getattr(connection, "_streamCleanupCallbacks", {}).get(stream.streamID)
-        if cleaned_up is not None:
-            cleaned_up.addCallback(_reset_if_still_receiving, connection)
+        reset_h2_stream_after_cleanup(stream, _reset_if_still_receiving)
         stream.requestDone(self)
         # Over for this request: whoever waits on notifyFinish (the shutdown drain) need not wait on.
         self.connectionLost(Failure(ConnectionDone("answered 413 Request Entity Too Large")))  # type: ignore[no-untyped-call]
@@ -166,11 +172,11 @@ def _reset_if_still_receiving(stream_id: int, connection: Any) -> int:
         connection.conn.reset_stream(stream_id, 0)
     except h2.exceptions.StreamClosedError:
         return stream_id  # the client had sent all of it
-    connection._tryToWriteControlData()
+    flush_h2_control_data(connection)
     return stream_id
 
 
-class _GuardedChannel(HTTPChannel):
+class _GuardedChannel(ContinueVetoChannel):
     """HTTP/1 with a deadline for the request headers, from their first byte (slowloris).
 
     Nothing is done for it per request or per read: the site's sweep
@@ -180,10 +186,9 @@ class _GuardedChannel(HTTPChannel):
 
     _gone = False  # lost, or closed by the header deadline: the sweep leaves it alone
 
-    def _send100Continue(self) -> None:
-        if self.requests and getattr(self.requests[-1], "_refused", False):
-            return  # answered 413 already: the client must not send the body
-        super()._send100Continue()  # type: ignore[no-untyped-call]
+    def continue_refused(self) -> bool:
+        # Answered 413 already: the client must not send the body.
+        return bool(self.requests and getattr(self.requests[-1], "_refused", False))
 
     def connectionLost(self, reason: Any = None) -> None:
         self._gone = True
@@ -203,9 +208,9 @@ class _GuardedChannel(HTTPChannel):
         self.loseConnection()  # type: ignore[no-untyped-call]
 
 
-def _guarded_protocol(factory: Any) -> _GenericHTTPChannelProtocol:
+def _guarded_protocol(factory: Any) -> Any:
     """What ``Site.protocol`` builds, with :class:`_GuardedChannel` for HTTP/1."""
-    return _GenericHTTPChannelProtocol(_GuardedChannel())  # type: ignore[no-untyped-call]
+    return http_channel_protocol(_GuardedChannel())  # type: ignore[no-untyped-call]
 
 
 class GuestSite(Site):
@@ -286,17 +291,12 @@ class GuestSite(Site):
         awaiting: dict[_GuardedChannel, tuple[float, object]] = {}
         too_slow = []
         for connection in self.in_flight._connections:  # most idle or busy: the cheap tests first
-            try:
-                channel = connection._channel
-            except AttributeError:
-                continue  # not a channel of ours
-            if not isinstance(channel, _GuardedChannel):
-                continue  # HTTP/2
-            if not (channel._buffer or channel._HTTPChannel__first_line != 1):  # type: ignore[attr-defined]
+            channel = channel_of(connection)
+            if not isinstance(channel, _GuardedChannel) or channel._gone:
+                continue  # HTTP/2, or not a channel of ours
+            request = receiving_headers(channel)
+            if request is None:
                 continue
-            if not channel.line_mode or channel._handlingRequest or channel._gone:
-                continue
-            request = channel._dataBuffer
             since, seen_request = seen.get(channel, (now, request))
             if seen_request is not request:
                 since = now  # the request seen before was done: this is the next one

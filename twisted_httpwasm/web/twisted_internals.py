@@ -1,0 +1,206 @@
+"""The one place twisted.web's private names are used (``tests/test_twisted_fence.py`` keeps it so).
+
+Twisted may rename or drop any name starting with ``_`` in any release, without
+a deprecation.  Each reliance of the adapter on one is a small function (or
+class) here, whose docstring says what it relies on; every one is there in
+each supported Twisted, from 24.7 (the oldest, checked in CI) to 26.x; the
+supported range is declared in ``setup.cfg`` (``twisted >= 24.7, < 27``) and
+``tests/test_twisted_internals.py`` exercises every function here against the
+installed Twisted, so a release that breaks one fails there, by name, rather
+than somewhere in a request.  CI runs those tests on the oldest and the newest
+supported Twisted (``.ci/oldest-newest``).
+
+The service layer's own (``twistd`` options, endpoints) are in
+:mod:`twisted_httpwasm.service.twisted_internals`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from twisted.web import http
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import IResource
+
+__all__ = [
+    "ContinueVetoChannel",
+    "channel_of",
+    "escape_log_field",
+    "flush_h2_control_data",
+    "has_response_encoder",
+    "http_channel_protocol",
+    "install_response_encoder",
+    "quiet_connection_pool",
+    "receiving_headers",
+    "request_disconnected",
+    "reset_h2_stream_after_cleanup",
+    "stream_requests",
+]
+
+
+def escape_log_field(text: bytes | str) -> str:
+    """``text`` escaped as twisted.web's combined access log escapes a field.
+
+    Relies on ``twisted.web.http._escape``, so that a
+    field this adapter appends reads like the ones Twisted writes.
+    """
+    escaped: str = http._escape(text)
+    return escaped
+
+
+# -- requests --------------------------------------------------------------------
+
+
+def request_disconnected(request: Any) -> bool:
+    """Whether ``request``'s connection was lost (``Request._disconnected``).
+
+    A request whose client went away is not finished, and ``notifyFinish`` has
+    fired for it already: the drain and the filter must not wait for it.  Any
+    object without the attribute (a test double) counts as connected.
+    """
+    return bool(getattr(request, "_disconnected", False))
+
+
+def install_response_encoder(resource: IResource, request: Any) -> None:
+    """Let ``resource`` encode ``request``'s response (gzip), as ``Request.process`` does before rendering.
+
+    Relies on ``twisted.web.resource._IEncodingResource`` and on the request's
+    ``_encoder`` attribute, which ``Request.write``/``finish`` pass the body
+    through.
+    """
+    from twisted.web.resource import _IEncodingResource
+
+    if _IEncodingResource.providedBy(resource):
+        encoder = resource.getEncoder(request)
+        if encoder is not None:
+            request._encoder = encoder
+
+
+def has_response_encoder(request: Any) -> bool:
+    """Whether an encoder (gzip) sits on ``request``: the body sent is not the one written (``_encoder``)."""
+    return getattr(request, "_encoder", None) is not None
+
+
+# -- HTTP/1 channels ---------------------------------------------------------------
+
+
+def http_channel_protocol(channel: HTTPChannel) -> Any:
+    """What ``Site.protocol`` builds around an HTTP/1 ``channel``: HTTP/1, or HTTP/2 if TLS negotiates h2.
+
+    Relies on ``twisted.web.http._GenericHTTPChannelProtocol``, which
+    ``HTTPFactory.protocol`` is built from: a site that wants its own HTTP/1
+    channel class has no public way to keep the h2 upgrade.
+    """
+    return http._GenericHTTPChannelProtocol(channel)
+
+
+def channel_of(connection: Any) -> Any:
+    """The channel behind what ``Site.buildProtocol`` built: an ``HTTPChannel``, or an ``H2Connection``.
+
+    Relies on ``_GenericHTTPChannelProtocol._channel``,
+    which it swaps when TLS negotiates h2, so the result must be read each
+    time.  Anything else (not built by a Site) is returned as it is.
+    """
+    return getattr(connection, "_channel", connection)
+
+
+def receiving_headers(channel: HTTPChannel) -> object | None:
+    """If ``channel`` is receiving a request's headers: an object that stands for that request, else None.
+
+    A channel is receiving headers when it parses lines (not a body), handles
+    no request, and has bytes of the next request: a partial line buffered, or
+    the request line (or the one empty line HTTP/1 tolerates before it) parsed.
+    The object returned is the channel's list of bytes held back while a
+    request is handled, which ``HTTPChannel.requestDone`` replaces after each
+    request: the same object means the same request.
+
+    Relies on ``HTTPChannel``'s ``_buffer`` (the unparsed line, from
+    ``LineReceiver``), ``__first_line`` (name-mangled), ``_handlingRequest``
+    and ``_dataBuffer`` .
+    """
+    state: Any = channel
+    if not (state._buffer or state._HTTPChannel__first_line != 1):
+        return None
+    if not channel.line_mode or state._handlingRequest:
+        return None
+    marker: object = state._dataBuffer
+    return marker
+
+
+class ContinueVetoChannel(HTTPChannel):
+    """An ``HTTPChannel`` that may decline to send ``100 Continue`` (see :meth:`continue_refused`).
+
+    Relies on ``HTTPChannel._send100Continue``, which the
+    channel calls when a request's headers end with ``Expect: 100-continue``.
+    """
+
+    def continue_refused(self) -> bool:
+        """True: do not invite the client to send the body (it was refused already)."""
+        return False
+
+    def _send100Continue(self) -> None:
+        if not self.continue_refused():
+            super()._send100Continue()  # type: ignore[no-untyped-call]
+
+
+# -- HTTP/2 ----------------------------------------------------------------------
+
+
+def stream_requests(connection: Any) -> Iterator[tuple[Any, Any]]:
+    """The requests an ``H2Connection`` has started, each with its ``H2Stream``.
+
+    Relies on ``H2Stream._request``: the public
+    ``streams`` mapping gives the streams, not their requests.
+    """
+    for stream in list(getattr(connection, "streams", {}).values()):
+        request = getattr(stream, "_request", None)
+        if request is not None:
+            yield request, stream
+
+
+def reset_h2_stream_after_cleanup(stream: Any, reset: Callable[[int, Any], object]) -> bool:
+    """Once Twisted has ended ``stream``, call ``reset(stream_id, h2_connection)``; False if it cannot.
+
+    Relies on ``H2Stream._conn`` and ``H2Connection._streamCleanupCallbacks``
+    (a Deferred per stream that fires when the connection forgets it).
+    ``reset`` sends its frames with :func:`flush_h2_control_data`.
+    """
+    connection = getattr(stream, "_conn", None)
+    cleaned_up = getattr(connection, "_streamCleanupCallbacks", {}).get(stream.streamID)
+    if cleaned_up is None:
+        return False
+    cleaned_up.addCallback(reset, connection)
+    return True
+
+
+def flush_h2_control_data(connection: Any) -> None:
+    """Send the frames the h2 state machine has queued (RST_STREAM, WINDOW_UPDATE) on ``connection``.
+
+    Relies on ``H2Connection._tryToWriteControlData``.
+    """
+    connection._tryToWriteControlData()
+
+
+# -- the HTTP client ---------------------------------------------------------------
+
+
+def quiet_connection_pool(pool: Any) -> Any:
+    """``pool``, whose connections do not log their start and stop (two lines per proxied request).
+
+    Relies on ``HTTPConnectionPool._factory`` and
+    ``twisted.web.client._HTTP11ClientFactory``: the pool has no public way to choose its connections' factory.
+    """
+    pool._factory = _quiet_client_factory()
+    return pool
+
+
+@functools.cache
+def _quiet_client_factory() -> type:
+    from twisted.web.client import _HTTP11ClientFactory
+
+    class QuietClientFactory(_HTTP11ClientFactory):
+        noisy = False
+
+    return QuietClientFactory
