@@ -23,28 +23,23 @@ from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IAccessLogFormatter
 from zope.interface import provider
 
+from .request_context import context_of, existing_context
 from .twisted_internals import escape_log_field, request_disconnected
 
 __all__ = ["RequestLog", "access_log_formatter", "client_uri", "printable", "remember_client_uri", "request_id_of"]
 
-_CLIENT_URI = "_httpwasm_client_uri"
-
-
-# Kept as attributes of the request through getattr/setattr, not through request.__dict__: reading
-# an instance's __dict__ makes CPython (3.11+) move its attributes out of the object's inline values
-# into a dict for the rest of its life, and every later attribute access on the request misses its
-# specialised fast path (about 15k instructions over a request).
-
 
 def remember_client_uri(request: Any) -> None:
     """Keep ``request.uri`` as the client's, if none is kept yet (call it before any guest runs)."""
-    if getattr(request, _CLIENT_URI, None) is None:
-        setattr(request, _CLIENT_URI, request.uri)
+    context = context_of(request)
+    if context.client_uri is None:
+        context.client_uri = request.uri
 
 
 def client_uri(request: Any) -> bytes:
     """The URI the client sent, if it was remembered; else the request's URI now."""
-    uri: bytes | None = getattr(request, _CLIENT_URI, None)
+    context = existing_context(request)
+    uri = context.client_uri if context is not None else None
     return request.uri if uri is None else uri
 
 
@@ -87,13 +82,10 @@ def after_response(request: Any, then: Callable[[], object]) -> None:
         request.notifyFinish().addBoth(lambda _: then())
 
 
-_REQUEST_ID = "_httpwasm_request_id"
-
-
 def request_id_of(request: Any) -> str | None:
     """The id :class:`RequestLog` gave ``request`` when it arrived, if any."""
-    value: str | None = getattr(request, _REQUEST_ID, None)
-    return value
+    context = existing_context(request)
+    return context.request_id if context is not None else None
 
 
 class RequestLog:
@@ -122,8 +114,9 @@ class RequestLog:
     def request_arrived(self, request: Any) -> None:
         import os
 
-        if getattr(request, _REQUEST_ID, None) is None:
-            setattr(request, _REQUEST_ID, os.urandom(8).hex())
+        context = context_of(request)
+        if context.request_id is None:
+            context.request_id = os.urandom(8).hex()
 
     def request_finished(self, guest: Any, request: Any, state: Any, outcome: str, started: float) -> None:
         import time

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
+from .request_context import context_of, existing_context
 from .tracing import traceparent_of
 
 __all__ = [
@@ -110,8 +111,6 @@ def path_inside_base(path: bytes) -> bytes:
 
 # -- what the client sent --------------------------------------------------------------------
 
-_CLIENT_HEADERS = "_httpwasm_client_headers"
-
 
 def remember_client_headers(request: Request) -> None:
     """Keep the request's headers object as the client's, if none is kept yet.
@@ -121,14 +120,15 @@ def remember_client_headers(request: Request) -> None:
     that changes headers gets a new headers object, so the kept one stays as
     the client sent it.
     """
-    # getattr/setattr, not request.__dict__: reading that slows every later attribute access (see access_log).
-    if getattr(request, _CLIENT_HEADERS, None) is None:
-        setattr(request, _CLIENT_HEADERS, request.requestHeaders)
+    context = context_of(request)
+    if context.client_headers is None:
+        context.client_headers = request.requestHeaders
 
 
 def client_headers(request: Request) -> Headers:
     """The headers the client sent, if they were remembered; else the request's headers now."""
-    headers: Headers | None = getattr(request, _CLIENT_HEADERS, None)
+    context = existing_context(request)
+    headers: Headers | None = context.client_headers if context is not None else None
     return headers if headers is not None else request.requestHeaders
 
 

@@ -12,25 +12,22 @@ A :class:`RequestFilter` is made for each request that reaches a
    failed, or the client went away, and sends the response.
 
 Nothing is copied for the guest up front (the state reads the request on first
-use), and what happens on a failure is decided in :mod:`.policy`.  The guest's
+use).  Guest calls go through the resource's runner (:mod:`.runners`: a guest
+thread, or inline), the downstream's calls are taken over by one
+:class:`~.interception.Interception` chosen with the sink, and what happens on
+a failure is decided in :mod:`.policy`: this module only runs the phases.  The guest's
 observer hears once how the request ended, when the guest's part is over.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 import time
 from typing import Any, Protocol
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import (
-    BAD_GATEWAY,
-    INTERNAL_SERVER_ERROR,
-    REQUEST_ENTITY_TOO_LARGE,
-    SERVICE_UNAVAILABLE,
-)
+from twisted.web.http import INTERNAL_SERVER_ERROR
 from twisted.web.resource import getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -38,12 +35,25 @@ from ..abi import Feature
 from ..runtime.budget import BufferBudget
 from ..runtime.guest import Guest, GuestTrap
 from ..runtime.observe import NO_OBSERVER, GuestObserver, Outcome
-from ..runtime.pool import GuestUnavailable
 from ..runtime.state import BodyTooLarge, HeaderList
 from .access_log import printable
 from .answers import send_buffered, send_error, send_guest_answer
 from .downstream import BadRequest, unusable_path
-from .policy import FailurePolicy, Remedy, after_guest_failure, outcome_of_status, refusal_of
+from .interception import Interception
+from .policy import (
+    BODY_TOO_LARGE,
+    BUFFER_OVER_LIMIT,
+    BUFFERS_FULL,
+    DownstreamRemedy,
+    FailurePolicy,
+    Refusal,
+    Remedy,
+    after_downstream_failure,
+    after_guest_failure,
+    buffered_status,
+    guest_answer_refused,
+    refusal_of,
+)
 from .request_changes import (
     TwistedRequestState,
     apply_request_changes,
@@ -70,12 +80,6 @@ class FilterSettings(Protocol):
 
 _log = Logger(namespace="httpwasm")
 
-_HOOKED = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
-#: The request attribute naming the filter whose hooks it carries (an inner guest saves and restores them).
-_HOOKED_BY = "_httpwasm_hooked_by"
-#: What _hook sets on a request: all of it for a buffering sink, the producer hooks aside for a streaming one.
-_ALL_HOOKS = (*_HOOKED, _HOOKED_BY)
-_STREAMED_HOOKS = ("write", "finish", "processingFailed", _HOOKED_BY)
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
 _BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
 _NOT_READ: Any = object()
@@ -97,23 +101,6 @@ _GUEST_REQUEST, _DOWNSTREAM, _GUEST_RESPONSE, _DONE = (
 )
 
 
-def _ignore(*args: object) -> None:
-    """Stands in for the request methods of a downstream the filter has cut off."""
-
-
-def _own_hook(request: Any, name: str) -> Any:
-    """The hook set on ``request`` for ``name`` (None when it is the request's own method)."""
-    value = getattr(request, name)
-    return None if getattr(value, "__self__", None) is request else value
-
-
-def _drop_attribute(request: Any, name: str) -> None:
-    try:
-        delattr(request, name)
-    except AttributeError:
-        pass
-
-
 class RequestFilter:
     """One request's passage through one guest."""
 
@@ -123,12 +110,11 @@ class RequestFilter:
         "_host_connection",
         "_original_body",
         "_reported",
-        "_saved_hooks",
         "client_gone",
         "downstream_failure",
         "guest",
-        "hooked",
         "inline",
+        "interception",
         "observer",
         "request",
         "session",
@@ -137,7 +123,7 @@ class RequestFilter:
         "stage",
         "started",
         "state",
-        "then_status",
+        "then",
     )
 
     def __init__(self, settings: FilterSettings, request: Request):
@@ -153,10 +139,9 @@ class RequestFilter:
         self.stage = _GUEST_REQUEST
         self.client_gone = False
         self.sink: StreamedSink | BufferedSink | None = None
-        self.hooked = False
+        self.interception: Interception | None = None  # the downstream's calls, once it renders
         self.downstream_failure: Failure | None = None
-        self.then_status: int | None = None  # the status a refusal answers with once handle_response ran
-        self._saved_hooks: dict[str, Any] | None = None
+        self.then: Refusal | None = None  # what answers the request once handle_response ran (413, 502, 503)
         self._detached_body: Any = None
         self._host_connection: Any = _NOT_READ
         self._original_body: bytearray | None = None
@@ -170,13 +155,10 @@ class RequestFilter:
 
     def start(self) -> object:
         """Render entry point: always answers asynchronously (NOT_DONE_YET)."""
-        if self.inline:
-            try:
-                next_ = self.session.handle_request()
-            except Exception as error:  # noqa: BLE001 - handed to the policy, never lost
-                self._handle_request_failed(error)
-            else:
-                self._after_handle_request(next_)
+        if self.inline:  # the call starts now, for a client that was there a moment ago
+            self.settings.runner.run(
+                self.session.handle_request, self._after_handle_request, self._handle_request_failed
+            )
             return NOT_DONE_YET
         # Twisted closes request.content when the client goes away, which must not happen
         # under a guest reading it in a worker: the request has no body until the call is over.
@@ -211,15 +193,10 @@ class RequestFilter:
         self._reattach_body()
         refusal = refusal_of(error)
         if refusal is not None:
-            # A guest whose instances cannot be made is logged by its pool, once per back-off step:
-            # a line per refused request would flood the log while it backs off.
-            self._log_refusal(refusal.what, error, debug=isinstance(error, GuestUnavailable))
-            if isinstance(error, GuestUnavailable):
-                # When the pool will try to create an instance again (whole seconds, at least 1).
-                self.request.setHeader(b"retry-after", b"%d" % max(1, math.ceil(error.retry_after)))
+            self._log_refusal(refusal, error)
             self.stage = _DONE
             self._report(refusal.outcome)
-            self._fail(refusal.status)
+            self._fail(refusal.status, refusal.retry_after)
             return
         self._log_guest_failure("handle_request", error)
         decision = after_guest_failure(self.settings.policy, "handle_request", error, started=False)
@@ -252,8 +229,8 @@ class RequestFilter:
             try:
                 state.check_size(state.body_length)
             except BodyTooLarge as error:
-                self._log_refusal("request body too large for buffer_request", error)
-                self._run_handle_response(REQUEST_ENTITY_TOO_LARGE, is_error=True, then_status=REQUEST_ENTITY_TOO_LARGE)
+                self._log_refusal(BODY_TOO_LARGE, error)
+                self._run_handle_response(BODY_TOO_LARGE.status, is_error=True, then=BODY_TOO_LARGE)
                 return
         prefix = b""
         if state.touched():
@@ -272,12 +249,13 @@ class RequestFilter:
         else:
             self.sink = StreamedSink(request, prefix, self.guest.name)
         self.stage = _DOWNSTREAM
-        self._hook()
+        self.interception = interception = Interception(request, self.sink)
+        interception.install(self._downstream_finish, self._downstream_failed)
         self._render_downstream()
 
     def _send_guest_response(self) -> None:
         request, state = self.request, self.state
-        if state.status < 200:
+        if guest_answer_refused(state.status):
             # An interim status as the whole answer: the client would read the next response as its end.
             _log.error(
                 "guest {guest} answered {method} {uri} with the interim status {status}, "
@@ -328,76 +306,19 @@ class RequestFilter:
             request.render(resource)
         except BaseException:  # noqa: BLE001 - as Request.process: any failure is the request's 500
             request.processingFailed(Failure())
-        if self.inline and self.stage is _DOWNSTREAM and self.hooked:
+        if self.inline and self.stage is _DOWNSTREAM and self._intercepting():
             # The downstream answers later: from now on the client may go away under it.
             self._watch_client()
             if request_disconnected(request):
                 self._connection_lost(Failure(ConnectionError("the client went away")))
 
-    def _hook(self) -> None:
-        """Send the downstream's writes to the sink, and watch its ending.
+    def _intercepting(self) -> bool:
+        interception = self.interception
+        return interception is not None and interception.installed
 
-        What was there before is kept and forwarded to: the request's own methods,
-        or the hooks of an outer guest's filter when guests are chained.
-        """
-        request: Any = self.request
-        sink: Any = self.sink
-        # Instance attributes are read and set one by one, never through request.__dict__: reading that
-        # makes CPython move the request's attributes into a dict, and every later attribute access of
-        # Twisted's on the request miss its fast path.
-        outer = getattr(request, _HOOKED_BY, None)
-        if outer is not None:  # an outer guest's hooks
-            saved = {name: hook for name in _HOOKED if (hook := _own_hook(request, name)) is not None}
-            saved[_HOOKED_BY] = outer
-            self._saved_hooks = saved
-        setattr(request, _HOOKED_BY, self)
-        self.hooked = True
-        sink.forward = request.write
-        request.write = sink.write
-        request.finish = self._downstream_finish
-        request.processingFailed = self._downstream_failed
-        if sink.buffered:
-            request.registerProducer = sink.register_producer
-            request.unregisterProducer = sink.unregister_producer
-
-    def _unhook(self) -> None:
-        if not self.hooked:
-            return  # never touch hooks that are not ours (an outer guest's, when chained)
-        self.hooked = False
-        request = self.request
-        saved = self._saved_hooks
-        if saved is None:  # exactly what _hook set
-            sink = self.sink
-            for name in _ALL_HOOKS if sink is not None and sink.buffered else _STREAMED_HOOKS:
-                delattr(request, name)
-            return
-        for name in _ALL_HOOKS:
-            if name in saved:
-                setattr(request, name, saved[name])
-            else:
-                _drop_attribute(request, name)
-
-    def _swallow_late_calls(self) -> None:
-        """The client left and the guest's part is over: the downstream's late calls go nowhere.
-
-        A downstream that does not watch ``notifyFinish`` may still write and
-        finish, which Twisted would answer with RuntimeError, so the request keeps
-        hooks - but plain functions, not this filter's or its sink's methods: those
-        would make a reference cycle (request -> hook -> filter -> request) that
-        keeps the request and its buffered body alive until the cycle collector runs.
-        """
-        if not self.hooked:
-            return
-        self.hooked = False
-        request = self.request
-        for name in _HOOKED:
-            setattr(request, name, _ignore)
-        _drop_attribute(request, _HOOKED_BY)
-        sink = self.sink
-        if sink is not None:
-            sink.forward = None
-            if isinstance(sink, BufferedSink):
-                sink.close()  # the body nobody will read
+    def _remove_interception(self) -> None:
+        if self.interception is not None:
+            self.interception.remove()
 
     def _buffer_overflow(self) -> None:
         _log.error(
@@ -406,7 +327,7 @@ class RequestFilter:
             uri=printable(self.request.uri),
             limit=self.guest.max_buffer_bytes,
         )
-        self._run_handle_response(BAD_GATEWAY, is_error=True, then_status=BAD_GATEWAY)
+        self._run_handle_response(BUFFER_OVER_LIMIT.status, is_error=True, then=BUFFER_OVER_LIMIT)
 
     def _buffer_full(self) -> None:
         budget = self.settings.buffer_budget
@@ -419,8 +340,7 @@ class RequestFilter:
             method=printable(self.request.method),
             uri=printable(self.request.uri),
         )
-        self.request.setHeader(b"retry-after", b"1")
-        self._run_handle_response(SERVICE_UNAVAILABLE, is_error=True, then_status=SERVICE_UNAVAILABLE)
+        self._run_handle_response(BUFFERS_FULL.status, is_error=True, then=BUFFERS_FULL)
 
     def _downstream_finish(self) -> None:
         if self.stage is not _DOWNSTREAM or self.client_gone:
@@ -450,7 +370,7 @@ class RequestFilter:
 
     # -- 3. handle_response --------------------------------------------------------------
 
-    def _run_handle_response(self, status: int, *, is_error: bool, then_status: int | None = None) -> None:
+    def _run_handle_response(self, status: int, *, is_error: bool, then: Refusal | None = None) -> None:
         """End the downstream's part with ``status`` (an error: the guest sees no response) and run handle_response."""
         sink = self.sink
         if isinstance(sink, BufferedSink):
@@ -459,21 +379,13 @@ class RequestFilter:
             sink.open = False
             sink.stop_producer()
         self.stage = _GUEST_RESPONSE
-        self.then_status = then_status
+        self.then = then
         state = self.state
         state.enter_response_phase(status, () if is_error else None)
         state.is_error = is_error
         self._call_handle_response()
 
     def _call_handle_response(self) -> None:
-        if self.inline:
-            try:
-                self.session.handle_response()
-            except Exception as error:  # noqa: BLE001 - handed to the policy, never lost
-                self._handle_response_failed(error)
-            else:
-                self._after_handle_response(None)
-            return
         self.settings.runner.run(
             self.session.handle_response, self._after_handle_response, self._handle_response_failed
         )
@@ -487,12 +399,14 @@ class RequestFilter:
         self.stage = _DONE
         if self.client_gone:
             self._report(outcome_if_gone)
-            self._swallow_late_calls()
+            if self.interception is not None:
+                self.interception.cut_off()
             return True
-        self._unhook()
-        if self.then_status is not None:
-            self._report(outcome_of_status(self.then_status))
-            self._fail(self.then_status)
+        self._remove_interception()
+        then = self.then
+        if then is not None:
+            self._report(then.outcome)
+            self._fail(then.status, then.retry_after)
             return True
         return False
 
@@ -540,11 +454,11 @@ class RequestFilter:
         is answered with that status and a short plain body instead.
         """
         request = self.request
-        started = self._response_started()
-        status = getattr(failure.value, "http_status", None)
-        if not started and isinstance(status, int) and 400 <= status <= 599:
-            if not reported:
-                self._report(outcome_of_status(status))
+        decision = after_downstream_failure(failure.value, started=self._response_started())
+        if not reported:
+            self._report(decision.outcome)
+        if decision.remedy is DownstreamRemedy.ANSWER_STATUS:
+            assert decision.status is not None
             # An expected failure (the proxy's dead backend): a warning, not a traceback.
             _log.warn(
                 "downstream of guest {guest} failed for {method} {uri}: {reason}; answering {status}",
@@ -552,16 +466,13 @@ class RequestFilter:
                 method=printable(request.method),
                 uri=printable(request.uri),
                 reason=failure.getErrorMessage(),
-                status=status,
+                status=decision.status,
             )
-            self._fail(status)
+            self._fail(decision.status)
             return
-        if not reported:
-            self._report(Outcome.PASSED)
-        if not started:
+        if decision.remedy is DownstreamRemedy.TWISTED_ERROR:
             request.processingFailed(failure)
             return
-        # An error page glued to a partial body would pass for a whole response.
         _log.failure(
             "downstream of guest {guest} failed after starting its response to {method} {uri}; closing",
             failure=failure,
@@ -573,10 +484,10 @@ class RequestFilter:
 
     def _send_buffered(self, status: int, headers: HeaderList | None, body: bytes | bytearray) -> None:
         """The buffered response: ``headers`` as the guest left them, or (None) the downstream's."""
-        if status < 200:  # an interim status cannot end a response: keep the downstream's
+        sent = buffered_status(status, self._downstream_code)
+        if sent != status:
             self._note_dropped(b":status", f"set the interim status {status} on the response")
-            code = self._downstream_code
-            status = code if code >= 200 else INTERNAL_SERVER_ERROR
+            status = sent
         pairs = headers.items() if headers is not None else self.state.read_response_headers()
         send_buffered(self.request, status, pairs, body, self._connection())
 
@@ -615,16 +526,20 @@ class RequestFilter:
         if self.observer is not None:
             self.observer.request_finished(self.guest, self.request, self.state, outcome, self.started)
 
-    def _fail(self, status: int) -> None:
+    def _fail(self, status: int, retry_after: int | None = None) -> None:
         request = self.request
         if self.client_gone or request.finished:
             return
-        self._unhook()
+        self._remove_interception()
+        if retry_after is not None:
+            request.setHeader(b"retry-after", b"%d" % retry_after)
         send_error(request, status, self._connection())
-        if self.sink is not None and self.sink.buffered and not self.sink.open and self.then_status is not None:
+        sink = self.sink
+        if sink is not None and sink.buffered and not sink.open and self.then is not None:
             # A downstream that was cut off (502: its response was too large; 503: the buffers of the
             # process were full) may still write and finish: those calls go nowhere.
-            request.write = request.finish = request.unregisterProducer = _ignore  # type: ignore[method-assign]
+            assert self.interception is not None
+            self.interception.ignore_late_calls()
 
     def _log_guest_failure(self, phase: str, error: BaseException) -> None:
         """The reason a guest call failed goes to the log (never to the client)."""
@@ -637,11 +552,11 @@ class RequestFilter:
             reason=error.reason if isinstance(error, GuestTrap) else repr(error),
         )
 
-    def _log_refusal(self, what: str, error: BaseException, *, debug: bool = False) -> None:
-        (_log.debug if debug else _log.warn)(
+    def _log_refusal(self, refusal: Refusal, error: BaseException) -> None:
+        (_log.debug if refusal.quiet else _log.warn)(
             "guest {guest}: {what} for {uri}: {error}",
             guest=self.guest.name,
-            what=what,
+            what=refusal.what,
             uri=printable(self.request.uri),
             error=error,
         )

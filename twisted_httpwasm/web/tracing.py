@@ -34,6 +34,7 @@ from twisted.web.server import Request
 from ..runtime.observe import add_observer
 from ..runtime.state import Phase
 from .access_log import after_response
+from .request_context import context_of, existing_context
 
 __all__ = [
     "INSTALL_HINT",
@@ -48,8 +49,6 @@ _log = Logger(namespace="httpwasm")
 
 INSTALL_HINT = "--otel needs OpenTelemetry: pip install 'twisted-httpwasm[otel]'"
 
-_TRACE = "_httpwasm_trace"
-_TRACEPARENT = "_httpwasm_traceparent"
 _PHASES = {Phase.REQUEST: "handle_request", Phase.RESPONSE: "handle_response", Phase.INIT: "init"}
 _ENVIRONMENT = ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
@@ -72,8 +71,8 @@ def enabled_by_environment() -> bool:
 
 def traceparent_of(request: Request) -> bytes | None:
     """The W3C ``traceparent`` of ``request``'s server span (for a backend), if it is traced."""
-    value: bytes | None = getattr(request, _TRACEPARENT, None)
-    return value
+    context = existing_context(request)
+    return context.traceparent if context is not None else None
 
 
 def _epoch_ns(monotonic: float, offset: int) -> int:
@@ -172,7 +171,8 @@ class GuestTracing:
     def request_arrived(self, request: Request) -> None:
         """Start ``request``'s server span (child of the client's ``traceparent``) before any guest runs."""
         tracer = self._tracer
-        if tracer is None or hasattr(request, _TRACE):
+        context = context_of(request)
+        if tracer is None or context.trace is not None:
             return
         from opentelemetry import trace
 
@@ -182,11 +182,11 @@ class GuestTracing:
         span.set_attribute("http.request.method", method)
         span.set_attribute("url.path", request.path.decode("latin-1"))
         inside = trace.set_span_in_context(span)
-        setattr(request, _TRACE, _Trace(span, inside))
+        context.trace = _Trace(span, inside)
         carrier: dict[str, str] = {}
         self._propagator.inject(carrier, context=inside)  # the W3C header, as OpenTelemetry writes it
         if "traceparent" in carrier:
-            setattr(request, _TRACEPARENT, carrier["traceparent"].encode("ascii"))
+            context.traceparent = carrier["traceparent"].encode("ascii")
         request.notifyFinish().addBoth(self._request_done, request)
 
     def _request_done(self, result: object, request: Request) -> None:
@@ -196,7 +196,7 @@ class GuestTracing:
     def _end_server_span(self, result: object, request: Request, ended: int) -> None:
         from opentelemetry.trace import Status, StatusCode
 
-        record: _Trace = getattr(request, _TRACE)
+        record: _Trace = context_of(request).trace
         span = record.span
         code = int(request.code)
         span.set_attribute("http.response.status_code", code)
@@ -220,7 +220,8 @@ class GuestTracing:
         from opentelemetry.trace import Status, StatusCode
 
         tracer = self._tracer
-        record: _Trace | None = getattr(request, _TRACE, None) if request is not None else None
+        context = existing_context(request) if request is not None else None
+        record: _Trace | None = context.trace if context is not None else None
         offset = record.offset if record is not None else time.time_ns() - time.monotonic_ns()
         parent = record.context if record is not None else None
         if record is not None and record.span.is_recording():
