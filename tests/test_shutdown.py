@@ -29,10 +29,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from twisted_httpwasm.service import stopping as _stopping
+from twisted_httpwasm.service.stopping import DrainService, stop_reactor, take_over_stop_signals
 from twisted_httpwasm.service.tap import Options, makeService
 from twisted_httpwasm.service.workers import STOP_TIMEOUT, WorkersService
 from twisted_httpwasm.web import drain as _drain
-from twisted_httpwasm.web.drain import DrainService, stop_reactor, take_over_stop_signals
 from twisted_httpwasm.web.site import GuestSite
 
 from .support import ServerTestCase, TempFilesMixin, poll
@@ -229,7 +230,7 @@ class StopSignalTests(SynchronousTestCase):
         for number in (signal.SIGTERM, signal.SIGINT):
             self.addCleanup(signal.signal, number, signal.getsignal(number))
         self.events: list[dict[str, Any]] = []
-        self.patch(_drain, "_log", _drain.Logger(namespace="httpwasm", observer=self.events.append))
+        self.patch(_stopping, "_log", _stopping.Logger(namespace="httpwasm", observer=self.events.append))
 
     def test_signals_stop_the_reactor_once(self) -> None:
         """The reactor's SIGTERM/SIGINT handlers are replaced; a repeated signal only logs, it raises nothing."""

@@ -10,8 +10,8 @@ Three lines put a guest in front of a resource::
 from .abi import BodyKind, Feature, HeaderKind, LogLevel
 from .runtime.calllog import LogLimit
 from .runtime.guest import Execution, Guest, GuestLoadError, GuestTrap, Mount
+from .service.stopping import DrainService
 from .web.access_log import RequestLog
-from .web.drain import DrainService
 from .web.metrics import GuestMetrics
 from .web.proxy import ProxyResource
 from .web.resource import FailurePolicy, GuestResource

@@ -13,6 +13,7 @@ import tempfile
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -20,7 +21,7 @@ from ..web import metrics as _metrics
 from ..web import tracing as _tracing
 from ..web.access_log import RequestLog
 
-__all__ = ["check_metrics_option", "observe_site", "prepare_processes", "serve_metrics"]
+__all__ = ["MetricsSyncService", "check_metrics_option", "observe_site", "prepare_processes", "serve_metrics"]
 
 _log = Logger(namespace="httpwasm")
 
@@ -95,7 +96,7 @@ def observe_site(config: Any, site: Any, guests: list[Any], parent: service.Mult
         for guest in guests:
             metrics.watch(guest)
         site.guest_metrics = metrics
-        _metrics.MetricsSyncService(metrics).setServiceParent(parent)  # type: ignore[no-untyped-call]
+        MetricsSyncService(metrics).setServiceParent(parent)  # type: ignore[no-untyped-call]
     if config["log-format"] == "json":
         request_log = RequestLog()
         for guest in guests:
@@ -123,3 +124,24 @@ def serve_metrics(config: Any, site: Any, top: service.MultiService) -> None:
             endpoint=DEMO_METRICS,
             url="http://127.0.0.1:9100/metrics",
         )
+
+
+class MetricsSyncService(service.Service):
+    """Under ``--workers``: keeps this process's runtime counters in the metrics directory (every second)."""
+
+    def __init__(self, metrics: _metrics.GuestMetrics, interval: float = 1.0):
+        self.metrics: _metrics.GuestMetrics = metrics
+        self.interval = interval
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        service.Service.startService(self)  # type: ignore[no-untyped-call]
+        if self.metrics.multiprocess:
+            self._loop = LoopingCall(self.metrics.sync)
+            self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)  # type: ignore[no-untyped-call]
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None

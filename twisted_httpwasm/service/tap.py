@@ -44,13 +44,14 @@ from ..runtime.guest import (
     Mount,
 )
 from ..web.demo import DEMO_GUEST, DemoPage, bundled_guest
-from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainService
+from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT
 from ..web.proxy import ProxyResource
 from ..web.resource import FailurePolicy, GuestResource
 from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import observability, sources
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError, WatchService
+from .stopping import DrainService
 from .twisted_internals import add_headers_resource, exit_on_usage_error, forget_option, forget_short_option
 from .workers import TCPListen, WorkersService
 

@@ -28,8 +28,8 @@ from twisted.logger import ILogObserver, LogEvent, Logger, globalLogBeginner, js
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from ..web.drain import stop_reactor
 from .reload import RELOAD_SERVICE, WATCH_SERVICE
+from .stopping import stop_reactor
 from .workers import SPEC_VARIABLE
 
 __all__ = ["main"]

@@ -7,27 +7,17 @@ stops new requests on the open connections (``Connection: close`` on the
 responses still to come, idle keep-alive connections closed), lets the requests
 in flight finish up to a deadline, and cuts the ones still running then.
 
-:class:`DrainService` drains its site when the service tree stops, which is
-how ``twistd`` stops on SIGTERM or SIGINT.  It also takes over those two
-signals from the reactor: Twisted's own handlers stop the reactor a second
-time on a second signal (a ``ReactorNotRunning`` traceback, logged critical)
-and make ``twistd`` exit with the signal, so a clean shutdown looked like a
-crash to process managers.  With these handlers, a repeated signal is only
-logged, and ``twistd`` exits with status 0 once the drain is over.
+This is what a twisted.web embedder uses (through ``GuestSite.drain``); the
+process's side - the service that drains on stop, and the stop signals - is
+:mod:`twisted_httpwasm.service.stopping`.
 """
 
 from __future__ import annotations
 
-import signal
-import threading
 import weakref
-from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
-from twisted.application import service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
@@ -36,7 +26,7 @@ from zope.interface import directlyProvides
 
 from .twisted_internals import channel_of, request_disconnected, stream_requests
 
-__all__ = ["DEFAULT_SHUTDOWN_TIMEOUT", "DrainService", "InFlight", "stop_reactor"]
+__all__ = ["DEFAULT_SHUTDOWN_TIMEOUT", "InFlight"]
 
 #: Seconds the requests in flight have to finish once the server stops (what process managers commonly allow).
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
@@ -217,76 +207,3 @@ def _abort(channel: Any) -> None:
 
 def _text(value: bytes | str) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else value
-
-
-# -- stopping: the service, and the signals -----------------------------------------
-
-
-class DrainService(service.Service):
-    """Drains ``site`` (a :class:`~twisted_httpwasm.web.site.GuestSite`) when the service stops.
-
-    Put it in the same service collection as the services that listen for
-    ``site``: they stop listening while this one waits, up to ``timeout``
-    seconds, for the requests in flight.  With ``stop_signals`` (the default),
-    SIGTERM and SIGINT stop the reactor once (a repeated signal is logged, not a
-    critical ``ReactorNotRunning``), and ``twistd`` exits with status 0.
-    """
-
-    def __init__(
-        self,
-        site: Any,
-        timeout: float | None = DEFAULT_SHUTDOWN_TIMEOUT,
-        *,
-        reactor: Any = None,
-        stop_signals: bool = True,
-    ):
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
-        self.site = site
-        self.timeout = timeout
-        self.reactor = reactor
-        self.stop_signals = stop_signals
-
-    def startService(self) -> None:
-        service.Service.startService(self)  # type: ignore[no-untyped-call]
-        if self.stop_signals:
-            self.reactor.callWhenRunning(take_over_stop_signals, self.reactor)
-
-    def stopService(self) -> Deferred[None]:
-        service.Service.stopService(self)  # type: ignore[no-untyped-call]
-        drained: Deferred[bool] = self.site.drain(self.timeout)
-        return drained.addCallback(lambda _: None)
-
-
-def stop_reactor(reactor: Any, why: str) -> None:
-    """Stop ``reactor`` unless it is stopping already (then only log ``why``)."""
-    try:
-        reactor.stop()
-    except ReactorNotRunning:
-        _log.info("{why}; already stopping", why=why)
-        return
-    _log.info("{why}; stopping", why=why)
-
-
-def take_over_stop_signals(reactor: Any) -> None:
-    """SIGTERM and SIGINT stop ``reactor`` through :func:`stop_reactor`, wherever the reactor handled them.
-
-    Only the handlers the reactor installed are replaced (not SIG_IGN, not an
-    application's own), and only from the main thread, where signals are handled.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for number in (signal.SIGTERM, signal.SIGINT):
-        current = signal.getsignal(number)
-        if getattr(current, "__self__", None) is not reactor:
-            continue
-        signal.signal(number, _stop_handler(reactor, f"Received {signal.Signals(number).name}"))
-
-
-def _stop_handler(reactor: Any, why: str) -> Callable[[int, FrameType | None], None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        reactor.callFromThread(stop_reactor, reactor, why)
-
-    return handler

@@ -26,8 +26,6 @@ from collections.abc import Callable, Iterator
 from time import monotonic as _monotonic
 from typing import Any
 
-from twisted.application import service
-from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -39,7 +37,6 @@ __all__ = [
     "INSTALL_HINT",
     "GuestMetrics",
     "MetricsResource",
-    "MetricsSyncService",
     "available",
     "metrics_site",
     "multiprocess_dir",
@@ -355,24 +352,3 @@ class MetricsResource(Resource):
         body: bytes = encoder(registry)
         request.setHeader(b"content-type", content_type.encode("ascii"))
         return body
-
-
-class MetricsSyncService(service.Service):
-    """Multiprocess mode: keeps this process's runtime counters in the shared directory (every second)."""
-
-    def __init__(self, metrics: GuestMetrics, interval: float = 1.0):
-        self.metrics = metrics
-        self.interval = interval
-        self._loop: LoopingCall | None = None
-
-    def startService(self) -> None:
-        service.Service.startService(self)  # type: ignore[no-untyped-call]
-        if self.metrics.multiprocess:
-            self._loop = LoopingCall(self.metrics.sync)
-            self._loop.start(self.interval, now=True)
-
-    def stopService(self) -> None:
-        service.Service.stopService(self)  # type: ignore[no-untyped-call]
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
