@@ -215,12 +215,16 @@ class Guest:
         self._deadline = deadline_ticks(timeout) if timeout is not None else 2**62
         self.pool = GuestPool(self._new_instance, max_requests=max_requests, max_age=max_age, on_event=self._pool_event)
         try:
-            self.pool.release(self.pool.acquire(for_request=False))
+            first = self.pool.acquire(for_request=False)
         except GuestUnavailable as error:
             cause = error.__cause__
             reason = cause.reason if isinstance(cause, GuestTrap) else _first_line(cause or error)
             lines = cause.log_lines if isinstance(cause, GuestTrap) else ()
             raise GuestLoadError(f"guest {self.name!r} failed to initialise: {reason}", log_lines=lines) from None
+        #: The features the guest enabled when it initialised (``enable_features`` in ``_initialize`` or
+        #: ``_start``): every request of every instance starts with them.
+        self.features: int = first.features
+        self.pool.release(first)
 
     @classmethod
     def load(cls, source: str | os.PathLike[str] | bytes, **options: object) -> Guest:
@@ -309,6 +313,10 @@ class Guest:
         else to run meanwhile, so they may keep the GIL (see ``NativeFunc.call``).
         """
         return GuestSession(self.pool, state, inline)
+
+    def idle_memory_bytes(self) -> int:
+        """The linear memory of the idle instances (the ones in use are busy in their call)."""
+        return self.pool.sum_idle(_memory_size)
 
     def retire(self) -> None:
         """This guest was replaced: drop its idle instances now, the others when their requests end."""
@@ -555,6 +563,10 @@ class GuestInstance:
         if req_ctx & 0x80000000:
             req_ctx -= 1 << 32
         self._call(self._handle_response, state, inline, req_ctx, 1 if is_error else 0)
+
+
+def _memory_size(instance: GuestInstance) -> int:
+    return instance.memory.size()
 
 
 def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str, str]:

@@ -302,6 +302,20 @@ class GuestPool(Generic[InstanceT]):
         self.stats.retired += retired
         return retired
 
+    def sum_idle(self, measure: Callable[[InstanceT], int]) -> int:
+        """The sum of ``measure`` over the idle instances, none of which can be lent meanwhile.
+
+        An instance whose ``measure`` raises (being torn down) is not counted.
+        """
+        total = 0
+        with self._lock:
+            for instance in self._idle:
+                try:
+                    total += measure(instance)
+                except Exception:  # noqa: BLE001 - not counted, as documented
+                    continue
+        return total
+
     def clear(self) -> None:
         """Drop every idle instance (they are re-created on demand)."""
         with self._lock:

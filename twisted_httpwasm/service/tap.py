@@ -787,11 +787,7 @@ def _request_body_limit(config: Options, guests: list[Guest]) -> int | None:
     """
     limit: int | None = config["max-request-body"]
     for guest in guests:
-        instance = guest.pool.acquire(for_request=False)  # the instance made at load: its init enabled the features
-        try:
-            buffers = bool(instance.features & Feature.BUFFER_REQUEST)
-        finally:
-            guest.pool.release(instance)
+        buffers = bool(guest.features & Feature.BUFFER_REQUEST)
         if buffers and (limit is None or guest.max_buffer_bytes < limit):
             limit = guest.max_buffer_bytes
     return limit

@@ -101,19 +101,6 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
-def _memory_bytes(guest: Any) -> int:
-    """The linear memory of ``guest``'s idle instances (in-use ones are busy in their thread)."""
-    pool = guest.pool
-    total = 0
-    with pool._lock:  # idle instances cannot be lent while it is held
-        for instance in pool._idle:
-            try:
-                total += instance.memory.size()
-            except Exception:  # noqa: BLE001 - an instance being torn down: not counted
-                continue
-    return total
-
-
 class GuestMetrics:
     """Per-guest Prometheus metrics: an observer for :class:`~twisted_httpwasm.runtime.guest.Guest`.
 
@@ -243,7 +230,7 @@ class GuestMetrics:
             stats = guest.pool.stats
             self._mp_pool.labels(name, "idle").set(stats.idle)
             self._mp_pool.labels(name, "in_use").set(stats.in_use)
-            self._mp_memory.labels(name).set(_memory_bytes(guest))
+            self._mp_memory.labels(name).set(guest.idle_memory_bytes())
 
     def exposition_registry(self) -> Any:
         """The registry a scrape reads: this one, or in multiprocess mode every process's values."""
@@ -325,7 +312,7 @@ class _RuntimeCollector:
             stats = guest.pool.stats
             pool.add_metric([guest.name, "idle"], stats.idle)
             pool.add_metric([guest.name, "in_use"], stats.in_use)
-            memory.add_metric([guest.name], _memory_bytes(guest))
+            memory.add_metric([guest.name], guest.idle_memory_bytes())
         yield pool
         yield memory
 
