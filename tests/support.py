@@ -63,6 +63,21 @@ IMPORTS = """
 
 NOOP_RESPONSE = '(func (export "handle_response") (param i32 i32))'
 
+#: WAT: ``(call $set_number p n value)`` sets response header (name at p, n bytes) to the decimal
+#: digits of value.  Uses the scratch memory below 2200 for the digits.
+SET_NUMBER = """
+  ;; response header (name at p, n bytes) = the decimal digits of $value
+  (func $set_number (param $p i32) (param $n i32) (param $value i32) (local $at i32)
+    (local.set $at (i32.const 2200))
+    (loop $digit
+      (local.set $at (i32.sub (local.get $at) (i32.const 1)))
+      (i32.store8 (local.get $at) (i32.add (i32.const 48) (i32.rem_u (local.get $value) (i32.const 10))))
+      (local.set $value (i32.div_u (local.get $value) (i32.const 10)))
+      (br_if $digit (local.get $value)))
+    (call $set_header_value (i32.const 1) (local.get $p) (local.get $n)
+                            (local.get $at) (i32.sub (i32.const 2200) (local.get $at))))
+"""
+
 
 def module(*body: str, memory_pages: int = 1, imports: str = "") -> bytes:
     """A WAT guest with every http_handler import and ``imports``, one exported memory and ``body``."""

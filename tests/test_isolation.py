@@ -22,7 +22,7 @@ from twisted.internet.defer import inlineCallbacks
 
 from twisted_httpwasm import Guest, GuestLoadError, Mount
 
-from .support import ServerTestCase, c_guest_binary, execution_variants
+from .support import SET_NUMBER, ServerTestCase, c_guest_binary, execution_variants
 from .test_resource import Echo, GuestTestMixin, Strings
 from .test_resource_response import hello
 
@@ -186,26 +186,17 @@ LEAVES_TRACES = S.wrap(f"""
     (i32.store (i32.const 120) (call $get_uri (i32.const 4096) (i32.const 0)))
     (i32.store (i32.const 124) (i32.wrap_i64 (call $read_body (i32.const 1) (i32.const 4096) (i32.const 100))))
     (i32.store (i32.const 128) (i32.wrap_i64 (call $read_body (i32.const 0) (i32.const 4096) (i32.const 100))))
-    (call $report {S("x-request-header-values")} (i32.load (i32.const 100)))
-    (call $report {S("x-response-header-count")} (i32.load (i32.const 104)))
-    (call $report {S("x-status")} (i32.load (i32.const 108)))
-    (call $report {S("x-features")} (i32.load (i32.const 112)))
-    (call $report {S("x-method-length")} (i32.load (i32.const 116)))
-    (call $report {S("x-uri-length")} (i32.load (i32.const 120)))
-    (call $report {S("x-response-body-length")} (i32.load (i32.const 124)))
-    (call $report {S("x-request-body-length")} (i32.load (i32.const 128)))
+    (call $set_number {S("x-request-header-values")} (i32.load (i32.const 100)))
+    (call $set_number {S("x-response-header-count")} (i32.load (i32.const 104)))
+    (call $set_number {S("x-status")} (i32.load (i32.const 108)))
+    (call $set_number {S("x-features")} (i32.load (i32.const 112)))
+    (call $set_number {S("x-method-length")} (i32.load (i32.const 116)))
+    (call $set_number {S("x-uri-length")} (i32.load (i32.const 120)))
+    (call $set_number {S("x-response-body-length")} (i32.load (i32.const 124)))
+    (call $set_number {S("x-request-body-length")} (i32.load (i32.const 128)))
     (i64.const 1))
   (func (export "handle_response") (param i32 i32))
-  ;; response header = the decimal digits of $value
-  (func $report (param $p i32) (param $n i32) (param $value i32) (local $at i32)
-    (local.set $at (i32.const 2200))
-    (loop $digit
-      (local.set $at (i32.sub (local.get $at) (i32.const 1)))
-      (i32.store8 (local.get $at) (i32.add (i32.const 48) (i32.rem_u (local.get $value) (i32.const 10))))
-      (local.set $value (i32.div_u (local.get $value) (i32.const 10)))
-      (br_if $digit (local.get $value)))
-    (call $set_header_value (i32.const 1) (local.get $p) (local.get $n)
-                            (local.get $at) (i32.sub (i32.const 2200) (local.get $at))))
+{SET_NUMBER}
 """)
 
 

@@ -24,7 +24,7 @@ from twisted_httpwasm.runtime.guest import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT
 from twisted_httpwasm.runtime.hostfuncs import MAX_LOG_MESSAGE
 from twisted_httpwasm.runtime.pool import GuestPool, GuestUnavailable
 
-from .support import ServerTestCase, execution_variants, module, poll
+from .support import SET_NUMBER, ServerTestCase, execution_variants, module, poll
 from .test_resource import Echo, GuestTestMixin, Strings, event_text, log_text, raw_connect, split_response
 from .test_resource_failures import log_is_error
 from .test_resource_response import HELLO, hello
@@ -39,7 +39,7 @@ WASI_IMPORTS = """
 """
 
 #: Scratch memory the helpers use: the URI at 1024 (up to 1 KiB), the clock at 2048, digits below 2200.
-HELPERS = """
+HELPERS = f"""
   (global $uri_len (mut i32) (i32.const 0))
   (func $load_uri (global.set $uri_len (call $get_uri (i32.const 1024) (i32.const 1024))))
   ;; 1 if the URI starts with the n bytes at p
@@ -74,16 +74,7 @@ HELPERS = """
   (func $spin (param $ms i32) (local $end i64)
     (local.set $end (i64.add (call $now_ms) (i64.extend_i32_u (local.get $ms))))
     (loop $wait (br_if $wait (i64.lt_u (call $now_ms) (local.get $end)))))
-  ;; response header (name at p, n bytes) = the decimal digits of $value
-  (func $set_number (param $p i32) (param $n i32) (param $value i32) (local $at i32)
-    (local.set $at (i32.const 2200))
-    (loop $digit
-      (local.set $at (i32.sub (local.get $at) (i32.const 1)))
-      (i32.store8 (local.get $at) (i32.add (i32.const 48) (i32.rem_u (local.get $value) (i32.const 10))))
-      (local.set $value (i32.div_u (local.get $value) (i32.const 10)))
-      (br_if $digit (local.get $value)))
-    (call $set_header_value (i32.const 1) (local.get $p) (local.get $n)
-                            (local.get $at) (i32.sub (i32.const 2200) (local.get $at))))
+{SET_NUMBER}
   ;; grow memory one page at a time until memory.grow fails
   (func $grow_all (loop $more (br_if $more (i32.ne (memory.grow (i32.const 1)) (i32.const -1)))))
 """
