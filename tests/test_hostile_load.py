@@ -30,8 +30,7 @@ from twisted_httpwasm.web.guest_threads import GuestWorkers
 from twisted_httpwasm.web.site import HOUSEKEEPING_INTERVAL, GuestSite
 
 from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, make_guest, module, on_guest_log, poll
-from .test_http2 import H2_SKIP, certificates, h2_fetch
-from .test_proxy import ConnectionTracker
+from .test_http2 import H2_SKIP, certificates, h2_fetch, serve_tls
 from .test_resource import RawClient, raw_connect
 
 LOGGING_GUEST = """
@@ -541,21 +540,7 @@ class Http2BodyLimitTests(ServerTestCase):
 
     def serve_tls(self, site: GuestSite) -> int:
         """Serve ``site`` over TLS, ALPN h2 and http/1.1; the port."""
-        from twisted.internet.ssl import CertificateOptions, PrivateCertificate
-
-        certs = certificates()
-        private = PrivateCertificate.loadPEM(certs.key_pem + certs.cert_pem)
-        options = CertificateOptions(
-            privateKey=private.privateKey.original,
-            certificate=private.original,
-            acceptableProtocols=[b"h2", b"http/1.1"],
-        )
-        tracker = ConnectionTracker(site)
-        port = reactor.listenSSL(0, tracker, options, interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(tracker.close_all)
-        self.addCleanup(port.stopListening)
-        number: int = port.getHost().port
-        return number
+        return serve_tls(self, site)
 
     @inlineCallbacks
     def test_an_http2_body_over_the_limit_gets_413_on_its_stream(self):

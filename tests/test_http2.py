@@ -255,6 +255,29 @@ def _client_context(ca_pem: bytes, alpn: list[str]) -> ssl.SSLContext:
     return context
 
 
+def serve_tls(test: Any, site: Any) -> int:
+    """Serve ``site`` on 127.0.0.1 over TLS with ALPN h2 and http/1.1 until ``test`` ends; the port.
+
+    The certificate is :func:`certificates`' (trust its ``ca_pem``); connections
+    still open when the test ends are closed.
+    """
+    from twisted.internet.ssl import CertificateOptions, PrivateCertificate
+
+    certs = certificates()
+    private = PrivateCertificate.loadPEM(certs.key_pem + certs.cert_pem)
+    options = CertificateOptions(
+        privateKey=private.privateKey.original,
+        certificate=private.original,
+        acceptableProtocols=[b"h2", b"http/1.1"],
+    )
+    tracker = ConnectionTracker(site)
+    port = reactor.listenSSL(0, tracker, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+    test.addCleanup(tracker.close_all)
+    test.addCleanup(port.stopListening)
+    number: int = port.getHost().port
+    return number
+
+
 def h2_fetch(port: int, ca_pem: bytes, method: str, path: str, body: bytes = b"", timeout: float = 10) -> Answer:
     """One request over HTTP/2 (h2 over TLS with ALPN), blocking."""
     context = _client_context(ca_pem, ["h2"])
@@ -339,21 +362,7 @@ class Http2Mixin:
 
     def serve_tls(self, guest: Any) -> int:
         """Serve ``guest`` in front of downstream() over TLS, ALPN h2 and http/1.1; the port."""
-        from twisted.internet.ssl import CertificateOptions, PrivateCertificate
-
-        certs = certificates()
-        private = PrivateCertificate.loadPEM(certs.key_pem + certs.cert_pem)
-        options = CertificateOptions(
-            privateKey=private.privateKey.original,
-            certificate=private.original,
-            acceptableProtocols=[b"h2", b"http/1.1"],
-        )
-        tracker = ConnectionTracker(Site(GuestResource(guest, downstream())))
-        port = reactor.listenSSL(0, tracker, options, interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(tracker.close_all)  # type: ignore[attr-defined]
-        self.addCleanup(port.stopListening)  # type: ignore[attr-defined]
-        number: int = port.getHost().port
-        return number
+        return serve_tls(self, Site(GuestResource(guest, downstream())))
 
     @inlineCallbacks
     def both(self, method: str, path: str, body: bytes = b"") -> Any:
