@@ -141,6 +141,18 @@ class DaemonTestCase(TempFilesMixin, ServerTestCase):
         return f"http://127.0.0.1:{port}", daemon
 
     @inlineCallbacks
+    def start_tac(self, source: str, port: int) -> Generator[Any, Any, Daemon]:
+        """``twistd -y`` (daemonized) of a ``.tac`` file holding ``source``; the daemon once it accepts on ``port``."""
+        tac = self.mktemp() + ".tac"
+        Path(tac).write_text(textwrap.dedent(source))
+        daemon = self.daemon("-y", tac)
+        status = yield self.launched(daemon)
+        self.assertEqual(status, 0, daemon.output())
+        if not (yield poll(lambda: accepts_connections(port), DEADLINE)):
+            self.fail(f"the daemon does not accept connections on {port}:\n{daemon.output()}")
+        return daemon
+
+    @inlineCallbacks
     def stop_through_pidfile(self, daemon: Daemon) -> Generator[Any, Any, None]:
         """SIGTERM to the PID in the pidfile, as an init script does; the daemon (and its workers) end."""
         pid = daemon.pid
@@ -230,28 +242,21 @@ class DaemonTests(DaemonTestCase):
     def test_tac_file(self) -> Generator[Any, Any, None]:
         """A ``.tac`` file that builds a GuestResource, run by ``twistd -y`` daemonized, serves and enforces limits."""
         port = free_port()
-        tac = self.mktemp() + ".tac"
-        Path(tac).write_text(
-            textwrap.dedent(
-                f"""\
-                from twisted.application import service, strports
-                from twisted.web.server import Site
+        daemon = yield self.start_tac(
+            f"""\
+            from twisted.application import service, strports
+            from twisted.web.server import Site
 
-                from tests.test_twistd import Hello
-                from twisted_httpwasm import Guest, GuestResource
+            from tests.test_twistd import Hello
+            from twisted_httpwasm import Guest, GuestResource
 
-                application = service.Application("httpwasm-tac")
-                guest = Guest.load({self.guest_file(LOOPING_GUEST)!r}, timeout={GUEST_TIMEOUT})
-                site = Site(GuestResource(guest, Hello()))
-                strports.service("tcp:{port}:interface=127.0.0.1", site).setServiceParent(application)
-                """
-            )
+            application = service.Application("httpwasm-tac")
+            guest = Guest.load({self.guest_file(LOOPING_GUEST)!r}, timeout={GUEST_TIMEOUT})
+            site = Site(GuestResource(guest, Hello()))
+            strports.service("tcp:{port}:interface=127.0.0.1", site).setServiceParent(application)
+            """,
+            port,
         )
-        daemon = self.daemon("-y", tac)
-        status = yield self.launched(daemon)
-        self.assertEqual(status, 0, daemon.output())
-        if not (yield poll(lambda: accepts_connections(port), DEADLINE)):
-            self.fail(f"the daemon does not accept connections on {port}:\n{daemon.output()}")
         yield self.check_serves_and_enforces_time_limits(f"http://127.0.0.1:{port}", daemon)
         yield self.stop_through_pidfile(daemon)
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import textwrap
 from collections.abc import Generator
-from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -391,26 +389,20 @@ class EmbeddedDrainTests(DaemonTestCase):
         self.addCleanup(backend.release)
         backend_url = self.serve(backend)
         port = free_port()
-        tac = self.mktemp() + ".tac"
-        Path(tac).write_text(
-            textwrap.dedent(
-                f"""\
-                from twisted.application import service, strports
+        daemon = yield self.start_tac(
+            f"""\
+            from twisted.application import service, strports
 
-                from twisted_httpwasm import DrainService, Guest, GuestResource, GuestSite, ProxyResource
+            from twisted_httpwasm import DrainService, Guest, GuestResource, GuestSite, ProxyResource
 
-                application = service.Application("httpwasm-tac")
-                guest = Guest.load({self.guest_file(BUSY_RESPONSE_GUEST)!r})
-                site = GuestSite(GuestResource(guest, ProxyResource({backend_url!r})))
-                strports.service("tcp:{port}:interface=127.0.0.1", site).setServiceParent(application)
-                DrainService(site, timeout=20).setServiceParent(application)
-                """
-            )
+            application = service.Application("httpwasm-tac")
+            guest = Guest.load({self.guest_file(BUSY_RESPONSE_GUEST)!r})
+            site = GuestSite(GuestResource(guest, ProxyResource({backend_url!r})))
+            strports.service("tcp:{port}:interface=127.0.0.1", site).setServiceParent(application)
+            DrainService(site, timeout=20).setServiceParent(application)
+            """,
+            port,
         )
-        daemon = self.daemon("-y", tac)
-        self.assertEqual((yield self.launched(daemon)), 0, daemon.output())
-        if not (yield poll(lambda: accepts_connections(port), DEADLINE)):
-            self.fail(f"the daemon does not accept connections on {port}:\n{daemon.output()}")
         response = self.fetch("GET", f"http://127.0.0.1:{port}/in-flight", timeout=DEADLINE)
         if not (yield poll(lambda: backend.held, DEADLINE)):
             self.fail(f"the request did not reach the backend:\n{daemon.output()}")
