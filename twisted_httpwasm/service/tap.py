@@ -12,7 +12,6 @@ serves the bundled demo (:mod:`twisted_httpwasm.web.demo`).
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 import sys
@@ -49,7 +48,8 @@ from ..web.proxy import ProxyResource
 from ..web.resource import FailurePolicy, GuestResource
 from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
 from ..web.wsgi import UnderscoreHeaderGuard
-from . import observability, sources
+from . import coercers, observability, sources
+from .coercers import parse_size
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError, WatchService
 from .stopping import DrainService
 from .twisted_internals import add_headers_resource, exit_on_usage_error, forget_option, forget_short_option
@@ -59,32 +59,31 @@ __all__ = ["DEMO_LISTEN", "Options", "makeService", "make_site", "parse_size"]
 
 _log = Logger(namespace="httpwasm")
 
-_SIZE = re.compile(r"\s*([0-9]+)\s*([A-Za-z]*)\s*")
-_SIZE_UNITS = {"": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 _DEMO_PAGE = "the demo page"
 
 #: Where the demo listens when no --listen is given: this machine only.
 DEMO_LISTEN = "tcp:8080:interface=127.0.0.1"
 
 
-def parse_size(text: str) -> int:
-    """Bytes named by ``text``: a plain integer, or one with a KiB, MiB or GiB suffix (``64MiB``)."""
-    match = _SIZE.fullmatch(text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise ValueError(f"{text!r} is not a size: give a number of bytes, optionally with a KiB, MiB or GiB suffix")
-    size = int(match.group(1)) * _SIZE_UNITS[unit]
-    if size <= 0:
-        raise ValueError(f"{text!r} is not a positive size")
-    return size
+def _log_limit(text: str) -> LogLimit:
+    """``--guest-log-limit MESSAGES[/SIZE]``."""
+    messages, _, size = text.partition("/")
+    try:
+        count = int(messages)
+        if count < 0:
+            raise ValueError(messages)
+    except ValueError:
+        raise usage.UsageError(
+            f"--guest-log-limit: expected MESSAGES[/SIZE] (a count, then bytes or KiB/MiB), not {text!r}"
+        ) from None
+    return LogLimit(count, coercers.size("--guest-log-limit")(size) if size else LogLimit().bytes)
 
 
-def _format_size(size: int) -> str:
-    for unit in ("GiB", "MiB", "KiB"):
-        scale = _SIZE_UNITS[unit.lower()]
-        if size % scale == 0:
-            return f"{size // scale}{unit}"
-    return str(size)
+def _log_level(text: str) -> LogLevel:
+    try:
+        return LogLevel.parse(text)
+    except ValueError as error:
+        raise usage.UsageError(f"--log-level: {error}") from None
 
 
 class Options(web_tap.Options):
@@ -143,35 +142,77 @@ connections and lets the requests in flight finish (guest calls, downstream,
 then are cut and logged. twistd then exits with status 0.
 """
 
+    # Options that take one value: [name, short, default as typed, doc, coerce] (the default is coerced too).
+    optParameters: list[Any] = [
+        ["log-level", None, "info", "Lowest level of guest log messages to log: debug, info, warn, error or none.",
+         _log_level],
+        ["guest-log-limit", None, "100/64KiB",
+         "MESSAGES[/SIZE]: what one guest call may log; the rest is dropped and counted.", _log_limit],
+        ["execution", None, Execution.THREAD.value,
+         "Where guest code runs: thread (a worker thread) or inline (the reactor thread).",
+         coercers.choice("--execution", Execution, normalise=True)],
+        ["guest-timeout", None, f"{DEFAULT_TIMEOUT:g}", "Time limit of one guest call, in seconds.",
+         coercers.seconds("--guest-timeout")],
+        ["guest-memory-limit", None, coercers.format_size(DEFAULT_MEMORY_LIMIT),
+         "Largest memory of one guest instance, in bytes or with a KiB, MiB or GiB suffix.",
+         coercers.size("--guest-memory-limit")],
+        ["max-buffer-bytes", None, coercers.format_size(DEFAULT_MAX_BUFFER_BYTES),
+         "Largest body a guest may have buffered: bytes, or with a KiB, MiB or GiB suffix.",
+         coercers.size("--max-buffer-bytes")],
+        ["max-request-body", None, coercers.format_size(DEFAULT_MAX_REQUEST_BODY),
+         "Largest request body: bytes or with a KiB, MiB or GiB suffix; 0 or none for no limit. Larger ones get "
+         "413 before they are read.", coercers.size("--max-request-body", unlimited=True)],
+        ["max-buffered-total", None, coercers.format_size(DEFAULT_MAX_BUFFERED_TOTAL),
+         "Bytes all buffered responses of a process may hold together: bytes or with a KiB, MiB or GiB suffix; "
+         "0 or none for no bound. Past it a buffered response gets 503 with Retry-After.",
+         coercers.size("--max-buffered-total", unlimited=True)],
+        ["idle-timeout", None, f"{DEFAULT_IDLE_TIMEOUT:g}",
+         "Seconds a connection may stay silent before it is closed; 0 or none for never.",
+         coercers.seconds("--idle-timeout", unlimited=True)],
+        ["header-timeout", None, f"{DEFAULT_HEADER_TIMEOUT:g}",
+         "Seconds from a request's first byte to the end of its headers, or the connection is closed; 0 or none "
+         "for no deadline.", coercers.seconds("--header-timeout", unlimited=True)],
+        ["on-guest-error", None, FailurePolicy.FAIL_CLOSED.value,
+         "fail-closed (a failing guest's request gets 500) or fail-open (it is passed on).",
+         coercers.choice("--on-guest-error", FailurePolicy)],
+        ["guest-fetch-timeout", None, f"{sources.DEFAULT_FETCH_TIMEOUT:g}",
+         "Seconds a --guest https:// URL may take to fetch, at startup and at reload.",
+         coercers.seconds("--guest-fetch-timeout")],
+        ["guest-max-requests", None, None,
+         "Recycle each guest instance after it served this many requests (between requests). [default: off]",
+         coercers.count("--guest-max-requests", "requests")],
+        ["guest-max-age", None, None,
+         "Recycle each guest instance this many seconds after it was made (between requests). [default: off]",
+         coercers.seconds("--guest-max-age")],
+        ["workers", None, "1", "Processes serving the endpoints: this one and N-1 workers sharing its tcp: sockets.",
+         coercers.count("--workers", "processes")],
+        ["shutdown-timeout", None, f"{DEFAULT_SHUTDOWN_TIMEOUT:g}",
+         "Seconds the requests in flight have to finish on SIGTERM or SIGINT before they are cut.",
+         coercers.seconds("--shutdown-timeout", zero=True)],
+    ]  # fmt: skip
+
+    optFlags: list[Any] = [
+        ["watch", None,
+         "Reload the guests when a --guest or --guest-config-file file changes (polled every second, debounced)."],
+        ["wsgi-keep-underscore-headers", None,
+         "Pass request headers with _ in their names to --wsgi. [default: dropped: WSGI reads X_User as X-User]"],
+        ["proxy-trust-forwarded", None,
+         "With --proxy: clients are proxies you trust; keep their Forwarded, X-Forwarded-*, X-Real-IP and append."],
+    ]  # fmt: skip
+
     def __init__(self) -> None:
         web_tap.Options.__init__(self)
+        for name, _, default, _, coerce in self.optParameters:
+            if isinstance(default, str):
+                self[name] = coerce(default)  # as if given: the same value as the option would make
         self["guests"] = []
         self["downstream"] = None
         self["demo"] = False
-        self["log-level"] = LogLevel.INFO
-        self["guest-log-limit"] = LogLimit()
-        self["execution"] = Execution.THREAD
-        self["guest-timeout"] = DEFAULT_TIMEOUT
-        self["guest-memory-limit"] = DEFAULT_MEMORY_LIMIT
-        self["max-buffer-bytes"] = DEFAULT_MAX_BUFFER_BYTES
-        self["max-request-body"] = DEFAULT_MAX_REQUEST_BODY
-        self["max-buffered-total"] = DEFAULT_MAX_BUFFERED_TOTAL
-        self["idle-timeout"] = DEFAULT_IDLE_TIMEOUT
-        self["header-timeout"] = DEFAULT_HEADER_TIMEOUT
-        self["on-guest-error"] = FailurePolicy.FAIL_CLOSED
         self["guest-env"] = []
         self["guest-mounts"] = []
-        self["workers"] = 1
-        self["guest-max-requests"] = None
-        self["guest-max-age"] = None
-        self["guest-fetch-timeout"] = sources.DEFAULT_FETCH_TIMEOUT
-        self["watch"] = False
         #: By --guest index: the --guest-sha256 and --guest-config-file given for it.
         self["guest-sha256"] = {}
         self["guest-config-files"] = {}
-        self["shutdown-timeout"] = DEFAULT_SHUTDOWN_TIMEOUT
-        self["proxy-trust-forwarded"] = False
-        self["wsgi-keep-underscore-headers"] = False
         self["metrics"] = None
         self["otel"] = False
         self["log-format"] = "text"
@@ -208,40 +249,6 @@ then are cut and logged. twistd then exits with status 0.
             raise usage.UsageError("--guest-sha256 must come after the --guest it applies to")
         self["guest-sha256"][len(self["guests"]) - 1] = digest
 
-    def opt_watch(self) -> None:
-        """Reload the guests when a --guest or --guest-config-file file changes (polled every second, debounced)."""
-        self["watch"] = True
-
-    def opt_guest_fetch_timeout(self, seconds: str) -> None:
-        """Seconds a --guest https:// URL may take to fetch, at startup and at reload. [default: 30]"""
-        try:
-            timeout = float(seconds)
-        except ValueError:
-            timeout = math.nan
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise usage.UsageError(f"--guest-fetch-timeout must be a positive number of seconds, not {seconds!r}")
-        self["guest-fetch-timeout"] = timeout
-
-    def opt_guest_max_requests(self, count: str) -> None:
-        """Recycle each guest instance after it served this many requests (between requests). [default: off]"""
-        try:
-            requests = int(count)
-        except ValueError:
-            requests = 0
-        if requests < 1:
-            raise usage.UsageError(f"--guest-max-requests must be a positive number of requests, not {count!r}")
-        self["guest-max-requests"] = requests
-
-    def opt_guest_max_age(self, seconds: str) -> None:
-        """Recycle each guest instance this many seconds after it was made (between requests). [default: off]"""
-        try:
-            age = float(seconds)
-        except ValueError:
-            age = math.nan
-        if not (math.isfinite(age) and age > 0):
-            raise usage.UsageError(f"--guest-max-age must be a positive number of seconds, not {seconds!r}")
-        self["guest-max-age"] = age
-
     def opt_guest_config(self, text: str) -> None:
         """Configuration of the preceding --guest: these bytes are what its get_config returns. [default: empty]"""
         self._configure_last_guest("--guest-config", os.fsencode(text))
@@ -267,103 +274,6 @@ then are cut and logged. twistd then exits with status 0.
             )
         self._configured_guests.add(index)
         self["guests"][index]["config"] = data
-
-    def opt_log_level(self, level: str) -> None:
-        """Lowest level of guest log messages to log: debug, info, warn, error or none. [default: info]"""
-        try:
-            self["log-level"] = LogLevel.parse(level)
-        except ValueError as error:
-            raise usage.UsageError(f"--log-level: {error}") from None
-
-    def opt_guest_log_limit(self, limit: str) -> None:
-        """MESSAGES[/SIZE]: what one guest call may log; the rest is dropped and counted. [default: 100/64KiB]"""
-        messages, _, size = limit.partition("/")
-        try:
-            count = int(messages)
-            if count < 0:
-                raise ValueError(messages)
-        except ValueError:
-            raise usage.UsageError(
-                f"--guest-log-limit: expected MESSAGES[/SIZE] (a count, then bytes or KiB/MiB), not {limit!r}"
-            ) from None
-        default = LogLimit()
-        self["guest-log-limit"] = LogLimit(count, self._size("--guest-log-limit", size) if size else default.bytes)
-
-    def opt_execution(self, mode: str) -> None:
-        """Where guest code runs: thread (a worker thread) or inline (the reactor thread). [default: thread]"""
-        try:
-            self["execution"] = Execution(mode.strip().lower())
-        except ValueError:
-            choices = ", ".join(item.value for item in Execution)
-            raise usage.UsageError(f"--execution must be one of {choices}, not {mode!r}") from None
-
-    def opt_guest_timeout(self, seconds: str) -> None:
-        """Time limit of one guest call, in seconds. [default: 1]"""
-        try:
-            timeout = float(seconds)
-        except ValueError:
-            timeout = math.nan
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise usage.UsageError(f"--guest-timeout must be a positive number of seconds, not {seconds!r}")
-        self["guest-timeout"] = timeout
-
-    def opt_guest_memory_limit(self, size: str) -> None:
-        """Largest memory of one guest instance, in bytes or with a KiB, MiB or GiB suffix. [default: 64MiB]"""
-        self["guest-memory-limit"] = self._size("--guest-memory-limit", size)
-
-    def opt_max_buffer_bytes(self, size: str) -> None:
-        """Largest body a guest may have buffered: bytes, or with a KiB, MiB or GiB suffix. [default: 16MiB]"""
-        self["max-buffer-bytes"] = self._size("--max-buffer-bytes", size)
-
-    def opt_max_request_body(self, size: str) -> None:
-        """Largest request body: bytes or with a KiB, MiB or GiB suffix; 0 or none for no limit. Larger ones get
-        413 before they are read. [default: 1GiB]
-        """
-        unlimited = size.strip().lower() in ("0", "none")
-        self["max-request-body"] = None if unlimited else self._size("--max-request-body", size)
-
-    def opt_max_buffered_total(self, size: str) -> None:
-        """Bytes all buffered responses of a process may hold together: bytes or with a KiB, MiB or GiB suffix;
-        0 or none for no bound. Past it a buffered response gets 503 with Retry-After. [default: 256MiB]
-        """
-        unlimited = size.strip().lower() in ("0", "none")
-        self["max-buffered-total"] = None if unlimited else self._size("--max-buffered-total", size)
-
-    def opt_idle_timeout(self, seconds: str) -> None:
-        """Seconds a connection may stay silent before it is closed; 0 or none for never. [default: 60]"""
-        self["idle-timeout"] = self._seconds("--idle-timeout", seconds)
-
-    def opt_header_timeout(self, seconds: str) -> None:
-        """Seconds from a request's first byte to the end of its headers, or the connection is closed; 0 or none
-        for no deadline. [default: 30]
-        """
-        self["header-timeout"] = self._seconds("--header-timeout", seconds)
-
-    @staticmethod
-    def _seconds(option: str, text: str) -> float | None:
-        if text.strip().lower() in ("0", "none"):
-            return None
-        try:
-            seconds = float(text)
-        except ValueError:
-            seconds = math.nan
-        if not (math.isfinite(seconds) and seconds > 0):
-            raise usage.UsageError(f"{option} must be a positive number of seconds (or 0 or none), not {text!r}")
-        return seconds
-
-    @staticmethod
-    def _size(option: str, text: str) -> int:
-        try:
-            return parse_size(text)
-        except ValueError as error:
-            raise usage.UsageError(f"{option}: {error}") from None
-
-    def opt_on_guest_error(self, policy: str) -> None:
-        """fail-closed (a failing guest's request gets 500) or fail-open (it is passed on). [default: fail-closed]"""
-        if policy not in FailurePolicy.ALL:
-            choices = ", ".join(FailurePolicy.ALL)
-            raise usage.UsageError(f"--on-guest-error must be one of {choices}, not {policy!r}")
-        self["on-guest-error"] = policy
 
     def opt_guest_env(self, variable: str) -> None:
         """NAME=VALUE, a WASI environment variable for the guests; NAME alone passes on this one's. Repeatable."""
@@ -421,10 +331,6 @@ then are cut and logged. twistd then exits with status 0.
         self._claim_downstream(f"--wsgi {name}")
         web_tap.Options.opt_wsgi(self, name)
 
-    def opt_wsgi_keep_underscore_headers(self) -> None:
-        """Pass request headers with _ in their names to --wsgi. [default: dropped: WSGI reads X_User as X-User]"""
-        self["wsgi-keep-underscore-headers"] = True
-
     def opt_resource_script(self, name: str) -> None:
         """Downstream: the resource of this .rpy script, as `twistd web --resource-script`."""
         self._claim_downstream(f"--resource-script {name}")
@@ -450,10 +356,6 @@ then are cut and logged. twistd then exits with status 0.
         except ValueError as error:
             raise usage.UsageError(f"--proxy {url}: {error}") from None
 
-    def opt_proxy_trust_forwarded(self) -> None:
-        """With --proxy: clients are proxies you trust; keep their Forwarded, X-Forwarded-*, X-Real-IP and append."""
-        self["proxy-trust-forwarded"] = True
-
     def opt_metrics(self, description: str) -> None:
         """Serve Prometheus metrics per guest at /metrics on this endpoint (strports, e.g.
         tcp:9100:interface=127.0.0.1); with --workers, summed over every process. Needs the metrics extra.
@@ -478,26 +380,6 @@ then are cut and logged. twistd then exits with status 0.
         tcp:8080:interface=127.0.0.1]
         """
         web_tap.Options.opt_listen(self, description)
-
-    def opt_workers(self, count: str) -> None:
-        """Processes serving the endpoints: this one and N-1 workers sharing its tcp: sockets. [default: 1]"""
-        try:
-            workers = int(count)
-        except ValueError:
-            workers = 0
-        if workers < 1:
-            raise usage.UsageError(f"--workers must be a positive number of processes, not {count!r}")
-        self["workers"] = workers
-
-    def opt_shutdown_timeout(self, seconds: str) -> None:
-        """Seconds the requests in flight have to finish on SIGTERM or SIGINT before they are cut. [default: 30]"""
-        try:
-            timeout = float(seconds)
-        except ValueError:
-            timeout = math.nan
-        if not (math.isfinite(timeout) and timeout >= 0):
-            raise usage.UsageError(f"--shutdown-timeout must be a number of seconds (0 or more), not {seconds!r}")
-        self["shutdown-timeout"] = timeout
 
     def opt_user(self) -> None:
         """Downstream: ~/public_html and ~/.twistd-web-pb of every user, as `twistd web --user`."""
@@ -852,7 +734,7 @@ def makeService(config: Options) -> service.MultiService:
         endpoints=", ".join(config["ports"]),
         execution=config["execution"].value,
         policy=config["on-guest-error"],
-        memory=_format_size(config["guest-memory-limit"]),
+        memory=coercers.format_size(config["guest-memory-limit"]),
         timeout=config["guest-timeout"],
         processes=processes,
     )
