@@ -249,8 +249,7 @@ class RequestFilter:
         else:
             self.sink = StreamedSink(request, prefix, self.guest.name)
         self.stage = _DOWNSTREAM
-        self.interception = interception = Interception(request, self.sink)
-        interception.install(self._downstream_finish, self._downstream_failed)
+        self.interception = Interception(request, self.sink, self._downstream_finish, self._downstream_failed)
         self._render_downstream()
 
     def _send_guest_response(self) -> None:
@@ -306,19 +305,12 @@ class RequestFilter:
             request.render(resource)
         except BaseException:  # noqa: BLE001 - as Request.process: any failure is the request's 500
             request.processingFailed(Failure())
-        if self.inline and self.stage is _DOWNSTREAM and self._intercepting():
+        interception = self.interception
+        if self.inline and self.stage is _DOWNSTREAM and interception is not None and interception.installed:
             # The downstream answers later: from now on the client may go away under it.
             self._watch_client()
             if request_disconnected(request):
                 self._connection_lost(Failure(ConnectionError("the client went away")))
-
-    def _intercepting(self) -> bool:
-        interception = self.interception
-        return interception is not None and interception.installed
-
-    def _remove_interception(self) -> None:
-        if self.interception is not None:
-            self.interception.remove()
 
     def _buffer_overflow(self) -> None:
         _log.error(
@@ -402,7 +394,8 @@ class RequestFilter:
             if self.interception is not None:
                 self.interception.cut_off()
             return True
-        self._remove_interception()
+        if self.interception is not None:
+            self.interception.remove()
         then = self.then
         if then is not None:
             self._report(then.outcome)
@@ -530,7 +523,8 @@ class RequestFilter:
         request = self.request
         if self.client_gone or request.finished:
             return
-        self._remove_interception()
+        if self.interception is not None:
+            self.interception.remove()
         if retry_after is not None:
             request.setHeader(b"retry-after", b"%d" % retry_after)
         send_error(request, status, self._connection())

@@ -53,32 +53,36 @@ class Interception:
     ``request.__dict__`` (see :mod:`.request_context`).
     """
 
-    __slots__ = ("installed", "outer", "request", "saved", "sink")
+    __slots__ = ("context", "installed", "outer", "request", "saved", "sink")
 
-    def __init__(self, request: Any, sink: StreamedSink | BufferedSink):
+    def __init__(
+        self,
+        request: Any,
+        sink: StreamedSink | BufferedSink,
+        finish: Callable[[], None],
+        failed: Callable[[Any], Any],
+    ):
+        """Installed at once: writes go to ``sink``, the downstream's ending to ``finish``/``failed``."""
         self.request = request
         self.sink = sink
-        self.installed = False
-        self.outer: Interception | None = None
-        self.saved: dict[str, Any] | None = None
-
-    def install(self, finish: Callable[[], None], failed: Callable[[Any], Any]) -> None:
-        """Take the downstream's calls over: writes to the sink, its ending to ``finish``/``failed``."""
-        request, sink = self.request, self.sink
-        context = context_of(request)
-        outer = context.interception
-        if outer is not None:  # an outer guest's: kept, and put back on removal
-            self.saved = {name: hook for name in _METHODS if (hook := _own_hook(request, name)) is not None}
-            self.outer = outer
+        self.context = context = context_of(request)
+        outer = self.outer = context.interception
+        # An outer guest's interception is kept, and put back on removal.
+        self.saved: dict[str, Any] | None = (
+            None
+            if outer is None
+            else {name: hook for name in _METHODS if (hook := _own_hook(request, name)) is not None}
+        )
         context.interception = self
         self.installed = True
         sink.forward = request.write
         request.write = sink.write
         request.finish = finish
         request.processingFailed = failed
-        if isinstance(sink, BufferedSink):
-            request.registerProducer = sink.register_producer
-            request.unregisterProducer = sink.unregister_producer
+        if sink.buffered:
+            buffering: Any = sink
+            request.registerProducer = buffering.register_producer
+            request.unregisterProducer = buffering.unregister_producer
 
     def remove(self) -> None:
         """Give the request back what it had: its own methods, or the outer guest's interception."""
@@ -86,7 +90,7 @@ class Interception:
             return  # never touch what is not ours (an outer guest's, when chained)
         self.installed = False
         request = self.request
-        context_of(request).interception = self.outer
+        self.context.interception = self.outer
         saved = self.saved
         if saved is None:  # exactly what install set
             for name in _METHODS if self.sink.buffered else _STREAMED:
@@ -114,7 +118,7 @@ class Interception:
         request = self.request
         for name in _METHODS:
             setattr(request, name, _ignore)
-        context_of(request).interception = None
+        self.context.interception = None
         sink: Any = self.sink
         sink.forward = None
         if isinstance(sink, BufferedSink):

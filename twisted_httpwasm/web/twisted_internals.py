@@ -22,7 +22,7 @@ from typing import Any
 
 from twisted.web import http
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, _IEncodingResource
 
 __all__ = [
     "ContinueVetoChannel",
@@ -70,8 +70,6 @@ def install_response_encoder(resource: IResource, request: Any) -> None:
     ``_encoder`` attribute, which ``Request.write``/``finish`` pass the body
     through.
     """
-    from twisted.web.resource import _IEncodingResource
-
     if _IEncodingResource.providedBy(resource):
         encoder = resource.getEncoder(request)
         if encoder is not None:
