@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks
 from twisted.logger import Logger, formatEvent
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from twisted_httpwasm.service import sources
 from twisted_httpwasm.service.tap import Options
@@ -39,8 +39,23 @@ def make_tls(directory: Path) -> tuple[Path, ssl.CertificateOptions]:
     return ca_file, ssl.PrivateCertificate.loadPEM(made.key_pem + made.cert_pem).options()
 
 
+#: How long a trickling answer goes on at most (bounded: the test server never runs forever).
+TRICKLE_BYTES = 240
+
+#: What a huge answer holds: 1 GiB, made on the fly in 64 KiB chunks.
+HUGE_BYTES = 1024**3
+HUGE_CHUNK = b"\0" * (64 * 1024)
+
+
 class Files(Resource):
-    """Serves ``files`` by path and counts the requests for each."""
+    """Serves ``files`` by path and counts the requests for each; a path in ``misbehaving`` is answered badly.
+
+    ``misbehaving[path]`` is ``"trickle"`` (headers, then 1 byte every 0.5 s),
+    ``"stall"`` (headers and 1 byte, then nothing until the client goes) or
+    ``"huge"`` (1 GiB, chunked, generated as the client reads it; it pauses
+    once ``hold_at`` bytes are sent until ``resume`` fires, if set).
+    ``open_requests`` are the misbehaving answers whose client is still connected.
+    """
 
     isLeaf = True
 
@@ -48,13 +63,72 @@ class Files(Resource):
         super().__init__()
         self.files: dict[bytes, bytes] = {}
         self.fetches: dict[bytes, int] = {}
+        self.misbehaving: dict[bytes, str] = {}
+        self.open_requests: list[Any] = []
+        self.huge_sent = 0
+        self.hold_at: int | None = None
+        self.resume: Deferred[None] | None = None
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Any) -> bytes | int:
         self.fetches[request.path] = self.fetches.get(request.path, 0) + 1
+        behaviour = self.misbehaving.get(request.path)
+        if behaviour is not None:
+            self.open_requests.append(request)
+            request.notifyFinish().addBoth(lambda _: self.open_requests.remove(request))
+            getattr(self, f"_{behaviour}")(request)
+            return NOT_DONE_YET
         if request.path not in self.files:
             request.setResponseCode(404)
             return b"not found"
         return self.files[request.path]
+
+    def _trickle(self, request: Any) -> None:
+        request.setHeader(b"content-length", b"%d" % TRICKLE_BYTES)
+        sent = [0]
+
+        def one_byte() -> None:
+            if request in self.open_requests and sent[0] < TRICKLE_BYTES:
+                request.write(b"x")
+                sent[0] += 1
+                reactor.callLater(0.5, one_byte)
+
+        one_byte()
+
+    def _stall(self, request: Any) -> None:
+        request.setHeader(b"content-length", b"1000")
+        request.write(b"x")  # the headers, and then nothing
+
+    def _huge(self, request: Any) -> None:
+        request.registerProducer(_HugeBody(self, request), False)
+
+
+class _HugeBody:
+    """A pull producer of :data:`HUGE_BYTES` zero bytes (no Content-Length: chunked)."""
+
+    def __init__(self, files: Files, request: Any):
+        self.files = files
+        self.request = request
+        self.sent = 0
+        self.stopped = False
+
+    def resumeProducing(self) -> None:
+        files = self.files
+        if self.stopped:
+            return
+        if files.hold_at is not None and self.sent >= files.hold_at and files.resume is not None:
+            resume, files.resume = files.resume, None
+            resume.addCallback(lambda _: self.resumeProducing())
+            return
+        if self.sent >= HUGE_BYTES:
+            self.request.unregisterProducer()
+            self.request.finish()
+            return
+        self.request.write(HUGE_CHUNK)
+        self.sent += len(HUGE_CHUNK)
+        files.huge_sent = self.sent
+
+    def stopProducing(self) -> None:
+        self.stopped = True
 
 
 class TLSServerMixin(TempFilesMixin):
@@ -149,6 +223,64 @@ class ResolveTests(TLSServerMixin, TestCase):
         self.assertFalse((self.cache / "sources" / f"{digest}.wasm").exists())
 
 
+class BoundedFetchTests(TLSServerMixin, TestCase):
+    """A fetch is bounded in time (the whole of it) and in size, and a newer reload can stop it."""
+
+    def setUp(self) -> None:
+        self.start_tls_server()
+        self.patch(sources, "_log", Logger(namespace="httpwasm", observer=lambda event: None))
+
+    @inlineCallbacks
+    def assert_connection_closed(self) -> Generator[Any, Any, None]:
+        if not (yield poll(lambda: not self.files.open_requests, 10)):
+            self.fail("the fetch's connection is still open")
+
+    @inlineCallbacks
+    def test_trickling_or_stalled_body_ends_at_the_deadline(self) -> Generator[Any, Any, None]:
+        """--guest-fetch-timeout bounds the whole fetch, body included: an answer that trickles 1 byte per 0.5 s
+        or stalls after its headers fails with the reason (no copy is cached), and its connection is closed."""
+        for behaviour in ("trickle", "stall"):
+            path = f"/{behaviour}.wat"
+            self.files.misbehaving[path.encode()] = behaviour
+            with self.assertRaises(sources.SourceError) as caught:
+                yield sources.resolve(self.base + path, None, 1)
+            self.assertIn("took longer than 1 s (--guest-fetch-timeout)", str(caught.exception), behaviour)
+            yield self.assert_connection_closed()
+
+    @inlineCallbacks
+    def test_cancelling_stops_the_fetch(self) -> Generator[Any, Any, None]:
+        """A reload that is superseded cancels its fetch: the Deferred fails at once and the connection is shut."""
+        self.files.misbehaving[b"/stall.wat"] = "stall"
+        fetching = sources.resolve(self.base + "/stall.wat", None, 3600)
+        if not (yield poll(lambda: self.files.open_requests, 10)):
+            self.fail("the fetch did not start")
+        fetching.cancel()
+        yield self.assertFailure(fetching, CancelledError)
+        yield self.assert_connection_closed()
+
+    @inlineCallbacks
+    def test_huge_answer_is_refused_at_the_cap(self) -> Generator[Any, Any, None]:
+        """A 1 GiB chunked answer is refused once past the cap (no Content-Length to refuse it early): only a
+        little more than the cap is read, and the connection is closed."""
+        self.files.misbehaving[b"/huge.wasm"] = "huge"
+        cap = 4 * 1024 * 1024
+        with self.assertRaises(sources.SourceError) as caught:
+            yield sources.resolve(self.base + "/huge.wasm", None, 60, max_bytes=cap)
+        self.assertIn(f"larger than {cap} bytes (--guest-fetch-max-size)", str(caught.exception))
+        yield self.assert_connection_closed()
+        self.assertLess(self.files.huge_sent, HUGE_BYTES)
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of process ``pid``, in KiB, from /proc/PID/status."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0])
+    return fields
+
+
 class OptionTests(SynchronousTestCase):
     def test_plain_http_needs_a_digest(self) -> None:
         """--guest http://... without --guest-sha256 is refused: nothing else would authenticate it."""
@@ -203,6 +335,107 @@ class TwistdSourcesTests(TLSServerMixin, TwistdTestCase):
         )
         self.assertEqual(status, 1)
         self.assertIn("HTTP status 404; and no verified copy is cached", output)
+
+    @inlineCallbacks
+    def test_startup_gives_up_at_the_deadline(self) -> Generator[Any, Any, None]:
+        """A catalog that trickles or stalls after its headers: twistd (before the fork, where a daemon's launch
+        command waits) exits with status 1 and one line saying why, instead of hanging."""
+        self.start_tls_server()
+        for behaviour in ("trickle", "stall"):
+            url = f"{self.base}/{behaviour}.wat"
+            self.files.misbehaving[f"/{behaviour}.wat".encode()] = behaviour
+            status, output = yield self.exit_status(
+                "--guest", url, "--guest-fetch-timeout", "2", "--class", "tests.test_twistd.Hello"
+            )
+            self.assertEqual(status, 1, output)
+            lines = [line for line in output.splitlines() if "cannot fetch" in line]
+            self.assertEqual(len(lines), 1, output)
+            self.assertIn(f"--guest {url}: cannot fetch {url}: took longer than 2 s (--guest-fetch-timeout)", lines[0])
+
+    @inlineCallbacks
+    def test_reload_gives_up_at_the_deadline_then_loads_the_fixed_guest(self) -> Generator[Any, Any, None]:
+        """At reload a trickling catalog is given up at --guest-fetch-timeout (the last verified copy goes on
+        serving, and the log says why); the next SIGHUP, once the catalog is fixed, loads the new guest."""
+        self.start_tls_server()
+        url, digest = self.publish("/g.wat", version_guest(1))
+        base = yield self.start_server(
+            "--guest", url, "--guest-fetch-timeout", "2", "--class", "tests.test_twistd.Hello"
+        )
+        server = self.server
+        self.files.misbehaving[b"/g.wat"] = "trickle"
+        os.kill(server.process.pid, signal.SIGHUP)
+        yield self.wait_for(server, f"cannot fetch {url}: took longer than 2 s (--guest-fetch-timeout); using the last")
+        yield self.wait_for(server, f"reloaded g (sha256 {digest})")
+        _, headers, _ = yield self.fetch("GET", base + "/")
+        self.assertEqual(headers.getRawHeaders("x-version"), ["1"])
+
+        del self.files.misbehaving[b"/g.wat"]
+        _, digest2 = self.publish("/g.wat", version_guest(2))
+        os.kill(server.process.pid, signal.SIGHUP)
+        yield self.wait_for(server, f"reloaded g (sha256 {digest2})")
+        _, headers, _ = yield self.fetch("GET", base + "/")
+        self.assertEqual(headers.getRawHeaders("x-version"), ["2"])
+
+    @inlineCallbacks
+    def test_a_newer_sighup_supersedes_a_stuck_fetch(self) -> Generator[Any, Any, None]:
+        """A reload stuck on a stalled catalog (long --guest-fetch-timeout) does not hold back the next: a second
+        SIGHUP after the catalog was fixed stops the stuck fetch and loads the new guest."""
+        self.start_tls_server()
+        url, _ = self.publish("/g.wat", version_guest(1))
+        base = yield self.start_server(
+            "--guest", url, "--guest-fetch-timeout", "3600", "--class", "tests.test_twistd.Hello"
+        )
+        server = self.server
+        self.files.misbehaving[b"/g.wat"] = "stall"
+        os.kill(server.process.pid, signal.SIGHUP)
+        if not (yield poll(lambda: self.files.open_requests, DEADLINE)):
+            self.fail(f"the reload did not fetch:\n{server.output()}")
+
+        del self.files.misbehaving[b"/g.wat"]
+        _, digest2 = self.publish("/g.wat", version_guest(2))
+        os.kill(server.process.pid, signal.SIGHUP)
+        yield self.wait_for(server, "reload superseded by a newer one")
+        yield self.wait_for(server, f"reloaded g (sha256 {digest2})")
+        _, headers, _ = yield self.fetch("GET", base + "/")
+        self.assertEqual(headers.getRawHeaders("x-version"), ["2"])
+        if not (yield poll(lambda: not self.files.open_requests, 10)):
+            self.fail("the stuck fetch's connection is still open")
+
+    @inlineCallbacks
+    def test_huge_answer_at_reload_is_refused_with_bounded_memory(self) -> Generator[Any, Any, None]:
+        """A 1 GiB answer at reload is streamed to a temporary file and refused at --guest-fetch-max-size: the
+        server's peak RSS grows by far less than the cap, it answers requests while the fetch runs, and the
+        last verified copy goes on serving."""
+        self.start_tls_server()
+        url, digest = self.publish("/g.wat", version_guest(1))
+        cap = 64 * 1024 * 1024
+        base = yield self.start_server(
+            "--guest", url, "--guest-fetch-max-size", "64MiB", "--class", "tests.test_twistd.Hello"
+        )
+        server = self.server
+        before = memory_kib(server.process.pid)
+        self.files.misbehaving[b"/g.wat"] = "huge"
+        self.files.hold_at = cap // 4
+        self.files.resume = resume = Deferred()
+        os.kill(server.process.pid, signal.SIGHUP)
+        if not (yield poll(lambda: self.files.huge_sent >= cap // 4, DEADLINE)):
+            self.fail(f"the reload did not fetch:\n{server.output()}")
+        # The fetch is under way (a quarter of the cap read, its connection open): serving goes on.
+        answers = yield gatherResults([self.fetch("GET", base + "/") for _ in range(4)])
+        self.assertEqual(
+            [(status, headers.getRawHeaders("x-version")) for status, headers, _ in answers], [(200, ["1"])] * 4
+        )
+        self.assertTrue(self.files.open_requests)
+        resume.callback(None)
+
+        yield self.wait_for(server, f"cannot fetch {url}: larger than {cap} bytes (--guest-fetch-max-size)")
+        yield self.wait_for(server, f"reloaded g (sha256 {digest})")
+        after = memory_kib(server.process.pid)
+        grown = after["VmHWM"] - max(before["VmHWM"], before["VmRSS"])
+        self.assertLess(grown, cap // 1024 // 4, (before, after))  # a buffered answer would add the whole cap
+        self.assertLess(self.files.huge_sent, HUGE_BYTES)
+        _, headers, _ = yield self.fetch("GET", base + "/")
+        self.assertEqual(headers.getRawHeaders("x-version"), ["1"])
 
     @inlineCallbacks
     def wait_for(self, server: Any, text: str, count: int = 1) -> Generator[Any, Any, None]:

@@ -8,7 +8,10 @@ one instance initialised each); only if every guest loaded does it swap them,
 all in one turn of the reactor, so no request starts on a half-reloaded chain.
 Requests in flight finish on the instances they pinned; the old guests are
 retired, and their instances freed once their last request ended.  If any
-guest fails to load, nothing changes and one error line says why.
+guest fails to load, nothing changes and one error line says why.  A reload
+asked for while one still loads supersedes it: the running load is cancelled
+(a guest fetch in progress is stopped at once) and a new one starts, so a stuck
+catalog can never hold a later reload back.
 
 :class:`HangupService` runs a reload on ``SIGHUP`` while it runs;
 :class:`WatchService` (``--watch``) runs one when a watched file changed and
@@ -70,6 +73,7 @@ class GuestReloader:
         self.label = label
         self.after_reload: list[Callable[[], object]] = []
         self._running: defer.Deferred[bool] | None = None
+        self._loading: defer.Deferred[Sequence[Guest]] | None = None
         self._again = False
 
     @property
@@ -80,11 +84,15 @@ class GuestReloader:
     def reload(self) -> defer.Deferred[bool]:
         """Load every guest afresh and swap them in if all loaded; fires with whether they were swapped.
 
-        A reload asked for while one runs runs once more after it (sources
-        may have changed again in the meantime).
+        A reload asked for while one runs supersedes it: the load in progress
+        is cancelled (a fetch stopped) and the sources are loaded once more, as
+        they are now.
         """
         if self._running is not None:
             self._again = True
+            loading, self._loading = self._loading, None
+            if loading is not None:
+                loading.cancel()
             return self._running
         done = defer.ensureDeferred(self._reload_until_settled())
         if not done.called:  # a load that did not finish at once (a fetch)
@@ -104,9 +112,18 @@ class GuestReloader:
     async def _reload_once(self) -> bool:
         try:
             loaded = self.load()
-            guests = list(await loaded if isinstance(loaded, defer.Deferred) else loaded)
+            if isinstance(loaded, defer.Deferred):
+                self._loading = loaded
+                try:
+                    loaded = await loaded
+                finally:
+                    self._loading = None
+            guests = list(loaded)
             if len(guests) != len(self.resources):
                 raise ReloadError(f"{len(guests)} guests loaded for a chain of {len(self.resources)}")
+        except defer.CancelledError:
+            _log.info("{label}: reload superseded by a newer one", label=self.label)
+            return False  # the newer one runs next, and tells the hooks
         except ReloadError as error:
             _log.error(
                 "{label}: reload failed, the running guests keep serving: {reason}", label=self.label, reason=error
@@ -140,16 +157,29 @@ class HangupService(service.Service):
         self.reloader = reloader
         self.reactor = reactor
         self._previous: Any = None
+        self._installed = False
         self.setName(RELOAD_SERVICE)  # type: ignore[no-untyped-call]
+
+    def privilegedStartService(self) -> None:
+        # Before the ports listen (twistd binds them here, before startService): a SIGHUP sent as soon as the
+        # server accepts connections must reload, not end the process (SIGHUP's default action).
+        service.Service.privilegedStartService(self)  # type: ignore[no-untyped-call]
+        self._install()
 
     def startService(self) -> None:
         service.Service.startService(self)  # type: ignore[no-untyped-call]
-        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        self._install()
+
+    def _install(self) -> None:
+        if not self._installed:
+            self._installed = True
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
 
     def stopService(self) -> None:
         service.Service.stopService(self)  # type: ignore[no-untyped-call]
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
+        if self._installed:
+            self._installed = False
+            signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
             self._previous = None
 
     def _hangup(self, number: int, frame: Any) -> None:

@@ -12,45 +12,75 @@ verified digest of each URL.  So:
   error), the last verified copy is used and the log says so; without one,
   loading fails with the reason.
 
-At startup, before the reactor runs, the fetch is a blocking ``urllib`` call
-(the process serves nothing yet); at reload it is a ``treq`` request on the
-running reactor (``pip install 'twisted-httpwasm[remote]'``: treq and
-Twisted's TLS).  Both verify TLS against the system's trust store, which
-honours ``SSL_CERT_FILE``.
+One fetch, the same at startup and at reload: a plain blocking HTTP(S)
+request (the standard library's ``http.client``), run before the reactor at
+startup (the process serves nothing yet) and in a thread of the reactor's pool
+at reload (serving goes on meanwhile).  ``--guest-fetch-timeout`` is a deadline
+for the whole of it (name resolution, connection, TLS handshake, headers, body,
+redirects): a watchdog shuts the connection down when it passes, however slowly
+the server trickles.  The body is streamed into a temporary file beside the
+cache, hashed as it arrives, and refused once it exceeds ``--guest-fetch-max-size``;
+so neither a huge answer nor a stalled one costs more than that bound in disk,
+a few chunks in memory, and the deadline in time.  A reload that is superseded
+(a newer SIGHUP) stops its fetch the same way.  TLS is verified against the
+system's trust store, which honours ``SSL_CERT_FILE``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import re
+import socket
 import ssl
 import tempfile
-import urllib.error
-import urllib.request
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
-from urllib.parse import urlsplit
+from typing import IO, Any
+from urllib.parse import urljoin, urlsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ..runtime.cache import default_cache_dir
+from ..runtime.cache import UntrustedCache, default_cache_dir, private_directory, trusted_file
 
-__all__ = ["DEFAULT_FETCH_TIMEOUT", "FetchedGuest", "SourceError", "is_remote", "resolve", "resolve_blocking"]
+__all__ = [
+    "DEFAULT_FETCH_TIMEOUT",
+    "MAX_GUEST_BYTES",
+    "FetchedGuest",
+    "SourceError",
+    "is_remote",
+    "resolve",
+    "resolve_blocking",
+]
 
 _log = Logger(namespace="httpwasm")
 
-#: Seconds a fetch of a remote guest may take.
+#: Seconds a whole fetch of a remote guest may take (resolution, connection, headers, body).
 DEFAULT_FETCH_TIMEOUT = 30.0
 
-#: Largest remote guest fetched (a guest binary is far smaller).
+#: Largest remote guest fetched by default (a guest binary is far smaller): ``--guest-fetch-max-size``.
 MAX_GUEST_BYTES = 256 * 1024 * 1024
+
+#: Redirects a fetch follows.
+MAX_REDIRECTS = 5
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+#: Bytes read from the connection at a time.
+_CHUNK = 64 * 1024
 
 
 class SourceError(Exception):
     """A remote guest cannot be had: not fetched and no verified copy, or its digest differs."""
+
+
+class _Stopped(Exception):
+    """The fetch was stopped by its watchdog or by the reload that superseded it."""
 
 
 @dataclass(frozen=True)
@@ -73,75 +103,259 @@ def sources_dir() -> Path:
     return default_cache_dir() / "sources"
 
 
-def resolve_blocking(url: str, sha256: str | None, timeout: float = DEFAULT_FETCH_TIMEOUT) -> FetchedGuest:
-    """The guest at ``url``, fetched with a blocking call (startup, before the reactor runs)."""
+def resolve_blocking(
+    url: str, sha256: str | None, timeout: float = DEFAULT_FETCH_TIMEOUT, *, max_bytes: int = MAX_GUEST_BYTES
+) -> FetchedGuest:
+    """The guest at ``url``, fetched with a blocking call (startup, before the reactor runs).
+
+    Returns or raises within ``timeout`` seconds (plus the time to read a
+    cached copy), however the server behaves.
+    """
     cached = _pinned_copy(url, sha256)
     if cached is not None:
         return cached
+    fetch = _Fetch(url, timeout, max_bytes)
     try:
-        data = _fetch_blocking(url, timeout)
-    except (OSError, ValueError, SourceError) as error:
-        return _fallback(url, sha256, _reason(error))
-    return _verified(url, sha256, data)
+        data, digest = fetch.run()
+    except _Stopped as stopped:
+        return _fallback(url, sha256, str(stopped))
+    except SourceError as error:
+        return _fallback(url, sha256, str(error))
+    return _verified(url, sha256, data, digest)
 
 
 def resolve(
-    url: str, sha256: str | None, timeout: float = DEFAULT_FETCH_TIMEOUT, *, reactor: Any = None
+    url: str,
+    sha256: str | None,
+    timeout: float = DEFAULT_FETCH_TIMEOUT,
+    *,
+    max_bytes: int = MAX_GUEST_BYTES,
+    reactor: Any = None,
 ) -> defer.Deferred[FetchedGuest]:
-    """The guest at ``url``, fetched with treq on the running reactor (reload)."""
+    """The guest at ``url``, fetched in a thread of the reactor's pool (reload); fires within ``timeout``.
+
+    Cancelling the Deferred (a newer reload supersedes this one) stops the
+    fetch: its connection is shut down, its temporary file removed, and the
+    Deferred fails at once with ``CancelledError``.
+    """
     cached = _pinned_copy(url, sha256)
     if cached is not None:
         return defer.succeed(cached)
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
 
-    async def fetch() -> FetchedGuest:
-        try:
-            data = await _fetch_treq(url, timeout, reactor)
-        except Exception as error:  # noqa: BLE001  # any failure to fetch falls back to the cache
-            return _fallback(url, sha256, _reason(error))
-        return _verified(url, sha256, data)
+        reactor = global_reactor
+    from twisted.internet import threads
 
-    return defer.ensureDeferred(fetch())
+    fetch = _Fetch(url, timeout, max_bytes)
+    result: defer.Deferred[FetchedGuest] = defer.Deferred(lambda _: fetch.stop("superseded by a newer reload"))
+
+    def fetched(outcome: tuple[bytes, str]) -> None:
+        if not result.called:
+            data, digest = outcome
+            try:
+                result.callback(_verified(url, sha256, data, digest))
+            except SourceError as error:
+                result.errback(error)
+
+    def failed(failure: Any) -> None:
+        if result.called:
+            return  # cancelled: nobody waits any more
+        if failure.check(_Stopped, SourceError):
+            try:
+                result.callback(_fallback(url, sha256, str(failure.value)))
+            except SourceError as error:
+                result.errback(error)
+        else:
+            result.errback(failure)
+
+    running = threads.deferToThreadPool(reactor, reactor.getThreadPool(), fetch.run)
+    running.addCallbacks(fetched, failed)
+    return result
 
 
 # -- fetching ---------------------------------------------------------------------------
 
 
-def _fetch_blocking(url: str, timeout: float) -> bytes:
-    context = ssl.create_default_context()  # the system's trust store; SSL_CERT_FILE if set
-    request = urllib.request.Request(url, headers={"User-Agent": "twisted-httpwasm"})
-    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-        if response.status != 200:
-            raise SourceError(f"HTTP status {response.status}")
-        _check_redirect(url, response.url)
-        data: bytes = response.read(MAX_GUEST_BYTES + 1)
-    if len(data) > MAX_GUEST_BYTES:
-        raise SourceError(f"larger than {MAX_GUEST_BYTES} bytes")
-    return data
+class _Fetch:
+    """One fetch of ``url`` within ``timeout`` seconds and ``max_bytes`` bytes, streamed into a temporary file.
+
+    :meth:`run` blocks (call it before the reactor runs, or in a thread);
+    :meth:`stop`, from any thread, ends it at once: the connection is shut
+    down, so whatever read was waiting returns.  A watchdog timer calls
+    :meth:`stop` at the deadline.
+    """
+
+    def __init__(self, url: str, timeout: float, max_bytes: int):
+        self.url = url
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self._deadline = time.monotonic() + timeout
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []  # duplicates of the connections' sockets, to shut down
+        self._stopped: str | None = None
+        self._digest = ""
+
+    def stop(self, reason: str) -> None:
+        """End the fetch with ``reason`` (from any thread)."""
+        with self._lock:
+            if self._stopped is None:
+                self._stopped = reason
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+    def _check(self) -> None:
+        if self._stopped is not None:
+            raise _Stopped(self._stopped)
+
+    def _remaining(self) -> float:
+        self._check()
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            self.stop(self._timed_out())
+            self._check()
+        return remaining
+
+    def _timed_out(self) -> str:
+        return f"took longer than {self.timeout:g} s (--guest-fetch-timeout)"
+
+    def _watch(self, sock: socket.socket) -> None:
+        """Let :meth:`stop` shut ``sock``'s connection down (a duplicate descriptor: shutdown acts on the socket)."""
+        duplicate = sock.dup()
+        with self._lock:
+            self._sockets.append(duplicate)
+            stopped = self._stopped is not None
+        if stopped:
+            _shutdown(duplicate)
+
+    def run(self) -> tuple[bytes, str]:
+        """The body's bytes and their sha256 (hex); :class:`SourceError` or :class:`_Stopped` if not had."""
+        watchdog = threading.Timer(max(self._deadline - time.monotonic(), 0), self.stop, (self._timed_out(),))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            with _spool() as spool:
+                digest = self._follow(spool)
+                spool.seek(0)
+                return spool.read(), digest
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            self._check()  # a connection shut down by stop() fails in many ways: say why it was
+            raise SourceError(_reason(error)) from None
+        finally:
+            watchdog.cancel()
+            with self._lock:
+                sockets, self._sockets = self._sockets, []
+            for sock in sockets:
+                sock.close()
+
+    def _follow(self, spool: IO[bytes]) -> str:
+        url = self.url
+        for _ in range(MAX_REDIRECTS + 1):
+            location = self._get(url, spool)
+            if location is None:
+                return self._digest
+            target = urljoin(url, location)
+            _check_redirect(self.url, target)
+            url = target
+        raise SourceError(f"more than {MAX_REDIRECTS} redirects")
+
+    def _connect(self, url: str) -> http.client.HTTPConnection:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise SourceError(f"not an http or https URL: {url}")
+        host = parts.hostname
+        port = parts.port or (443 if scheme == "https" else 80)
+        address = self._resolve(host, port)
+        sock = socket.create_connection(address, timeout=self._remaining())
+        try:
+            self._watch(sock)
+            connection: http.client.HTTPConnection
+            if scheme == "https":
+                context = ssl.create_default_context()  # the system's trust store; SSL_CERT_FILE if set
+                sock = context.wrap_socket(sock, server_hostname=host)
+                connection = http.client.HTTPSConnection(host, port, context=context)
+            else:
+                connection = http.client.HTTPConnection(host, port)
+        except BaseException:
+            sock.close()
+            raise
+        connection.sock = sock
+        return connection
+
+    def _resolve(self, host: str, port: int) -> tuple[str, int]:
+        """``host``'s first address, resolved in a thread so that a slow resolver cannot pass the deadline."""
+        found: list[Any] = []
+
+        def lookup() -> None:
+            try:
+                found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4])
+            except OSError as error:
+                found.append(error)
+
+        resolver = threading.Thread(target=lookup, name="httpwasm-fetch-resolve", daemon=True)
+        resolver.start()
+        resolver.join(self._remaining())
+        self._remaining()  # raises if the deadline passed (or the fetch was stopped) meanwhile
+        if not found:
+            self.stop(self._timed_out())
+            self._check()
+        if isinstance(found[0], OSError):
+            raise found[0]
+        return found[0][0], found[0][1]
+
+    def _get(self, url: str, spool: IO[bytes]) -> str | None:
+        """GET ``url`` into ``spool``; the redirect's Location, or None once the body is in."""
+        connection = self._connect(url)
+        try:
+            parts = urlsplit(url)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            connection.request("GET", target, headers={"User-Agent": "twisted-httpwasm", "Accept-Encoding": "identity"})
+            response = connection.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                return response.getheader("Location")
+            if response.status != 200:
+                raise SourceError(f"HTTP status {response.status}")
+            length = response.getheader("Content-Length")
+            if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
+                raise SourceError(f"larger than {self.max_bytes} bytes (--guest-fetch-max-size): {length} bytes")
+            hasher = hashlib.sha256()
+            spool.seek(0)
+            spool.truncate()
+            size = 0
+            while True:
+                self._remaining()
+                chunk = response.read1(_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise SourceError(f"larger than {self.max_bytes} bytes (--guest-fetch-max-size)")
+                hasher.update(chunk)
+                spool.write(chunk)
+            self._remaining()  # a connection shut down at the deadline ends like a body: it is not one
+            if length is not None and length.strip().isdigit() and size != int(length):
+                raise SourceError(f"the connection ended after {size} of {length} bytes")
+            self._digest = hasher.hexdigest()
+            return None
+        finally:
+            connection.close()
 
 
-async def _fetch_treq(url: str, timeout: float, reactor: Any) -> bytes:
+def _spool() -> IO[bytes]:
+    """A temporary file for a body: in the sources cache if it can be used, else in the temporary directory."""
     try:
-        from treq.client import HTTPClient
-    except ImportError:
-        raise SourceError("fetching at reload needs treq: pip install 'twisted-httpwasm[remote]'") from None
-    from twisted.web.client import Agent
-    from twisted.web.http_headers import Headers
+        return tempfile.TemporaryFile(dir=_sources_directory(), prefix=".fetch-")
+    except (OSError, UntrustedCache):
+        return tempfile.TemporaryFile(prefix="httpwasm-fetch-")
 
-    if reactor is None:
-        from twisted.internet import reactor as global_reactor
 
-        reactor = global_reactor
-    agent: Any = Agent(reactor, connectTimeout=timeout)  # an IAgent; mypy cannot see zope declarations
-    client = HTTPClient(agent)
-    response = await client.get(url, timeout=timeout, headers=Headers({b"User-Agent": [b"twisted-httpwasm"]}))
-    if response.code != 200:
-        await response.content()
-        raise SourceError(f"HTTP status {response.code}")
-    _check_redirect(url, response.request.absoluteURI.decode("ascii", "replace"))
-    data: bytes = await response.content()
-    if len(data) > MAX_GUEST_BYTES:
-        raise SourceError(f"larger than {MAX_GUEST_BYTES} bytes")
-    return data
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected (yet, or any more)
 
 
 def _check_redirect(url: str, final: str) -> None:
@@ -151,10 +365,10 @@ def _check_redirect(url: str, final: str) -> None:
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP status {error.code}"
-    if isinstance(error, urllib.error.URLError):
-        return f"{error.reason}"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS: {error.verify_message or error}"
+    if isinstance(error, socket.timeout | TimeoutError):
+        return "timed out"
     return str(error) or type(error).__name__
 
 
@@ -174,14 +388,26 @@ def _note_path(url: str) -> Path:
 
 
 def _cached(url: str, digest: str) -> FetchedGuest | None:
-    """The cached copy with ``digest``, if there is one and its bytes still have that digest."""
-    try:
-        data = _copy_path(digest).read_bytes()
-    except OSError:
-        return None
-    if hashlib.sha256(data).hexdigest() != digest:
-        return None  # damaged: never used
+    """The cached copy with ``digest``, if there is one, it can be trusted, and its bytes still have that digest."""
+    data = _trusted(_copy_path(digest))
+    if data is None or hashlib.sha256(data).hexdigest() != digest:
+        return None  # missing, not trusted (warned), or damaged: never used
     return FetchedGuest(data, _name(url), digest, cached=True)
+
+
+def _trusted(path: Path) -> bytes | None:
+    """``path``'s bytes if it and the cache's directories can be trusted (see :func:`private_directory`)."""
+    try:
+        _sources_directory()
+    except (OSError, UntrustedCache):
+        return None
+    return trusted_file(path, "cached guest")
+
+
+def _sources_directory() -> Path:
+    """:func:`sources_dir`, made 0700 with the cache directory around it, both checked."""
+    private_directory(default_cache_dir())
+    return private_directory(sources_dir())
 
 
 def _pinned_copy(url: str, sha256: str | None) -> FetchedGuest | None:
@@ -193,8 +419,7 @@ def _pinned_copy(url: str, sha256: str | None) -> FetchedGuest | None:
     return copy
 
 
-def _verified(url: str, sha256: str | None, data: bytes) -> FetchedGuest:
-    digest = hashlib.sha256(data).hexdigest()
+def _verified(url: str, sha256: str | None, data: bytes, digest: str) -> FetchedGuest:
     if sha256 is not None and digest != sha256:
         raise SourceError(f"{url} has sha256 {digest}, not the expected {sha256}: refused")
     _store(url, digest, data)
@@ -205,9 +430,12 @@ def _fallback(url: str, sha256: str | None, reason: str) -> FetchedGuest:
     """After a failed fetch: the last verified copy (logged), or :class:`SourceError`."""
     digest = sha256
     if digest is None:
+        note = _trusted(_note_path(url))
         try:
-            digest = _note_path(url).read_text().split()[0]
-        except (OSError, IndexError):
+            digest = note.decode("ascii").split()[0] if note is not None else None
+        except (UnicodeDecodeError, IndexError):
+            digest = None
+        if digest is not None and not _HEX_DIGEST.fullmatch(digest):
             digest = None
     copy = _cached(url, digest) if digest is not None else None
     if copy is None:
@@ -225,10 +453,11 @@ def _store(url: str, digest: str, data: bytes) -> None:
     """Cache ``data`` by digest and note it as ``url``'s last verified copy; a cache that cannot be written is
     only a lost fallback."""
     try:
-        directory = sources_dir()
-        directory.mkdir(parents=True, exist_ok=True)
+        _sources_directory()
         _write_atomically(_copy_path(digest), lambda out: out.write(data))
         _write_atomically(_note_path(url), lambda out: out.write(f"{digest} {url}\n".encode()))
+    except UntrustedCache:
+        pass  # warned about once already
     except OSError as error:
         _log.warn("httpwasm: cannot cache {url} in {where}: {error}", url=url, where=sources_dir(), error=error)
 

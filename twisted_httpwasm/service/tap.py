@@ -163,6 +163,7 @@ then are cut and logged. twistd then exits with status 0.
         self["guest-max-requests"] = None
         self["guest-max-age"] = None
         self["guest-fetch-timeout"] = sources.DEFAULT_FETCH_TIMEOUT
+        self["guest-fetch-max-size"] = sources.MAX_GUEST_BYTES
         self["watch"] = False
         #: By --guest index: the --guest-sha256 and --guest-config-file given for it.
         self["guest-sha256"] = {}
@@ -209,7 +210,9 @@ then are cut and logged. twistd then exits with status 0.
         self["watch"] = True
 
     def opt_guest_fetch_timeout(self, seconds: str) -> None:
-        """Seconds a --guest https:// URL may take to fetch, at startup and at reload. [default: 30]"""
+        """Seconds a whole fetch of a --guest https:// URL may take (connect, headers, body), at startup and at
+        reload. [default: 30]
+        """
         try:
             timeout = float(seconds)
         except ValueError:
@@ -217,6 +220,10 @@ then are cut and logged. twistd then exits with status 0.
         if not (math.isfinite(timeout) and timeout > 0):
             raise usage.UsageError(f"--guest-fetch-timeout must be a positive number of seconds, not {seconds!r}")
         self["guest-fetch-timeout"] = timeout
+
+    def opt_guest_fetch_max_size(self, size: str) -> None:
+        """Largest --guest https:// answer fetched: bytes, or with a KiB, MiB or GiB suffix. [default: 256MiB]"""
+        self["guest-fetch-max-size"] = self._size("--guest-fetch-max-size", size)
 
     def opt_guest_max_requests(self, count: str) -> None:
         """Recycle each guest instance after it served this many requests (between requests). [default: off]"""
@@ -658,7 +665,10 @@ async def _reload_guests_from_sources(config: Options) -> Sequence[Guest]:
         if sources.is_remote(entry["path"]):
             try:
                 fetched[index] = await sources.resolve(
-                    entry["path"], config["guest-sha256"].get(index), config["guest-fetch-timeout"]
+                    entry["path"],
+                    config["guest-sha256"].get(index),
+                    config["guest-fetch-timeout"],
+                    max_bytes=config["guest-fetch-max-size"],
                 )
             except sources.SourceError as error:
                 raise ReloadError(f"--guest {entry['path']}: {error}") from None
@@ -708,7 +718,10 @@ def _load_guests(config: Options) -> list[Guest]:
             if sources.is_remote(entry["path"]):
                 # Before the reactor runs: a blocking fetch (nothing is served yet).
                 fetched = sources.resolve_blocking(
-                    entry["path"], config["guest-sha256"].get(index), config["guest-fetch-timeout"]
+                    entry["path"],
+                    config["guest-sha256"].get(index),
+                    config["guest-fetch-timeout"],
+                    max_bytes=config["guest-fetch-max-size"],
                 )
             guest = _load_guest(config, index, entry["config"], fetched)
         except sources.SourceError as error:
