@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import stat
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from twisted_httpwasm.runtime import cache as cache_module
 from twisted_httpwasm.service import sources
 from twisted_httpwasm.service.tap import Options
 
@@ -221,6 +223,56 @@ class ResolveTests(TLSServerMixin, TestCase):
             yield sources.resolve(url, wrong, 10)
         self.assertIn(f"has sha256 {digest}, not the expected {wrong}", str(caught.exception))
         self.assertFalse((self.cache / "sources" / f"{digest}.wasm").exists())
+
+
+class SourcesTrustTests(TLSServerMixin, TestCase):
+    """The sources/ cache: private whatever the umask; a directory or copy others may write is not used."""
+
+    def setUp(self) -> None:
+        self.start_tls_server()
+        self.warnings: list[str] = []
+        self.patch(sources, "_log", Logger(namespace="httpwasm", observer=lambda event: None))
+        self.patch(cache_module, "_log", Logger(namespace="httpwasm", observer=self.record))
+        self.patch(cache_module, "_warned", set())
+
+    def record(self, event: dict[str, Any]) -> None:
+        self.warnings.append(formatEvent(event))
+
+    @inlineCallbacks
+    def test_created_private_whatever_the_umask(self) -> Generator[Any, Any, None]:
+        """With umask 000 the cache directory and sources/ are 0700, the copy and the note not writable by others."""
+        previous = os.umask(0)
+        self.addCleanup(os.umask, previous)
+        url, digest = self.publish("/g.wat", version_guest(1))
+        yield sources.resolve(url, None, 10)
+        self.assertEqual(stat.S_IMODE(self.cache.stat().st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE((self.cache / "sources").stat().st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE((self.cache / "sources" / f"{digest}.wasm").stat().st_mode), 0o600)
+
+    @inlineCallbacks
+    def test_copies_others_may_write_are_not_used(self) -> Generator[Any, Any, None]:
+        """A sources/ directory, or a copy, that its group or others may write is not a fallback (nor a pinned
+        hit): with the server down, the fetch fails, and one warning says why."""
+        url, digest = self.publish("/g.wat", version_guest(1))
+        yield sources.resolve(url, None, 10)
+        yield self.stop_tls_server()
+        copy = self.cache / "sources" / f"{digest}.wasm"
+        os.chmod(copy, 0o666)
+        for pin in (None, digest):
+            with self.assertRaises(sources.SourceError):
+                yield sources.resolve(url, pin, 10)
+        self.assertEqual(
+            self.warnings,
+            [f"httpwasm: cached guest {copy} is writable by its group or by others (mode 0666): not used"],
+        )
+        os.chmod(copy, 0o600)
+        os.chmod(self.cache / "sources", 0o777)
+        with self.assertRaises(sources.SourceError):
+            yield sources.resolve(url, digest, 10)
+        self.assertIn("is writable by its group or by others (mode 0777): not used", self.warnings[-1])
+        os.chmod(self.cache / "sources", 0o700)
+        fetched = yield sources.resolve(url, digest, 10)
+        self.assertTrue(fetched.cached)
 
 
 class BoundedFetchTests(TLSServerMixin, TestCase):
