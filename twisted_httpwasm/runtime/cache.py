@@ -134,13 +134,18 @@ def trusted_file(path: Path, what: str = "cache entry") -> bytes | None:
 def _key(directory: Path) -> bytes:
     """The cache's secret key (``key``, 0600, made on first use); :class:`UntrustedCache` if it is not sound."""
     path = directory / _KEY_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as file:
-            file.write(secrets.token_bytes(_KEY_BYTES))
+    if not os.path.lexists(path):
+        # Written whole, then linked into place: a process starting at the same time never reads half a key.
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".key-")  # 0600
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(secrets.token_bytes(_KEY_BYTES))
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass  # another process made it first: theirs is the key
+        finally:
+            os.unlink(temporary)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as file:
         status = os.fstat(fd)
