@@ -40,11 +40,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from ..runtime.cache import UntrustedCache, default_cache_dir, private_directory, trusted_file
 
@@ -73,6 +74,10 @@ _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 #: Bytes read from the connection at a time.
 _CHUNK = 64 * 1024
+
+
+class _LogFunction(Protocol):
+    def __call__(self, level: LogLevel, text: str, **fields: Any) -> None: ...
 
 
 class SourceError(Exception):
@@ -111,17 +116,7 @@ def resolve_blocking(
     Returns or raises within ``timeout`` seconds (plus the time to read a
     cached copy), however the server behaves.
     """
-    cached = _pinned_copy(url, sha256)
-    if cached is not None:
-        return cached
-    fetch = _Fetch(url, timeout, max_bytes)
-    try:
-        data, digest = fetch.run()
-    except _Stopped as stopped:
-        return _fallback(url, sha256, str(stopped))
-    except SourceError as error:
-        return _fallback(url, sha256, str(error))
-    return _verified(url, sha256, data, digest)
+    return _resolve(url, sha256, _Fetch(url, timeout, max_bytes), _log_now)
 
 
 def resolve(
@@ -134,13 +129,12 @@ def resolve(
 ) -> defer.Deferred[FetchedGuest]:
     """The guest at ``url``, fetched in a thread of the reactor's pool (reload); fires within ``timeout``.
 
-    Cancelling the Deferred (a newer reload supersedes this one) stops the
-    fetch: its connection is shut down, its temporary file removed, and the
-    Deferred fails at once with ``CancelledError``.
+    All of it runs in the thread (reading a cached copy, fetching, hashing,
+    caching), so the reactor goes on serving; log lines reach it with
+    ``callFromThread``.  Cancelling the Deferred (a newer reload supersedes
+    this one) stops the fetch: its connection is shut down, and the Deferred
+    fails at once with ``CancelledError``.
     """
-    cached = _pinned_copy(url, sha256)
-    if cached is not None:
-        return defer.succeed(cached)
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -148,30 +142,43 @@ def resolve(
     from twisted.internet import threads
 
     fetch = _Fetch(url, timeout, max_bytes)
-    result: defer.Deferred[FetchedGuest] = defer.Deferred(lambda _: fetch.stop("superseded by a newer reload"))
+    result: defer.Deferred[FetchedGuest] = defer.Deferred(lambda _: fetch.stop(_SUPERSEDED))
 
-    def fetched(outcome: tuple[bytes, str]) -> None:
-        if not result.called:
-            data, digest = outcome
-            try:
-                result.callback(_verified(url, sha256, data, digest))
-            except SourceError as error:
-                result.errback(error)
+    def log_later(level: LogLevel, text: str, **fields: Any) -> None:
+        reactor.callFromThread(_log_now, level, text, **fields)
 
-    def failed(failure: Any) -> None:
+    def done(outcome: Any) -> None:
         if result.called:
             return  # cancelled: nobody waits any more
-        if failure.check(_Stopped, SourceError):
-            try:
-                result.callback(_fallback(url, sha256, str(failure.value)))
-            except SourceError as error:
-                result.errback(error)
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
         else:
-            result.errback(failure)
+            result.callback(outcome)
 
-    running = threads.deferToThreadPool(reactor, reactor.getThreadPool(), fetch.run)
-    running.addCallbacks(fetched, failed)
+    running = threads.deferToThreadPool(reactor, reactor.getThreadPool(), _resolve, url, sha256, fetch, log_later)
+    running.addBoth(done)
     return result
+
+
+_SUPERSEDED = "superseded by a newer reload"
+
+
+def _log_now(level: LogLevel, text: str, **fields: Any) -> None:
+    _log.emit(level, text, **fields)
+
+
+def _resolve(url: str, sha256: str | None, fetch: _Fetch, log: _LogFunction) -> FetchedGuest:
+    """The guest at ``url``: the pinned copy if cached, else fetched, else the last verified copy."""
+    cached = _pinned_copy(url, sha256, log)
+    if cached is not None:
+        return cached
+    try:
+        data, digest = fetch.run()
+    except (_Stopped, SourceError) as error:
+        if fetch.stopped == _SUPERSEDED:
+            raise  # nobody waits for it any more
+        return _fallback(url, sha256, str(error), log)
+    return _verified(url, sha256, data, digest, log)
 
 
 # -- fetching ---------------------------------------------------------------------------
@@ -204,6 +211,11 @@ class _Fetch:
             sockets = list(self._sockets)
         for sock in sockets:
             _shutdown(sock)
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the fetch was stopped, if it was."""
+        return self._stopped
 
     def _check(self) -> None:
         if self._stopped is not None:
@@ -410,23 +422,23 @@ def _sources_directory() -> Path:
     return private_directory(sources_dir())
 
 
-def _pinned_copy(url: str, sha256: str | None) -> FetchedGuest | None:
+def _pinned_copy(url: str, sha256: str | None, log: _LogFunction) -> FetchedGuest | None:
     if sha256 is None:
         return None
     copy = _cached(url, sha256)
     if copy is not None:
-        _log.info("httpwasm: {url}: using the cached copy with sha256 {digest}", url=url, digest=sha256)
+        log(LogLevel.info, "httpwasm: {url}: using the cached copy with sha256 {digest}", url=url, digest=sha256)
     return copy
 
 
-def _verified(url: str, sha256: str | None, data: bytes, digest: str) -> FetchedGuest:
+def _verified(url: str, sha256: str | None, data: bytes, digest: str, log: _LogFunction) -> FetchedGuest:
     if sha256 is not None and digest != sha256:
         raise SourceError(f"{url} has sha256 {digest}, not the expected {sha256}: refused")
-    _store(url, digest, data)
+    _store(url, digest, data, log)
     return FetchedGuest(data, _name(url), digest, cached=False)
 
 
-def _fallback(url: str, sha256: str | None, reason: str) -> FetchedGuest:
+def _fallback(url: str, sha256: str | None, reason: str, log: _LogFunction) -> FetchedGuest:
     """After a failed fetch: the last verified copy (logged), or :class:`SourceError`."""
     digest = sha256
     if digest is None:
@@ -440,7 +452,8 @@ def _fallback(url: str, sha256: str | None, reason: str) -> FetchedGuest:
     copy = _cached(url, digest) if digest is not None else None
     if copy is None:
         raise SourceError(f"cannot fetch {url}: {reason}; and no verified copy is cached in {sources_dir()}")
-    _log.warn(
+    log(
+        LogLevel.warn,
         "httpwasm: cannot fetch {url}: {reason}; using the last verified copy (sha256 {digest})",
         url=url,
         reason=reason,
@@ -449,7 +462,7 @@ def _fallback(url: str, sha256: str | None, reason: str) -> FetchedGuest:
     return copy
 
 
-def _store(url: str, digest: str, data: bytes) -> None:
+def _store(url: str, digest: str, data: bytes, log: _LogFunction) -> None:
     """Cache ``data`` by digest and note it as ``url``'s last verified copy; a cache that cannot be written is
     only a lost fallback."""
     try:
@@ -459,7 +472,9 @@ def _store(url: str, digest: str, data: bytes) -> None:
     except UntrustedCache:
         pass  # warned about once already
     except OSError as error:
-        _log.warn("httpwasm: cannot cache {url} in {where}: {error}", url=url, where=sources_dir(), error=error)
+        log(
+            LogLevel.warn, "httpwasm: cannot cache {url} in {where}: {error}", url=url, where=sources_dir(), error=error
+        )
 
 
 def _write_atomically(path: Path, write: Callable[[Any], object]) -> None:
