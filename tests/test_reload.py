@@ -163,6 +163,53 @@ class ReloaderTests(ServerTestCase):
         )
 
     @inlineCallbacks
+    def test_a_newer_reload_interrupts_and_supersedes_the_running_one(self) -> Generator[Any, Any, None]:
+        """A reload asked for while one loads calls ``interrupt`` (which ends a fetch: the load fails with
+        CancelledError) and loads again; the superseded one says so, runs no hooks, and swaps nothing."""
+        resource = GuestResource(make_guest(version_guest(1)), Plain())
+        fresh = make_guest(version_guest(2))
+        loads: list[Deferred[list[Any]]] = []
+        hooks: list[str] = []
+
+        def load() -> Deferred[list[Any]]:
+            loads.append(Deferred())
+            return loads[-1]
+
+        reloader = GuestReloader([resource], load, interrupt=lambda: loads[-1].cancel())
+        reloader.after_reload.append(lambda: hooks.append("after"))
+        done = reloader.reload()
+        self.assertIs(reloader.reload(), done)
+        self.assertEqual(len(loads), 2)  # the first was interrupted, the second runs
+        loads[1].callback([fresh])
+        swapped = yield done
+        self.assertTrue(swapped)
+        self.assertIs(resource.guest, fresh)
+        self.assertEqual(hooks, ["after"])
+        self.assertEqual(self.lines()[0], "httpwasm: reload superseded by a newer one")
+
+    @inlineCallbacks
+    def test_a_reload_that_cannot_be_interrupted_runs_once_more_after(self) -> Generator[Any, Any, None]:
+        """Without a fetch to stop (a load compiling), the running load finishes and one more runs after it."""
+        resource = GuestResource(make_guest(version_guest(1)), Plain())
+        loads: list[Deferred[list[Any]]] = []
+
+        def load() -> Deferred[list[Any]]:
+            loads.append(Deferred())
+            return loads[-1]
+
+        reloader = GuestReloader([resource], load, interrupt=lambda: None)
+        done = reloader.reload()
+        reloader.reload()
+        reloader.reload()
+        self.assertEqual(len(loads), 1)
+        loads[0].callback([make_guest(version_guest(2))])
+        self.assertEqual(len(loads), 2)  # the reloads asked meanwhile: one more
+        latest = make_guest(version_guest(3))
+        loads[1].callback([latest])
+        self.assertTrue((yield done))
+        self.assertIs(resource.guest, latest)
+
+    @inlineCallbacks
     def test_every_guest_is_swapped_and_named_with_its_digest(self) -> Generator[Any, Any, None]:
         """A good reload swaps every guest of the chain and logs each one's sha256; after_reload hooks run."""
         outer = GuestResource(make_guest(version_guest(1), name="outer"), Plain())

@@ -9,9 +9,11 @@ all in one turn of the reactor, so no request starts on a half-reloaded chain.
 Requests in flight finish on the instances they pinned; the old guests are
 retired, and their instances freed once their last request ended.  If any
 guest fails to load, nothing changes and one error line says why.  A reload
-asked for while one still loads supersedes it: the running load is cancelled
-(a guest fetch in progress is stopped at once) and a new one starts, so a stuck
-catalog can never hold a later reload back.
+asked for while one still loads supersedes it: the reloader calls its
+``interrupt`` (which stops a guest fetch in progress: its load then fails with
+``CancelledError``) and loads once more when the running load ended, so a stuck
+catalog can never hold a later reload back, while a load that is compiling is
+let finish rather than piled up under a SIGHUP storm.
 
 :class:`HangupService` runs a reload on ``SIGHUP`` while it runs;
 :class:`WatchService` (``--watch``) runs one when a watched file changed and
@@ -59,6 +61,8 @@ class GuestReloader:
     be loaded.  ``label`` starts each log line (``httpwasm``, ``httpwasm worker 2``).
     ``after_reload`` callables run after each reload, whatever its outcome
     (the main process of ``--workers`` signals its workers there).
+    ``interrupt``, if given, is called when a reload is asked for while one
+    runs: it should make the running load end soon (a fetch cancelled).
     """
 
     def __init__(
@@ -67,13 +71,14 @@ class GuestReloader:
         load: Callable[[], Sequence[Guest] | defer.Deferred[Sequence[Guest]]],
         *,
         label: str = "httpwasm",
+        interrupt: Callable[[], object] | None = None,
     ):
         self.resources = list(resources)
         self.load = load
         self.label = label
+        self.interrupt = interrupt
         self.after_reload: list[Callable[[], object]] = []
         self._running: defer.Deferred[bool] | None = None
-        self._loading: defer.Deferred[Sequence[Guest]] | None = None
         self._again = False
 
     @property
@@ -84,15 +89,14 @@ class GuestReloader:
     def reload(self) -> defer.Deferred[bool]:
         """Load every guest afresh and swap them in if all loaded; fires with whether they were swapped.
 
-        A reload asked for while one runs supersedes it: the load in progress
-        is cancelled (a fetch stopped) and the sources are loaded once more, as
-        they are now.
+        A reload asked for while one runs supersedes it: ``interrupt`` stops
+        what can be stopped of the running one (a fetch), and the sources are
+        loaded once more, as they are then.
         """
         if self._running is not None:
             self._again = True
-            loading, self._loading = self._loading, None
-            if loading is not None:
-                loading.cancel()
+            if self.interrupt is not None:
+                self.interrupt()
             return self._running
         done = defer.ensureDeferred(self._reload_until_settled())
         if not done.called:  # a load that did not finish at once (a fetch)
@@ -112,13 +116,7 @@ class GuestReloader:
     async def _reload_once(self) -> bool:
         try:
             loaded = self.load()
-            if isinstance(loaded, defer.Deferred):
-                self._loading = loaded
-                try:
-                    loaded = await loaded
-                finally:
-                    self._loading = None
-            guests = list(loaded)
+            guests = list(await loaded if isinstance(loaded, defer.Deferred) else loaded)
             if len(guests) != len(self.resources):
                 raise ReloadError(f"{len(guests)} guests loaded for a chain of {len(self.resources)}")
         except defer.CancelledError:

@@ -651,27 +651,42 @@ def _load_guest(config: Options, index: int, guest_config: bytes, fetched: sourc
     )
 
 
-def _reload_guests(config: Options) -> defer.Deferred[Sequence[Guest]]:
+class _Fetches:
+    """The guest fetches of the reload that runs now; a newer reload stops them (:meth:`stop`)."""
+
+    def __init__(self) -> None:
+        self.running: set[defer.Deferred[sources.FetchedGuest]] = set()
+
+    def stop(self) -> None:
+        for fetch in list(self.running):
+            fetch.cancel()  # the reload fails with CancelledError: superseded
+
+
+def _reload_guests(config: Options, fetches: _Fetches) -> defer.Deferred[Sequence[Guest]]:
     """Every ``--guest`` loaded afresh (a remote one fetched again), its configuration file read again.
 
     Fails with :class:`ReloadError` if one cannot be loaded.
     """
-    return defer.ensureDeferred(_reload_guests_from_sources(config))
+    return defer.ensureDeferred(_reload_guests_from_sources(config, fetches))
 
 
-async def _reload_guests_from_sources(config: Options) -> Sequence[Guest]:
+async def _reload_guests_from_sources(config: Options, fetches: _Fetches) -> Sequence[Guest]:
     fetched: dict[int, sources.FetchedGuest] = {}
     for index, entry in enumerate(config["guests"]):
         if sources.is_remote(entry["path"]):
+            fetch = sources.resolve(
+                entry["path"],
+                config["guest-sha256"].get(index),
+                config["guest-fetch-timeout"],
+                max_bytes=config["guest-fetch-max-size"],
+            )
+            fetches.running.add(fetch)
             try:
-                fetched[index] = await sources.resolve(
-                    entry["path"],
-                    config["guest-sha256"].get(index),
-                    config["guest-fetch-timeout"],
-                    max_bytes=config["guest-fetch-max-size"],
-                )
+                fetched[index] = await fetch
             except sources.SourceError as error:
                 raise ReloadError(f"--guest {entry['path']}: {error}") from None
+            finally:
+                fetches.running.discard(fetch)
     # Compiling and initialising run in a thread: the reactor goes on serving the running guests meanwhile.
     from twisted.internet import reactor, threads
 
@@ -765,7 +780,8 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         root = GuestResource(guest, root, on_guest_error=config["on-guest-error"], buffer_budget=budget)
         resources.insert(0, root)
     # SIGHUP reloads every guest (the service is found by name: RELOAD_SERVICE).
-    reloader = GuestReloader(resources, functools.partial(_reload_guests, config))
+    fetches = _Fetches()
+    reloader = GuestReloader(resources, functools.partial(_reload_guests, config, fetches), interrupt=fetches.stop)
     HangupService(reloader).setServiceParent(parent)  # type: ignore[no-untyped-call]
     if config["watch"]:
         watched = [entry["path"] for entry in config["guests"] if not sources.is_remote(entry["path"])]
