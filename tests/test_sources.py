@@ -28,6 +28,7 @@ from twisted_httpwasm.service import sources
 from twisted_httpwasm.service.tap import Options
 
 from .support import TempFilesMixin, module, poll
+from .test_daemon import DaemonTestCase
 from .test_http2 import make_certificates
 from .test_reload import version_guest
 from .test_twistd import DEADLINE, TwistdTestCase
@@ -321,6 +322,23 @@ class BoundedFetchTests(TLSServerMixin, TestCase):
         self.assertIn(f"larger than {cap} bytes (--guest-fetch-max-size)", str(caught.exception))
         yield self.assert_connection_closed()
         self.assertLess(self.files.huge_sent, HUGE_BYTES)
+
+
+class DaemonSourcesTests(TLSServerMixin, DaemonTestCase):
+    @inlineCallbacks
+    def test_daemon_launch_does_not_hang_on_a_stalled_catalog(self) -> Generator[Any, Any, None]:
+        """twistd without -n (it forks after loading): with a catalog that stalls after its headers, the launch
+        command returns non-zero with the reason, and no daemon was started."""
+        self.start_tls_server()
+        self.files.misbehaving[b"/g.wat"] = "stall"
+        url = self.base + "/g.wat"
+        daemon = self.daemon(
+            "httpwasm", "--guest", url, "--guest-fetch-timeout", "2", "--class", "tests.test_twistd.Hello"
+        )
+        status = yield self.launched(daemon)
+        self.assertNotEqual(status, 0, daemon.output())
+        self.assertIn(f"cannot fetch {url}: took longer than 2 s (--guest-fetch-timeout)", daemon.output())
+        self.assertIsNone(daemon.pid, "a daemon was started")
 
 
 def memory_kib(pid: int) -> dict[str, int]:

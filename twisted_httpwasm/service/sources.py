@@ -256,6 +256,7 @@ class _Fetch:
             raise SourceError(_reason(error)) from None
         finally:
             watchdog.cancel()
+            watchdog.join()  # no thread of ours outlives the fetch (twistd forks after a startup fetch)
             with self._lock:
                 sockets, self._sockets = self._sockets, []
             for sock in sockets:
