@@ -407,6 +407,28 @@ class TwistdSourcesTests(TLSServerMixin, TwistdTestCase):
         self.assertIn("HTTP status 404; and no verified copy is cached", output)
 
     @inlineCallbacks
+    def test_caches_are_private_under_umask_000(self) -> Generator[Any, Any, None]:
+        """twistd started with umask 000 makes the cache directory and sources/ 0700, the key and files 0600."""
+        self.start_tls_server()
+        url, digest = self.publish("/g.wat", version_guest(1))
+        previous = os.umask(0)  # inherited by twistd
+        try:
+            yield self.start_server("--guest", url, "--class", "tests.test_twistd.Hello")
+        finally:
+            os.umask(previous)
+        modes = {
+            path.relative_to(self.cache).as_posix(): stat.S_IMODE(path.stat().st_mode)
+            for path in (
+                self.cache,
+                self.cache / "sources",
+                self.cache / "key",
+                self.cache / "sources" / f"{digest}.wasm",
+            )
+        }
+        self.assertEqual(modes, {".": 0o700, "sources": 0o700, "key": 0o600, f"sources/{digest}.wasm": 0o600})
+        self.assertEqual([stat.S_IMODE(path.stat().st_mode) for path in self.cache.glob("*.cwasm")], [0o600])
+
+    @inlineCallbacks
     def test_startup_gives_up_at_the_deadline(self) -> Generator[Any, Any, None]:
         """A catalog that trickles or stalls after its headers: twistd (before the fork, where a daemon's launch
         command waits) exits with status 1 and one line saying why, instead of hanging."""
