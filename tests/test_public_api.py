@@ -73,6 +73,7 @@ class PublicApiTests(SynchronousTestCase):
                 "GuestTestMixin",
                 "Headers",
                 "HostCall",
+                "cached_guest",
                 "init_calls",
                 "load_guest",
             ],

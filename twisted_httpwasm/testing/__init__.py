@@ -21,6 +21,7 @@ from .client import (
     GuestTestMixin,
     Headers,
     HostCall,
+    cached_guest,
     init_calls,
     load_guest,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "GuestTestMixin",
     "Headers",
     "HostCall",
+    "cached_guest",
     "init_calls",
     "load_guest",
 ]
