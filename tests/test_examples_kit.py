@@ -9,15 +9,18 @@ missing, without clang).
 from __future__ import annotations
 
 import base64
+import functools
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from twisted_httpwasm import Execution, Feature, LogLevel
 from twisted_httpwasm.testing import GuestClient, GuestTestMixin
 
-from .support import EXAMPLES, c_build_module, c_guest_binary, execution_variants
+from .support import EXAMPLES, TempFilesMixin, c_build_module, c_guest_binary, execution_variants, load_example_module
 
 BASIC = {"authorization": "Basic " + base64.b64encode(b"alice:secret").decode()}
 
@@ -25,6 +28,25 @@ BASIC = {"authorization": "Basic " + base64.b64encode(b"alice:secret").decode()}
 def c_example(name: str) -> Path:
     """``examples/c/<name>`` built with examples/c/build.py, once per run (skips without clang)."""
     return c_guest_binary(EXAMPLES / "c" / name, wasi=c_build_module().EXAMPLES[name], skip_missing_tools=True)
+
+
+@functools.cache
+def rust_build() -> Any:
+    """examples/rust/build.py, imported once."""
+    return load_example_module("rust/build")
+
+
+_rust_dir = tempfile.TemporaryDirectory(prefix="httpwasm-rust-guests-")
+
+
+@functools.cache
+def rust_example(name: str) -> Path:
+    """``examples/rust/<name>`` built with examples/rust/build.py, once per run (skips, naming the packages)."""
+    build = rust_build()
+    try:
+        return build.build(EXAMPLES / "rust" / name, Path(_rust_dir.name) / Path(name).with_suffix(".wasm"))  # type: ignore[no-any-return]
+    except build.BuildError as error:
+        raise SkipTest(f"{name} is a Rust guest: {error}") from None
 
 
 def secret_page(request: Any) -> tuple[int, dict[str, str], bytes]:
@@ -54,6 +76,13 @@ class ExamplesMixin(GuestTestMixin):
 
     def test_router_c(self) -> None:
         self.check_router(c_example("router.c"))
+
+    def test_router_rust(self) -> None:
+        self.check_router(rust_example("router.rs"))
+        long = "/api/" + "y" * 5000  # longer than the guest's first buffer: read again
+        exchange = self.client(rust_example("router.rs")).get(long)
+        assert exchange.downstream is not None and exchange.downstream.uri == long.removeprefix("/api")
+        assert [call.function for call in exchange.calls or ()] == ["get_uri", "get_uri", "set_uri"]
 
     def test_router_c_long_uri(self) -> None:
         long = "/api/" + "x" * 5000
@@ -132,3 +161,17 @@ class ExamplesMixin(GuestTestMixin):
 
 
 globals().update(execution_variants(ExamplesMixin, SynchronousTestCase, name="ExampleKit"))
+
+
+class RustBuildTests(TempFilesMixin, SynchronousTestCase):
+    def test_a_rustc_without_wasm32_names_the_package(self) -> None:
+        """A rustc whose standard library has no wasm32 (say rustup's, without the target): the package to install."""
+        fake = Path(self.mktemp())
+        fake.write_text(f"#!/bin/sh\necho {fake.parent}\n")
+        fake.chmod(0o755)
+        build = rust_build()
+        self.patch(os, "environ", {**os.environ, "RUSTC": str(fake)})
+        error = self.assertRaises(build.BuildError, build.find_rustc)
+        self.assertIn("libstd-rust-dev-wasm32", str(error))
+        self.patch(os, "environ", {**os.environ, "RUSTC": str(fake) + "-missing"})
+        self.assertIn("libstd-rust-dev-wasm32", str(self.assertRaises(build.BuildError, build.find_rustc)))
