@@ -124,6 +124,15 @@ class KitTestsMixin:
         self.assertEqual(exchange.status, 500)  # type: ignore[attr-defined]
         self.assertIn("time limit", exchange.trap or "")  # type: ignore[attr-defined]
 
+    def test_connections(self) -> None:
+        """Requests share a keep-alive connection, as a client's would; one the client closes is not reused."""
+        client = self.client(TEAPOT)
+        statuses = [client.get("/", {"connection": close}).status for close in ("close", "keep-alive", "close", "")]
+        self.assertEqual(statuses, [418] * 4)  # type: ignore[attr-defined]
+        self.assertEqual(len(client._idle), 1)  # type: ignore[attr-defined]
+        client.close()
+        self.assertEqual(client._idle, [])  # type: ignore[attr-defined]
+
     def test_guest_answers_itself(self) -> None:
         exchange = self.client(TEAPOT).get("/")
         self.assertEqual((exchange.status, exchange.body, exchange.downstream), (418, b"teapot", None))  # type: ignore[attr-defined]

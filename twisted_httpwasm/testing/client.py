@@ -420,7 +420,9 @@ class _Answer(Resource):
         self.answer = answer
 
     def render(self, request: Request) -> bytes:
-        status, headers, body = self.answer(_downstream_request(request))
+        record = _record_of(request)
+        seen = record.downstream if record is not None and record.downstream is not None else None
+        status, headers, body = self.answer(seen or _downstream_request(request))
         request.setResponseCode(status)
         pairs = headers.items() if isinstance(headers, Mapping) else headers
         for name, value in pairs:
@@ -525,6 +527,8 @@ class GuestClient:
                 raise ValueError(f"{len(sources)} guests but {len(configs)} configs")
         self.execution = Execution(execution)
         self._owned: list[Guest] = []
+        self._idle: list[tuple[_Transport, Any]] = []
+        self._closed = False
         guests: list[Guest] = []
         try:
             for source, guest_config in zip(sources, configs, strict=True):
@@ -566,6 +570,10 @@ class GuestClient:
 
     def close(self) -> None:
         """Free the instances of the guests this client loaded (idle ones now, the others as they finish)."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for _, protocol in idle:
+            protocol.connectionLost(Failure(ConnectionDone("the test client is closed")))
         owned, self._owned = self._owned, []
         for guest in owned:
             guest.retire()
@@ -639,9 +647,14 @@ class GuestClient:
         record.waiting = waiting
         for guest in self.guests:
             _watch(guest).in_flight.add(record)
-        record.transport = transport = _Transport(record)
-        record.protocol = protocol = self.site.buildProtocol(transport.getPeer())  # type: ignore[no-untyped-call]
-        protocol.makeConnection(transport)
+        if self._idle:  # a keep-alive connection, as a client would reuse it
+            transport, protocol = self._idle.pop()
+            transport.record = record
+        else:
+            transport = _Transport(record)
+            protocol = self.site.buildProtocol(transport.getPeer())  # type: ignore[no-untyped-call]
+            protocol.makeConnection(transport)
+        record.transport, record.protocol = transport, protocol
         protocol.dataReceived(head + b"\r\n" + raw_body)
         return record
 
@@ -659,8 +672,13 @@ class GuestClient:
     def _finish(self, record: _Record) -> Exchange:
         """The connection ends (as the client would close it), and the exchange is summed up."""
         protocol, record.protocol = record.protocol, None
-        if protocol is not None:
-            protocol.connectionLost(Failure(ConnectionDone("the test client is done")))
+        transport = record.transport
+        if protocol is not None and transport is not None:
+            if record.response is not None and record.response[3] and not transport.disconnecting and not self._closed:
+                transport.clear()  # type: ignore[no-untyped-call]
+                self._idle.append((transport, protocol))  # kept alive for the next request
+            else:
+                protocol.connectionLost(Failure(ConnectionDone("the test client is done")))
         for guest in self.guests:
             _watch(guest).in_flight.discard(record)
         if record.response is None:
