@@ -41,6 +41,13 @@ def test_guest_is_loaded_once(httpwasm_guest, httpwasm_client):
 """
 
 
+def doc_blocks(*needles: str) -> str:
+    """The python blocks of docs/testing.md that contain one of ``needles``, as one test file."""
+    text = (ROOT / "docs" / "testing.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+    return "\n\n".join(block for block in blocks if any(needle in block for needle in needles))
+
+
 def run_pytest(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
@@ -63,6 +70,15 @@ class PluginTests(SynchronousTestCase):
         shutil.copy(EXAMPLES / "auth.wat", tests / "auth.wat")
         (tests / "test_auth.py").write_text(AUTHOR_TESTS)
         result = run_pytest(self.directory, "tests")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("3 passed", result.stdout)
+
+    def test_the_docs_examples(self) -> None:
+        """docs/testing.md's WAT and C examples run as written (from the repository root, where examples/ is)."""
+        (self.directory / "test_docs.py").write_text(
+            doc_blocks("def test_teapot", "def router_wasm", "def test_api_prefix")
+        )
+        result = run_pytest(ROOT, str(self.directory / "test_docs.py"), "-rs", "--rootdir", str(self.directory))
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("3 passed", result.stdout)
 

@@ -133,6 +133,16 @@ class KitTestsMixin:
         client.close()
         self.assertEqual(client._idle, [])  # type: ignore[attr-defined]
 
+    def test_an_empty_response(self) -> None:
+        """A response whose head is all there is (Twisted writes it in one writeSequence) is whole."""
+        status = module(
+            '(func (export "handle_request") (result i64) (call $set_status_code (i32.const 204)) (i64.const 0))', NOOP
+        )
+        self.assertEqual(self.client(status).get("/").status, 204)  # type: ignore[attr-defined]
+        passing = module('(func (export "handle_request") (result i64) (i64.const 1))', NOOP)
+        exchange = self.client(passing, lambda r: (200, {}, b"")).get("/")
+        self.assertEqual((exchange.status, exchange.body), (200, b""))  # type: ignore[attr-defined]
+
     def test_guest_answers_itself(self) -> None:
         exchange = self.client(TEAPOT).get("/")
         self.assertEqual((exchange.status, exchange.body, exchange.downstream), (418, b"teapot", None))  # type: ignore[attr-defined]

@@ -270,6 +270,10 @@ class _Transport(StringTransport):
         super().write(data)  # type: ignore[no-untyped-call]
         self.record.client._progress(self)
 
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        super().write(b"".join(data))  # type: ignore[no-untyped-call]
+        self.record.client._progress(self)
+
     def loseConnection(self) -> None:
         super().loseConnection()  # type: ignore[no-untyped-call]
         self.record.client._progress(self)
