@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from twisted_httpwasm import Execution, Feature, GuestLoadError, LogLevel
 from twisted_httpwasm.testing import (
@@ -203,6 +204,13 @@ class KitTestsMixin:
 NOOP = '(func (export "handle_response") (param i32 i32))'
 
 
+class Never(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> object:
+        return NOT_DONE_YET
+
+
 class Leaf(Resource):
     isLeaf = True
 
@@ -238,6 +246,26 @@ class AsyncTests(TestCase):
                 assert exchange.downstream is not None
                 self.assertEqual(exchange.downstream.headers["x-seen"], "c")
 
+    @inlineCallbacks
+    def test_a_downstream_that_answers_later(self) -> Any:
+        for execution in ("thread", "inline"):
+            with GuestClient(TAGGER, Later(), execution=execution, config=b"c") as client:
+                exchange = yield client.request_async("POST", "/slow", body=b"x")
+                self.assertEqual((exchange.status, exchange.body), (200, b"later POST"))
+                self.assertEqual(exchange.headers["x-after"], "1")
+
+
+class Later(Resource):
+    """Answers from a reactor timer, after render returned."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> object:
+        from twisted.internet import reactor
+
+        reactor.callLater(0.01, lambda: (request.write(b"later " + request.method), request.finish()))
+        return NOT_DONE_YET
+
 
 class MixinTests(GuestTestMixin, SynchronousTestCase):
     def test_mixin(self) -> None:
@@ -264,6 +292,12 @@ class EdgeTests(SynchronousTestCase):
         bad = b'(module (import "http_handler" "streams_read" (func)) (memory (export "memory") 1))'
         error = self.assertRaises(GuestLoadError, GuestClient, bad)
         self.assertIn("streams_read", str(error))
+
+    def test_a_response_that_never_comes(self) -> None:
+        """Synchronously, a downstream waiting for the reactor cannot answer: a clear error, not a hang."""
+        with GuestClient(TEAPOT.replace(b"i64.const 0", b"i64.const 1"), Never()) as client:
+            error = self.assertRaises(AssertionError, client.get, "/")
+        self.assertIn("needs request_async", str(error))
 
     def test_chain_configs_must_match(self) -> None:
         self.assertRaises(ValueError, GuestClient, [TEAPOT, TEAPOT], config=b"x")
