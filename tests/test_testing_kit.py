@@ -119,6 +119,18 @@ class KitTestsMixin:
         self.assertEqual(exchange.downstream.body, b"payload")  # type: ignore[attr-defined]
         self.assertIsNotNone(exchange.trap)  # type: ignore[attr-defined]
 
+    def test_trap_after_the_response_started(self) -> None:
+        """A trap in handle_response once the streamed response began: the connection is cut."""
+        late = module(
+            '(func (export "handle_request") (result i64) (i64.const 1))',
+            '(func (export "handle_response") (param i32 i32) unreachable)',
+        )
+        exchange = self.client(late, Streamed()).get("/")
+        self.assertFalse(exchange.complete)  # type: ignore[attr-defined]
+        self.assertEqual((exchange.status, exchange.body[:5]), (200, b"xxxxx"))  # type: ignore[attr-defined]
+        self.assertIn("unreachable", exchange.trap or "")  # type: ignore[attr-defined]
+        self.assertEqual(exchange.outcome, "trapped")  # type: ignore[attr-defined]
+
     def test_time_limit(self) -> None:
         spin = module('(func (export "handle_request") (result i64) (loop (br 0)) (i64.const 1))', NOOP)
         exchange = self.client(spin, timeout=0.2).get("/")
@@ -202,6 +214,16 @@ class KitTestsMixin:
 
 
 NOOP = '(func (export "handle_response") (param i32 i32))'
+
+
+class Streamed(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> object:
+        for _ in range(3):
+            request.write(b"x" * 1000)
+        request.finish()
+        return NOT_DONE_YET
 
 
 class Never(Resource):
