@@ -7,10 +7,12 @@ guest in a guest worker thread, and nothing needs a running reactor (see
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import threading
 import unittest
+import weakref
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -320,6 +322,17 @@ class EdgeTests(SynchronousTestCase):
         with GuestClient(TEAPOT.replace(b"i64.const 0", b"i64.const 1"), Never()) as client:
             error = self.assertRaises(AssertionError, client.get, "/")
         self.assertIn("needs request_async", str(error))
+
+    def test_a_closed_client_lets_its_guests_go(self) -> None:
+        """Thousands of tests make thousands of clients: a closed one keeps no guest (nor its instances) alive."""
+        for execution in ("inline", "thread"):
+            client = GuestClient(TAGGER, execution=execution)
+            client.get("/")
+            guest = weakref.ref(client.guests[0])
+            client.close()
+            del client
+            gc.collect()
+            self.assertIsNone(guest(), execution)
 
     def test_chain_configs_must_match(self) -> None:
         self.assertRaises(ValueError, GuestClient, [TEAPOT, TEAPOT], config=b"x")

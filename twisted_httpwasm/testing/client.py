@@ -213,7 +213,6 @@ class _Reactor(MemoryReactorClock):
         super().__init__()  # type: ignore[no-untyped-call]
         self._from_threads: SimpleQueue[tuple[Callable[..., object], tuple[Any, ...], dict[str, Any]]] = SimpleQueue()
         self.forward: Any = None
-        self._lock = threading.Lock()
 
     def callFromThread(self, f: Callable[..., object], *args: Any, **kwargs: Any) -> None:
         self._from_threads.put((f, args, kwargs))
@@ -291,7 +290,7 @@ class _Watch:
     """Per guest, once: its log lines and request endings go to the records of requests in flight."""
 
     def __init__(self, guest: Guest) -> None:
-        self.guest = guest
+        # No reference to the guest: the guest keeps its watch (as its observer), not the other way round.
         self.in_flight: set[_Record] = set()
         forward: Any = guest.log.observer
 
