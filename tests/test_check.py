@@ -61,6 +61,7 @@ class CheckTests(TempFilesMixin, SynchronousTestCase):
         self.assertEqual(status, 1)
         self.assertIn("logged [error] auth: the guest config must be user:password", "\n".join(lines))
         self.assertIn("failed to initialise", lines[-1])
+        self.assertIn("  host calls: get_config, log", lines)  # what the start function did before it trapped
         status, lines = run(str(EXAMPLES / "auth.wat"), "--config", "alice:secret")
         self.assertEqual(status, 0, lines)
         self.assertIn("  config read: yes", lines)

@@ -30,7 +30,7 @@ from twisted.logger import globalLogPublisher
 from ..abi import HOST_FUNCTIONS, HOST_MODULE, WASI_MODULE, Feature, LogLevel
 from ..runtime.engine import shared_engine
 from ..runtime.guest import DEFAULT_MEMORY_LIMIT, Guest, GuestLoadError
-from .client import _LEVELS, GuestClient, _record_call, init_calls
+from .client import _LEVELS, GuestClient, _record_call
 
 __all__ = ["CheckError", "ResolvedGuest", "check", "main", "resolve_guest"]
 
@@ -212,14 +212,13 @@ def check(guest: ResolvedGuest) -> Report:
             " (--guest-memory-limit)"
         )
         return report
-    loaded, lines = _load(guest, options)
+    loaded, lines, calls = _load(guest, options)
     report.start["logs"] = [[level.name.lower(), text] for level, text in lines]
+    report.start["calls"] = calls
+    report.start["config_read"] = "get_config" in calls
     if isinstance(loaded, str):
         report.reason = loaded
         return report
-    calls = init_calls(loaded)
-    report.start["calls"] = [call.function for call in calls]
-    report.start["config_read"] = any(call.function == "get_config" for call in calls)
     instance = loaded.pool.acquire(for_request=False)
     try:
         report.start["features"] = _feature_names(instance.features)
@@ -234,9 +233,16 @@ def check(guest: ResolvedGuest) -> Report:
     return report
 
 
-def _load(guest: ResolvedGuest, options: Any) -> tuple[Guest | str, list[tuple[LogLevel, str]]]:
-    """The guest loaded with ``twistd httpwasm``'s defaults and its calls traced (or why it failed), and its log."""
+def _load(guest: ResolvedGuest, options: Any) -> tuple[Guest | str, list[tuple[LogLevel, str]], list[str]]:
+    """The guest loaded with ``twistd httpwasm``'s defaults (or why it failed), its log, its start's host calls.
+
+    Its calls are traced (``Exchange.calls`` of the smoke request); those its first
+    instance made while initialising are kept here too, so that they are told when
+    initialisation fails.
+    """
     lines: list[tuple[LogLevel, str]] = []
+    calls: list[str] = []
+    first: list[int] = []
     namespace = f"httpwasm.guest.{guest.name}"
 
     def watch(event: dict[str, Any]) -> None:
@@ -244,6 +250,14 @@ def _load(guest: ResolvedGuest, options: Any) -> tuple[Guest | str, list[tuple[L
             text = event.get("text", event.get("summary"))
             if text is not None:
                 lines.append((_LEVELS.get(event.get("log_level"), LogLevel.INFO), str(text)))
+
+    def trace(instance: Any, function: str) -> None:
+        if instance.state is None:
+            if not first:
+                first.append(id(instance))
+            if first[0] == id(instance):
+                calls.append(function)
+        _record_call(instance, function)
 
     observe: Any = watch
     globalLogPublisher.addObserver(observe)
@@ -258,15 +272,15 @@ def _load(guest: ResolvedGuest, options: Any) -> tuple[Guest | str, list[tuple[L
             memory_limit=options["guest-memory-limit"],
             max_buffer_bytes=options["max-buffer-bytes"],
             log_limit=options["guest-log-limit"],
-            on_host_call=_record_call,
+            on_host_call=trace,
         )
     except GuestLoadError as error:
         if not lines:
             lines = [(LogLevel.INFO, line) for line in error.log_lines]
-        return str(error), lines
+        return str(error), lines, calls
     finally:
         globalLogPublisher.removeObserver(observe)
-    return loaded, lines
+    return loaded, lines, calls
 
 
 def _smoke(guest: Guest) -> dict[str, Any]:
@@ -323,7 +337,8 @@ def render(report: Report, out: TextIO) -> None:
         write(f"start function: {functions}\n")
         if "calls" in start:
             write(f"  host calls: {', '.join(start['calls']) or 'none'}\n")
-            write(f"  features enabled: {', '.join(start['features']) or 'none'}\n")
+            if "features" in start:
+                write(f"  features enabled: {', '.join(start['features']) or 'none'}\n")
             write(f"  config read: {'yes' if start['config_read'] else 'no'}\n")
         for level, text in start.get("logs", ()):
             write(f"  logged [{level}] {text}\n")
