@@ -334,6 +334,19 @@ class EdgeTests(SynchronousTestCase):
             gc.collect()
             self.assertIsNone(guest(), execution)
 
+    def test_untraced_guests_link_the_plain_host_functions(self) -> None:
+        """The call trace costs nothing unless asked for: without on_host_call, no host function is wrapped."""
+        from twisted_httpwasm import Guest
+        from twisted_httpwasm.runtime import guest as guest_module
+
+        wrapped: list[str] = []
+        real = guest_module.traced
+        self.patch(guest_module, "traced", lambda name, *rest: wrapped.append(name) or real(name, *rest))
+        Guest(TAGGER)
+        self.assertEqual(wrapped, [])
+        load_guest(TAGGER)
+        self.assertIn("get_config", wrapped)
+
     def test_chain_configs_must_match(self) -> None:
         self.assertRaises(ValueError, GuestClient, [TEAPOT, TEAPOT], config=b"x")
         self.assertRaises(ValueError, GuestClient, [TEAPOT, TEAPOT], config=[b"x"])
