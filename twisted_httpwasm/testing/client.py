@@ -605,10 +605,16 @@ class GuestClient:
         # downstream answering later would keep the response waiting, and it will not come.
         wait = self._wait if self._threaded else 1.0
         deadline = time.monotonic() + wait
-        while record.response is None:
+        transport = record.transport
+        assert transport is not None
+        while True:
+            # Parsed here, once per wake-up, rather than at every write of the host.
+            record.response = _parse(transport.value(), transport.disconnecting, record.head)  # type: ignore[no-untyped-call]
+            if record.response is not None:
+                break
             left = deadline - time.monotonic()
             if left <= 0:
-                received = record.transport.value() if record.transport is not None else b""  # type: ignore[no-untyped-call]
+                received = transport.value()  # type: ignore[no-untyped-call]
                 self._finish(record)
                 raise AssertionError(
                     f"no whole response to {_text(method)} {_text(uri)} within {wait:.0f} s "
@@ -662,10 +668,10 @@ class GuestClient:
         return record
 
     def _progress(self, transport: _Transport) -> None:
-        """The host wrote or closed: is the response whole yet?"""
+        """The host wrote or closed: for a request_async, is the response whole yet?"""
         record = transport.record
-        if record.response is not None:
-            return
+        if record.response is not None or record.waiting is None:
+            return  # a synchronous request parses when the host is done
         record.response = _parse(transport.value(), transport.disconnecting, record.head)  # type: ignore[no-untyped-call]
         if record.response is not None and record.waiting is not None:
             waiting, record.waiting = record.waiting, None
