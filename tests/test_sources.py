@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, formatEvent
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -68,12 +69,16 @@ class Files(Resource):
         self.fetches: dict[bytes, int] = {}
         self.misbehaving: dict[bytes, str] = {}
         self.open_requests: list[Any] = []
+        self.redirects: dict[bytes, bytes] = {}
         self.huge_sent = 0
         self.hold_at: int | None = None
         self.resume: Deferred[None] | None = None
 
     def render_GET(self, request: Any) -> bytes | int:
         self.fetches[request.path] = self.fetches.get(request.path, 0) + 1
+        if request.path in self.redirects:
+            request.redirect(self.redirects[request.path])
+            return b""
         behaviour = self.misbehaving.get(request.path)
         if behaviour is not None:
             self.open_requests.append(request)
@@ -351,6 +356,35 @@ def memory_kib(pid: int) -> dict[str, int]:
     return fields
 
 
+class RedirectTests(TLSServerMixin, TestCase):
+    def setUp(self) -> None:
+        self.start_tls_server()
+        self.patch(sources, "_log", Logger(namespace="httpwasm", observer=lambda event: None))
+
+    @inlineCallbacks
+    def test_redirects_are_followed_but_not_to_plain_http(self) -> Generator[Any, Any, None]:
+        """A redirect to another https URL is followed (at startup and reload alike); one to http:// is refused,
+        and so is a loop of redirects."""
+        _, digest = self.publish("/real.wat", version_guest(1))
+        self.files.redirects[b"/moved.wat"] = b"/real.wat"
+        fetched = yield sources.resolve(self.base + "/moved.wat", None, 10)
+        self.assertEqual((fetched.sha256, fetched.cached), (digest, False))
+        # The startup fetch, in a thread here: this test's reactor serves the catalog meanwhile.
+        fetched = yield deferToThread(sources.resolve_blocking, self.base + "/moved.wat", None, 10)
+        self.assertEqual((fetched.sha256, fetched.cached), (digest, False))
+        self.assertEqual(self.files.fetches[b"/real.wat"], 2)
+
+        self.files.redirects[b"/down.wat"] = b"http://127.0.0.1:9/real.wat"
+        with self.assertRaises(sources.SourceError) as caught:
+            yield sources.resolve(self.base + "/down.wat", None, 10)
+        self.assertIn("redirected to http://127.0.0.1:9/real.wat, which is not https", str(caught.exception))
+
+        self.files.redirects[b"/loop.wat"] = b"/loop.wat"
+        with self.assertRaises(sources.SourceError) as caught:
+            yield sources.resolve(self.base + "/loop.wat", None, 10)
+        self.assertIn(f"more than {sources.MAX_REDIRECTS} redirects", str(caught.exception))
+
+
 class OptionTests(SynchronousTestCase):
     def test_plain_http_needs_a_digest(self) -> None:
         """--guest http://... without --guest-sha256 is refused: nothing else would authenticate it."""
@@ -360,6 +394,19 @@ class OptionTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(["--guest", "http://example.test/g.wasm", "--guest-sha256", "a" * 64, "--path", "."])
         self.assertEqual(options["guest-sha256"], {0: "a" * 64})
+
+    def test_fetch_limits(self) -> None:
+        """--guest-fetch-max-size takes a size (256MiB by default); --guest-fetch-timeout positive seconds."""
+        options = Options()
+        options.parseOptions(["--guest", "g.wat", "--path", "."])
+        self.assertEqual(options["guest-fetch-max-size"], 256 * 1024 * 1024)
+        options = Options()
+        options.parseOptions(["--guest", "g.wat", "--path", ".", "--guest-fetch-max-size", "8MiB"])
+        self.assertEqual(options["guest-fetch-max-size"], 8 * 1024 * 1024)
+        for option, value in (("--guest-fetch-max-size", "0"), ("--guest-fetch-timeout", "-1")):
+            with self.assertRaises(UsageError) as caught:
+                Options().parseOptions(["--guest", "g.wat", "--path", ".", option, value])
+            self.assertIn(option, str(caught.exception))
 
 
 class TwistdSourcesTests(TLSServerMixin, TwistdTestCase):
