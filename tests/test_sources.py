@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import stat
+import threading
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -304,6 +306,22 @@ class BoundedFetchTests(TLSServerMixin, TestCase):
                 yield sources.resolve(self.base + path, None, 1)
             self.assertIn("took longer than 1 s (--guest-fetch-timeout)", str(caught.exception), behaviour)
             yield self.assert_connection_closed()
+
+    @inlineCallbacks
+    def test_a_hung_resolver_is_abandoned_at_the_deadline(self) -> Generator[Any, Any, None]:
+        """Name resolution counts in the deadline: a resolver that hangs is abandoned when it passes."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+        resolve_name = socket.getaddrinfo
+
+        def hung(*args: Any, **kwargs: Any) -> Any:
+            release.wait(60)
+            return resolve_name(*args, **kwargs)
+
+        self.patch(socket, "getaddrinfo", hung)
+        with self.assertRaises(sources.SourceError) as caught:
+            yield sources.resolve(self.base + "/g.wat", None, 1)
+        self.assertIn("took longer than 1 s (--guest-fetch-timeout)", str(caught.exception))
 
     @inlineCallbacks
     def test_cancelling_stops_the_fetch(self) -> Generator[Any, Any, None]:

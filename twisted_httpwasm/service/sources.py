@@ -28,10 +28,12 @@ system's trust store, which honours ``SSL_CERT_FILE``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
 import re
+import select
 import socket
 import ssl
 import tempfile
@@ -71,6 +73,9 @@ MAX_GUEST_BYTES = 256 * 1024 * 1024
 MAX_REDIRECTS = 5
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+#: Seconds between two looks at whether a fetch waiting for its resolver or connection was stopped.
+_LOOK_AGAIN = 0.1
 
 #: Bytes read from the connection at a time.
 _CHUNK = 64 * 1024
@@ -280,14 +285,12 @@ class _Fetch:
             raise SourceError(f"not an http or https URL: {url}")
         host = parts.hostname
         port = parts.port or (443 if scheme == "https" else 80)
-        address = self._resolve(host, port)
-        sock = socket.create_connection(address, timeout=self._remaining())
+        sock = self._open(*self._resolve(host, port))
         try:
-            self._watch(sock)
             connection: http.client.HTTPConnection
             if scheme == "https":
                 context = ssl.create_default_context()  # the system's trust store; SSL_CERT_FILE if set
-                sock = context.wrap_socket(sock, server_hostname=host)
+                sock = context.wrap_socket(sock, server_hostname=host)  # the handshake: stop() shuts it down
                 connection = http.client.HTTPSConnection(host, port, context=context)
             else:
                 connection = http.client.HTTPConnection(host, port)
@@ -297,26 +300,51 @@ class _Fetch:
         connection.sock = sock
         return connection
 
-    def _resolve(self, host: str, port: int) -> tuple[str, int]:
-        """``host``'s first address, resolved in a thread so that a slow resolver cannot pass the deadline."""
+    def _slice(self) -> float:
+        """Seconds to wait before looking again whether the fetch was stopped; raises once it was (or timed out)."""
+        return min(self._remaining(), _LOOK_AGAIN)
+
+    def _resolve(self, host: str, port: int) -> tuple[Any, ...]:
+        """``host``'s first address (getaddrinfo's tuple), resolved in a thread: a slow resolver is abandoned at
+        the deadline, or when the fetch is stopped."""
         found: list[Any] = []
 
         def lookup() -> None:
             try:
-                found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4])
+                found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0])
             except OSError as error:
                 found.append(error)
 
         resolver = threading.Thread(target=lookup, name="httpwasm-fetch-resolve", daemon=True)
         resolver.start()
-        resolver.join(self._remaining())
-        self._remaining()  # raises if the deadline passed (or the fetch was stopped) meanwhile
-        if not found:
-            self.stop(self._timed_out())
-            self._check()
+        while resolver.is_alive():
+            resolver.join(self._slice())
+        self._check()
         if isinstance(found[0], OSError):
             raise found[0]
-        return found[0][0], found[0][1]
+        return tuple(found[0])
+
+    def _open(self, family: int, kind: int, proto: int, _: str, address: Any) -> socket.socket:
+        """A socket connected to ``address``: a non-blocking connect, so that stop() and the deadline end it too."""
+        sock = socket.socket(family, kind, proto)
+        try:
+            self._watch(sock)
+            sock.setblocking(False)
+            error = sock.connect_ex(address)
+            if error in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+                waiting = select.poll()
+                waiting.register(sock, select.POLLOUT)
+                while not waiting.poll(self._slice() * 1000):
+                    pass
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._check()
+            if error:
+                raise OSError(error, f"cannot connect to {address[0]} port {address[1]}: {os.strerror(error)}")
+            sock.settimeout(self._remaining())  # blocking again, each operation bounded; the watchdog does the rest
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _get(self, url: str, spool: IO[bytes]) -> str | None:
         """GET ``url`` into ``spool``; the redirect's Location, or None once the body is in."""
