@@ -6,9 +6,11 @@ import hashlib
 import os
 import shutil
 import stat
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -19,6 +21,8 @@ from twisted_httpwasm.runtime.engine import ENGINE_SETTINGS, shared_engine
 from twisted_httpwasm.runtime.state import RequestState
 
 from .support import module, request_state
+from .test_reload import version_guest
+from .test_twistd import TwistdTestCase
 
 #: Another guest: req_ctx 9 instead of 7.
 OTHER_GUEST = module(
@@ -234,3 +238,31 @@ class CacheTrustTests(SynchronousTestCase):
                 " not used",
             ],
         )
+
+
+class TwistdForgedEntryTests(TwistdTestCase):
+    @inlineCallbacks
+    def test_pinned_guest_runs_its_own_code_despite_a_forged_entry(self) -> Generator[Any, Any, None]:
+        """twistd --guest A --guest-sha256 A's digest, with a well-formed compiled entry of guest B written under
+        A's cache file name: A's behaviour is served (x-version 1), not B's."""
+        directory = Path(self.mktemp())
+        mine, other = self.guest_file(version_guest(1)), self.guest_file(version_guest(2))
+        Guest(mine, cache=directory)
+        (own,) = sorted(directory.glob("*.cwasm"))
+        Guest(other, cache=directory)
+        (foreign,) = [entry for entry in sorted(directory.glob("*.cwasm")) if entry != own]
+        shutil.copyfile(foreign, own)
+        previous = os.environ.get("TWISTED_HTTPWASM_CACHE")
+        os.environ["TWISTED_HTTPWASM_CACHE"] = str(directory)  # twistd's compile cache
+        try:
+            url = yield self.start_server(
+                "--guest", mine, "--guest-sha256", hashlib.sha256(Path(mine).read_bytes()).hexdigest(),
+                "--class", "tests.test_twistd.Hello",
+            )  # fmt: skip
+        finally:
+            if previous is None:
+                del os.environ["TWISTED_HTTPWASM_CACHE"]
+            else:
+                os.environ["TWISTED_HTTPWASM_CACHE"] = previous
+        _, headers, _ = yield self.fetch("GET", url + "/")
+        self.assertEqual(headers.getRawHeaders("x-version"), ["1"])
