@@ -25,7 +25,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from .access_log import access_log_formatter, remember_client_uri
+from .access_log import access_log_formatter, printable, remember_client_uri
+from .backend_request import NotOriginForm, origin_form
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
 
 __all__ = [
@@ -57,6 +58,7 @@ _HTTP1_TOO_LARGE = (
     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE)
 )
 _HTTP1_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_BAD_REQUEST = b"Bad Request\n"
 
 
 # Declared here so that the class has its own ``__provides__``: without it, the
@@ -111,7 +113,47 @@ class _LimitedRequest(Request):
         if hooks:
             for hook in hooks:
                 hook(self)
+        if self.uri[:1] != b"/" and not self._to_origin_form():
+            return
         Request.process(self)
+
+    def _to_origin_form(self) -> bool:
+        """Reduce an absolute-form target naming this server to its path; else answer 400 (False).
+
+        Before any guest or resource: what they see (and a ``--proxy`` backend
+        gets) is always origin-form, or ``*`` for ``OPTIONS`` (see
+        :func:`~twisted_httpwasm.web.backend_request.origin_form`).
+        """
+        request: Any = self  # Request's methods are untyped
+        host = request.getHeader(b"host")
+        if host is None:
+            address = request.getHost()
+            local = f"[{address.host}]:{address.port}" if ":" in address.host else f"{address.host}:{address.port}"
+        try:
+            target = origin_form(
+                self.uri,
+                method=self.method,
+                host=host,
+                secure=request.isSecure(),
+                local=local.encode("ascii") if host is None else b"",
+            )
+        except NotOriginForm as error:
+            _log.info(
+                "refusing {method} {uri} from {client}: {reason}; answering 400",
+                method=printable(self.method),
+                uri=printable(self.uri),
+                client=str(request.getClientAddress()),
+                reason=error,
+            )
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.setHeader(b"content-length", b"%d" % len(_BAD_REQUEST))
+            request.write(_BAD_REQUEST)
+            request.finish()
+            return False
+        self.uri = target
+        self.path = target.partition(b"?")[0]
+        return True
 
     def _refuse_body(self, what: str, limit: int) -> None:
         """Answer 413 now; HTTP/1 closes the connection, HTTP/2 ends the stream."""
