@@ -28,11 +28,13 @@ from zope.interface import implementer
 from .access_log import access_log_formatter, printable, remember_client_uri
 from .backend_request import NotOriginForm, origin_form
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
+from .http2 import DEFAULT_MAX_STREAMS_PER_CONNECTION, GuardedChannelProtocol, refuse_stream, too_many_streams
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_REQUEST_BODY",
+    "DEFAULT_MAX_STREAMS_PER_CONNECTION",
     "HOUSEKEEPING_INTERVAL",
     "GuestSite",
 ]
@@ -81,8 +83,16 @@ class _LimitedRequest(Request):
         channel: Any = self.channel
         try:
             limit = channel.site.max_request_body
+            max_streams = channel.site.max_streams_per_connection
         except AttributeError:  # a channel without a GuestSite (as Request.gotLength allows)
-            limit = None
+            limit = max_streams = None
+        if max_streams is not None and not isinstance(channel, HTTPChannel) and too_many_streams(channel, max_streams):
+            # An HTTP/2 stream past --max-streams-per-connection (opened before the client took the
+            # setting, or ignoring it): reset unprocessed (REFUSED_STREAM), once the stream is made.
+            self._refused = True
+            channel.site.reactor.callLater(0, self._refuse_stream)
+            Request.gotLength(self, 0)
+            return
         if limit is not None:
             self._body_limit = limit
             if length is not None and length > limit:
@@ -176,6 +186,17 @@ class _LimitedRequest(Request):
         else:  # an HTTP/2 stream, which may still be in the making (gotLength runs in its constructor)
             channel.site.reactor.callLater(0, self._answer_too_large_on_stream)
 
+    def _refuse_stream(self) -> None:
+        if self._disconnected:
+            return
+        _log.debug(
+            "refusing an HTTP/2 stream from {client}: --max-streams-per-connection reached",
+            client=str(self.getClientAddress()),  # type: ignore[no-untyped-call]
+        )
+        refuse_stream(self.channel)
+        # Over for this request: whoever waits on notifyFinish (the shutdown drain) need not wait on.
+        self.connectionLost(Failure(ConnectionDone("HTTP/2 stream refused")))  # type: ignore[no-untyped-call]
+
     def _answer_too_large_on_stream(self) -> None:
         """HTTP/2: the 413 ends this stream; the connection and its other streams go on.
 
@@ -246,8 +267,10 @@ class _GuardedChannel(HTTPChannel):
 
 
 def _guarded_protocol(factory: Any) -> _GenericHTTPChannelProtocol:
-    """What ``Site.protocol`` builds, with :class:`_GuardedChannel` for HTTP/1."""
-    return _GenericHTTPChannelProtocol(_GuardedChannel())  # type: ignore[no-untyped-call]
+    """What ``Site.protocol`` builds, with :class:`_GuardedChannel` for HTTP/1 and the HTTP/2 bounds."""
+    protocol = GuardedChannelProtocol(_GuardedChannel())  # type: ignore[no-untyped-call]
+    protocol.max_streams = getattr(factory, "max_streams_per_connection", None)
+    return protocol
 
 
 class GuestSite(Site):
@@ -268,11 +291,14 @@ class GuestSite(Site):
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
         housekeeping: Callable[[], object] | None = None,
+        max_streams_per_connection: int | None = DEFAULT_MAX_STREAMS_PER_CONNECTION,
         **kwargs: Any,
     ):
         kwargs.setdefault("timeout", idle_timeout)
         kwargs.setdefault("logFormatter", access_log_formatter)  # the client's URI, and a guest's rewrite
         super().__init__(resource, *args, **kwargs)  # type: ignore[no-untyped-call]
+        #: HTTP/2 streams one connection may have open at once (None: h2's own 100); see :mod:`.http2`.
+        self.max_streams_per_connection = max_streams_per_connection
         self._init_limits(max_request_body, header_timeout, housekeeping)
 
     # -- limits ---------------------------------------------------------------------
