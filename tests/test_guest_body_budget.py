@@ -14,6 +14,7 @@ response does.  Real loopback sockets; clients that do not read.
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Generator
 from typing import Any
 
@@ -26,6 +27,8 @@ from twisted_httpwasm import Execution, GuestResource
 from twisted_httpwasm.runtime.budget import BufferBudget
 
 from .support import NOOP_RESPONSE, ServerTestCase, make_guest, poll
+from .test_http2_bounds import rss_of
+from .test_twistd import TwistdTestCase
 
 MiB = 1024 * 1024
 #: What the guest writes: 96 writes of 64 KiB (its whole first page, zeros).
@@ -116,3 +119,43 @@ class GuestBodyBudgetTests(ServerTestCase):
         status, _, body = yield first
         self.assertEqual((status, len(body)), (200, BODY))
         self.assertTrue((yield poll(lambda: budget.held == 0, 10)), budget)
+
+
+# -- end to end: twistd, clients that do not read, the server's memory --------------------------
+
+
+class TwistdGuestBodyBudgetTests(TwistdTestCase):
+    """``twistd httpwasm --max-buffered-total 16MiB``, a guest answering 6 MiB itself, 12 clients that do not read."""
+
+    timeout = 120
+    skip = None if sys.platform.startswith("linux") else "reads /proc/PID/status"
+
+    @inlineCallbacks
+    def test_clients_that_do_not_read_cannot_grow_the_process_past_the_budget(self) -> Generator[Any, Any, None]:
+        url = yield self.start_server(
+            "--guest",
+            self.guest_file(writing_guest(0)),
+            "--class",
+            "tests.test_twistd.Hello",
+            "--max-buffered-total",
+            "16MiB",
+        )
+        port = int(url.rsplit(":", 1)[1])
+        pid = self.server.process.pid
+        before, _ = rss_of(pid)
+        clients = []
+        statuses = []
+        for _ in range(12):
+            client, status_line = yield deferToThread(stalled_client, port)
+            clients.append(client)
+            statuses.append(status_line)
+        _, peak = rss_of(pid)
+        for client in clients:
+            client.close()
+        answered = statuses.count(b"HTTP/1.1 200")
+        self.assertEqual(answered + statuses.count(b"HTTP/1.1 503"), 12, statuses)
+        self.assertLessEqual(answered, 2, statuses)  # 16 MiB holds two 6 MiB answers
+        self.assertGreaterEqual(answered, 1, statuses)
+        # Before, each stalled answer held its body two or three times over (~200 MiB for these 12).
+        self.assertLess(peak - before, 64 * MiB, (before, peak))
+        self.assertIn("no room for its own answer", self.server.output())
