@@ -173,7 +173,9 @@ def open_streams(port: int, count: int) -> tuple[int, dict[int, int], dict[int, 
     return advertised, answered, reset
 
 
-class Http2BoundsTests(TwistdTestCase):
+class TlsTwistdTestCase(TwistdTestCase):
+    """twistd httpwasm over TLS with ALPN h2 (and http/1.1)."""
+
     timeout = 180
     skip = H2_SKIP or (None if sys.platform.startswith("linux") else "reads /proc/PID/status")
 
@@ -197,6 +199,8 @@ class Http2BoundsTests(TwistdTestCase):
         self.server = server
         return port
 
+
+class Http2BoundsTests(TlsTwistdTestCase):
     @inlineCallbacks
     def test_nothing_is_read_after_a_goaway(self) -> Generator[Any, Any, None]:
         """65+ CONTINUATION frames, then 120 MiB: bounded server memory, connection closed soon."""
@@ -228,3 +232,59 @@ class Http2BoundsTests(TwistdTestCase):
         advertised, answered, reset = yield deferToThread(open_streams, port, 17)
         self.assertEqual(advertised, 16)
         self.assertEqual((len(answered), list(reset.values())), (16, [int(h2.errors.ErrorCodes.REFUSED_STREAM)]))
+
+
+def h2_statuses(port: int, paths: list[str]) -> list[int | str]:
+    """One HTTP/2 stream per ``:path`` (sent as given); the status of each, or how its stream ended."""
+    tls = _tls(port)
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8", validate_outbound_headers=False)
+    )
+    conn.initiate_connection()
+    streams = {}
+    for path in paths:
+        stream = conn.get_next_available_stream_id()
+        streams[stream] = path
+        conn.send_headers(
+            stream,
+            [(":method", "GET"), (":path", path), (":scheme", "https"), (":authority", f"127.0.0.1:{port}")],
+            end_stream=True,
+        )
+    tls.sendall(conn.data_to_send())
+    outcome: dict[int, int | str] = {}
+    ended: set[int] = set()
+    tls.settimeout(10)
+    while len(ended) < len(streams):
+        data = tls.recv(65536)
+        if not data:
+            break
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                outcome[event.stream_id] = int(dict(event.headers)[":status"])
+            elif isinstance(event, h2.events.StreamReset):
+                outcome.setdefault(event.stream_id, f"reset {event.error_code}")
+                ended.add(event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                ended.add(event.stream_id)
+            elif isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        tls.sendall(conn.data_to_send())
+    tls.close()
+    return [outcome.get(stream, "none") for stream in streams]
+
+
+class Http2RequestTargetTests(TlsTwistdTestCase):
+    """Over HTTP/2 the ``:path`` is the request target: the same rule as HTTP/1's (see test_request_target)."""
+
+    @inlineCallbacks
+    def test_a_path_that_is_not_origin_form_never_reaches_the_backend(self) -> Generator[Any, Any, None]:
+        from .test_request_target import backend_on, low_port_pair
+
+        port, glued = low_port_pair()
+        backend = backend_on(self, port)
+        injected = backend_on(self, glued)
+        server_port = yield self.start_tls("--proxy", f"http://127.0.0.1:{port}")
+        paths = ["a:1/", "a:-admin/x", "http://other-host/x", "127.0.0.1:1", "*", "/fine"]
+        statuses = yield deferToThread(h2_statuses, server_port, paths)
+        self.assertEqual(statuses, [400, 400, 400, 400, 400, 200], dict(zip(paths, statuses, strict=True)))
+        self.assertEqual((backend.targets, injected.targets), ([b"/fine"], []))

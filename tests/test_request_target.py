@@ -27,7 +27,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -76,23 +76,27 @@ def low_port_pair() -> tuple[int, int]:
     raise AssertionError("no free pair of loopback ports")
 
 
+def backend_on(case: TestCase, port: int) -> RecordingBackend:
+    """A recording backend listening on 127.0.0.1:``port`` until the end of ``case``."""
+    from twisted.internet import reactor
+
+    from .test_proxy import ConnectionTracker
+
+    backend = RecordingBackend()
+    tracker = ConnectionTracker(Site(backend))
+    listening = reactor.listenTCP(port, tracker, interface="127.0.0.1")  # type: ignore[attr-defined]
+    case.addCleanup(tracker.close_all)
+    case.addCleanup(listening.stopListening)
+    return backend
+
+
 class ProxyTargetTests(TwistdTestCase):
     """``twistd httpwasm --proxy`` with the targets of the attack, on raw sockets."""
 
     timeout = 120
 
     def backend_on(self, port: int) -> RecordingBackend:
-        """A recording backend listening on 127.0.0.1:``port``."""
-        from twisted.internet import reactor
-
-        from .test_proxy import ConnectionTracker
-
-        backend = RecordingBackend()
-        tracker = ConnectionTracker(Site(backend))
-        listening = reactor.listenTCP(port, tracker, interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(tracker.close_all)
-        self.addCleanup(listening.stopListening)
-        return backend
+        return backend_on(self, port)
 
     @inlineCallbacks
     def proxy_server(self, backend_url: str) -> Generator[Any, Any, str]:
