@@ -4,7 +4,10 @@
 use it or not).  It adds two things on top, each in its own section below:
 
 - **limits** on what one connection or request may make the server hold
-  (time to send the request headers, idle keep-alive time, request body size);
+  (time to send the request headers, idle keep-alive time, request body size,
+  HTTP/2 streams per connection and nothing read after a GOAWAY: see
+  :mod:`.http2`), and a request target that is origin-form (or 400) before
+  any resource sees it;
 - **draining**: on shutdown, stop taking requests, let the ones in flight
   finish up to a deadline, close idle keep-alive connections.
 """
