@@ -84,6 +84,27 @@ def flood_after_protocol_error(port: int, pid: int) -> Flood:
     )
     continuations = b"".join(ContinuationFrame(1, data=b"\x00").serialize() for _ in range(70))
     tls.sendall(conn.data_to_send() + headers.serialize() + continuations)
+    return _flood(tls, conn, pid, rss_before, goaway=False)
+
+
+def flood_after_idle_goaway(port: int, pid: int) -> Flood:
+    """Say nothing until the server's idle timeout sends GOAWAY, then send up to FLOOD bytes; watch the server."""
+    rss_before, _ = rss_of(pid)
+    tls = _tls(port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    tls.sendall(conn.data_to_send())
+    goaway = False
+    tls.settimeout(CLOSE_WAIT)
+    while not goaway:
+        data = tls.recv(65536)
+        if not data:
+            break
+        goaway = any(isinstance(event, h2.events.ConnectionTerminated) for event in conn.receive_data(data))
+    return _flood(tls, conn, pid, rss_before, goaway=goaway)
+
+
+def _flood(tls: ssl.SSLSocket, conn: Any, pid: int, rss_before: int, *, goaway: bool) -> Flood:
     chunk = b"\x00" * MiB
     sent = 0
     tls.settimeout(5)  # a server that stops reading blocks sendall: that is the end of the flood
@@ -93,7 +114,6 @@ def flood_after_protocol_error(port: int, pid: int) -> Flood:
             sent += len(chunk)
     except (TimeoutError, OSError):
         pass
-    goaway = False
     closed = False
     deadline = time.monotonic() + CLOSE_WAIT
     tls.settimeout(1)
@@ -214,6 +234,17 @@ class Http2BoundsTests(TlsTwistdTestCase):
         self.assertIn("sent GOAWAY: reading stopped", self.server.output())
         # The server goes on serving.
         self.assertTrue((yield accepts_connections(port)))
+
+    @inlineCallbacks
+    def test_nothing_is_read_after_the_idle_timeouts_goaway(self) -> Generator[Any, Any, None]:
+        """--idle-timeout 1: its GOAWAY, then 120 MiB: bounded server memory, connection closed soon."""
+        port = yield self.start_tls("--class", "tests.test_twistd.Hello", "--idle-timeout", "1")
+        pid = self.server.process.pid
+        flood = yield deferToThread(flood_after_idle_goaway, port, pid)
+        self.assertTrue(flood.goaway, flood)
+        self.assertTrue(flood.closed, flood)
+        self.assertLess(flood.sent, FLOOD, flood)
+        self.assertLess(flood.rss_peak - flood.rss_before, MAX_GROWTH, flood)
 
     @inlineCallbacks
     def test_streams_past_the_cap_are_refused(self) -> Generator[Any, Any, None]:
