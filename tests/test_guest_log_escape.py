@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -66,6 +67,24 @@ def separator_guest() -> str:
     )
 
 
+#: What a WASI guest writes to stdout in handle_request: one line (up to its LF) holding a CR and a U+2028.
+WASI_TEXT = b"sep-wasi:\r\xe2\x80\xa8" + FORGED + b"\n"
+
+
+def wasi_guest() -> str:
+    """A WASI guest that writes WASI_TEXT to stdout in handle_request, then passes the request on."""
+    iovec = (16).to_bytes(4, "little") + len(WASI_TEXT).to_bytes(4, "little")
+    return f"""(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "{_wat_bytes(iovec)}")
+  (data (i32.const 16) "{_wat_bytes(WASI_TEXT)}")
+  (func (export "handle_request") (result i64)
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 1024)))
+    (i64.const 1))
+  (func (export "handle_response") (param i32 i32)))"""
+
+
 class EscapeUnitTests(SynchronousTestCase):
     def test_each_separator_is_escaped_and_printable_text_is_kept(self) -> None:
         for name, separator, escaped in SEPARATORS:
@@ -100,6 +119,19 @@ class TwistdGuestLogTests(TwistdTestCase):
             self.assertTrue(line.endswith(f"] sep-{name}:{escaped}{FORGED.decode()}"), (name, line))
         # No line starts with the forged text: each message stayed on its own line.
         self.assertEqual([line for line in lines if "forged line" in line and "sep-" not in line], [])
+
+    @inlineCallbacks
+    def test_wasi_output_is_escaped_too(self) -> Generator[Any, Any, None]:
+        """A line a WASI guest writes to stdout is split on LF only; its other separators are escaped."""
+        path = self.mktemp() + ".wat"
+        Path(path).write_text(wasi_guest())
+        url = yield self.start_server("--guest", path, "--class", "tests.test_twistd.Hello")
+        status, _, _ = yield self.fetch("GET", url + "/x")
+        self.assertEqual(status, 200)
+        if not (yield poll(lambda: "sep-wasi:" in self.server.output(), DEADLINE)):
+            self.fail(self.server.output())
+        (line,) = [line for line in self.server.output().splitlines() if "sep-wasi:" in line]
+        self.assertTrue(line.endswith("[stdout] sep-wasi:\\r\\u2028" + FORGED.decode()), line)
 
     @inlineCallbacks
     def test_json_log_keeps_the_text_escaped_by_json(self) -> Generator[Any, Any, None]:
