@@ -149,7 +149,9 @@ class ProxyResource(Resource):
     The request's URI (path and query, as the guest may have rewritten it) is
     appended to the path of ``base_url``, its dot segments removed: a path that
     would climb above the base path gets ``400 Bad Request`` and never reaches
-    the backend.  Hop-by-hop headers are dropped both ways (of the names the
+    the backend, and so does a target that is not origin-form (``a:1/``,
+    ``host:443``, a URL for another authority): the backend's scheme, host and
+    port are ``base_url``'s only.  Hop-by-hop headers are dropped both ways (of the names the
     client's ``Connection`` lists, only the client's values); ``Host`` becomes
     the backend's, and ``Forwarded``, ``X-Forwarded-For``, ``X-Forwarded-Host``
     and ``X-Forwarded-Proto`` tell the backend about the client.  The client's
