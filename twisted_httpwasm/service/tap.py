@@ -47,7 +47,13 @@ from ..web.demo import DEMO_GUEST, DemoPage, bundled_guest
 from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainService
 from ..web.proxy import ProxyResource
 from ..web.resource import FailurePolicy, GuestResource
-from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
+from ..web.site import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    GuestSite,
+)
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import observability, sources
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError, WatchService
@@ -156,6 +162,7 @@ then are cut and logged. twistd then exits with status 0.
         self["max-buffered-total"] = DEFAULT_MAX_BUFFERED_TOTAL
         self["idle-timeout"] = DEFAULT_IDLE_TIMEOUT
         self["header-timeout"] = DEFAULT_HEADER_TIMEOUT
+        self["max-streams-per-connection"] = DEFAULT_MAX_STREAMS_PER_CONNECTION
         self["on-guest-error"] = FailurePolicy.FAIL_CLOSED
         self["guest-env"] = []
         self["guest-mounts"] = []
@@ -341,6 +348,21 @@ then are cut and logged. twistd then exits with status 0.
         for no deadline. [default: 30]
         """
         self["header-timeout"] = self._seconds("--header-timeout", seconds)
+
+    def opt_max_streams_per_connection(self, count: str) -> None:
+        """HTTP/2 streams one connection may have open at once (advertised; more are refused, REFUSED_STREAM); 0 or
+        none for h2's own 100. [default: 16]
+        """
+        if count.strip().lower() in ("0", "none"):
+            self["max-streams-per-connection"] = None
+            return
+        try:
+            streams = int(count)
+        except ValueError:
+            streams = 0
+        if streams < 1:
+            raise usage.UsageError(f"--max-streams-per-connection must be a number of streams, not {count!r}")
+        self["max-streams-per-connection"] = streams
 
     @staticmethod
     def _seconds(option: str, text: str) -> float | None:
@@ -792,6 +814,7 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         "max_request_body": _request_body_limit(config, guests),
         "idle_timeout": config["idle-timeout"],
         "header_timeout": config["header-timeout"],
+        "max_streams_per_connection": config["max-streams-per-connection"],
         # Instances a burst needed go back once idle (a timer that runs while the site listens).
         "housekeeping": functools.partial(_retire_idle_instances, reloader),
     }
