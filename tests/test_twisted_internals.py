@@ -143,6 +143,41 @@ class WebInternalsTests(SynchronousTestCase):
         self.assertFalse(factory.noisy)
 
 
+class ChannelSwitchTests(SynchronousTestCase):
+    def test_channel_switch(self) -> None:
+        """``_GenericHTTPChannelProtocol``'s ``_channel``, ``_negotiatedProtocol`` and ``_site``, read by name."""
+        resource = _Slow()
+        site = Site(resource, reactor=Clock())
+        channel = HTTPChannel()
+        channel.site, channel.requestFactory = site, site.requestFactory
+        switch = web_internals.ChannelSwitch(channel)
+        switch.factory = switch.site = site  # what Site.buildProtocol sets
+        self.assertIsNone(switch.negotiated)
+        self.assertIs(switch.current_channel, channel)
+        self.assertIs(switch.owning_site, site)
+        switch.makeConnection(StringTransport())
+        switch.dataReceived(b"GET /s HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(switch.negotiated, b"http/1.1")
+        self.assertEqual([request.uri for request in resource.requests], [b"/s"])
+
+    def test_transport_aborted(self) -> None:
+        """TLS's ``_aborted``: set by ``abortConnection``."""
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        try:
+            from twisted.internet.ssl import CertificateOptions
+        except ImportError:
+            self.skipTest("needs pyOpenSSL: pip install 'twisted[tls]'")
+        factory = TLSMemoryBIOFactory(CertificateOptions(), True, Factory.forProtocol(Protocol))
+        tls = factory.buildProtocol(None)
+        tls.makeConnection(StringTransport())
+        self.assertFalse(web_internals.transport_aborted(tls))
+        tls.abortConnection()
+        self.assertTrue(web_internals.transport_aborted(tls))
+        self.assertFalse(web_internals.transport_aborted(StringTransport()))
+
+
 class HTTP2InternalsTests(SynchronousTestCase):
     def setUp(self) -> None:
         try:
@@ -172,6 +207,16 @@ class HTTP2InternalsTests(SynchronousTestCase):
         self.assertEqual([stream.streamID for _, stream in found], [1, 3])
         self.assertIs(found[0][0], self.resource.requests[0])
         self.assertEqual([request.channel for request, _ in found], [stream for _, stream in found])
+
+    def test_h2_connection_of_and_forget_stream(self) -> None:
+        """``H2Stream._conn`` and ``H2Connection._requestDone``: a refused stream is forgotten."""
+        [(_, stream)] = [pair for pair in web_internals.stream_requests(self.server) if pair[1].streamID == 3]
+        self.assertIs(web_internals.h2_connection_of(stream), self.server)
+        self.assertIsNone(web_internals.h2_connection_of(object()))
+        self.server.conn.reset_stream(3, 7)  # REFUSED_STREAM
+        self.assertTrue(web_internals.flush_h2_control_data(self.server))
+        web_internals.forget_h2_stream(self.server, 3)
+        self.assertNotIn(3, self.server.streams)
 
     def test_reset_after_cleanup(self) -> None:
         """``_conn``, ``_streamCleanupCallbacks``, ``_tryToWriteControlData``: a stream reset once Twisted ended it."""

@@ -90,16 +90,21 @@ def seconds(option: str, *, unlimited: bool = False, zero: bool = False) -> Call
     return _documented(coerce, "")
 
 
-def count(option: str, what: str) -> Callable[[str], int]:
-    """A positive whole number of ``what`` (requests, processes)."""
+def count(option: str, what: str, *, unlimited: bool = False, expected: str | None = None) -> Callable[[str], Any]:
+    """A positive whole number of ``what`` (requests, processes); ``unlimited``: 0 or none is None.
 
-    def coerce(text: str) -> int:
+    ``expected`` words what the refusal says was expected (default: "a positive number of ``what``").
+    """
+
+    def coerce(text: str) -> int | None:
+        if unlimited and text.strip().lower() in _UNLIMITED:
+            return None
         try:
             value = int(text)
         except ValueError:
             value = 0
         if value < 1:
-            raise usage.UsageError(f"{option} must be a positive number of {what}, not {text!r}")
+            raise usage.UsageError(f"{option} must be {expected or f'a positive number of {what}'}, not {text!r}")
         return value
 
     return _documented(coerce, "")

@@ -46,7 +46,13 @@ from ..web.demo import DEMO_GUEST, DemoPage, bundled_guest
 from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT
 from ..web.proxy import ProxyResource
 from ..web.resource import FailurePolicy, GuestResource
-from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
+from ..web.site import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    GuestSite,
+)
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import coercers, observability, sources
 from .coercers import parse_size
@@ -172,12 +178,19 @@ then are cut and logged. twistd then exits with status 0.
         ["header-timeout", None, f"{DEFAULT_HEADER_TIMEOUT:g}",
          "Seconds from a request's first byte to the end of its headers, or the connection is closed; 0 or none "
          "for no deadline.", coercers.seconds("--header-timeout", unlimited=True)],
+        ["max-streams-per-connection", None, str(DEFAULT_MAX_STREAMS_PER_CONNECTION),
+         "HTTP/2 streams one connection may have open at once (advertised; more are refused, REFUSED_STREAM); 0 or "
+         "none for h2's own 100.",
+         coercers.count("--max-streams-per-connection", "streams", unlimited=True, expected="a number of streams")],
         ["on-guest-error", None, FailurePolicy.FAIL_CLOSED.value,
          "fail-closed (a failing guest's request gets 500) or fail-open (it is passed on).",
          coercers.choice("--on-guest-error", FailurePolicy)],
         ["guest-fetch-timeout", None, f"{sources.DEFAULT_FETCH_TIMEOUT:g}",
-         "Seconds a --guest https:// URL may take to fetch, at startup and at reload.",
-         coercers.seconds("--guest-fetch-timeout")],
+         "Seconds a whole fetch of a --guest https:// URL may take (connect, headers, body), at startup and at "
+         "reload.", coercers.seconds("--guest-fetch-timeout")],
+        ["guest-fetch-max-size", None, coercers.format_size(sources.MAX_GUEST_BYTES),
+         "Largest --guest https:// answer fetched: bytes, or with a KiB, MiB or GiB suffix.",
+         coercers.size("--guest-fetch-max-size")],
         ["guest-max-requests", None, None,
          "Recycle each guest instance after it served this many requests (between requests). [default: off]",
          coercers.count("--guest-max-requests", "requests")],
@@ -526,24 +539,42 @@ def _load_guest(config: Options, index: int, guest_config: bytes, fetched: sourc
     )
 
 
-def _reload_guests(config: Options) -> defer.Deferred[Sequence[Guest]]:
+class _Fetches:
+    """The guest fetches of the reload that runs now; a newer reload stops them (:meth:`stop`)."""
+
+    def __init__(self) -> None:
+        self.running: set[defer.Deferred[sources.FetchedGuest]] = set()
+
+    def stop(self) -> None:
+        for fetch in list(self.running):
+            fetch.cancel()  # the reload fails with CancelledError: superseded
+
+
+def _reload_guests(config: Options, fetches: _Fetches) -> defer.Deferred[Sequence[Guest]]:
     """Every ``--guest`` loaded afresh (a remote one fetched again), its configuration file read again.
 
     Fails with :class:`ReloadError` if one cannot be loaded.
     """
-    return defer.ensureDeferred(_reload_guests_from_sources(config))
+    return defer.ensureDeferred(_reload_guests_from_sources(config, fetches))
 
 
-async def _reload_guests_from_sources(config: Options) -> Sequence[Guest]:
+async def _reload_guests_from_sources(config: Options, fetches: _Fetches) -> Sequence[Guest]:
     fetched: dict[int, sources.FetchedGuest] = {}
     for index, entry in enumerate(config["guests"]):
         if sources.is_remote(entry["path"]):
+            fetch = sources.resolve(
+                entry["path"],
+                config["guest-sha256"].get(index),
+                config["guest-fetch-timeout"],
+                max_bytes=config["guest-fetch-max-size"],
+            )
+            fetches.running.add(fetch)
             try:
-                fetched[index] = await sources.resolve(
-                    entry["path"], config["guest-sha256"].get(index), config["guest-fetch-timeout"]
-                )
+                fetched[index] = await fetch
             except sources.SourceError as error:
                 raise ReloadError(f"--guest {entry['path']}: {error}") from None
+            finally:
+                fetches.running.discard(fetch)
     # Compiling and initialising run in a thread: the reactor goes on serving the running guests meanwhile.
     from twisted.internet import reactor, threads
 
@@ -590,7 +621,10 @@ def _load_guests(config: Options) -> list[Guest]:
             if sources.is_remote(entry["path"]):
                 # Before the reactor runs: a blocking fetch (nothing is served yet).
                 fetched = sources.resolve_blocking(
-                    entry["path"], config["guest-sha256"].get(index), config["guest-fetch-timeout"]
+                    entry["path"],
+                    config["guest-sha256"].get(index),
+                    config["guest-fetch-timeout"],
+                    max_bytes=config["guest-fetch-max-size"],
                 )
             guest = _load_guest(config, index, entry["config"], fetched)
         except sources.SourceError as error:
@@ -634,7 +668,8 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         root = GuestResource(guest, root, on_guest_error=config["on-guest-error"], buffer_budget=budget)
         resources.insert(0, root)
     # SIGHUP reloads every guest (the service is found by name: RELOAD_SERVICE).
-    reloader = GuestReloader(resources, functools.partial(_reload_guests, config))
+    fetches = _Fetches()
+    reloader = GuestReloader(resources, functools.partial(_reload_guests, config, fetches), interrupt=fetches.stop)
     HangupService(reloader).setServiceParent(parent)  # type: ignore[no-untyped-call]
     if config["watch"]:
         watched = [entry["path"] for entry in config["guests"] if not sources.is_remote(entry["path"])]
@@ -645,6 +680,7 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         "max_request_body": _request_body_limit(config, guests),
         "idle_timeout": config["idle-timeout"],
         "header_timeout": config["header-timeout"],
+        "max_streams_per_connection": config["max-streams-per-connection"],
         # Instances a burst needed go back once idle (a timer that runs while the site listens).
         "housekeeping": functools.partial(_retire_idle_instances, reloader),
     }

@@ -25,10 +25,13 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, _IEncodingResource
 
 __all__ = [
+    "ChannelSwitch",
     "ContinueVetoChannel",
     "channel_of",
     "escape_log_field",
     "flush_h2_control_data",
+    "forget_h2_stream",
+    "h2_connection_of",
     "has_response_encoder",
     "http_channel_protocol",
     "install_response_encoder",
@@ -37,6 +40,7 @@ __all__ = [
     "request_disconnected",
     "reset_h2_stream_after_cleanup",
     "stream_requests",
+    "transport_aborted",
 ]
 
 
@@ -92,6 +96,33 @@ def http_channel_protocol(channel: HTTPChannel) -> Any:
     channel class has no public way to keep the h2 upgrade.
     """
     return http._GenericHTTPChannelProtocol(channel)
+
+
+class ChannelSwitch(http._GenericHTTPChannelProtocol):
+    """Twisted's HTTP/1-or-HTTP/2 protocol (what ``Site.protocol`` builds), for a subclass to extend.
+
+    Relies on ``twisted.web.http._GenericHTTPChannelProtocol`` and its
+    ``_channel`` (the HTTPChannel, replaced by an ``H2Connection`` once TLS
+    negotiates h2), ``_negotiatedProtocol`` (None until the first bytes are
+    read, then ``b"h2"`` or ``b"http/1.1"``) and ``_site``; a subclass reads
+    them through the properties here.
+    """
+
+    @property
+    def current_channel(self) -> Any:
+        """The channel serving the connection now: an ``HTTPChannel``, or an ``H2Connection``."""
+        return self._channel
+
+    @property
+    def negotiated(self) -> bytes | None:
+        """The protocol negotiated: None until the first bytes are read, then ``b"h2"`` or ``b"http/1.1"``."""
+        negotiated: bytes | None = self._negotiatedProtocol
+        return negotiated
+
+    @property
+    def owning_site(self) -> Any:
+        """The ``Site`` that built this protocol (None before ``factory`` is set)."""
+        return self._site
 
 
 def channel_of(connection: Any) -> Any:
@@ -173,12 +204,32 @@ def reset_h2_stream_after_cleanup(stream: Any, reset: Callable[[int, Any], objec
     return True
 
 
-def flush_h2_control_data(connection: Any) -> None:
-    """Send the frames the h2 state machine has queued (RST_STREAM, WINDOW_UPDATE) on ``connection``.
+def flush_h2_control_data(connection: Any) -> bool:
+    """Send the frames the h2 state machine has queued (RST_STREAM, SETTINGS) on ``connection``.
 
-    Relies on ``H2Connection._tryToWriteControlData``.
+    Relies on ``H2Connection._tryToWriteControlData``; False if the
+    connection's buffer of control frames was full and it was aborted.
     """
-    connection._tryToWriteControlData()
+    return bool(connection._tryToWriteControlData())
+
+
+def h2_connection_of(stream: Any) -> Any:
+    """The ``H2Connection`` of an ``H2Stream`` (None for anything else). Relies on ``H2Stream._conn``."""
+    return getattr(stream, "_conn", None)
+
+
+def forget_h2_stream(connection: Any, stream_id: int) -> None:
+    """Make ``connection`` forget a stream it will not serve (reset already), as when it ends.
+
+    Relies on ``H2Connection._requestDone``, which drops the stream's state
+    and fires its cleanup callbacks.
+    """
+    connection._requestDone(stream_id)
+
+
+def transport_aborted(transport: Any) -> bool:
+    """Whether ``abortConnection`` was called on ``transport`` already. Relies on the transports' ``_aborted``."""
+    return bool(getattr(transport, "_aborted", False))
 
 
 # -- the HTTP client ---------------------------------------------------------------
