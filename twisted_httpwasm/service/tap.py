@@ -15,13 +15,12 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application import service, strports
-from twisted.internet import defer, interfaces
+from twisted.internet import interfaces
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import static
@@ -38,7 +37,6 @@ from ..runtime.guest import (
     DEFAULT_TIMEOUT,
     Execution,
     Guest,
-    GuestLoadError,
     LogLimit,
     Mount,
 )
@@ -56,7 +54,8 @@ from ..web.site import (
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import coercers, observability, sources
 from .coercers import parse_size
-from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError, WatchService
+from .guest_loader import GuestLoader
+from .reload import RELOAD_SERVICE, GuestReloader, HangupService, WatchService
 from .stopping import DrainService
 from .twisted_internals import add_headers_resource, exit_on_usage_error, forget_option, forget_short_option
 from .workers import TCPListen, WorkersService
@@ -515,128 +514,9 @@ def _with_twistd_hint(reason: str) -> str:
     )
 
 
-def _load_guest(config: Options, index: int, guest_config: bytes, fetched: sources.FetchedGuest | None = None) -> Guest:
-    """The guest of the ``index``-th ``--guest`` with ``guest_config``; raises :class:`GuestLoadError`.
-
-    ``fetched``: the bytes of a remote guest (``https://...``).
-    """
-    entry = config["guests"][index]
-    return Guest(
-        entry["path"] if fetched is None else fetched.data,
-        name=None if fetched is None else fetched.name,
-        config=guest_config,
-        log_level=config["log-level"],
-        execution=config["execution"],
-        timeout=config["guest-timeout"],
-        memory_limit=config["guest-memory-limit"],
-        max_buffer_bytes=config["max-buffer-bytes"],
-        env=config["guest-env"],
-        mounts=config["guest-mounts"],
-        log_limit=config["guest-log-limit"],
-        sha256=config["guest-sha256"].get(index),
-        max_requests=config["guest-max-requests"],
-        max_age=config["guest-max-age"],
-    )
-
-
-class _Fetches:
-    """The guest fetches of the reload that runs now; a newer reload stops them (:meth:`stop`)."""
-
-    def __init__(self) -> None:
-        self.running: set[defer.Deferred[sources.FetchedGuest]] = set()
-
-    def stop(self) -> None:
-        for fetch in list(self.running):
-            fetch.cancel()  # the reload fails with CancelledError: superseded
-
-
-def _reload_guests(config: Options, fetches: _Fetches) -> defer.Deferred[Sequence[Guest]]:
-    """Every ``--guest`` loaded afresh (a remote one fetched again), its configuration file read again.
-
-    Fails with :class:`ReloadError` if one cannot be loaded.
-    """
-    return defer.ensureDeferred(_reload_guests_from_sources(config, fetches))
-
-
-async def _reload_guests_from_sources(config: Options, fetches: _Fetches) -> Sequence[Guest]:
-    fetched: dict[int, sources.FetchedGuest] = {}
-    for index, entry in enumerate(config["guests"]):
-        if sources.is_remote(entry["path"]):
-            fetch = sources.resolve(
-                entry["path"],
-                config["guest-sha256"].get(index),
-                config["guest-fetch-timeout"],
-                max_bytes=config["guest-fetch-max-size"],
-            )
-            fetches.running.add(fetch)
-            try:
-                fetched[index] = await fetch
-            except sources.SourceError as error:
-                raise ReloadError(f"--guest {entry['path']}: {error}") from None
-            finally:
-                fetches.running.discard(fetch)
-    # Compiling and initialising run in a thread: the reactor goes on serving the running guests meanwhile.
-    from twisted.internet import reactor, threads
-
-    loaded: Sequence[Guest] = await threads.deferToThreadPool(
-        reactor,
-        reactor.getThreadPool(),
-        _load_guests_for_reload,
-        config,
-        fetched,
-    )
-    return loaded
-
-
-def _load_guests_for_reload(config: Options, fetched: dict[int, sources.FetchedGuest]) -> list[Guest]:
-    """Every ``--guest`` loaded, with ``fetched`` bytes for the remote ones; :class:`ReloadError` if one fails."""
-    guests = []
-    for index, entry in enumerate(config["guests"]):
-        guest_config = entry["config"]
-        config_file = config["guest-config-files"].get(index)
-        if config_file is not None:
-            try:
-                guest_config = Path(config_file).read_bytes()
-            except OSError as error:
-                raise ReloadError(
-                    f"--guest {entry['path']}: --guest-config-file {config_file}: "
-                    f"cannot read it: {error.strerror or error}"
-                ) from None
-        try:
-            guests.append(_load_guest(config, index, guest_config, fetched.get(index)))
-        except GuestLoadError as error:
-            said = " / ".join(error.log_lines)
-            raise ReloadError(
-                f"--guest {entry['path']}: {error}" + (f" (the guest logged: {said})" if said else "")
-            ) from None
-    return guests
-
-
 def _load_guests(config: Options) -> list[Guest]:
-    """Every ``--guest``, loaded; a guest that cannot load ends ``twistd`` with its reason."""
-    guests = []
-    for index, entry in enumerate(config["guests"]):
-        try:
-            fetched = None
-            if sources.is_remote(entry["path"]):
-                # Before the reactor runs: a blocking fetch (nothing is served yet).
-                fetched = sources.resolve_blocking(
-                    entry["path"],
-                    config["guest-sha256"].get(index),
-                    config["guest-fetch-timeout"],
-                    max_bytes=config["guest-fetch-max-size"],
-                )
-            guest = _load_guest(config, index, entry["config"], fetched)
-        except sources.SourceError as error:
-            raise SystemExit(f"twistd httpwasm: --guest {entry['path']}: {error}") from None
-        except GuestLoadError as error:
-            # SystemExit with a message: twistd prints it to stderr and exits with status 1.  The
-            # log has not begun yet, so what the guest logged while it failed goes with the message.
-            said = "".join(f"\n  {line}" for line in error.log_lines)
-            said = f"\nthe guest logged:{said}" if said else ""
-            raise SystemExit(f"twistd httpwasm: --guest {entry['path']}: {error}{said}") from None
-        guests.append(guest)
-    return guests
+    """Every ``--guest``, loaded; a guest that cannot load ends ``twistd`` with its reason (:mod:`.guest_loader`)."""
+    return GuestLoader.from_options(config).at_startup()
 
 
 def make_site(config: Options, parent: service.MultiService) -> Site:
@@ -661,20 +541,18 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         downstream = add_headers_resource(downstream, config["extraHeaders"])
 
     root = downstream
-    guests = _load_guests(config)
+    loader = GuestLoader.from_options(config)  # the same loader at startup and at each reload
+    guests = loader.at_startup()
     resources: list[GuestResource] = []
     budget = BufferBudget(config["max-buffered-total"])  # one for all guests of this process
     for guest in reversed(guests):
         root = GuestResource(guest, root, on_guest_error=config["on-guest-error"], buffer_budget=budget)
         resources.insert(0, root)
     # SIGHUP reloads every guest (the service is found by name: RELOAD_SERVICE).
-    fetches = _Fetches()
-    reloader = GuestReloader(resources, functools.partial(_reload_guests, config, fetches), interrupt=fetches.stop)
+    reloader = GuestReloader(resources, loader.reload, interrupt=loader.fetches.stop)
     HangupService(reloader).setServiceParent(parent)  # type: ignore[no-untyped-call]
     if config["watch"]:
-        watched = [entry["path"] for entry in config["guests"] if not sources.is_remote(entry["path"])]
-        watched += config["guest-config-files"].values()
-        WatchService(reloader, watched).setServiceParent(parent)  # type: ignore[no-untyped-call]
+        WatchService(reloader, loader.watched_files()).setServiceParent(parent)  # type: ignore[no-untyped-call]
 
     limits = {
         "max_request_body": _request_body_limit(config, guests),

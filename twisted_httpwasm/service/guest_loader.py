@@ -1,0 +1,241 @@
+"""The one loader of the ``--guest`` chain: at startup, at each reload, in each worker process.
+
+:class:`GuestLoader` is made from the parsed options (:meth:`GuestLoader.from_options`):
+the guests in command-line order, each with the options attached to it
+(``--guest-config``/``--guest-config-file``, ``--guest-sha256``), and the
+:class:`GuestSettings` every guest of the chain gets.  It loads the whole chain
+the same way whenever it is asked; only how a remote guest is fetched (blocking
+before the reactor runs, asynchronously while it serves) and how a failure is
+reported (``twistd`` exits with the reason; a reload keeps the running guests)
+depend on when.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+
+from ..abi import LogLevel
+from ..runtime.calllog import LogLimit
+from ..runtime.guest import Execution, Guest, GuestLoadError, Mount
+from . import sources
+from .reload import ReloadError
+
+__all__ = ["Fetches", "GuestLoader", "GuestSettings"]
+
+
+@dataclass(frozen=True)
+class GuestSettings:
+    """What every guest of the chain is loaded with (the options that are not attached to one ``--guest``)."""
+
+    log_level: LogLevel
+    execution: Execution
+    timeout: float
+    memory_limit: int
+    max_buffer_bytes: int
+    env: tuple[tuple[str, str], ...]
+    mounts: tuple[Mount, ...]
+    log_limit: LogLimit
+    max_requests: int | None
+    max_age: float | None
+    fetch_timeout: float
+    fetch_max_size: int
+
+    @classmethod
+    def from_options(cls, config: Any) -> GuestSettings:
+        return cls(
+            log_level=config["log-level"],
+            execution=config["execution"],
+            timeout=config["guest-timeout"],
+            memory_limit=config["guest-memory-limit"],
+            max_buffer_bytes=config["max-buffer-bytes"],
+            env=tuple(config["guest-env"]),
+            mounts=tuple(config["guest-mounts"]),
+            log_limit=config["guest-log-limit"],
+            max_requests=config["guest-max-requests"],
+            max_age=config["guest-max-age"],
+            fetch_timeout=config["guest-fetch-timeout"],
+            fetch_max_size=config["guest-fetch-max-size"],
+        )
+
+
+class _Failed(Exception):
+    """Guest ``path`` of the chain did not load: ``error`` (a source, configuration file or load error)."""
+
+    def __init__(self, path: str, error: Exception, config_file: str | None = None):
+        super().__init__(path, error)
+        self.path = path
+        self.error = error
+        self.config_file = config_file
+
+
+class Fetches:
+    """The guest fetches of the reload that runs now; a newer reload stops them (:meth:`stop`)."""
+
+    def __init__(self) -> None:
+        self.running: set[defer.Deferred[sources.FetchedGuest]] = set()
+
+    def stop(self) -> None:
+        for fetch in list(self.running):
+            fetch.cancel()  # the reload fails with CancelledError: superseded
+
+
+class GuestLoader:
+    """Loads the chain of ``entries`` (the options' ``guests``, outermost first) with ``settings``.
+
+    ``sha256`` and ``config_files`` map an entry's index to its ``--guest-sha256``
+    and ``--guest-config-file`` (read again at each reload).
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[Mapping[str, Any]],
+        settings: GuestSettings,
+        sha256: Mapping[int, str],
+        config_files: Mapping[int, str],
+    ):
+        self.entries = list(entries)
+        self.settings = settings
+        self.sha256 = dict(sha256)
+        self.config_files = dict(config_files)
+        self.fetches = Fetches()
+
+    @classmethod
+    def from_options(cls, config: Any) -> GuestLoader:
+        return cls(
+            config["guests"], GuestSettings.from_options(config), config["guest-sha256"], config["guest-config-files"]
+        )
+
+    def watched_files(self) -> list[str]:
+        """The local files a reload reads again: every local ``--guest`` and ``--guest-config-file``."""
+        return [entry["path"] for entry in self.entries if not sources.is_remote(entry["path"])] + list(
+            self.config_files.values()
+        )
+
+    # -- one guest, and the chain ---------------------------------------------------
+
+    def load(self, index: int, guest_config: bytes, fetched: sources.FetchedGuest | None = None) -> Guest:
+        """The guest of the ``index``-th ``--guest`` with ``guest_config``; raises :class:`GuestLoadError`.
+
+        ``fetched``: the bytes of a remote guest (``https://...``).
+        """
+        entry, settings = self.entries[index], self.settings
+        return Guest(
+            entry["path"] if fetched is None else fetched.data,
+            name=None if fetched is None else fetched.name,
+            config=guest_config,
+            log_level=settings.log_level,
+            execution=settings.execution,
+            timeout=settings.timeout,
+            memory_limit=settings.memory_limit,
+            max_buffer_bytes=settings.max_buffer_bytes,
+            env=list(settings.env),
+            mounts=list(settings.mounts),
+            log_limit=settings.log_limit,
+            sha256=self.sha256.get(index),
+            max_requests=settings.max_requests,
+            max_age=settings.max_age,
+        )
+
+    def _load_chain(self, fetched: Mapping[int, sources.FetchedGuest], *, reread_config: bool) -> list[Guest]:
+        """Every guest, in order, with ``fetched`` bytes for the remote ones; :class:`_Failed` at the first failure.
+
+        ``reread_config``: read each ``--guest-config-file`` again (a reload), else use what the options read.
+        """
+        guests = []
+        for index, entry in enumerate(self.entries):
+            guest_config = entry["config"]
+            config_file = self.config_files.get(index) if reread_config else None
+            if config_file is not None:
+                try:
+                    guest_config = Path(config_file).read_bytes()
+                except OSError as error:
+                    raise _Failed(entry["path"], error, config_file) from None
+            try:
+                guests.append(self.load(index, guest_config, fetched.get(index)))
+            except GuestLoadError as error:
+                raise _Failed(entry["path"], error) from None
+        return guests
+
+    def _fetch_blocking(self) -> dict[int, sources.FetchedGuest]:
+        fetched = {}
+        for index, entry in enumerate(self.entries):
+            if sources.is_remote(entry["path"]):
+                try:
+                    fetched[index] = sources.resolve_blocking(
+                        entry["path"],
+                        self.sha256.get(index),
+                        self.settings.fetch_timeout,
+                        max_bytes=self.settings.fetch_max_size,
+                    )
+                except sources.SourceError as error:
+                    raise _Failed(entry["path"], error) from None
+        return fetched
+
+    # -- when -------------------------------------------------------------------------
+
+    def at_startup(self) -> list[Guest]:
+        """The chain, loaded before the reactor runs (remote guests fetched blocking: nothing is served yet).
+
+        A guest that cannot be fetched or loaded ends ``twistd``: :class:`SystemExit` with the reason, which
+        ``twistd`` prints to stderr before exiting with status 1.  The log has not begun yet, so what the
+        guest logged while it failed goes with the message.
+        """
+        try:
+            return self._load_chain(self._fetch_blocking(), reread_config=False)
+        except _Failed as failed:
+            said = ""
+            if isinstance(failed.error, GuestLoadError) and failed.error.log_lines:
+                said = "\nthe guest logged:" + "".join(f"\n  {line}" for line in failed.error.log_lines)
+            raise SystemExit(f"twistd httpwasm: --guest {failed.path}: {failed.error}{said}") from None
+
+    def reload(self) -> defer.Deferred[Sequence[Guest]]:
+        """The chain loaded afresh while serving (remote guests fetched again, configuration files read again).
+
+        Fails with :class:`ReloadError` if one cannot be loaded.  Compiling and initialising run in a
+        thread: the reactor goes on serving the running guests meanwhile.
+        """
+        return defer.ensureDeferred(self._reload())
+
+    async def _reload(self) -> Sequence[Guest]:
+        fetched: dict[int, sources.FetchedGuest] = {}
+        for index, entry in enumerate(self.entries):
+            if sources.is_remote(entry["path"]):
+                fetch = sources.resolve(
+                    entry["path"],
+                    self.sha256.get(index),
+                    self.settings.fetch_timeout,
+                    max_bytes=self.settings.fetch_max_size,
+                )
+                self.fetches.running.add(fetch)
+                try:
+                    fetched[index] = await fetch
+                except sources.SourceError as error:
+                    raise ReloadError(f"--guest {entry['path']}: {error}") from None
+                finally:
+                    self.fetches.running.discard(fetch)
+        from twisted.internet import reactor, threads
+
+        loaded: Sequence[Guest] = await threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), self._reload_in_thread, fetched
+        )
+        return loaded
+
+    def _reload_in_thread(self, fetched: Mapping[int, sources.FetchedGuest]) -> list[Guest]:
+        try:
+            return self._load_chain(fetched, reread_config=True)
+        except _Failed as failed:
+            error = failed.error
+            if failed.config_file is not None:
+                reason = f"cannot read it: {getattr(error, 'strerror', None) or error}"
+                raise ReloadError(
+                    f"--guest {failed.path}: --guest-config-file {failed.config_file}: {reason}"
+                ) from None
+            said = " / ".join(error.log_lines) if isinstance(error, GuestLoadError) else ""
+            raise ReloadError(
+                f"--guest {failed.path}: {error}" + (f" (the guest logged: {said})" if said else "")
+            ) from None
