@@ -23,7 +23,7 @@ from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IAccessLogFormatter
 from zope.interface import provider
 
-from .request_context import context_of, existing_context
+from .request_context import CONTEXT_ATTRIBUTE, RequestContext, context_of, existing_context
 from .twisted_internals import escape_log_field, request_disconnected
 
 __all__ = ["RequestLog", "access_log_formatter", "client_uri", "printable", "remember_client_uri", "request_id_of"]
@@ -31,7 +31,11 @@ __all__ = ["RequestLog", "access_log_formatter", "client_uri", "printable", "rem
 
 def remember_client_uri(request: Any) -> None:
     """Keep ``request.uri`` as the client's, if none is kept yet (call it before any guest runs)."""
-    context = context_of(request)
+    # On every request GuestSite serves, so without a call: the context is made here, as a rule.
+    context: RequestContext | None = getattr(request, CONTEXT_ATTRIBUTE, None)
+    if context is None:
+        context = RequestContext()
+        setattr(request, CONTEXT_ATTRIBUTE, context)
     if context.client_uri is None:
         context.client_uri = request.uri
 

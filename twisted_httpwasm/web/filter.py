@@ -61,7 +61,7 @@ from .request_changes import (
 )
 from .runners import InlineRunner, Runner
 from .sinks import BufferedSink, StreamedSink, abort
-from .twisted_internals import install_response_encoder, request_disconnected
+from .twisted_internals import install_response_encoder, is_encoding_resource, request_disconnected
 
 __all__ = ["FilterSettings", "RequestFilter"]
 
@@ -356,7 +356,8 @@ class RequestFilter:
                 resource: Any = BadRequest()
             else:
                 resource = getChildForRequest(self.settings.downstream, request)
-            install_response_encoder(resource, request)
+            if is_encoding_resource(resource):
+                install_response_encoder(resource, request)
             request.render(resource)
         except BaseException:  # noqa: BLE001 - as Request.process: any failure is the request's 500
             request.processingFailed(Failure())
@@ -406,7 +407,9 @@ class RequestFilter:
                 sink.open = False
             self.stage = _GUEST_RESPONSE
             self.state.enter_response_phase(request.code)
-        self._call_handle_response()
+        self.settings.runner.run(
+            self.session.handle_response, self._after_handle_response, self._handle_response_failed
+        )
 
     def _downstream_failed(self, reason: Failure) -> Failure:
         if self.stage is not _DOWNSTREAM or self.client_gone:
@@ -430,9 +433,6 @@ class RequestFilter:
         state = self.state
         state.enter_response_phase(status, () if is_error else None)
         state.is_error = is_error
-        self._call_handle_response()
-
-    def _call_handle_response(self) -> None:
         self.settings.runner.run(
             self.session.handle_response, self._after_handle_response, self._handle_response_failed
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .request_context import context_of
+from .request_context import CONTEXT_ATTRIBUTE, context_of
 from .sinks import BufferedSink, StreamedSink
 
 __all__ = ["Interception"]
@@ -65,7 +65,8 @@ class Interception:
         """Installed at once: writes go to ``sink``, the downstream's ending to ``finish``/``failed``."""
         self.request = request
         self.sink = sink
-        self.context = context = context_of(request)
+        # Made by GuestSite before any guest ran, as a rule: read without a call.
+        self.context = context = getattr(request, CONTEXT_ATTRIBUTE, None) or context_of(request)
         outer = self.outer = context.interception
         # An outer guest's interception is kept, and put back on removal.
         self.saved: dict[str, Any] | None = (

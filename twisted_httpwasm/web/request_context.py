@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RequestContext", "context_of", "existing_context"]
+__all__ = ["CONTEXT_ATTRIBUTE", "RequestContext", "context_of", "existing_context"]
 
-#: The one attribute of Twisted's Request this package sets.
-_ATTRIBUTE = "_httpwasm"
+#: The one attribute of Twisted's Request this package sets (read it with getattr on a hot path).
+CONTEXT_ATTRIBUTE = "_httpwasm"
+_ATTRIBUTE = CONTEXT_ATTRIBUTE
 
 
 class RequestContext:

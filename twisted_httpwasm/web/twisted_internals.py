@@ -17,6 +17,7 @@ The service layer's own (``twistd`` options, endpoints) are in
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "has_response_encoder",
     "http_channel_protocol",
     "install_response_encoder",
+    "is_encoding_resource",
     "quiet_connection_pool",
     "receiving_headers",
     "request_disconnected",
@@ -67,10 +69,16 @@ def request_disconnected(request: Any) -> bool:
     return bool(getattr(request, "_disconnected", False))
 
 
-def install_response_encoder(resource: IResource, request: Any) -> None:
-    """Let ``resource`` encode ``request``'s response (gzip), as ``Request.process`` does before rendering.
+#: Whether a resource may encode its responses (gzip): ``twisted.web.resource._IEncodingResource``'s
+#: ``providedBy`` (a C method: no Python frame, it is asked for every request's downstream).
+is_encoding_resource: Callable[[object], bool] = _IEncodingResource.providedBy
 
-    Relies on ``twisted.web.resource._IEncodingResource`` and on the request's
+
+def install_response_encoder(resource: IResource, request: Any) -> None:
+    """Let an encoding ``resource`` encode ``request``'s response (gzip), as ``Request.process`` does.
+
+    Relies on ``twisted.web.resource._IEncodingResource`` (see
+    :data:`is_encoding_resource`, asked first) and on the request's
     ``_encoder`` attribute, which ``Request.write``/``finish`` pass the body
     through.
     """
@@ -108,21 +116,13 @@ class ChannelSwitch(http._GenericHTTPChannelProtocol):
     them through the properties here.
     """
 
-    @property
-    def current_channel(self) -> Any:
-        """The channel serving the connection now: an ``HTTPChannel``, or an ``H2Connection``."""
-        return self._channel
-
-    @property
-    def negotiated(self) -> bytes | None:
-        """The protocol negotiated: None until the first bytes are read, then ``b"h2"`` or ``b"http/1.1"``."""
-        negotiated: bytes | None = self._negotiatedProtocol
-        return negotiated
-
-    @property
-    def owning_site(self) -> Any:
-        """The ``Site`` that built this protocol (None before ``factory`` is set)."""
-        return self._site
+    # Properties over C getters (no Python frame): read on every chunk of data a connection receives.
+    #: The channel serving the connection now: an ``HTTPChannel``, or an ``H2Connection``.
+    current_channel: Any = property(operator.attrgetter("_channel"))
+    #: The protocol negotiated: None until the first bytes are read, then ``b"h2"`` or ``b"http/1.1"``.
+    negotiated: bytes | None = property(operator.attrgetter("_negotiatedProtocol"))  # type: ignore[assignment]
+    #: The ``Site`` that built this protocol (None before its ``site`` is set).
+    owning_site: Any = property(operator.attrgetter("_site"))
 
 
 def channel_of(connection: Any) -> Any:
