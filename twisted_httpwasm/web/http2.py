@@ -112,24 +112,28 @@ class GuardedChannelProtocol(ChannelSwitch):
     """
 
     _fenced = False
+    _seen_protocol: bytes | None = None
     _abort_call: Any = None
     max_streams: int | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._fenced:
             return  # read before reading stopped: dropped
-        if self.negotiated is None:
+        negotiated = self._seen_protocol  # read once from Twisted, after the first bytes (it never changes)
+        if negotiated is None:
             transport = getattr(self.current_channel, "transport", None)
             if getattr(transport, "negotiatedProtocol", None) == b"h2":
                 # Let Twisted make its H2Connection now, so that the limit goes out before any stream opens.
                 ChannelSwitch.dataReceived(self, b"")  # type: ignore[no-untyped-call]
                 if self.max_streams is not None:
                     limit_streams(self.current_channel, self.max_streams)
-        elif self.negotiated == b"h2" and goaway_sent(self.current_channel):
+        elif negotiated == b"h2" and goaway_sent(self.current_channel):
             self._fence()  # GOAWAY went out since the last read (the idle timeout, say)
             return
         ChannelSwitch.dataReceived(self, data)  # type: ignore[no-untyped-call]
-        if self.negotiated == b"h2" and goaway_sent(self.current_channel):
+        if negotiated is None:
+            negotiated = self._seen_protocol = self.negotiated
+        if negotiated == b"h2" and goaway_sent(self.current_channel):
             self._fence()
 
     def _fence(self) -> None:
