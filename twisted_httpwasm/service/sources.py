@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .. import _optional
 from ..runtime.cache import default_cache_dir
 
 __all__ = ["DEFAULT_FETCH_TIMEOUT", "FetchedGuest", "SourceError", "is_remote", "resolve", "resolve_blocking"]
@@ -121,9 +122,12 @@ def _fetch_blocking(url: str, timeout: float) -> bytes:
 
 async def _fetch_treq(url: str, timeout: float, reactor: Any) -> bytes:
     try:
-        from treq.client import HTTPClient
-    except ImportError:
-        raise SourceError("fetching at reload needs treq: pip install 'twisted-httpwasm[remote]'") from None
+        treq_client = _optional.require("treq.client", "remote", "fetching a guest at reload")
+        if url.lower().startswith("https://"):
+            _optional.require("OpenSSL", "remote", "fetching an https:// guest at reload")
+    except _optional.ExtraMissing as error:
+        raise SourceError(str(error)) from None
+    HTTPClient = treq_client.HTTPClient
     from twisted.web.client import Agent
     from twisted.web.http_headers import Headers
 

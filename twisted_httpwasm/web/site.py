@@ -25,6 +25,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from .. import _optional
 from .access_log import access_log_formatter, remember_client_uri
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
 
@@ -160,11 +161,11 @@ class _LimitedRequest(Request):
 
 def _reset_if_still_receiving(stream_id: int, connection: Any) -> int:
     """After Twisted ended a stream: RST_STREAM(NO_ERROR) if the client has not finished sending."""
-    import h2.exceptions
+    h2_exceptions = _optional.require("h2.exceptions", "http2", "HTTP/2")  # loaded already: this is an h2 stream
 
     try:
         connection.conn.reset_stream(stream_id, 0)
-    except h2.exceptions.StreamClosedError:
+    except h2_exceptions.StreamClosedError:
         return stream_id  # the client had sent all of it
     connection._tryToWriteControlData()
     return stream_id
