@@ -26,7 +26,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from .. import _optional
-from .access_log import access_log_formatter, remember_client_uri
+from .access_log import access_log_formatter, address_text, remember_client_uri
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
 
 __all__ = [
@@ -123,7 +123,7 @@ class _LimitedRequest(Request):
         channel: Any = self.channel
         _log.info(
             "413 for {client}: the request {what} (--max-request-body {limit})",
-            client=str(self.getClientAddress()),  # type: ignore[no-untyped-call]
+            client=address_text(self.getClientAddress()),  # type: ignore[no-untyped-call]
             what=what,
             limit=limit,
         )
@@ -195,7 +195,7 @@ class _GuardedChannel(HTTPChannel):
         transport: Any = self.transport
         _log.info(
             "closing the connection from {peer}: request headers not complete within {timeout} s (--header-timeout)",
-            peer=str(transport.getPeer()) if transport is not None else "?",
+            peer=address_text(transport.getPeer()) if transport is not None else "-",
             timeout=timeout,
         )
         self.persistent = False
