@@ -108,3 +108,11 @@ class ToolchainProbeTests(TempFilesMixin, SynchronousTestCase):
         source.write_text("int x;\n")
         error = self.assertRaises(SkipTest, c_guest_binary, source, wasi=True)
         self.assertIn("guest.c is a C guest and needs libclang-rt-dev-wasm32", str(error))
+
+
+class ReadmeNamesThePackagesTests(SynchronousTestCase):
+    def test_readme_names_every_package_the_probe_may_ask_for(self) -> None:
+        """README's install line for the C-guest tests names each Debian package the probe can find missing."""
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+        packages = " ".join(c_build_module().DEBIAN_PACKAGES.values())
+        self.assertIn(f"apt-get install {packages}", readme)
