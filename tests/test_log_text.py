@@ -80,3 +80,19 @@ class ProxyFailureTextTests(ServerTestCase):
             f"backend {backend}/drop unreachable for GET /drop: "
             "Connection to the other side was lost in a non-clean fashion.",
         )
+
+    @inlineCallbacks
+    def test_a_backend_past_the_proxy_timeout_is_logged_as_that(self) -> Generator[Any, Any, None]:
+        """The proxy's own deadline: one line saying the backend did not answer within it (not a list of reprs)."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        backend = NeverAnswers()
+        base = self.serve(backend)
+        url = self.serve(ProxyResource(base, timeout=0.5))
+        status, _, _ = yield self.fetch("GET", url + "/slow")
+        self.assertEqual(status, 502)
+        (line,) = [formatEvent(event) for event in events if event.get("log_namespace") == "httpwasm.proxy"]
+        self.assertEqual(line, f"backend {base}/slow did not answer GET /slow within 0.5 s")
+        for request in backend.received:  # let the backend's side of the abandoned request go
+            request.finish()
