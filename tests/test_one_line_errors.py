@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 
 from .test_daemon import DaemonTestCase
-from .test_twistd import HEADER_GUEST, TwistdTestCase, accepts_connections, free_port
+from .test_twistd import HEADER_GUEST, TwistdTestCase, accepts_connections
 
 HELP_HINT = "Run 'twistd httpwasm --help' to see every option."
 
@@ -117,12 +117,17 @@ class PortInUseTests(TwistdTestCase, DaemonTestCase):
         self.assertIn(f"httpwasm: listening on tcp:{port}:interface=127.0.0.1 (127.0.0.1:{port})", self.server.output())
 
     def test_ports_are_checked_before_forking(self) -> None:
-        """makeService (run before twistd forks) refuses a taken port with the one line, as SystemExit."""
+        """makeService under twistd (run before it forks) refuses a taken port with the one line, as SystemExit;
+        a program's own makeService leaves binding to its services."""
+        from twisted.scripts.twistd import ServerOptions
+
         from twisted_httpwasm.service import tap
 
         port = taken_port(self)
         endpoint = f"tcp:{port}:interface=127.0.0.1"
-        error = self.assertRaises(
-            SystemExit, tap.check_ports_free, [f"tcp:{free_port()}:interface=127.0.0.1", endpoint]
-        )
+        config = tap.Options()
+        config.parseOptions(["--guest", self.guest_file(HEADER_GUEST), "--listen", endpoint])
+        tap.makeService(config)  # no twistd: nothing bound yet
+        config.parent = ServerOptions()  # type: ignore[no-untyped-call]
+        error = self.assertRaises(SystemExit, tap.makeService, config)
         self.assertEqual(error.code, f"cannot listen on {endpoint}: address already in use")

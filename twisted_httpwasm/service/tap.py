@@ -836,9 +836,13 @@ def makeService(config: Options) -> service.MultiService:
 
     With ``--workers N`` (N > 1) the endpoints are served by this process and
     N-1 worker processes (:class:`~twisted_httpwasm.service.workers.WorkersService`).
-    Raises :class:`SystemExit` with the reason when a guest cannot be loaded.
+    Raises :class:`SystemExit` with the reason when a guest cannot be loaded, or,
+    under ``twistd`` (``config.parent`` is its options), when a ``tcp:`` port is taken.
     """
-    check_ports_free(config["ports"])  # before twistd forks: a port in use is one line on the terminal
+    if getattr(config, "parent", None) is not None:
+        # Under twistd, which forks after this: a port in use is one line on the terminal, also for a daemon.
+        # (Not for a makeService of a program's own, which binds when it starts its services.)
+        check_ports_free(config["ports"])
     top = service.MultiService()  # type: ignore[no-untyped-call]
     observability.prepare_processes(config, top)  # before any metric exists: --workers share them
     site = make_site(config, top)
