@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 
 from .test_daemon import DaemonTestCase
-from .test_twistd import HEADER_GUEST, TwistdTestCase, accepts_connections
+from .test_twistd import HEADER_GUEST, TwistdTestCase, accepts_connections, free_port
 
 HELP_HINT = "Run 'twistd httpwasm --help' to see every option."
 
@@ -93,6 +93,18 @@ class PortInUseTests(TwistdTestCase, DaemonTestCase):
         self.assertEqual(output.strip().splitlines()[-1], f"cannot listen on {endpoint}: address already in use")
         self.assertNotIn("Traceback", output)
         self.assertNotIn("listening on", output)
+
+    @inlineCallbacks
+    def test_metrics_port(self) -> Generator[Any, Any, None]:
+        """--metrics on a taken port: the same one line."""
+        port = taken_port(self)
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        status, output = yield self.exit_status(
+            "--guest", self.guest_file(HEADER_GUEST), "--metrics", endpoint, "--listen", f"tcp:{free_port()}"
+        )
+        self.assertEqual(status, 1, output)
+        self.assertEqual(output.strip().splitlines()[-1], f"cannot listen on {endpoint}: address already in use")
+        self.assertNotIn("Traceback", output)
 
     @inlineCallbacks
     def test_daemon(self) -> Generator[Any, Any, None]:

@@ -842,7 +842,7 @@ def makeService(config: Options) -> service.MultiService:
     if getattr(config, "parent", None) is not None:
         # Under twistd, which forks after this: a port in use is one line on the terminal, also for a daemon.
         # (Not for a makeService of a program's own, which binds when it starts its services.)
-        check_ports_free(config["ports"])
+        check_ports_free([*config["ports"], *([config["metrics"]] if config["metrics"] else [])])
     top = service.MultiService()  # type: ignore[no-untyped-call]
     observability.prepare_processes(config, top)  # before any metric exists: --workers share them
     site = make_site(config, top)
