@@ -60,7 +60,7 @@ class BareVirtualenvTests(SynchronousTestCase):
         cls.workdir = Path(tempfile.mkdtemp(prefix="httpwasm-bare-"))
         source = cls.workdir / "source"
         source.mkdir()
-        for name in SOURCES:
+        for name in [*SOURCES, *(path.name for path in ROOT.glob("*.py"))]:  # top-level modules (py_modules)
             path = ROOT / name
             if path.is_dir():
                 shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.wasm"))

@@ -153,7 +153,12 @@ class RustSnippetTests(TestCase):
             )
         text = GUESTS.read_text(encoding="utf-8")
         (source,) = fenced(text, "rust")
-        (command,) = [line for block in fenced(text, "sh") for line in block.splitlines() if line.startswith("rustc ")]
+        (command,) = [
+            line
+            for block in fenced(text, "sh")
+            for line in block.splitlines()
+            if line.startswith("rustc ") and "guest.rs" in line
+        ]
         directory = Path(tempfile.mkdtemp(prefix="httpwasm-rust-"))
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         (directory / "guest.rs").write_text(source)
