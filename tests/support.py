@@ -265,11 +265,13 @@ def c_toolchain(what: str, *, wasi: bool) -> None:
         raise SkipTest(f"{what} needs {error.package} (Debian: apt-get install {error.package}): {error}") from None
 
 
-def c_guest_binary(source: Path, *, wasi: bool) -> Path:
+def c_guest_binary(source: Path, *, wasi: bool, skip_missing_tools: bool = True) -> Path:
     """The C file ``source`` built with examples/c/build.py into a temporary directory (once per run).
 
     Skips the test, naming the Debian package, when a piece of the toolchain is
     missing (:func:`c_toolchain`); a guest that does not compile fails it.
+    (``skip_missing_tools`` is what callers asked for before every missing piece
+    skipped; it changes nothing.)
     """
     global _c_build_dir
     if source not in _c_built:
