@@ -10,6 +10,7 @@ install`` to run; ``OTEL_*`` variables without the extra are one warning line.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -20,7 +21,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import ClassVar
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -49,16 +49,13 @@ def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
 
 
-class BareVirtualenvTests(SynchronousTestCase):
-    """One fresh virtualenv with ``pip install`` of the package and nothing else, shared by these tests."""
+class _Bare:
+    """The fresh virtualenv, made once per test run (trial has no setUpClass) and removed at exit."""
 
-    venv: ClassVar[Path]
-    workdir: ClassVar[Path]
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.workdir = Path(tempfile.mkdtemp(prefix="httpwasm-bare-"))
-        source = cls.workdir / "source"
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="httpwasm-bare-"))
+        atexit.register(shutil.rmtree, self.workdir, True)
+        source = self.workdir / "source"
         source.mkdir()
         for name in [*SOURCES, *(path.name for path in ROOT.glob("*.py"))]:  # top-level modules (py_modules)
             path = ROOT / name
@@ -66,41 +63,59 @@ class BareVirtualenvTests(SynchronousTestCase):
                 shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.wasm"))
             elif path.exists():
                 shutil.copy2(path, source / name)
-        cls.venv = cls.workdir / "venv"
-        subprocess.run([sys.executable, "-m", "venv", str(cls.venv)], check=True, capture_output=True)
+        self.venv = self.workdir / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True, capture_output=True)
         installed = subprocess.run(
-            [str(cls.venv / "bin" / "pip"), "install", "-q", str(source)],
+            [str(self.venv / "bin" / "pip"), "install", "-q", str(source)],
             capture_output=True,
             text=True,
-            env=cls.environment(),
+            env=environment(self.venv),
             timeout=600,
         )
+        self.failure: str | None = None
+        self.skip: str | None = None
         if installed.returncode != 0:
             said = (installed.stderr or installed.stdout).strip()
-            shutil.rmtree(cls.workdir, ignore_errors=True)
             if "No matching distribution" in said or "Could not find a version" in said:
                 # Offline, with no wheel cache: pip cannot get Twisted or wasmtime.
-                raise SkipTest(f"pip cannot install the package's requirements here: {said.splitlines()[-1]}")
-            raise AssertionError(f"pip install . failed in a fresh virtualenv:\n{said}")
+                self.skip = f"pip cannot install the package's requirements here: {said.splitlines()[-1]}"
+            else:
+                self.failure = f"pip install . failed in a fresh virtualenv:\n{said}"
         # README's main job serves "." (--path) and reads examples/: a directory with both, not the checkout
         # (from the checkout, Python could import the package from the source tree instead of the install).
-        cls.site = cls.workdir / "site"
-        cls.site.mkdir()
-        (cls.site / "examples").symlink_to(ROOT / "examples")
-        shutil.copy2(ROOT / "README.md", cls.site / "README.md")
+        self.site = self.workdir / "site"
+        self.site.mkdir()
+        (self.site / "examples").symlink_to(ROOT / "examples")
+        shutil.copy2(ROOT / "README.md", self.site / "README.md")
 
-    @classmethod
-    def tearDownClass(cls) -> None:
-        shutil.rmtree(cls.workdir, ignore_errors=True)
 
-    @classmethod
-    def environment(cls, **extra: str) -> dict[str, str]:
-        """This environment without PYTHONPATH and OTEL_* (they would leak this test run in), the venv first."""
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("OTEL_")}
-        env["PATH"] = os.pathsep.join([str(cls.venv / "bin"), env.get("PATH", "")])
-        env.pop("VIRTUAL_ENV", None)
-        env.update(extra)
-        return env
+_bare: _Bare | None = None
+
+
+def environment(venv: Path, **extra: str) -> dict[str, str]:
+    """This environment without PYTHONPATH and OTEL_* (they would leak this test run in), ``venv`` first."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("OTEL_")}
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])
+    env.pop("VIRTUAL_ENV", None)
+    env.update(extra)
+    return env
+
+
+class BareVirtualenvTests(SynchronousTestCase):
+    """One fresh virtualenv with ``pip install`` of the package and nothing else, shared by these tests."""
+
+    def setUp(self) -> None:
+        global _bare
+        if _bare is None:
+            _bare = _Bare()
+        if _bare.skip is not None:
+            raise SkipTest(_bare.skip)
+        if _bare.failure is not None:
+            self.fail(_bare.failure)
+        self.workdir, self.venv, self.site = _bare.workdir, _bare.venv, _bare.site
+
+    def environment(self, **extra: str) -> dict[str, str]:
+        return environment(self.venv, **extra)
 
     def start(self, command: str, port: int, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
         """Run the shell ``command`` in the bare venv until it serves on ``port``; (process, its output file)."""
