@@ -111,10 +111,15 @@ class GuestResource(Resource):
 def _complete_dummy_request(request: Any) -> None:
     """Give twisted.web's ``DummyRequest`` (of unit tests) what a real Request has and the filter reads.
 
-    It has no body at all (an empty one, then), and no ``startedWriting``
-    (false until its first write).
+    It has no body at all (an empty one, then), no ``startedWriting`` (false
+    until its first write), the URI ``http://dummy/`` unless the test set one
+    (the path it was made with, then, as a client would send it) and no ``path``.
     """
     request.content = io.BytesIO()
+    if not (getattr(request, "uri", None) or b"").startswith(b"/"):
+        request.uri = b"/" + b"/".join(getattr(request, "postpath", None) or [])
+    if not hasattr(request, "path"):
+        request.path = request.uri.partition(b"?")[0]
     if not hasattr(request, "startedWriting"):
         request.startedWriting = 0
         write = request.write
