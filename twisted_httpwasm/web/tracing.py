@@ -159,7 +159,7 @@ class GuestTracing:
         exporter: SpanExporter | None = None
         if kind == "console":
             # One compact JSON line per span, as one log event (not one event per line of indented JSON).
-            out: Any = _SpanLog()
+            out: Any = _SpanLog(self.reactor)
             exporter = ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
             where = "to the log, one line per span (OTEL_TRACES_EXPORTER=console; for debugging)"
         elif kind == "none":
@@ -287,12 +287,19 @@ class GuestTracing:
 
 
 class _SpanLog:
-    """A file for ConsoleSpanExporter: each line it writes (one span) is one log event."""
+    """A file for ConsoleSpanExporter: each line it writes (one span) is one log event, on the reactor thread.
+
+    The exporter writes from its own thread; the events are logged in order, before
+    the flush at shutdown is told it ended (``callFromThread`` keeps the order).
+    """
+
+    def __init__(self, reactor: Any):
+        self.reactor = reactor
 
     def write(self, text: str) -> int:
         for line in text.splitlines():
             if line.strip():
-                _log.info("httpwasm: span {span}", span=line)
+                self.reactor.callFromThread(_log.info, "httpwasm: span {span}", span=line)
         return len(text)
 
     def flush(self) -> None:
