@@ -45,6 +45,7 @@ from ..runtime.guest import (
     LogLimit,
     Mount,
 )
+from ..web.access_log import address_text
 from ..web.demo import DEMO_GUEST, DemoPage, bundled_guest
 from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainService
 from ..web.proxy import ProxyResource
@@ -994,8 +995,7 @@ class _Listening(StreamServerEndpointService):
         waiting.addCallback(self._bound)
 
     def _bound(self, port: Any) -> Any:
-        host = port.getHost()
-        address = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+        address = address_text(port.getHost())  # 127.0.0.1:8080, [::1]:8080, a UNIX socket's path
         _log.info("httpwasm: listening on {endpoint} ({address})", endpoint=self.description, address=address)
         return port
 
