@@ -143,3 +143,22 @@ class PortInUseTests(TwistdTestCase, DaemonTestCase):
         config.parent = ServerOptions()  # type: ignore[no-untyped-call]
         error = self.assertRaises(SystemExit, tap.makeService, config)
         self.assertEqual(error.code, f"cannot listen on {endpoint}: address already in use")
+
+    def test_listening_on_a_unix_socket_names_its_path(self) -> None:
+        """A unix: endpoint's 'listening on' line names the socket's path (it has no host:port)."""
+        from twisted.logger import formatEvent, globalLogPublisher
+        from twisted.web.server import Site
+
+        from twisted_httpwasm.service.tap import _Listening
+
+        from .test_twistd import Hello
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        path = self.mktemp() + ".sock"
+        listening = _Listening(f"unix:{path}", Site(Hello()))
+        listening.privilegedStartService()
+        self.addCleanup(listening.stopService)
+        lines = [formatEvent(event) for event in events if "listening on" in formatEvent(event)]
+        self.assertEqual(lines, [f"httpwasm: listening on unix:{path} ({path})"])
