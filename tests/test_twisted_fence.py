@@ -38,6 +38,10 @@ FENCES = {
     PACKAGE / "service" / "twisted_internals.py",
 }
 WASMTIME_FENCE = PACKAGE / "runtime" / "native.py"
+#: Private names of other libraries than Twisted, where they are read: (module, name) -> whose.
+NOT_TWISTED = {
+    ("twisted_httpwasm/web/tracing.py", "_endpoint"): "OpenTelemetry's OTLPSpanExporter (only named in a log line)",
+}
 _ATTRIBUTE_FUNCTIONS = {"getattr", "hasattr", "setattr", "delattr"}
 
 
@@ -156,6 +160,12 @@ def private_uses(path: Path, tree: ast.Module, ours: set[str], module: object | 
     return found
 
 
+def _not_twisted(finding: str) -> bool:
+    """Whether ``finding`` is one of :data:`NOT_TWISTED`: another library's private name, read where it says."""
+    path, _, rest = finding.partition(":")
+    return any(path == where and rest.endswith(f"getattr(..., {name!r})") for where, name in NOT_TWISTED)
+
+
 class TwistedFenceTests(SynchronousTestCase):
     def test_private_twisted_names_only_in_the_fences(self) -> None:
         """No module but the two fences imports, reads, sets or overrides a private Twisted name."""
@@ -167,6 +177,7 @@ class TwistedFenceTests(SynchronousTestCase):
                 continue
             module = importlib.import_module(_module_of(path)) if path.is_relative_to(PACKAGE) else None
             found += private_uses(path, ast.parse(path.read_text()), ours, module)
+        found = [finding for finding in found if not _not_twisted(finding)]
         self.assertEqual(found, [])
 
     def test_the_fences_exist_and_are_used(self) -> None:

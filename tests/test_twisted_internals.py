@@ -306,3 +306,27 @@ class ServiceInternalsTests(SynchronousTestCase):
             service_internals.exit_on_usage_error(options, error)
         self.assertEqual(exited.exception.code, 1)
         self.assertEqual(printed.getvalue(), f"{parent}\ntwistd httpwasm: --bad is not an option\n")
+
+    def test_endpoint_service(self) -> None:
+        """``StreamServerEndpointService._raiseSynchronously`` and ``_waitingForPort``: a bind failure raises at
+        start; the port's Deferred fires with the port."""
+        from twisted.application.internet import StreamServerEndpointService
+        from twisted.internet.error import CannotListenError
+
+        class Refusing:
+            def listen(self, factory: Any) -> Deferred[Any]:
+                from twisted.internet.defer import fail
+
+                return fail(CannotListenError("127.0.0.1", 1, OSError("in use")))
+
+        class Listening:
+            def listen(self, factory: Any) -> Deferred[Any]:
+                from twisted.internet.defer import succeed
+
+                return succeed("the port")
+
+        refusing = service_internals.endpoint_service(StreamServerEndpointService(Refusing(), None))
+        self.assertRaises(CannotListenError, refusing.privilegedStartService)
+        listening = service_internals.endpoint_service(StreamServerEndpointService(Listening(), None))
+        listening.privilegedStartService()
+        self.assertEqual(self.successResultOf(service_internals.port_deferred(listening)), "the port")

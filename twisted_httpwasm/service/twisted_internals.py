@@ -19,9 +19,11 @@ from twisted import __version__ as twisted_version
 
 __all__ = [
     "add_headers_resource",
+    "endpoint_service",
     "exit_on_usage_error",
     "forget_option",
     "forget_short_option",
+    "port_deferred",
     "tcp_endpoint_address",
 ]
 
@@ -85,6 +87,22 @@ def add_headers_resource(resource: Any, headers: list[tuple[str, str]]) -> Any:
     from twisted.web import tap as web_tap
 
     return web_tap._AddHeadersResource(resource, headers)
+
+
+def endpoint_service(service: Any) -> Any:
+    """``service`` (a ``StreamServerEndpointService`` just made) made to fail at start if it cannot listen.
+
+    Relies on ``StreamServerEndpointService._raiseSynchronously``, which
+    ``strports.service`` sets the same way: ``twistd`` learns at once that a
+    port cannot be bound, rather than from a logged failure later.
+    """
+    service._raiseSynchronously = True
+    return service
+
+
+def port_deferred(service: Any) -> Any:
+    """The Deferred of the port a started ``StreamServerEndpointService`` listens on (``_waitingForPort``)."""
+    return service._waitingForPort
 
 
 def tcp_endpoint_address(endpoint: Any) -> tuple[str, int, int]:

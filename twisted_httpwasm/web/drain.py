@@ -24,9 +24,11 @@ from twisted.web.http import HTTPChannel
 from twisted.web.iweb import INonQueuedRequestFactory
 from zope.interface import directlyProvides
 
+from .access_log import address_text
+from .request_context import context_of, existing_context
 from .twisted_internals import channel_of, request_disconnected, stream_requests
 
-__all__ = ["DEFAULT_SHUTDOWN_TIMEOUT", "InFlight"]
+__all__ = ["DEFAULT_SHUTDOWN_TIMEOUT", "InFlight", "cut_by_host"]
 
 #: Seconds the requests in flight have to finish once the server stops (what process managers commonly allow).
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
@@ -136,9 +138,10 @@ class InFlight:
                 timeout=timeout,
                 method=_text(getattr(request, "method", b"?")),
                 uri=_text(getattr(request, "uri", b"?")),
-                client=str(request.getClientAddress()),
+                client=address_text(request.getClientAddress()),
                 age=now - since,
             )
+            context_of(request).cut_by_host = f"the shutdown timeout ({timeout} s)"
             _abort(channel)
         for connection in self._closing:
             transport: Any = getattr(channel_of(connection), "transport", None)
@@ -193,6 +196,17 @@ def _close_if_idle(channel: Any) -> bool:
     if not busy and not transport.disconnecting:
         transport.loseConnection()  # sends what is buffered first
     return False
+
+
+#: Set on a request the host cut itself: what cut it (for whoever else logs about that request).
+def cut_by_host(request: Any) -> str | None:
+    """What cut ``request`` if the host itself did (``the shutdown timeout (30 s)``), else None.
+
+    A downstream that sees its work end (a ``--proxy`` backend connection
+    torn down with the process) logs it as that, not as its own failure.
+    """
+    context = existing_context(request)
+    return context.cut_by_host if context is not None else None
 
 
 def _abort(channel: Any) -> None:

@@ -1,8 +1,8 @@
 """What the adapter keeps about one Twisted request: one object, in one attribute of the request.
 
 The access log (the client's URI, the request id), the ``--proxy`` downstream
-(the client's headers), tracing (the server span) and the filter (the
-interception of a chained guest's downstream) each keep something about a
+(the client's headers), tracing (the server span), the drain (that the host cut
+the request) and the filter (the interception of a chained guest's downstream) each keep something about a
 request for later; they keep it here, in the request's
 :class:`RequestContext`, rather than in attributes of their own on Twisted's
 ``Request``.
@@ -38,6 +38,8 @@ class RequestContext:
     #: Tracing's record of the server span, and its W3C ``traceparent`` for a backend.
     trace: Any = None
     traceparent: bytes | None = None
+    #: What cut the request if the host itself did (``the shutdown timeout (30 s)``).
+    cut_by_host: str | None = None
     #: The innermost filter's interception of the downstream's calls (an outer guest's, when chained).
     interception: Any = None
 
