@@ -107,6 +107,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         wasm_headers=(("x-bench-guest", "headers"), ("x-bench-seen", "yes")),
     ),
     Scenario(
+        "plugin",
+        "plugin.wat",
+        "/",
+        "models a real plugin: log x3 (debug), WASI clock, reads 1 request header, adds 1 response header",
+        wasm_headers=(("x-plugin", "catalog"),),
+    ),
+    Scenario(
         "rewrite_body",
         "rewrite_body.wat",
         "/",

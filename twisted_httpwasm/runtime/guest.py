@@ -24,6 +24,7 @@ from twisted.logger import LogLevel as TwistedLogLevel
 from twisted.python import threadable
 
 from ..abi import HOST_FUNCTIONS, HOST_MODULE, WASI_MODULE, CtxNext, LogLevel, unpack_ctx_next
+from . import accel as _accel
 from . import engine as _engine
 from . import native as _native
 from .cache import CompileCache, default_cache_dir
@@ -235,6 +236,10 @@ class Guest:
     def _check_imports(self) -> bool:
         expected = {spec.name: spec for spec in HOST_FUNCTIONS}
         uses_wasi = False
+        #: The http_handler functions the guest imports (the accelerator snapshots only what they read).
+        self.host_imports: frozenset[str] = frozenset(
+            item.name or "" for item in self.module.imports if item.module == HOST_MODULE
+        )
         for item in self.module.imports:
             where = f"{item.module}.{item.name}"
             if item.module == WASI_MODULE:
@@ -271,6 +276,8 @@ class Guest:
 
     def _make_linker(self) -> tuple[wasmtime.Linker, list[object]]:
         linker = wasmtime.Linker(self.engine)
+        #: The compiled accelerator this guest's calls go through, or None (decided once, at load).
+        self.accelerated = _accel.module
         i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
         callbacks: list[object] = []
         for spec in HOST_FUNCTIONS:
@@ -285,6 +292,7 @@ class Guest:
                     IMPLEMENTATIONS[spec.name],
                     trap_reason,
                     self._host_error,
+                    None if self.accelerated is None else (self.accelerated, _accel.HOST_IDS[spec.name]),
                 )
             )
         if self.uses_wasi:
@@ -400,6 +408,8 @@ class GuestInstance:
         self.features = 0  # set by enable_features during init: applies to every request
         self.state: RequestState | None = None
         self.trapped = False
+        #: The compiled accelerator's context for this instance's calls (None: the pure path serves).
+        self.accel: Any = None
         self.call_log = CallLog(guest.log_limit)
         # Until the instance exists, host calls from its wasm start function reach memory through their caller.
         self.memory: NativeMemory = CallerMemory()
@@ -443,6 +453,8 @@ class GuestInstance:
             self.memory = NativeMemory(store, memory)
             self._handle_request = self._export(exports, "handle_request", 0, 1)
             self._handle_response = self._export(exports, "handle_response", 2, 0)
+            if self.guest.accelerated is not None:
+                self._accelerate(store)
             for name in _INIT_FUNCTIONS:
                 if name in exports:
                     self._run_init(self._export(exports, name, 0, 0), name)
@@ -454,6 +466,27 @@ class GuestInstance:
         func = exports[name]
         assert isinstance(func, wasmtime.Func)
         return NativeFunc(self._store, func, n_params, n_results, self.guest._deadline)
+
+    def _accelerate(self, store: wasmtime.Store) -> None:
+        """Make the accelerator's context and exports (see ``accel.py``); the init functions stay on ``NativeFunc``."""
+        module = self.guest.accelerated
+        imports = self.guest.host_imports
+        memory = self.memory
+        limit = self.call_log.limit
+        self.accel = module.Context(
+            memory._context,
+            memory._memory_address,
+            self.config,
+            self.call_log,
+            limit.messages,
+            limit.bytes,
+            "log" in imports or "log_enabled" in imports,
+            "get_header_values" in imports,
+        )
+        margin = _native.REARM_MARGIN_TICKS
+        for native in (self._handle_request, self._handle_response):
+            context, func, n_params, n_results, owner = native.accel_args()
+            native.accelerated = module.Export(context, func, n_params, n_results, self.guest._deadline + margin, owner)
 
     def _run_init(self, init: NativeFunc, name: str) -> None:
         try:
@@ -481,7 +514,13 @@ class GuestInstance:
         failed: str | None = None
         observed = self.guest.observer is not NO_OBSERVER  # the call's times are for observers only
         started = time.monotonic() if observed else 0.0
+        accel = self.accel
         try:
+            if accel is not None:
+                result: int = accel.call(
+                    function.accelerated, inline and _engine.calls_may_hold_gil, self, state, *args
+                )
+                return result
             return function.call(inline and _engine.calls_may_hold_gil, *args)
         except GuestCallError as error:
             self.trapped = True
@@ -494,6 +533,8 @@ class GuestInstance:
             state.trap_reason = reason
             raise GuestTrap(reason, timed_out=error.interrupted) from None
         finally:
+            if accel is not None and accel.pending:  # what the guest changed, recorded in C
+                _accel.apply(self)
             if observed:
                 state.calls.append((state.phase, started, time.monotonic(), failed))
             self.state = None
