@@ -128,8 +128,7 @@ typedef struct {
     PyObject *call_log;  /* the instance's CallLog */
     long log_messages_limit;
     long long log_bytes_limit;
-    int uses_log;
-    int reads_request_headers;
+    unsigned long imports; /* bit H_x: the guest imports that function (what begin() snapshots follows) */
     /* the call in progress */
     PyObject *instance; /* borrowed, during a call */
     PyObject *method, *uri, *request_headers; /* owned, during a call */
@@ -541,9 +540,8 @@ static PyObject *Context_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     PyObject *config, *call_log;
     long messages;
     long long bytes;
-    int uses_log, reads_request_headers;
-    if (!PyArg_ParseTuple(args, "KKSOlLpp", &context, &memory, &config, &call_log, &messages, &bytes, &uses_log,
-                          &reads_request_headers))
+    unsigned long imports;
+    if (!PyArg_ParseTuple(args, "KKSOlLk", &context, &memory, &config, &call_log, &messages, &bytes, &imports))
         return NULL;
     if (!context || !memory) {
         PyErr_SetString(PyExc_ValueError, "null wasmtime pointer");
@@ -559,8 +557,7 @@ static PyObject *Context_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     self->call_log = call_log;
     self->log_messages_limit = messages;
     self->log_bytes_limit = bytes;
-    self->uses_log = uses_log;
-    self->reads_request_headers = reads_request_headers;
+    self->imports = imports;
     return (PyObject *)self;
 }
 
@@ -663,46 +660,69 @@ static int snapshot_request_headers(Context *c, PyObject *state) {
     return 0;
 }
 
+#define BIT(id) (1UL << (id))
+#define NEEDS_PHASE (BIT(H_ENABLE_FEATURES) | BIT(H_SET_HEADER_VALUE) | BIT(H_ADD_HEADER_VALUE) | BIT(H_GET_HEADER_VALUES))
+#define NEEDS_RESPONSE (BIT(H_SET_HEADER_VALUE) | BIT(H_ADD_HEADER_VALUE) | BIT(H_GET_HEADER_VALUES))
+#define NEEDS_LOG (BIT(H_LOG) | BIT(H_LOG_ENABLED))
+
+/* The snapshot of what the guest's imports may read: nothing for a guest that imports none of it. */
 static int begin(Context *c, PyObject *instance, PyObject *state) {
+    unsigned long imports = c->imports;
     c->instance = instance;
     c->python_mode = 0;
     c->pending = 0;
-    PyObject *phase = PyObject_GetAttr(state, s_phase);
-    if (phase == NULL) return -1;
-    c->request_phase = phase == request_phase;
-    Py_DECREF(phase);
-    if (get_long(state, s_features, &c->features) < 0 || get_long(state, s_status, &c->status) < 0) return -1;
-    c->features_at_start = c->features;
-    PyObject *limit = PyObject_GetAttr(state, s_max_buffer_bytes);
-    if (limit == NULL) return -1;
-    c->max_buffer_bytes = limit == Py_None ? -1 : PyLong_AsLongLong(limit);
-    Py_DECREF(limit);
-    if (c->max_buffer_bytes == -1 && PyErr_Occurred()) return -1;
-    c->method = PyObject_GetAttr(state, s_method);
-    c->uri = c->method ? PyObject_GetAttr(state, s_uri) : NULL;
-    if (c->uri == NULL) return -1;
-    if (!PyBytes_Check(c->method) || !PyBytes_Check(c->uri)) {
-        c->python_mode = 1; /* not bytes: Python answers everything */
-        return 0;
+    c->request_phase = 0;
+    c->response_owned = 0;
+    c->log_level = LOG_NONE;
+    if (imports & NEEDS_PHASE) {
+        PyObject *phase = PyObject_GetAttr(state, s_phase);
+        if (phase == NULL) return -1;
+        c->request_phase = phase == request_phase;
+        Py_DECREF(phase);
     }
-    PyObject *response = PyObject_GetAttr(state, s_response_headers);
-    if (response == NULL) return -1;
-    c->response_owned = c->request_phase && response == Py_None;
-    Py_DECREF(response);
-    if (c->uses_log) {
+    if (imports & BIT(H_ENABLE_FEATURES)) {
+        if (get_long(state, s_features, &c->features) < 0) return -1;
+    } else {
+        c->features = 0;
+    }
+    c->features_at_start = c->features;
+    if ((imports & BIT(H_GET_STATUS_CODE)) && get_long(state, s_status, &c->status) < 0) return -1;
+    if (imports & BIT(H_GET_METHOD)) {
+        c->method = PyObject_GetAttr(state, s_method);
+        if (c->method == NULL) return -1;
+        if (!PyBytes_Check(c->method)) c->python_mode = 1; /* not bytes: Python answers everything */
+    }
+    if (imports & BIT(H_GET_URI)) {
+        c->uri = PyObject_GetAttr(state, s_uri);
+        if (c->uri == NULL) return -1;
+        if (!PyBytes_Check(c->uri)) c->python_mode = 1;
+    }
+    if (imports & NEEDS_RESPONSE) {
+        PyObject *limit = PyObject_GetAttr(state, s_max_buffer_bytes);
+        if (limit == NULL) return -1;
+        c->max_buffer_bytes = limit == Py_None ? -1 : PyLong_AsLongLong(limit);
+        Py_DECREF(limit);
+        if (c->max_buffer_bytes == -1 && PyErr_Occurred()) return -1;
+        PyObject *response = PyObject_GetAttr(state, s_response_headers);
+        if (response == NULL) return -1;
+        c->response_owned = c->request_phase && response == Py_None;
+        Py_DECREF(response);
+    }
+    if (imports & NEEDS_LOG) {
         PyObject *log = c->call_log;
         if (get_long(instance, s_log_level, &c->log_level) < 0 || get_long(log, s_messages, &c->messages) < 0 ||
             get_long_long(log, s_bytes, &c->bytes) < 0 || get_long(log, s_dropped, &c->dropped) < 0 ||
             get_long_long(log, s_dropped_bytes, &c->dropped_bytes) < 0)
             return -1;
-        c->messages_at_start = c->messages;
-        c->bytes_at_start = c->bytes;
-        c->dropped_at_start = c->dropped;
-        c->dropped_bytes_at_start = c->dropped_bytes;
     } else {
-        c->log_level = LOG_NONE;
+        c->messages = 0;
+        c->bytes = c->dropped = c->dropped_bytes = 0;
     }
-    if (c->reads_request_headers && snapshot_request_headers(c, state) < 0) return -1;
+    c->messages_at_start = c->messages;
+    c->bytes_at_start = c->bytes;
+    c->dropped_at_start = c->dropped;
+    c->dropped_bytes_at_start = c->dropped_bytes;
+    if ((imports & BIT(H_GET_HEADER_VALUES)) && snapshot_request_headers(c, state) < 0) return -1;
     return 0;
 }
 
@@ -849,7 +869,7 @@ static PyTypeObject ContextType = {
     .tp_dealloc = (destructor)Context_dealloc,
     .tp_methods = Context_methods,
     .tp_members = Context_members,
-    .tp_doc = "Context(context, memory, config, call_log, log_messages, log_bytes, uses_log, reads_request_headers)",
+    .tp_doc = "Context(context, memory, config, call_log, log_messages, log_bytes, imports): imports is a bit per host id",
 };
 
 /* -- module functions ------------------------------------------------------------------- */

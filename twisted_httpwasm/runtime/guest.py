@@ -480,8 +480,7 @@ class GuestInstance:
             self.call_log,
             limit.messages,
             limit.bytes,
-            "log" in imports or "log_enabled" in imports,
-            "get_header_values" in imports,
+            sum(1 << _accel.HOST_IDS[name] for name in imports),  # what the snapshot must hold
         )
         margin = _native.REARM_MARGIN_TICKS
         for native in (self._handle_request, self._handle_response):
