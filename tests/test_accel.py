@@ -23,7 +23,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted_httpwasm.abi import LogLevel
 from twisted_httpwasm.runtime import accel
 from twisted_httpwasm.runtime.calllog import LogLimit
-from twisted_httpwasm.runtime.guest import GuestTrap
+from twisted_httpwasm.runtime.guest import Guest, GuestTrap
 
 from .support import ROOT, request_state
 from .test_hostfuncs import BUF, NAME, PAGE, REQUEST, RESPONSE, VALUE, call, guest, stored
@@ -249,3 +249,21 @@ class ChoosingTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1, done.stdout)
         self.assertIn("the pure-Python path will serve", lines[0])
         self.assertFalse(list(Path(build).rglob("_accel*.so")))
+
+
+class WasiOutputTests(SynchronousTestCase):
+    def test_a_guest_that_cannot_write_has_no_captured_output(self) -> None:
+        """A WASI guest importing neither fd_write nor fd_pwrite cannot write to stdout or stderr: its instances
+        keep no output files, and no call checks them (the plugin benchmark's guest reads the clock only)."""
+        loaded = Guest.load(ROOT / "bench" / "guests" / "plugin.wat")
+        self.assertTrue(loaded.uses_wasi)
+        self.assertFalse(loaded.writes_output)
+        self.assertEqual(loaded.pool.acquire()._outputs, ())
+
+    def test_a_guest_that_can_write_has_it(self) -> None:
+        """With fd_write imported, stdout and stderr are captured as before."""
+        from .test_guest_log import WASI_LOOP
+
+        loaded = Guest.load(WASI_LOOP.replace("COUNT", "1").encode())
+        self.assertTrue(loaded.writes_output)
+        self.assertEqual([output.stream for output in loaded.pool.acquire()._outputs], ["stdout", "stderr"])

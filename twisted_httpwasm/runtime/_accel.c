@@ -33,6 +33,11 @@ typedef struct wasmtime_caller wasmtime_caller_t;
 typedef struct wasmtime_context wasmtime_context_t;
 typedef struct wasmtime_func wasmtime_func_t;     /* only its address is passed */
 typedef struct wasmtime_memory wasmtime_memory_t; /* only its address is passed */
+typedef struct wasmtime_store wasmtime_store_t;
+typedef uint8_t wasmtime_update_deadline_kind_t;
+#define WASMTIME_UPDATE_DEADLINE_CONTINUE 0
+typedef wasmtime_error_t *(*epoch_callback_t)(wasmtime_context_t *, void *, uint64_t *,
+                                              wasmtime_update_deadline_kind_t *);
 
 /* wasmtime_val_raw_t: a 16-byte union (it can hold a v128); i32 and i64 sit at offset 0. */
 typedef union {
@@ -48,12 +53,15 @@ static wasmtime_error_t *(*w_func_call_unchecked)(wasmtime_context_t *, const wa
 static void (*w_set_epoch_deadline)(wasmtime_context_t *, uint64_t);
 static uint8_t *(*w_memory_data)(const wasmtime_context_t *, const wasmtime_memory_t *);
 static size_t (*w_memory_data_size)(const wasmtime_context_t *, const wasmtime_memory_t *);
+static void (*w_store_epoch_deadline_callback)(wasmtime_store_t *, epoch_callback_t, void *, void (*)(void *));
+static wasmtime_error_t *(*w_error_new)(const char *);
+static void (*w_error_delete)(wasmtime_error_t *);
 
 static int ready = 0;
-static double rearm_window = 0.0;
 static PyObject *sync_hook;  /* sync_hook(instance): apply what the call recorded so far */
 static PyObject *error_hook; /* error_hook(address) -> the exception for a wasmtime_error_t */
 static PyObject *trap_hook;  /* trap_hook(address) -> the exception for a wasm_trap_t */
+static PyObject *timeout_hook; /* timeout_hook() -> the exception for a call past its time limit */
 static PyObject *request_phase;
 
 static PyObject *s_phase, *s_features, *s_method, *s_uri, *s_status, *s_max_buffer_bytes, *s_response_headers,
@@ -124,6 +132,7 @@ typedef struct {
     PyObject_HEAD
     wasmtime_context_t *context;
     wasmtime_memory_t *memory;
+    PyObject *memory_owner; /* keeps the wasmtime_memory_t that `memory` points into alive */
     PyObject *config;    /* bytes */
     PyObject *call_log;  /* the instance's CallLog */
     long log_messages_limit;
@@ -152,6 +161,10 @@ typedef struct {
     size_t n_headers, headers_capacity;
     long long headers_size;
     int headers_changed;
+    /* the time limit and the GIL, during a call (see on_deadline) */
+    double call_started, call_limit;
+    int may_release_gil, timed_out;
+    PyThreadState *released;
     /* read by Python after a call: whether take() has anything */
     int pending;
 } Context;
@@ -487,15 +500,15 @@ typedef struct {
     raw_slot *slots;
     size_t count;
     int n_params;
-    uint64_t deadline;
-    double armed_until;
+    double limit; /* seconds */
 } Export;
 
 static PyObject *Export_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    unsigned long long context, func, deadline;
+    unsigned long long context, func;
+    double limit;
     int n_params, n_results;
     PyObject *owner;
-    if (!PyArg_ParseTuple(args, "KKiiKO", &context, &func, &n_params, &n_results, &deadline, &owner)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKiidO", &context, &func, &n_params, &n_results, &limit, &owner)) return NULL;
     if (!context || !func || n_params < 0 || n_params > 8 || n_results < 0 || n_results > 8) {
         PyErr_SetString(PyExc_ValueError, "bad export");
         return NULL;
@@ -512,7 +525,7 @@ static PyObject *Export_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
     self->context = (wasmtime_context_t *)(uintptr_t)context;
     self->func = (const wasmtime_func_t *)(uintptr_t)func;
     self->n_params = n_params;
-    self->deadline = deadline;
+    self->limit = limit;
     Py_INCREF(owner);
     self->owner = owner;
     return (PyObject *)self;
@@ -530,7 +543,7 @@ static PyTypeObject ExportType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = Export_new,
     .tp_dealloc = (destructor)Export_dealloc,
-    .tp_doc = "Export(context, func, n_params, n_results, deadline_ticks, owner): a guest export.",
+    .tp_doc = "Export(context, func, n_params, n_results, time_limit_seconds, owner): a guest export.",
 };
 
 /* -- Context: construction, the call, and what it recorded ------------------------------- */
@@ -541,7 +554,9 @@ static PyObject *Context_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     long messages;
     long long bytes;
     unsigned long imports;
-    if (!PyArg_ParseTuple(args, "KKSOlLk", &context, &memory, &config, &call_log, &messages, &bytes, &imports))
+    PyObject *memory_owner;
+    if (!PyArg_ParseTuple(args, "KKOSOlLk", &context, &memory, &memory_owner, &config, &call_log, &messages, &bytes,
+                          &imports))
         return NULL;
     if (!context || !memory) {
         PyErr_SetString(PyExc_ValueError, "null wasmtime pointer");
@@ -551,6 +566,8 @@ static PyObject *Context_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     if (self == NULL) return NULL;
     self->context = (wasmtime_context_t *)(uintptr_t)context;
     self->memory = (wasmtime_memory_t *)(uintptr_t)memory;
+    Py_INCREF(memory_owner);
+    self->memory_owner = memory_owner;
     Py_INCREF(config);
     self->config = config;
     Py_INCREF(call_log);
@@ -591,6 +608,7 @@ static void Context_dealloc(Context *self) {
     free(self->lines);
     free(self->headers);
     free(self->request_header_views);
+    Py_XDECREF(self->memory_owner);
     Py_XDECREF(self->config);
     Py_XDECREF(self->call_log);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -743,15 +761,39 @@ static PyObject *raise_from_hook(PyObject *hook, void *address) {
     return NULL;
 }
 
-/* call(export, hold_gil, instance, state, *args) -> the first result slot as an int. */
+/*
+ * The time limit, and the GIL in thread mode.  Every epoch tick past a call's deadline (armed one
+ * tick ahead at the start of each call) runs on_deadline on the thread running the guest: past the
+ * call's limit it ends the call (Python raises the pure path's time-limit error); before, it lets
+ * the call go on for another tick.  A call in thread mode starts holding the GIL (mode 2) and
+ * releases it here, at its first tick: a short call, most of them, never gives the GIL up and
+ * never waits to take it back from the reactor; a long one holds it for one tick at most.
+ */
+static wasmtime_error_t *on_deadline(wasmtime_context_t *context, void *data, uint64_t *delta,
+                                     wasmtime_update_deadline_kind_t *kind) {
+    Context *c = current_call;
+    if (c == NULL) return w_error_new("epoch deadline outside an accelerated call");
+    if (monotonic() - c->call_started >= c->call_limit) {
+        c->timed_out = 1;
+        return w_error_new("guest exceeded its time limit");
+    }
+    if (c->may_release_gil && c->released == NULL) c->released = PyEval_SaveThread();
+    *delta = 1;
+    *kind = WASMTIME_UPDATE_DEADLINE_CONTINUE;
+    return NULL;
+}
+
+/* call(export, gil_mode, instance, state, *args) -> the first result slot as an int.
+ * gil_mode 0: release the GIL for the whole call; 1: keep it (inline); 2: keep it until the call's
+ * first epoch tick (thread mode).  1 and 2 only while the epoch clock ticks without the GIL. */
 static PyObject *Context_call(Context *c, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 4 || !PyObject_TypeCheck(args[0], &ExportType)) {
-        PyErr_SetString(PyExc_TypeError, "call(export, hold_gil, instance, state, *args)");
+        PyErr_SetString(PyExc_TypeError, "call(export, gil_mode, instance, state, *args)");
         return NULL;
     }
     Export *export = (Export *)args[0];
-    int hold_gil = PyObject_IsTrue(args[1]);
-    if (hold_gil < 0) return NULL;
+    long mode = PyLong_AsLong(args[1]);
+    if (mode == -1 && PyErr_Occurred()) return NULL;
     if (nargs - 4 != export->n_params) {
         PyErr_SetString(PyExc_TypeError, "wrong number of guest arguments");
         return NULL;
@@ -769,27 +811,51 @@ static PyObject *Context_call(Context *c, PyObject *const *args, Py_ssize_t narg
         end_snapshot(c);
         return NULL;
     }
-    double now = monotonic();
-    if (now >= export->armed_until) {
-        w_set_epoch_deadline(export->context, export->deadline);
-        export->armed_until = now + rearm_window;
-    }
+    c->call_started = monotonic();
+    c->call_limit = export->limit;
+    c->may_release_gil = mode == 2;
+    c->timed_out = 0;
+    c->released = NULL;
+    w_set_epoch_deadline(export->context, 1); /* a C call: cheap enough to arm every call */
     wasm_trap_t *trap = NULL;
     wasmtime_error_t *error;
     current_call = c;
-    if (hold_gil) {
-        error = w_func_call_unchecked(export->context, export->func, export->slots, export->count, &trap);
-    } else {
+    if (mode == 0) {
         Py_BEGIN_ALLOW_THREADS
         error = w_func_call_unchecked(export->context, export->func, export->slots, export->count, &trap);
         Py_END_ALLOW_THREADS
+    } else {
+        error = w_func_call_unchecked(export->context, export->func, export->slots, export->count, &trap);
+        if (c->released != NULL) {
+            PyEval_RestoreThread(c->released);
+            c->released = NULL;
+        }
     }
     current_call = NULL;
     end_snapshot(c);
     c->instance = NULL;
+    if (error != NULL && c->timed_out) {
+        w_error_delete(error);
+        PyObject *timeout = PyObject_CallNoArgs(timeout_hook);
+        if (timeout == NULL) return NULL;
+        PyErr_SetObject((PyObject *)Py_TYPE(timeout), timeout);
+        Py_DECREF(timeout);
+        return NULL;
+    }
     if (error != NULL) return raise_from_hook(error_hook, error);
     if (trap != NULL) return raise_from_hook(trap_hook, trap);
     return PyLong_FromLongLong(export->slots[0].i64);
+}
+
+/* install_time_limit(store): end calls past their limit through on_deadline, from now on. */
+static PyObject *install_time_limit(PyObject *module, PyObject *arg) {
+    void *store = PyLong_AsVoidPtr(arg);
+    if (store == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null store");
+        return NULL;
+    }
+    w_store_epoch_deadline_callback((wasmtime_store_t *)store, on_deadline, NULL, NULL);
+    Py_RETURN_NONE;
 }
 
 /* take() -> (features | None, (messages, bytes, dropped, dropped_bytes) | None, [(level, text)], [(name, value)] | None) */
@@ -869,7 +935,7 @@ static PyTypeObject ContextType = {
     .tp_dealloc = (destructor)Context_dealloc,
     .tp_methods = Context_methods,
     .tp_members = Context_members,
-    .tp_doc = "Context(context, memory, config, call_log, log_messages, log_bytes, imports): imports is a bit per host id",
+    .tp_doc = "Context(context, memory, memory_owner, config, call_log, log_messages, log_bytes, imports): imports is a bit per host id",
 };
 
 /* -- module functions ------------------------------------------------------------------- */
@@ -883,8 +949,9 @@ static void *resolve(void *handle, const char *name) {
 static PyObject *setup(PyObject *module, PyObject *args) {
     unsigned long long handle;
     long major;
-    PyObject *sync, *on_error, *on_trap, *phase;
-    if (!PyArg_ParseTuple(args, "KlOOOO", &handle, &major, &sync, &on_error, &on_trap, &phase)) return NULL;
+    PyObject *sync, *on_error, *on_trap, *on_timeout, *phase;
+    if (!PyArg_ParseTuple(args, "KlOOOOO", &handle, &major, &sync, &on_error, &on_trap, &on_timeout, &phase))
+        return NULL;
     int known = 0;
     for (size_t i = 0; i < sizeof(DECLARED_MAJORS) / sizeof(DECLARED_MAJORS[0]); i++)
         known |= DECLARED_MAJORS[i] == major;
@@ -896,7 +963,10 @@ static PyObject *setup(PyObject *module, PyObject *args) {
     if (!(*(void **)&w_func_call_unchecked = resolve(h, "wasmtime_func_call_unchecked")) ||
         !(*(void **)&w_set_epoch_deadline = resolve(h, "wasmtime_context_set_epoch_deadline")) ||
         !(*(void **)&w_memory_data = resolve(h, "wasmtime_memory_data")) ||
-        !(*(void **)&w_memory_data_size = resolve(h, "wasmtime_memory_data_size")))
+        !(*(void **)&w_memory_data_size = resolve(h, "wasmtime_memory_data_size")) ||
+        !(*(void **)&w_store_epoch_deadline_callback = resolve(h, "wasmtime_store_epoch_deadline_callback")) ||
+        !(*(void **)&w_error_new = resolve(h, "wasmtime_error_new")) ||
+        !(*(void **)&w_error_delete = resolve(h, "wasmtime_error_delete")))
         return NULL;
     Py_INCREF(sync);
     Py_XSETREF(sync_hook, sync);
@@ -904,6 +974,8 @@ static PyObject *setup(PyObject *module, PyObject *args) {
     Py_XSETREF(error_hook, on_error);
     Py_INCREF(on_trap);
     Py_XSETREF(trap_hook, on_trap);
+    Py_INCREF(on_timeout);
+    Py_XSETREF(timeout_hook, on_timeout);
     Py_INCREF(phase);
     Py_XSETREF(request_phase, phase);
     ready = 1;
@@ -918,17 +990,10 @@ static PyObject *callback_address(PyObject *module, PyObject *unused) {
     return PyLong_FromVoidPtr((void *)(uintptr_t)host_callback);
 }
 
-static PyObject *set_rearm_window(PyObject *module, PyObject *value) {
-    double window = PyFloat_AsDouble(value);
-    if (window == -1.0 && PyErr_Occurred()) return NULL;
-    rearm_window = window;
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef module_methods[] = {
-    {"setup", setup, METH_VARARGS, "setup(dl_handle, wasmtime_major, sync, on_error, on_trap, request_phase)"},
+    {"setup", setup, METH_VARARGS, "setup(dl_handle, wasmtime_major, sync, on_error, on_trap, on_timeout, request_phase)"},
     {"callback_address", callback_address, METH_NOARGS, "The C callback every http_handler function is defined with."},
-    {"set_rearm_window", set_rearm_window, METH_O, "Seconds an armed epoch deadline serves an export's next calls."},
+    {"install_time_limit", install_time_limit, METH_O, "install_time_limit(store): calls past their limit end."},
     {NULL}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_accel", "The compiled guest-call path.", -1,

@@ -85,6 +85,11 @@ def _raise_trap(address: int) -> BaseException:
     return _native._trap_from(address)
 
 
+def _timed_out() -> BaseException:
+    # As the pure path's interrupt trap (the caller words the reason from the guest's limit).
+    return _native.GuestCallError("guest exceeded its time limit", interrupted=True)
+
+
 def _load() -> tuple[Any, str]:
     if os.environ.get("TWISTED_HTTPWASM_PURE"):
         return None, "TWISTED_HTTPWASM_PURE is set"
@@ -97,7 +102,7 @@ def _load() -> tuple[Any, str]:
     try:
         major = int(metadata.version("wasmtime").split(".")[0])
         handle = ffi.dll._handle
-        _accel.setup(handle, major, apply, _raise_error, _raise_trap, REQUEST_PHASE)
+        _accel.setup(handle, major, apply, _raise_error, _raise_trap, _timed_out, REQUEST_PHASE)
     except Exception as error:  # noqa: BLE001 - any mismatch leaves the pure path, with one warning
         warnings.warn(f"twisted-httpwasm: compiled accelerator disabled: {error}", RuntimeWarning, stacklevel=2)
         return None, f"disabled: {error}"

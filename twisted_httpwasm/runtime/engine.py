@@ -44,7 +44,6 @@ from contextlib import contextmanager
 
 import wasmtime
 
-from . import accel as _accel
 from . import native as _native
 
 __all__ = [
@@ -124,7 +123,7 @@ def serve_time_limits() -> None:
             idle = _clock
             _stop_clock()  # the loading clock, if an instance is being made right now: the timer takes over
             calls_may_hold_gil = True
-            _set_rearm_window(EPOCH_INTERVAL)  # the timer never ticks in bursts (see NativeFunc.call)
+            _native.rearm_window = EPOCH_INTERVAL  # the timer never ticks in bursts (see NativeFunc.call)
         else:
             idle = None
             _start_clock()
@@ -175,15 +174,8 @@ def _forget_clock_after_fork() -> None:
     _clock = None
     _timer = None  # POSIX timers are not inherited
     serving = calls_may_hold_gil = False
-    _set_rearm_window(0.0)
+    _native.rearm_window = 0.0
     _instances_being_made = 0
-
-
-def _set_rearm_window(window: float) -> None:
-    """How long an armed deadline serves an export's next calls, on both guest-call paths."""
-    _native.rearm_window = window
-    if _accel.compiled is not None:
-        _accel.compiled.set_rearm_window(window)
 
 
 os.register_at_fork(after_in_child=_forget_clock_after_fork)

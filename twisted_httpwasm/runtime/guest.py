@@ -7,6 +7,7 @@ nothing of twisted.web; many resources may share it.  Each
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import hashlib
 import os
@@ -236,6 +237,10 @@ class Guest:
     def _check_imports(self) -> bool:
         expected = {spec.name: spec for spec in HOST_FUNCTIONS}
         uses_wasi = False
+        #: Whether the guest imports a WASI call that writes (else its stdout and stderr are not captured).
+        self.writes_output = any(
+            item.module == WASI_MODULE and item.name in ("fd_write", "fd_pwrite") for item in self.module.imports
+        )
         #: The http_handler functions the guest imports (the accelerator snapshots only what they read).
         self.host_imports: frozenset[str] = frozenset(
             item.name or "" for item in self.module.imports if item.module == HOST_MODULE
@@ -418,9 +423,10 @@ class GuestInstance:
         self._outputs: tuple[CapturedOutput, ...] = ()
         if guest.uses_wasi:
             wasi = guest._wasi_config()
-            self._outputs = (CapturedOutput("stdout"), CapturedOutput("stderr"))
-            for output in self._outputs:
-                output.attach(wasi)
+            if guest.writes_output:  # a guest that cannot write costs no files, and no check after each call
+                self._outputs = (CapturedOutput("stdout"), CapturedOutput("stderr"))
+                for output in self._outputs:
+                    output.attach(wasi)
             store.set_wasi(wasi)
         self._store = store
         _native.set_epoch_deadline(store, guest._deadline)
@@ -453,12 +459,12 @@ class GuestInstance:
             self.memory = NativeMemory(store, memory)
             self._handle_request = self._export(exports, "handle_request", 0, 1)
             self._handle_response = self._export(exports, "handle_response", 2, 0)
-            if self.guest.accelerated is not None:
-                self._accelerate(store)
             for name in _INIT_FUNCTIONS:
                 if name in exports:
                     self._run_init(self._export(exports, name, 0, 0), name)
                     break
+            if self.guest.accelerated is not None:
+                self._accelerate(store)  # after init, which runs on NativeFunc with the epoch deadline's own trap
         finally:
             self._log_output()
 
@@ -472,20 +478,25 @@ class GuestInstance:
         module = self.guest.accelerated
         imports = self.guest.host_imports
         memory = self.memory
-        limit = self.call_log.limit
+        log_limit = self.call_log.limit
         self.accel = module.Context(
             memory._context,
             memory._memory_address,
+            memory,  # kept alive by the context: its wasmtime_memory_t is what the address points into
             self.config,
             self.call_log,
-            limit.messages,
-            limit.bytes,
+            log_limit.messages,
+            log_limit.bytes,
             sum(1 << _accel.HOST_IDS[name] for name in imports),  # what the snapshot must hold
         )
-        margin = _native.REARM_MARGIN_TICKS
+        timeout = self.guest.timeout
+        seconds = float("inf") if timeout is None else timeout
         for native in (self._handle_request, self._handle_response):
             context, func, n_params, n_results, owner = native.accel_args()
-            native.accelerated = module.Export(context, func, n_params, n_results, self.guest._deadline + margin, owner)
+            native.accelerated = module.Export(context, func, n_params, n_results, seconds, owner)
+        # From now on the store's epoch deadlines go to the accelerator, which ends calls past their limit
+        # and, in thread mode, releases the GIL at a call's first tick (see _accel.c, on_deadline).
+        module.install_time_limit(ctypes.cast(store.ptr(), ctypes.c_void_p).value)
 
     def _run_init(self, init: NativeFunc, name: str) -> None:
         try:
@@ -516,9 +527,10 @@ class GuestInstance:
         accel = self.accel
         try:
             if accel is not None:
-                result: int = accel.call(
-                    function.accelerated, inline and _engine.calls_may_hold_gil, self, state, *args
-                )
+                # The GIL: kept while wasm runs inline (1), kept until the call's first tick in thread mode
+                # (2), released throughout (0) unless the epoch clock ticks without it.
+                gil = (1 if inline else 2) if _engine.calls_may_hold_gil else 0
+                result: int = accel.call(function.accelerated, gil, self, state, *args)
                 return result
             return function.call(inline and _engine.calls_may_hold_gil, *args)
         except GuestCallError as error:
