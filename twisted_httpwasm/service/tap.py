@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, interfaces
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import static
@@ -44,11 +46,18 @@ from ..runtime.guest import (
     LogLimit,
     Mount,
 )
+from ..web.access_log import address_text
 from ..web.demo import DEMO_GUEST, DemoPage, bundled_guest
 from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainService
 from ..web.proxy import ProxyResource
 from ..web.resource import FailurePolicy, GuestResource
-from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
+from ..web.site import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    GuestSite,
+)
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import observability, sources
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError, WatchService
@@ -64,6 +73,9 @@ _DEMO_PAGE = "the demo page"
 
 #: Where the demo listens when no --listen is given: this machine only.
 DEMO_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+#: What a usage error says instead of every option.
+HELP_HINT = "Run 'twistd httpwasm --help' to see every option."
 
 
 def parse_size(text: str) -> int:
@@ -157,6 +169,7 @@ then are cut and logged. twistd then exits with status 0.
         self["max-buffered-total"] = DEFAULT_MAX_BUFFERED_TOTAL
         self["idle-timeout"] = DEFAULT_IDLE_TIMEOUT
         self["header-timeout"] = DEFAULT_HEADER_TIMEOUT
+        self["max-streams-per-connection"] = DEFAULT_MAX_STREAMS_PER_CONNECTION
         self["on-guest-error"] = FailurePolicy.FAIL_CLOSED
         self["guest-env"] = []
         self["guest-mounts"] = []
@@ -164,6 +177,7 @@ then are cut and logged. twistd then exits with status 0.
         self["guest-max-requests"] = None
         self["guest-max-age"] = None
         self["guest-fetch-timeout"] = sources.DEFAULT_FETCH_TIMEOUT
+        self["guest-fetch-max-size"] = sources.MAX_GUEST_BYTES
         self["watch"] = False
         #: By --guest index: the --guest-sha256 and --guest-config-file given for it.
         self["guest-sha256"] = {}
@@ -175,6 +189,7 @@ then are cut and logged. twistd then exits with status 0.
         self["otel"] = False
         self["log-format"] = "text"
         self._configured_guests: set[int] = set()
+        self._refused = False
         self.argv: list[str] = []
         self.cwd = os.getcwd()
         _drop_twistd_collisions(self)
@@ -186,7 +201,24 @@ then are cut and logged. twistd then exits with status 0.
         try:
             web_tap.Options.parseOptions(self, options)
         except usage.UsageError as error:
+            self._refused = True
+            parent = getattr(self, "parent", None)
+            if parent is not None:
+                # twistd prints its own synopsis, then getUsage(), then the reason: make the first
+                # line this command's synopsis (getSynopsis reads the parent's, so compute it first).
+                parent.synopsis = self.getSynopsis()
             raise usage.UsageError(_with_twistd_hint(str(error))) from None
+
+    def getUsage(self, width: int | None = None) -> str:
+        """Every option (``--help``); after a usage error, only where to find them.
+
+        On a usage error twistd prints the synopsis, this, and the reason, last;
+        the ~180 lines of every option would bury the reason.
+        """
+        if self._refused:
+            return HELP_HINT
+        usage_text: str = web_tap.Options.getUsage(self, width)
+        return usage_text
 
     # -- guests -------------------------------------------------------------------
 
@@ -210,7 +242,9 @@ then are cut and logged. twistd then exits with status 0.
         self["watch"] = True
 
     def opt_guest_fetch_timeout(self, seconds: str) -> None:
-        """Seconds a --guest https:// URL may take to fetch, at startup and at reload. [default: 30]"""
+        """Seconds a whole fetch of a --guest https:// URL may take (connect, headers, body), at startup and at
+        reload. [default: 30]
+        """
         try:
             timeout = float(seconds)
         except ValueError:
@@ -218,6 +252,10 @@ then are cut and logged. twistd then exits with status 0.
         if not (math.isfinite(timeout) and timeout > 0):
             raise usage.UsageError(f"--guest-fetch-timeout must be a positive number of seconds, not {seconds!r}")
         self["guest-fetch-timeout"] = timeout
+
+    def opt_guest_fetch_max_size(self, size: str) -> None:
+        """Largest --guest https:// answer fetched: bytes, or with a KiB, MiB or GiB suffix. [default: 256MiB]"""
+        self["guest-fetch-max-size"] = self._size("--guest-fetch-max-size", size)
 
     def opt_guest_max_requests(self, count: str) -> None:
         """Recycle each guest instance after it served this many requests (between requests). [default: off]"""
@@ -335,6 +373,21 @@ then are cut and logged. twistd then exits with status 0.
         for no deadline. [default: 30]
         """
         self["header-timeout"] = self._seconds("--header-timeout", seconds)
+
+    def opt_max_streams_per_connection(self, count: str) -> None:
+        """HTTP/2 streams one connection may have open at once (advertised; more are refused, REFUSED_STREAM); 0 or
+        none for h2's own 100. [default: 16]
+        """
+        if count.strip().lower() in ("0", "none"):
+            self["max-streams-per-connection"] = None
+            return
+        try:
+            streams = int(count)
+        except ValueError:
+            streams = 0
+        if streams < 1:
+            raise usage.UsageError(f"--max-streams-per-connection must be a number of streams, not {count!r}")
+        self["max-streams-per-connection"] = streams
 
     @staticmethod
     def _seconds(option: str, text: str) -> float | None:
@@ -645,24 +698,42 @@ def _load_guest(config: Options, index: int, guest_config: bytes, fetched: sourc
     )
 
 
-def _reload_guests(config: Options) -> defer.Deferred[Sequence[Guest]]:
+class _Fetches:
+    """The guest fetches of the reload that runs now; a newer reload stops them (:meth:`stop`)."""
+
+    def __init__(self) -> None:
+        self.running: set[defer.Deferred[sources.FetchedGuest]] = set()
+
+    def stop(self) -> None:
+        for fetch in list(self.running):
+            fetch.cancel()  # the reload fails with CancelledError: superseded
+
+
+def _reload_guests(config: Options, fetches: _Fetches) -> defer.Deferred[Sequence[Guest]]:
     """Every ``--guest`` loaded afresh (a remote one fetched again), its configuration file read again.
 
     Fails with :class:`ReloadError` if one cannot be loaded.
     """
-    return defer.ensureDeferred(_reload_guests_from_sources(config))
+    return defer.ensureDeferred(_reload_guests_from_sources(config, fetches))
 
 
-async def _reload_guests_from_sources(config: Options) -> Sequence[Guest]:
+async def _reload_guests_from_sources(config: Options, fetches: _Fetches) -> Sequence[Guest]:
     fetched: dict[int, sources.FetchedGuest] = {}
     for index, entry in enumerate(config["guests"]):
         if sources.is_remote(entry["path"]):
+            fetch = sources.resolve(
+                entry["path"],
+                config["guest-sha256"].get(index),
+                config["guest-fetch-timeout"],
+                max_bytes=config["guest-fetch-max-size"],
+            )
+            fetches.running.add(fetch)
             try:
-                fetched[index] = await sources.resolve(
-                    entry["path"], config["guest-sha256"].get(index), config["guest-fetch-timeout"]
-                )
+                fetched[index] = await fetch
             except sources.SourceError as error:
                 raise ReloadError(f"--guest {entry['path']}: {error}") from None
+            finally:
+                fetches.running.discard(fetch)
     # Compiling and initialising run in a thread: the reactor goes on serving the running guests meanwhile.
     from twisted.internet import reactor, threads
 
@@ -709,7 +780,10 @@ def _load_guests(config: Options) -> list[Guest]:
             if sources.is_remote(entry["path"]):
                 # Before the reactor runs: a blocking fetch (nothing is served yet).
                 fetched = sources.resolve_blocking(
-                    entry["path"], config["guest-sha256"].get(index), config["guest-fetch-timeout"]
+                    entry["path"],
+                    config["guest-sha256"].get(index),
+                    config["guest-fetch-timeout"],
+                    max_bytes=config["guest-fetch-max-size"],
                 )
             guest = _load_guest(config, index, entry["config"], fetched)
         except sources.SourceError as error:
@@ -753,7 +827,8 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         root = GuestResource(guest, root, on_guest_error=config["on-guest-error"], buffer_budget=budget)
         resources.insert(0, root)
     # SIGHUP reloads every guest (the service is found by name: RELOAD_SERVICE).
-    reloader = GuestReloader(resources, functools.partial(_reload_guests, config))
+    fetches = _Fetches()
+    reloader = GuestReloader(resources, functools.partial(_reload_guests, config, fetches), interrupt=fetches.stop)
     HangupService(reloader).setServiceParent(parent)  # type: ignore[no-untyped-call]
     if config["watch"]:
         watched = [entry["path"] for entry in config["guests"] if not sources.is_remote(entry["path"])]
@@ -764,6 +839,7 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         "max_request_body": _request_body_limit(config, guests),
         "idle_timeout": config["idle-timeout"],
         "header_timeout": config["header-timeout"],
+        "max_streams_per_connection": config["max-streams-per-connection"],
         # Instances a burst needed go back once idle (a timer that runs while the site listens).
         "housekeeping": functools.partial(_retire_idle_instances, reloader),
     }
@@ -814,8 +890,13 @@ def makeService(config: Options) -> service.MultiService:
 
     With ``--workers N`` (N > 1) the endpoints are served by this process and
     N-1 worker processes (:class:`~twisted_httpwasm.service.workers.WorkersService`).
-    Raises :class:`SystemExit` with the reason when a guest cannot be loaded.
+    Raises :class:`SystemExit` with the reason when a guest cannot be loaded, or,
+    under ``twistd`` (``config.parent`` is its options), when a ``tcp:`` port is taken.
     """
+    if getattr(config, "parent", None) is not None:
+        # Under twistd, which forks after this: a port in use is one line on the terminal, also for a daemon.
+        # (Not for a makeService of a program's own, which binds when it starts its services.)
+        check_ports_free([*config["ports"], *([config["metrics"]] if config["metrics"] else [])])
     top = service.MultiService()  # type: ignore[no-untyped-call]
     observability.prepare_processes(config, top)  # before any metric exists: --workers share them
     site = make_site(config, top)
@@ -829,10 +910,10 @@ def makeService(config: Options) -> service.MultiService:
         # SIGHUP: this process reloads its guests, then asks every worker to reload theirs.
         reloading: Any = top.getServiceNamed(RELOAD_SERVICE)  # type: ignore[no-untyped-call]
         reloading.reloader.after_reload.append(shared.reload_workers)
+        _WorkersListening(list(config["ports"])).setServiceParent(top)  # type: ignore[no-untyped-call]
     else:
         for description in config["ports"]:
-            # Site provides IProtocolFactory; mypy cannot see zope interface declarations.
-            strports.service(description, site).setServiceParent(top)  # type: ignore[arg-type, no-untyped-call]
+            _Listening(description, site).setServiceParent(top)  # type: ignore[no-untyped-call]
 
     observability.serve_metrics(config, site, top)
     processes = f", {workers} processes" if workers > 1 else ""
@@ -847,7 +928,7 @@ def makeService(config: Options) -> service.MultiService:
         )
         return top
     _log.info(
-        "httpwasm: {guests} in front of {downstream}, listening on {endpoints}"
+        "httpwasm: {guests} in front of {downstream}, to serve on {endpoints}"
         " (execution {execution}, {calls}, {policy}, guest memory limit {memory}, time limit {timeout} s{processes});"
         " sha256 {digests}",
         guests=("guest " if len(config["guests"]) == 1 else "guests ")
@@ -863,6 +944,74 @@ def makeService(config: Options) -> service.MultiService:
         processes=processes,
     )
     return top
+
+
+def _cannot_listen(description: str, error: CannotListenError) -> str:
+    """``cannot listen on tcp:8090:interface=127.0.0.1: address already in use``."""
+    cause: Any = error.socketError
+    reason = getattr(cause, "strerror", None) or str(cause)
+    return f"cannot listen on {description}: {reason[:1].lower()}{reason[1:]}"
+
+
+def check_ports_free(descriptions: Sequence[str]) -> None:
+    """Each ``tcp:``/``tcp6:`` endpoint with a fixed port can be bound now; else :class:`SystemExit` with one line.
+
+    Run before ``twistd`` forks (``makeService`` is): a daemon's own failure to
+    listen reaches the terminal only through twistd's 100-byte status pipe,
+    cut mid-word.  The sockets are closed again at once; the services bind
+    for real when they start (and say so in one line if it fails then).
+    """
+    for description in descriptions:
+        endpoint = TCPListen.parse(description)
+        if endpoint is None or endpoint.port == 0:
+            continue
+        try:
+            endpoint.bind().close()
+        except CannotListenError as error:
+            raise SystemExit(_cannot_listen(description, error)) from None
+
+
+class _Listening(StreamServerEndpointService):
+    """``strports.service(description, site)`` that says ``listening on`` once bound, or why it could not bind.
+
+    A port that cannot be bound ends ``twistd`` with one line (SystemExit),
+    also logged: in daemon mode the log is where it can be read then.
+    """
+
+    def __init__(self, description: str, site: Site):
+        from twisted.internet import endpoints, reactor
+
+        endpoint = endpoints.serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+        StreamServerEndpointService.__init__(self, endpoint, site)  # type: ignore[no-untyped-call]
+        self._raiseSynchronously = True  # as strports.service: twistd learns at once
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        try:
+            StreamServerEndpointService.privilegedStartService(self)  # type: ignore[no-untyped-call]
+        except CannotListenError as error:
+            line = _cannot_listen(self.description, error)
+            _log.error("httpwasm: {line}", line=line)
+            raise SystemExit(line) from None
+        waiting: Any = self._waitingForPort  # the Deferred of the port, fired already
+        waiting.addCallback(self._bound)
+
+    def _bound(self, port: Any) -> Any:
+        address = address_text(port.getHost())  # 127.0.0.1:8080, [::1]:8080, a UNIX socket's path
+        _log.info("httpwasm: listening on {endpoint} ({address})", endpoint=self.description, address=address)
+        return port
+
+
+class _WorkersListening(service.Service):
+    """Says ``listening on`` for ``--workers``' endpoints, once the WorkersService started before it bound them."""
+
+    def __init__(self, descriptions: list[str]):
+        self.descriptions = descriptions
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)  # type: ignore[no-untyped-call]
+        for description in self.descriptions:
+            _log.info("httpwasm: listening on {endpoint}", endpoint=description)
 
 
 def reloading_guests(top: service.MultiService) -> list[Guest]:

@@ -22,7 +22,7 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -36,17 +36,21 @@ from twisted.web.server import NOT_DONE_YET, Request
 from .access_log import printable
 from .backend_request import (
     HOP_BY_HOP_HEADERS,
+    NotOriginForm,
     PathOutsideBase,
     backend_headers,
     connection_tokens,
     is_hop_by_hop,
+    origin_form,
     path_inside_base,
 )
+from .drain import cut_by_host
 
 __all__ = [
     "HOP_BY_HOP_HEADERS",
     "BadGateway",
     "HTTPAgent",
+    "NotOriginForm",
     "PathOutsideBase",
     "ProxyResource",
     "end_to_end_headers",
@@ -95,8 +99,30 @@ def end_to_end_headers(headers: Headers) -> Iterable[tuple[bytes, list[bytes]]]:
         yield lowered, list(values)
 
 
+def _local_authority(request: Request) -> bytes:
+    """``host:port`` of the local end of the request's connection (what a target without Host names)."""
+    address = request.getHost()
+    host = getattr(address, "host", "")
+    port = getattr(address, "port", 0)
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode("ascii", "replace")
+
+
 def _describe(reason: Failure) -> str:
-    return reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
+    """``reason`` as one line of text: the reasons inside a ResponseFailed (a list of Failures) each as theirs."""
+    inner = getattr(reason.value, "reasons", None)
+    if inner:
+        return "; ".join(dict.fromkeys(_describe(each) for each in inner if isinstance(each, Failure)))
+    if reason.check(CancelledError, TimeoutError):
+        return "no answer in time"
+    text = reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
+    return " ".join(text.split())
+
+
+def _timed_out(reason: Failure) -> bool:
+    inner = getattr(reason.value, "reasons", None)
+    if inner:
+        return any(isinstance(each, Failure) and _timed_out(each) for each in inner)
+    return bool(reason.check(CancelledError, TimeoutError))
 
 
 def _cut(request: Request) -> None:
@@ -138,7 +164,9 @@ class ProxyResource(Resource):
     The request's URI (path and query, as the guest may have rewritten it) is
     appended to the path of ``base_url``, its dot segments removed: a path that
     would climb above the base path gets ``400 Bad Request`` and never reaches
-    the backend.  Hop-by-hop headers are dropped both ways (of the names the
+    the backend, and so does a target that is not origin-form (``a:1/``,
+    ``host:443``, a URL for another authority): the backend's scheme, host and
+    port are ``base_url``'s only.  Hop-by-hop headers are dropped both ways (of the names the
     client's ``Connection`` lists, only the client's values); ``Host`` becomes
     the backend's, and ``Forwarded``, ``X-Forwarded-For``, ``X-Forwarded-Host``
     and ``X-Forwarded-Proto`` tell the backend about the client.  The client's
@@ -204,16 +232,25 @@ class ProxyResource(Resource):
     def backend_url(self, request: Request) -> bytes:
         """The URL the backend is asked for: base path + the request's path and query.
 
-        The path's dot segments are removed first (``%2e`` is a dot, ``%2f`` stays
-        data); raises :class:`PathOutsideBase` if it would climb above the base path.
+        Only the request's origin-form target (``/path?query``) is appended: an
+        absolute-form URL naming this server is reduced to it, any other form
+        raises :class:`NotOriginForm`, so the scheme, host and port are always
+        the backend's own.  The path's dot segments are removed (``%2e`` is a
+        dot, ``%2f`` stays data); raises :class:`PathOutsideBase` if it would
+        climb above the base path.
         """
         uri = request.uri
-        if not uri.startswith(b"/"):
-            parts = urlsplit(uri)
-            if parts.scheme:  # absolute-form ("GET http://host/path"): keep path and query
-                uri = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
-            else:
-                uri = b"/" + uri
+        if uri[:1] != b"/":
+            host = request.getHeader(b"host")
+            uri = origin_form(
+                uri,
+                method=request.method,
+                host=host,
+                secure=bool(getattr(request, "isSecure", bool)()),  # DummyRequest has none
+                local=_local_authority(request) if host is None else b"",
+            )
+            if uri[:1] != b"/":  # OPTIONS *: answered by render, never forwarded
+                raise NotOriginForm("OPTIONS * is not forwarded")
         path, question, query = uri.partition(b"?")
         return self.scheme + b"://" + self.netloc + self.base_path + path_inside_base(path) + question + query
 
@@ -222,9 +259,13 @@ class ProxyResource(Resource):
         return backend_headers(request, self.netloc, trust_forwarded=self.trust_forwarded)
 
     def render(self, request: Request) -> object:
+        if request.uri == b"*" and request.method == b"OPTIONS":
+            # About this server, not a resource of the backend's (RFC 9110 9.3.7): answered here.
+            request.setHeader(b"content-length", b"0")
+            return b""
         try:
             url = self.backend_url(request)
-        except PathOutsideBase as error:
+        except (PathOutsideBase, NotOriginForm) as error:
             _log.info(
                 "refused {method} {uri}: {reason}; answering 400",
                 method=printable(request.method),
@@ -279,9 +320,33 @@ class _ProxiedRequest:
         self.relay = _BodyRelay(self)
         response.deliverBody(self.relay)
 
+    def _ended_by_host(self, what: str) -> bool:
+        """True (after a debug line) when the host itself cut this request: not the backend's failure."""
+        cut = cut_by_host(self.request)
+        if cut is None:
+            return False
+        _log.debug(
+            "{method} {uri}: {what} ended: {cut} cut the request",
+            method=printable(self.request.method),
+            uri=printable(self.request.uri),
+            what=what,
+            cut=cut,
+        )
+        return True
+
     def _unreachable(self, reason: Failure) -> None:
         self.pending = None
-        if self.client_gone:
+        if self.client_gone or self._ended_by_host("the backend request"):
+            return
+        if _timed_out(reason) and self.proxy.timeout is not None:
+            _log.warn(
+                "backend {url} did not answer {method} {uri} within {timeout} s",
+                url=printable(self.url),
+                method=printable(self.request.method),
+                uri=printable(self.request.uri),
+                timeout=self.proxy.timeout,
+            )
+            self.fail()
             return
         _log.warn(
             "backend {url} unreachable for {method} {uri}: {error}",
@@ -366,6 +431,8 @@ class _BodyRelay(Protocol):
             return
         if reason.check(ResponseDone, http.PotentialDataLoss):
             request.finish()
+            return
+        if proxied._ended_by_host("the backend's response"):
             return
         _log.warn(
             "backend {url} failed while sending its response to {method} {uri}: {error}",
