@@ -289,7 +289,7 @@ class Guest:
         linker = wasmtime.Linker(self.engine)
         #: The compiled accelerator this guest's calls go through, or None (decided once, at load).  A traced
         #: guest (``on_host_call``) is not accelerated: what C answers would not reach the trace.
-        self.accelerated = _accel.module if self.on_host_call is None else None
+        self.accelerated: Any = _accel.module if self.on_host_call is None else None
         i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
         callbacks: list[object] = []
         for spec in HOST_FUNCTIONS:
