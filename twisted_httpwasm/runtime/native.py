@@ -4,8 +4,9 @@ wasmtime-py's public ``Func.__call__`` and ``Linker.define_func`` convert every
 value through ``Val`` objects (8-18 µs per call), and they pass a host
 function's exception back through one process-global slot, which is not safe
 when several threads run guests.  The C API's *unchecked* entry points take
-raw value slots instead: this module is the only place that uses them, so the
-rest of the host stays on wasmtime-py's public types.
+raw value slots instead: this module is the only Python that uses them (the
+optional compiled accelerator, ``_accel.c``, is the only C), so the rest of the
+host stays on wasmtime-py's public types.
 
 Tested with the wasmtime range pinned in ``setup.cfg``; ``tests/test_native.py``
 compares this path with the public API on the same guests.
