@@ -17,7 +17,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,7 +48,7 @@ from ..web.proxy import ProxyResource
 from ..web.resource import FailurePolicy, GuestResource
 from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
 from ..web.wsgi import UnderscoreHeaderGuard
-from . import observability, sources
+from . import goconfig, observability, sources, traefik
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError, WatchService
 from .workers import TCPListen, WorkersService
 
@@ -190,8 +189,8 @@ then are cut and logged. twistd then exits with status 0.
     # -- guests -------------------------------------------------------------------
 
     def opt_guest(self, path: str) -> None:
-        """A guest (.wasm or .wat file, or https:// URL) in front of the downstream; repeat for a chain, the
-        first outermost.
+        """A guest (.wasm or .wat file, a Traefik plugin directory or .zip, or an https:// URL of one) in front of
+        the downstream; repeat for a chain, the first outermost.
         """
         self["guests"].append({"path": path, "config": b""})
 
@@ -243,13 +242,22 @@ then are cut and logged. twistd then exits with status 0.
         self._configure_last_guest("--guest-config", os.fsencode(text))
 
     def opt_guest_config_file(self, path: str) -> None:
-        """Configuration of the preceding --guest, read from a file."""
+        """Configuration of the preceding --guest, read from a file; .yaml, .yml, .json and .toml are read as a
+        mapping and passed JSON-encoded, as Traefik passes a plugin's configuration.
+        """
         try:
-            data = Path(path).read_bytes()
+            data = goconfig.read_config_file(path)
         except OSError as error:
             raise usage.UsageError(f"--guest-config-file: cannot read {path!r}: {error.strerror or error}") from None
+        except goconfig.ConfigError as error:
+            raise usage.UsageError(f"--guest-config-file: {error}") from None
         self._configure_last_guest("--guest-config-file", data)
         self["guest-config-files"][len(self["guests"]) - 1] = path  # read again at each reload (SIGHUP)
+
+    def opt_guest_config_test_data(self) -> None:
+        """Configuration of the preceding --guest, a Traefik plugin: its manifest's testData, JSON-encoded."""
+        self._configure_last_guest("--guest-config-test-data", b"")
+        self["guests"][-1]["test-data"] = True
 
     def _configure_last_guest(self, option: str, data: bytes) -> None:
         if not self["guests"]:
@@ -259,7 +267,7 @@ then are cut and logged. twistd then exits with status 0.
             path = self["guests"][index]["path"]
             raise usage.UsageError(
                 f"{option}: guest {path!r} already has a configuration "
-                "(give one --guest-config or --guest-config-file per --guest)"
+                "(give one --guest-config, --guest-config-file or --guest-config-test-data per --guest)"
             )
         self._configured_guests.add(index)
         self["guests"][index]["config"] = data
@@ -373,15 +381,19 @@ then are cut and logged. twistd then exits with status 0.
         self["guest-env"].append((name, value))
 
     def opt_guest_mount(self, mount: str) -> None:
-        """HOST_DIR:GUEST_DIR[:ro], a host directory the guests see through WASI, writable unless :ro. Repeatable."""
+        """HOST_DIR[:GUEST_DIR][:ro], a host directory the guests see through WASI (at GUEST_DIR, else at the same
+        path, as Traefik's mounts), writable unless :ro. Repeatable.
+        """
         spec, read_only = mount, False
         for suffix, is_read_only in ((":ro", True), (":rw", False)):
             if mount.endswith(suffix):
                 spec, read_only = mount[: -len(suffix)], is_read_only
                 break
         host_dir, colon, guest_dir = spec.rpartition(":")
-        if not (colon and host_dir and guest_dir):
-            raise usage.UsageError(f"--guest-mount: expected HOST_DIR:GUEST_DIR[:ro], not {mount!r}")
+        if not colon:
+            host_dir = guest_dir = spec  # Traefik's HOST form: the same path inside
+        if not (host_dir and guest_dir):
+            raise usage.UsageError(f"--guest-mount: expected HOST_DIR[:GUEST_DIR][:ro], not {mount!r}")
         if not os.path.isdir(host_dir):
             raise usage.UsageError(f"--guest-mount: {host_dir!r} is not a directory")
         self["guest-mounts"].append(Mount(os.path.abspath(host_dir), guest_dir, read_only))
@@ -626,10 +638,12 @@ def _load_guest(config: Options, index: int, guest_config: bytes, fetched: sourc
     ``fetched``: the bytes of a remote guest (``https://...``).
     """
     entry = config["guests"][index]
+    # A Traefik plugin (directory or zip) gives its module, displayName and maybe testData; others pass through.
+    chosen = traefik.guest_source(entry, guest_config, config["guest-sha256"].get(index), fetched)
     return Guest(
-        entry["path"] if fetched is None else fetched.data,
-        name=None if fetched is None else fetched.name,
-        config=guest_config,
+        chosen.source,
+        name=chosen.name,
+        config=chosen.config,
         log_level=config["log-level"],
         execution=config["execution"],
         timeout=config["guest-timeout"],
@@ -638,7 +652,7 @@ def _load_guest(config: Options, index: int, guest_config: bytes, fetched: sourc
         env=config["guest-env"],
         mounts=config["guest-mounts"],
         log_limit=config["guest-log-limit"],
-        sha256=config["guest-sha256"].get(index),
+        sha256=chosen.sha256,
         max_requests=config["guest-max-requests"],
         max_age=config["guest-max-age"],
     )
@@ -683,12 +697,14 @@ def _load_guests_for_reload(config: Options, fetched: dict[int, sources.FetchedG
         config_file = config["guest-config-files"].get(index)
         if config_file is not None:
             try:
-                guest_config = Path(config_file).read_bytes()
+                guest_config = goconfig.read_config_file(config_file)
             except OSError as error:
                 raise ReloadError(
                     f"--guest {entry['path']}: --guest-config-file {config_file}: "
                     f"cannot read it: {error.strerror or error}"
                 ) from None
+            except goconfig.ConfigError as error:
+                raise ReloadError(f"--guest {entry['path']}: --guest-config-file {error}") from None
         try:
             guests.append(_load_guest(config, index, guest_config, fetched.get(index)))
         except GuestLoadError as error:
@@ -755,7 +771,9 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
     reloader = GuestReloader(resources, functools.partial(_reload_guests, config))
     HangupService(reloader).setServiceParent(parent)  # type: ignore[no-untyped-call]
     if config["watch"]:
-        watched = [entry["path"] for entry in config["guests"] if not sources.is_remote(entry["path"])]
+        watched = [
+            p for e in config["guests"] if not sources.is_remote(e["path"]) for p in traefik.watched_paths(e["path"])
+        ]
         watched += config["guest-config-files"].values()
         WatchService(reloader, watched).setServiceParent(parent)  # type: ignore[no-untyped-call]
 
