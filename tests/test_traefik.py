@@ -458,6 +458,75 @@ class ManifestTests(TempFilesMixin, SynchronousTestCase):
         self.assertEqual((plain.name, plain.sha256, plain.config), ("demo", "a" * 64, b"cfg"))
 
 
+#: ECHO_CONFIG, plus the WasmEdge socket functions a plugin making outgoing calls imports.
+SOCKET_PLUGIN = ECHO_CONFIG.replace(
+    "(memory",
+    '(import "wasi_snapshot_preview1" "sock_open" (func (param i32 i32 i32) (result i32)))\n'
+    '  (import "wasi_snapshot_preview1" "sock_connect" (func (param i32 i32 i32) (result i32)))\n'
+    '  (import "wasi_snapshot_preview1" "sock_send" (func (param i32 i32 i32 i32 i32) (result i32)))\n'
+    "  (memory",
+    1,
+)
+
+
+class ImportTests(TempFilesMixin, SynchronousTestCase):
+    def test_module_imports_are_read_without_compiling(self) -> None:
+        """Every import of a binary, of every kind, in order; nothing for WAT text or garbage."""
+        binary = wat_binary(
+            '(module (import "a" "f" (func)) (import "a" "m" (memory 1 2)) (import "b" "g" (global (mut i32)))'
+            ' (import "b" "t" (table 1 funcref)) (import "wasi_snapshot_preview1" "sock_open" (func)))'
+        )
+        self.assertEqual(
+            traefik.module_imports(binary),
+            [("a", "f"), ("a", "m"), ("b", "g"), ("b", "t"), ("wasi_snapshot_preview1", "sock_open")],
+        )
+        self.assertEqual(traefik.module_imports(b"(module)"), [])
+        self.assertEqual(traefik.module_imports(b"\0asm\1\0\0\0\2\x05\x01\xff"), [])
+
+    def test_socket_extension_is_named_plainly(self) -> None:
+        """WasmEdge socket functions are said to be an extension this host does not provide; preview 1's own
+        sock_send is provided."""
+        self.assertEqual(traefik.unprovided_wasi_imports(wat_binary(SOCKET_PLUGIN)), ["sock_open", "sock_connect"])
+        self.assertIn(
+            "this host does not provide WasmEdge socket extensions", traefik.wasi_import_problem("sock_open") or ""
+        )
+        self.assertIsNone(traefik.wasi_import_problem("sock_send"))
+        self.assertIsNone(traefik.wasi_import_problem("fd_write"))
+
+    def test_socket_plugin_is_refused_at_load_in_one_line(self) -> None:
+        """twistd's load of a plugin importing sock_open: refused, saying what it needs that is not here."""
+        root = write_plugin(self.mktemp(), manifest(), {"plugin.wasm": wat_binary(SOCKET_PLUGIN)})
+        options = Options()
+        options.parseOptions(["--guest", str(root), "--class", f"{__name__}.EchoHeaders"])
+        error = self.assertRaises(SystemExit, make_site, options, MultiService())
+        self.assertEqual(
+            str(error),
+            f"twistd httpwasm: --guest {root}: the plugin imports wasi_snapshot_preview1 sock_open, sock_connect:"
+            " WasmEdge socket extensions, which this host does not provide",
+        )
+
+    def test_check_source(self) -> None:
+        """check's view of a plugin: its module, name, testData (unless a config is given) and what is missing."""
+        root = write_plugin(self.mktemp(), RICH_MANIFEST, {"plugin.wasm": wat_binary(SOCKET_PLUGIN)})
+        found = traefik.check_source(str(root))
+        assert found is not None
+        self.assertEqual(
+            (found.name, found.config, found.unprovided), ("Demo-Plugin-test", RICH_JSON, ("sock_open", "sock_connect"))
+        )
+        self.assertIn("Traefik plugin 'Demo Plugin (test) é'", found.origin)
+        self.assertEqual(traefik.check_source(str(root), b"mine").config, b"mine")  # type: ignore[union-attr]
+        self.assertIsNone(traefik.check_source(self.mktemp() + ".wasm"))
+
+    def test_watched_paths(self) -> None:
+        """--watch of a plugin directory watches its manifest and module too; any other guest, itself."""
+        root = write_plugin(self.mktemp(), HEADERS_MANIFEST, {"bin/headers.wasm": b""})
+        self.assertEqual(
+            traefik.watched_paths(str(root)),
+            [str(root), str(root / traefik.MANIFEST), str(root / "bin" / "headers.wasm")],
+        )
+        self.assertEqual(traefik.watched_paths("g.wasm"), ["g.wasm"])
+
+
 # -- the command line ------------------------------------------------------------------------------
 
 

@@ -36,21 +36,29 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import wasmtime
+
+from ..abi import WASI_MODULE
 from ..runtime.guest import GuestLoadError
 from . import goconfig
 
 __all__ = [
     "DEFAULT_WASM_PATH",
     "MANIFEST",
+    "CheckSource",
     "GuestSource",
     "Manifest",
     "Plugin",
     "PluginError",
+    "check_source",
     "guest_source",
     "is_plugin",
     "load_plugin",
+    "module_imports",
     "parse_manifest",
     "sanitise_name",
+    "unprovided_wasi_imports",
+    "wasi_import_problem",
     "watched_paths",
 ]
 
@@ -65,6 +73,24 @@ MAX_MODULE_BYTES = 256 * 1024 * 1024
 MAX_MANIFEST_BYTES = 1024 * 1024
 
 _NAME_JUNK = re.compile(r"[^A-Za-z0-9_-]+")
+
+#: WasmEdge's socket extension: functions it adds to wasi_snapshot_preview1, which Traefik offers to plugins
+#: that import them (outgoing HTTP calls from a plugin) and WASI preview 1 itself does not have.
+WASMEDGE_SOCKETS = frozenset(
+    {
+        "sock_open",
+        "sock_bind",
+        "sock_connect",
+        "sock_listen",
+        "sock_getaddrinfo",
+        "sock_getlocaladdr",
+        "sock_getpeeraddr",
+        "sock_getsockopt",
+        "sock_setsockopt",
+        "sock_recv_from",
+        "sock_send_to",
+    }
+)
 
 
 class PluginError(GuestLoadError):
@@ -153,8 +179,35 @@ def guest_source(entry: dict[str, Any], config: bytes, sha256: str | None, fetch
             return GuestSource(location, None, sha256, config)
         return GuestSource(fetched.data, fetched.name, sha256, config)
     plugin = load_plugin(location, sha256=None if fetched is not None else sha256, data=fetched and fetched.data)
+    unprovided = unprovided_wasi_imports(plugin.wasm)
+    if unprovided:
+        raise PluginError(_unprovided_message(unprovided))
     chosen = plugin.manifest.test_config if entry.get("test-data") else config
     return GuestSource(plugin.wasm, plugin.name, None, chosen, plugin)
+
+
+@dataclass(frozen=True)
+class CheckSource:
+    """What ``python -m twisted_httpwasm check PLUGIN`` runs: the module, its name, configuration and origin."""
+
+    data: bytes
+    name: str
+    config: bytes
+    origin: str
+    #: The WASI functions it imports that this host does not provide (:func:`wasi_import_problem` says why).
+    unprovided: tuple[str, ...]
+
+
+def check_source(spec: str, config: bytes | None = None) -> CheckSource | None:
+    """For ``check``: the plugin at ``spec`` (directory or zip) with its ``testData`` as the configuration unless
+    ``config`` is given; None if ``spec`` is not a plugin.  Raises :class:`PluginError`.
+    """
+    if not is_plugin(spec):
+        return None
+    plugin = load_plugin(spec)
+    chosen = plugin.manifest.test_config if config is None else config
+    origin = f"{spec} (Traefik plugin {plugin.manifest.display_name!r}, {plugin.manifest.wasm_path})"
+    return CheckSource(plugin.wasm, plugin.name, chosen, origin, tuple(unprovided_wasi_imports(plugin.wasm)))
 
 
 def load_plugin(location: str, *, sha256: str | None = None, data: bytes | None = None, name: str = "") -> Plugin:
@@ -345,3 +398,128 @@ def _member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, limit: int, what:
     if len(data) > limit:
         raise PluginError(f"{what} is larger than {limit} bytes: refused")
     return data
+
+
+# -- what a plugin imports ---------------------------------------------------------------------------
+
+
+def module_imports(binary: bytes) -> list[tuple[str, str]]:
+    """The (module, name) of every import of a wasm binary, read from its import section (nothing compiled).
+
+    Empty for WAT text or a binary too malformed to read (loading reports those).
+    """
+    if not binary.startswith(b"\0asm"):
+        return []
+    try:
+        return _ImportReader(binary).imports()
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return []
+
+
+class _ImportReader:
+    def __init__(self, data: bytes):
+        self.data = data
+        self.at = 8  # after the magic and the version
+
+    def byte(self) -> int:
+        value = self.data[self.at]
+        self.at += 1
+        return value
+
+    def uleb(self) -> int:
+        result = shift = 0
+        while True:
+            byte = self.byte()
+            result |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return result
+
+    def name(self) -> str:
+        length = self.uleb()
+        text = self.data[self.at : self.at + length].decode("utf-8")
+        if len(text.encode()) != length:
+            raise ValueError("truncated name")
+        self.at += length
+        return text
+
+    def limits(self) -> None:
+        flags = self.byte()
+        self.uleb()
+        if flags & 1:
+            self.uleb()
+
+    def imports(self) -> list[tuple[str, str]]:
+        while self.at < len(self.data):
+            section, size = self.byte(), self.uleb()
+            if section != 2:
+                self.at += size
+                continue
+            found = []
+            for _ in range(self.uleb()):
+                module, name, kind = self.name(), self.name(), self.byte()
+                if kind in (0, 4):  # a function (type index), a tag (attribute, type index)
+                    if kind == 4:
+                        self.byte()
+                    self.uleb()
+                elif kind == 1:  # a table: element type, limits
+                    self.byte()
+                    self.limits()
+                elif kind == 2:  # a memory
+                    self.limits()
+                elif kind == 3:  # a global: value type, mutability
+                    self.byte()
+                    self.byte()
+                else:
+                    raise ValueError(f"import kind {kind}")
+                found.append((module, name))
+            return found
+        return []
+
+
+_wasi_provided: dict[str, bool] = {}
+
+
+def _provides_wasi(name: str) -> bool:
+    """Whether this host's WASI (wasmtime's preview 1) defines ``wasi_snapshot_preview1.name``."""
+    if name not in _wasi_provided:
+        engine = wasmtime.Engine()
+        linker = wasmtime.Linker(engine)
+        linker.define_wasi()
+        store = wasmtime.Store(engine)
+        try:
+            linker.get(store, WASI_MODULE, name)
+            _wasi_provided[name] = True
+        except (wasmtime.WasmtimeError, LookupError, ValueError):
+            _wasi_provided[name] = False
+    return _wasi_provided[name]
+
+
+def wasi_import_problem(name: str) -> str | None:
+    """None if this host provides ``wasi_snapshot_preview1.name``; otherwise why not, plainly."""
+    if _provides_wasi(name):
+        return None
+    if name in WASMEDGE_SOCKETS:
+        return (
+            "a WasmEdge socket extension function: this host does not provide WasmEdge socket extensions "
+            "(WASI preview 1 has no way to open a socket)"
+        )
+    return "not a WASI preview 1 function this host provides"
+
+
+def unprovided_wasi_imports(binary: bytes) -> list[str]:
+    """The ``wasi_snapshot_preview1`` functions ``binary`` imports that this host does not provide."""
+    return [name for module, name in module_imports(binary) if module == WASI_MODULE and wasi_import_problem(name)]
+
+
+def _unprovided_message(names: list[str]) -> str:
+    sockets = [name for name in names if name in WASMEDGE_SOCKETS]
+    others = [name for name in names if name not in WASMEDGE_SOCKETS]
+    parts = []
+    if sockets:
+        parts.append(
+            f"{WASI_MODULE} {', '.join(sockets)}: WasmEdge socket extensions, which this host does not provide"
+        )
+    if others:
+        parts.append(f"{WASI_MODULE} {', '.join(others)}, which this host's WASI does not provide")
+    return "the plugin imports " + "; and ".join(parts)
