@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
+import shlex
 import signal
 import stat
 import sys
@@ -375,6 +377,12 @@ class ManifestTests(TempFilesMixin, SynchronousTestCase):
         (root / traefik.MANIFEST).write_text(manifest(extra="wasmPath: inside.wasm\n"))
         self.assertEqual(traefik.load_plugin(str(root)).wasm, self.module)  # a symlink within the plugin is fine
 
+    def test_manifest_needs_the_yaml_extra(self) -> None:
+        """Reading .traefik.yml needs PyYAML: without it, one line with the pip command."""
+        directory = self.plugin_dir(RICH_MANIFEST)
+        with mock.patch.dict(sys.modules, {"yaml": None}):
+            self.refused(directory, ".traefik.yml: YAML needs PyYAML: pip install 'twisted-httpwasm[yaml]'")
+
     def test_directory_without_manifest(self) -> None:
         """A directory --guest without .traefik.yml is refused: only a plugin may be a directory."""
         directory = self.mktemp()
@@ -661,6 +669,30 @@ class TwistdPluginTests(HangupTestCase):
             status, _, body = yield self.fetch("GET", url + "/")
             self.assertEqual((status, body), (200, b"x-html: a<b\nx-plugin: from testData"))
             yield self.stop(self.server)
+
+    @inlineCallbacks
+    def test_the_command_of_docs_traefik_md(self) -> Generator[Any, Any, None]:
+        """The command docs/traefik.md shows, as written (the zip, backend and endpoint are this test's): the C
+        header plugin runs with its testData in front of a --proxy backend."""
+        text = (ROOT / "docs" / "traefik.md").read_text()
+        section = text[text.index("## Run a plugin with its own test data") :]
+        block = re.search(r"```sh\n(.*?)```", section, re.S)
+        assert block is not None
+        line = next(line for line in block.group(1).splitlines() if line.startswith("twistd "))
+        args = shlex.split(line)
+        args = args[args.index("httpwasm") + 1 :]
+        del args[args.index("--listen") : args.index("--listen") + 2]  # start_server listens on a free port
+        module = c_guest_binary(HEADERS_PLUGIN, wasi=False).read_bytes()
+        path = self.mktemp() + ".zip"
+        Path(path).write_bytes(zip_plugin(HEADERS_MANIFEST, {"bin/headers.wasm": module}, "demo-v1.0.0"))
+        backend = self.serve(EchoHeaders())
+        args = [{"demo-v1.0.0.zip": path, "http://127.0.0.1:9000": backend}.get(arg, arg) for arg in args]
+        self.assertIn(path, args)
+        url = yield self.start_server(*args)
+        status, _, body = yield self.fetch("GET", url + "/")
+        self.assertEqual(status, 200)
+        self.assertIn(b"x-html: a<b\n", body)
+        self.assertIn(b"x-plugin: from testData", body)
 
     @inlineCallbacks
     def test_manifest_refusal_is_one_line(self) -> Generator[Any, Any, None]:
