@@ -581,6 +581,24 @@ class OptionTests(TempFilesMixin, SynchronousTestCase):
         error = self.assertRaises(SystemExit, make_site, options, MultiService())
         self.assertIn("--guest-config-test-data applies to a Traefik plugin", str(error))
 
+    def test_guest_name(self) -> None:
+        """--guest-name names a plugin (instead of its displayName) or any guest; it must be a clean name."""
+        root = write_plugin(self.mktemp(), RICH_MANIFEST, {"plugin.wasm": wat_binary(ECHO_CONFIG)})
+        plain = self.mktemp() + ".wat"
+        Path(plain).write_text(ECHO_CONFIG)
+        options = self.parse(
+            "--guest", str(root), "--guest-name", "waf-1", "--guest", plain, "--guest-name", "echo",
+            "--guest", str(root), "--class", f"{__name__}.EchoHeaders",
+        )  # fmt: skip
+        parent = MultiService()
+        make_site(options, parent)
+        self.assertEqual([g.name for g in reloading_guests(parent)], ["waf-1", "echo", "Demo-Plugin-test"])
+        for bad in ("a b", "x.y", ""):
+            error = self.assertRaises(usage.UsageError, self.parse, "--guest", plain, "--guest-name", bad)
+            self.assertIn("--guest-name must be letters, digits", str(error))
+        error = self.assertRaises(usage.UsageError, self.parse, "--guest-name", "x")
+        self.assertIn("must come after the --guest", str(error))
+
     def test_traefik_mount_forms(self) -> None:
         """Traefik's mounts: HOST (same path inside), HOST:GUEST, each with :ro."""
         host = os.path.abspath(self.mktemp())

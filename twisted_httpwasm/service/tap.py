@@ -194,6 +194,14 @@ then are cut and logged. twistd then exits with status 0.
         """
         self["guests"].append({"path": path, "config": b""})
 
+    def opt_guest_name(self, name: str) -> None:
+        """Name of the preceding --guest in logs and metrics. [default: a plugin's displayName, else the file's stem]"""
+        if not self["guests"]:
+            raise usage.UsageError("--guest-name must come after the --guest it names")
+        if not name or traefik.sanitise_name(name, fallback="") != name:
+            raise usage.UsageError(f"--guest-name must be letters, digits, - and _ (at most 64), not {name!r}")
+        self["guests"][-1]["name"] = name
+
     def opt_guest_sha256(self, digest: str) -> None:
         """sha256 (64 hex digits) the preceding --guest must have; a guest whose digest differs is refused."""
         digest = digest.strip().lower()

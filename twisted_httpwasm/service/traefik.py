@@ -162,7 +162,8 @@ def watched_paths(location: str) -> list[str]:
 
 
 def guest_source(entry: dict[str, Any], config: bytes, sha256: str | None, fetched: Any = None) -> GuestSource:
-    """What the ``--guest`` of ``entry`` (``path``, and ``test-data`` if its testData is the configuration) loads.
+    """What the ``--guest`` of ``entry`` loads: ``path``, ``name`` if given (``--guest-name``), ``test-data`` if
+    its testData is the configuration.
 
     ``fetched`` is a :class:`~.sources.FetchedGuest` for a remote ``--guest``
     (its bytes already checked against ``sha256``).  A plugin gives its module,
@@ -170,15 +171,18 @@ def guest_source(entry: dict[str, Any], config: bytes, sha256: str | None, fetch
     guest is passed on as it is.  Raises :class:`PluginError`.
     """
     location: str = entry["path"]
+    name: str | None = entry.get("name")
     if not is_plugin(location):
         if entry.get("test-data"):
             raise PluginError(
                 "--guest-config-test-data applies to a Traefik plugin (a directory with .traefik.yml, or a .zip)"
             )
         if fetched is None:
-            return GuestSource(location, None, sha256, config)
-        return GuestSource(fetched.data, fetched.name, sha256, config)
-    plugin = load_plugin(location, sha256=None if fetched is not None else sha256, data=fetched and fetched.data)
+            return GuestSource(location, name, sha256, config)
+        return GuestSource(fetched.data, name or fetched.name, sha256, config)
+    plugin = load_plugin(
+        location, sha256=None if fetched is not None else sha256, data=fetched and fetched.data, name=name or ""
+    )
     unprovided = unprovided_wasi_imports(plugin.wasm)
     if unprovided:
         raise PluginError(_unprovided_message(unprovided))
