@@ -724,6 +724,22 @@ class TwistdPluginTests(HangupTestCase):
         self.assertNotIn("Traceback", output)
 
     @inlineCallbacks
+    def test_watch_reloads_when_the_module_changes(self) -> Generator[Any, Any, None]:
+        """--watch of a plugin directory reloads when its module is replaced (the directory itself is unchanged)."""
+        root = write_plugin(self.mktemp(), manifest(test_data="  v: 1\n"), {"plugin.wasm": wat_binary(ECHO_CONFIG)})
+        url = yield self.start_server(
+            "--watch", "--guest", str(root), "--guest-config-test-data", "--class", f"{__name__}.EchoHeaders"
+        )
+        self.assertEqual((yield self.fetch("GET", url + "/"))[2], b'{"v":1}')
+        replaced = root / "plugin.wasm"
+        # Same size and name, new content: an echo that marks its responses differently ("yes" -> "new").
+        replaced.write_bytes(wat_binary(ECHO_CONFIG.replace('"yes"', '"new"')))
+        yield self.wait_for_count(self.RELOADED, 1)
+        self.assertIn(f"httpwasm: {replaced} changed; reloading", self.server.output())
+        _, headers, body = yield self.fetch("GET", url + "/")
+        self.assertEqual((headers.getRawHeaders("x-started"), body), (["new"], b'{"v":1}'))
+
+    @inlineCallbacks
     def test_sighup_reloads_a_plugin_directory(self) -> Generator[Any, Any, None]:
         """SIGHUP reads the plugin directory again: a new testData and a new module take over; a broken manifest
         is refused in one line and the running plugin goes on serving."""
