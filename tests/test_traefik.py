@@ -762,8 +762,13 @@ class TwistdPluginTests(HangupTestCase):
         self.assertIn("runtime is 'yaegi'", failed[0])
         self.assertEqual((yield self.fetch("GET", url + "/"))[2], b'{"v":2,"w":["x"]}')
 
-        module = c_guest_binary(HEADERS_PLUGIN, wasi=False).read_bytes()
-        write_plugin(root, HEADERS_MANIFEST, {"bin/headers.wasm": module})
+        # Another module at another wasmPath, with another testData.
+        write_plugin(
+            root,
+            manifest(extra="wasmPath: bin/v2.wasm\n", test_data="  v: 3\n"),
+            {"bin/v2.wasm": wat_binary(ECHO_CONFIG.replace('"yes"', '"v2!"'))},
+        )
         os.kill(self.server.process.pid, signal.SIGHUP)
         yield self.wait_for_count(self.RELOADED, 2)
-        self.assertEqual((yield self.fetch("GET", url + "/"))[2], b"x-html: a<b\nx-plugin: from testData")
+        _, headers, body = yield self.fetch("GET", url + "/")
+        self.assertEqual((headers.getRawHeaders("x-started"), body), (["v2!"], b'{"v":3}'))
