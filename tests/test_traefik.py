@@ -36,6 +36,7 @@ from twisted_httpwasm.service.tap import Options, make_site, reloading_guests
 
 from .support import IMPORTS, NOOP_RESPONSE, ROOT, ServerTestCase, TempFilesMixin, c_guest_binary, execution_variants
 from .test_reload import HangupTestCase
+from .test_sources import TLSServerMixin
 
 #: Answers every request itself: status 200, ``x-started: yes`` once ``_start`` ran (it ends with proc_exit(0),
 #: as TinyGo 0.35+ plugins do), and its configuration, as get_config returned it, as the body.
@@ -772,3 +773,30 @@ class TwistdPluginTests(HangupTestCase):
         yield self.wait_for_count(self.RELOADED, 2)
         _, headers, body = yield self.fetch("GET", url + "/")
         self.assertEqual((headers.getRawHeaders("x-started"), body), (["v2!"], b'{"v":3}'))
+
+
+class RemotePluginTests(TLSServerMixin, HangupTestCase):
+    @inlineCallbacks
+    def test_https_release_zip_pinned_by_its_digest(self) -> Generator[Any, Any, None]:
+        """--guest https://.../demo.zip --guest-sha256 ZIP_DIGEST --guest-config-test-data: fetched at startup,
+        served with its testData; at SIGHUP its verified copy is used, not fetched again; a wrong digest is refused
+        naming the zip's."""
+        self.start_tls_server()
+        data = zip_plugin(RICH_MANIFEST, {"plugin.wasm": wat_binary(ECHO_CONFIG)}, "demo-v1.0.0")
+        self.files.files[b"/releases/demo-v1.0.0.zip"] = data
+        url = self.base + "/releases/demo-v1.0.0.zip"
+        digest = hashlib.sha256(data).hexdigest()
+        status, output = yield self.exit_status(
+            "--guest", url, "--guest-sha256", "0" * 64, "--class", f"{__name__}.EchoHeaders"
+        )
+        self.assertEqual(status, 1)
+        self.assertIn(f"has sha256 {digest}, not the expected {'0' * 64}", output)
+
+        base = yield self.start_server(
+            "--guest", url, "--guest-sha256", digest, "--guest-config-test-data", "--class", f"{__name__}.EchoHeaders"
+        )
+        self.assertEqual((yield self.fetch("GET", base + "/"))[2], RICH_JSON)
+        os.kill(self.server.process.pid, signal.SIGHUP)
+        yield self.wait_for_count(self.RELOADED, 1)
+        self.assertEqual((yield self.fetch("GET", base + "/"))[2], RICH_JSON)
+        self.assertEqual(self.files.fetches[b"/releases/demo-v1.0.0.zip"], 2)  # the refused run, then startup
