@@ -4,6 +4,8 @@
 2. ``runtime/`` - wasmtime, guests, pools, host functions: no twisted.web.
 3. ``web/`` - the twisted.web adapter.
 4. ``service/`` - twistd wiring (``tap``) and worker processes.
+5. ``testing/`` - the test kit (GuestClient, the pytest plugin, ``check``) and ``__main__``
+   (``python -m twisted_httpwasm``): they run guests the way ``twistd httpwasm`` does.
 The facade (``__init__.py``) may take names from any layer.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 PACKAGE = Path(__file__).resolve().parent.parent / "twisted_httpwasm"
-LAYERS = {"abi": 1, "runtime": 2, "web": 3, "service": 4}
+LAYERS = {"abi": 1, "runtime": 2, "web": 3, "service": 4, "testing": 5, "__main__": 5}
 
 
 def module_name(path: Path) -> str:
@@ -58,7 +60,7 @@ def layer_of(module: str) -> int | None:
 
 class LayerTests(SynchronousTestCase):
     def test_every_module_belongs_to_a_layer(self) -> None:
-        """Each module is the facade, the guests data package, or in one of the four layers."""
+        """Each module is the facade, the guests data package, or in one of the layers."""
         strays = [
             name
             for name in package_modules()

@@ -22,6 +22,7 @@ PUBLIC_MODULES = (
     "web.tracing",
     "web.access_log",
     "service.tap",
+    "testing",
 )
 
 
@@ -58,6 +59,28 @@ class PublicApiTests(SynchronousTestCase):
                 "UnderscoreHeaderGuard",
             ],
         )
+
+    def test_the_test_kit(self):
+        """twisted_httpwasm.testing exports what docs/testing.md uses; the facade does not import it."""
+        testing = importlib.import_module("twisted_httpwasm.testing")
+        self.assertEqual(
+            sorted(testing.__all__),
+            [
+                "DownstreamRequest",
+                "Exchange",
+                "GuestClient",
+                "GuestSource",
+                "GuestTestMixin",
+                "Headers",
+                "HostCall",
+                "cached_guest",
+                "init_calls",
+                "load_guest",
+            ],
+        )
+        probe = "import sys, twisted_httpwasm; print('twisted_httpwasm.testing' in sys.modules)"
+        output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+        self.assertEqual(output.strip(), "False")
 
     def test_nothing_private_is_exported(self):
         self.assertEqual([name for name in twisted_httpwasm.__all__ if name.startswith("_")], [])

@@ -28,6 +28,7 @@ from . import engine as _engine
 from . import native as _native
 from .cache import CompileCache, default_cache_dir
 from .calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, CallLog, LogLimit
+from .calltrace import HostCallHook, traced
 from .engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
 from .hostfuncs import IMPLEMENTATIONS, trap_reason
 from .native import CallerMemory, GuestCallError, NativeFunc, NativeMemory
@@ -147,7 +148,9 @@ class Guest:
     digest of what was loaded.  ``max_requests`` and ``max_age`` (seconds)
     recycle instances (see :class:`~twisted_httpwasm.runtime.pool.GuestPool`);
     off by default.  :meth:`retire` is for a guest that was replaced: its
-    instances are freed once their last request ended.
+    instances are freed once their last request ended.  ``on_host_call`` is
+    told of every host function call (tests: ``twisted_httpwasm.testing``);
+    without it host functions are linked with no trace at all.
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class Guest:
         sha256: str | None = None,
         max_requests: int | None = None,
         max_age: float | None = None,
+        on_host_call: HostCallHook | None = None,
     ):
         binary, default_name, digest = _read_source(source)
         self.name = name or default_name
@@ -186,6 +190,8 @@ class Guest:
         self.max_buffer_bytes = max_buffer_bytes
         self.env = tuple(env)
         self.mounts = tuple(mounts)
+        #: Told of every host function call (``runtime.calltrace``); None (the default) costs nothing.
+        self.on_host_call = on_host_call
         self.log = Logger(namespace=f"httpwasm.guest.{self.name}")
         #: Told how each request through this guest ended (metrics, traces); nothing by default.
         self.observer: GuestObserver = NO_OBSERVER
@@ -277,6 +283,9 @@ class Guest:
         callbacks: list[object] = []
         for spec in HOST_FUNCTIONS:
             results = [] if spec.result is None else [i32 if spec.result == _I32 else i64]
+            implementation = IMPLEMENTATIONS[spec.name]
+            if self.on_host_call is not None:  # the one place a call trace is hooked in (see calltrace)
+                implementation = traced(spec.name, implementation, self.on_host_call)
             callbacks.append(
                 _native.define_host_function(
                     linker,
@@ -284,7 +293,7 @@ class Guest:
                     spec.name,
                     [i32] * spec.params,
                     results,
-                    IMPLEMENTATIONS[spec.name],
+                    implementation,
                     trap_reason,
                     self._host_error,
                 )
