@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shlex
 import signal
 import stat
+import subprocess
 import sys
 import zipfile
 from collections.abc import Generator
@@ -534,6 +536,89 @@ class ImportTests(TempFilesMixin, SynchronousTestCase):
             [str(root), str(root / traefik.MANIFEST), str(root / "bin" / "headers.wasm")],
         )
         self.assertEqual(traefik.watched_paths("g.wasm"), ["g.wasm"])
+
+
+class CheckPluginTests(TempFilesMixin, SynchronousTestCase):
+    """``python -m twisted_httpwasm check PLUGIN``: the plugin's testData as configuration, one smoke request, and
+    what it imports that this host does not offer, said plainly."""
+
+    def run_check(self, *argv: str) -> tuple[int, list[str]]:
+        from twisted_httpwasm.testing.check import main
+
+        out = io.StringIO()
+        status = main(list(argv), out)
+        return status, out.getvalue().splitlines()
+
+    def test_header_plugin_zip_runs_with_its_test_data(self) -> None:
+        """The C header plugin's release zip: its testData is read by _start, the smoke request passes on."""
+        module = c_guest_binary(HEADERS_PLUGIN, wasi=False).read_bytes()
+        path = self.mktemp() + ".zip"
+        Path(path).write_bytes(zip_plugin(HEADERS_MANIFEST, {"bin/headers.wasm": module}, "headers-v0.1.0"))
+        status, lines = self.run_check(path)
+        text = "\n".join(lines)
+        self.assertEqual((status, lines[-1]), (0, "OK: guest Header-adder can run here"), text)
+        self.assertIn(f"{path} (Traefik plugin 'Header adder', bin/headers.wasm)", lines[0])
+        test_config = traefik.load_plugin(path).manifest.test_config
+        self.assertIn(f"config: {len(test_config)} bytes", text)
+        self.assertIn("config read: yes", text)
+        self.assertIn("smoke request: GET / -> 200 (the downstream answered; outcome passed)", text)
+        self.assertIn("handle_request:set_header_value, handle_request:set_header_value", text)
+
+    def test_config_file_instead_of_test_data(self) -> None:
+        """--config-file (YAML) replaces the testData, encoded as twistd httpwasm encodes it."""
+        root = write_plugin(self.mktemp(), RICH_MANIFEST, {"plugin.wasm": wat_binary(ECHO_CONFIG)})
+        config = self.mktemp() + ".yaml"
+        Path(config).write_text("b: 1\na: x\n")
+        status, lines = self.run_check(str(root), "--config-file", config, "--json")
+        self.assertEqual(status, 0)
+        report = json.loads("\n".join(lines))
+        self.assertEqual(report["guest"]["config_bytes"], len(b'{"a":"x","b":1}'))
+        self.assertEqual(report["start"]["functions"], ["_start"])
+        self.assertEqual(report["smoke"]["status"], 200)
+        self.assertFalse(report["smoke"]["downstream_reached"])  # the echo answers itself
+
+    def test_socket_extension_is_said_plainly(self) -> None:
+        """A plugin importing WasmEdge's sock_open and sock_connect cannot run here, and check says why."""
+        root = write_plugin(self.mktemp(), manifest(test_data="  a: 1\n"), {"plugin.wasm": wat_binary(SOCKET_PLUGIN)})
+        status, lines = self.run_check(str(root))
+        self.assertEqual(status, 1)
+        unknown = [line for line in lines if "UNKNOWN" in line]
+        self.assertEqual(len(unknown), 2, lines)
+        for line, name in zip(unknown, ("sock_open", "sock_connect"), strict=True):
+            self.assertIn(f"wasi_snapshot_preview1.{name}", line)
+            self.assertIn("this host does not provide WasmEdge socket extensions", line)
+        self.assertTrue(lines[-1].startswith("FAIL: guest t cannot run here: it imports what this host does not"))
+        self.assertIn("sock_open", lines[-1])
+        self.assertNotIn("sock_send", lines[-1])  # WASI preview 1's own socket calls are provided
+
+    def test_manifest_refusal(self) -> None:
+        """A Yaegi plugin: check fails in one line naming the field."""
+        root = write_plugin(self.mktemp(), manifest(runtime="yaegi"), {})
+        status, lines = self.run_check(str(root))
+        self.assertEqual(status, 1)
+        self.assertEqual(len(lines), 1)
+        self.assertTrue(lines[0].startswith(f"FAIL: {root}: .traefik.yml: runtime is 'yaegi'"), lines)
+
+    def test_start_functions_listed_in_the_order_they_run(self) -> None:
+        """A module with both start functions is reported as running _start, then _initialize."""
+        both = ECHO_CONFIG.replace(
+            '(func (export "handle_request")', '(func (export "_initialize"))\n  (func (export "handle_request")'
+        )
+        root = write_plugin(self.mktemp(), manifest(), {"plugin.wasm": wat_binary(both)})
+        status, lines = self.run_check(str(root))
+        self.assertEqual(status, 0, lines)
+        self.assertIn("start function: _start, _initialize", lines)
+
+    def test_the_command(self) -> None:
+        """As a person runs it: ``python -m twisted_httpwasm check PLUGIN.zip``."""
+        path = self.mktemp() + ".zip"
+        Path(path).write_bytes(zip_plugin(RICH_MANIFEST, {"plugin.wasm": wat_binary(ECHO_CONFIG)}, "demo"))
+        done = subprocess.run(
+            [sys.executable, "-m", "twisted_httpwasm", "check", path], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(
+            (done.returncode, done.stdout.splitlines()[-1]), (0, "OK: guest Demo-Plugin-test can run here")
+        )
 
 
 # -- the command line ------------------------------------------------------------------------------
