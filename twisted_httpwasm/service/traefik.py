@@ -482,15 +482,18 @@ class _ImportReader:
 
 
 _wasi_provided: dict[str, bool] = {}
+_wasi_linker: list[tuple[wasmtime.Linker, wasmtime.Store]] = []
 
 
 def _provides_wasi(name: str) -> bool:
     """Whether this host's WASI (wasmtime's preview 1) defines ``wasi_snapshot_preview1.name``."""
     if name not in _wasi_provided:
-        engine = wasmtime.Engine()
-        linker = wasmtime.Linker(engine)
-        linker.define_wasi()
-        store = wasmtime.Store(engine)
+        if not _wasi_linker:
+            engine = wasmtime.Engine()
+            linker = wasmtime.Linker(engine)
+            linker.define_wasi()
+            _wasi_linker.append((linker, wasmtime.Store(engine)))
+        linker, store = _wasi_linker[0]
         try:
             linker.get(store, WASI_MODULE, name)
             _wasi_provided[name] = True
