@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
 from twisted.python import usage
 from twisted.web.resource import Resource
 
@@ -182,6 +187,19 @@ class MetricsOptionTests(TempFilesMixin, ServerTestCase):
         self.assertIn("--metrics nonsense:1", str(raised.exception))
 
 
+class Watched(Protocol):
+    """A client connection that sends nothing by itself and remembers what it got and that it was closed."""
+
+    lost = False
+    received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+
+
 class TwistdMetricsTests(MetricsMixin, TwistdTestCase):
     @inlineCallbacks
     def start_with_metrics(self, *args: str) -> Generator[Any, Any, tuple[str, str]]:
@@ -234,6 +252,68 @@ class TwistdMetricsTests(MetricsMixin, TwistdTestCase):
         self.assertEqual(value(values, "httpwasm_requests_total", guest=guest, outcome="passed"), len(pids))
         self.assertEqual(value(values, "httpwasm_request_duration_seconds_count", guest=guest), len(pids))
         self.assertIn("(summed over every process)", server.output())
+
+    @inlineCallbacks
+    def test_metrics_listener_has_the_sites_deadlines(self) -> Generator[Any, Any, None]:
+        """The --metrics listener closes idle connections after --idle-timeout and slow headers after
+        --header-timeout, as the main site does (Twisted's default would keep them 12 hours, and enough of them
+        take every file descriptor); its startup line says it listens on all interfaces when it does."""
+        metrics_port = free_port()
+        yield self.start_server(
+            "--guest", self.guest_file(HEADER_GUEST), "--class", "tests.test_twistd.Hello",
+            "--metrics", f"tcp:{metrics_port}", "--idle-timeout", "3", "--header-timeout", "1",
+        )  # fmt: skip
+        idle = []
+        for _ in range(5):
+            idle.append((yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", metrics_port), Watched())))
+        slow = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", metrics_port), Watched())
+        slow.transport.write(b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        trickle = LoopingCall(lambda: slow.lost or slow.transport.write(b"a"))  # resets the idle timer
+        trickle.start(0.25)
+        self.addCleanup(lambda: trickle.running and trickle.stop())
+        if not (yield poll(lambda: slow.lost, DEADLINE)):
+            self.fail("headers that trickle were not cut at --header-timeout")
+        if not (yield poll(lambda: all(connection.lost for connection in idle), DEADLINE)):
+            self.fail("idle connections to the metrics port were not closed at --idle-timeout")
+        self.assertIn(b"408", slow.received)
+        self.assertIn(
+            f"Prometheus metrics on tcp:{metrics_port} (all interfaces, port {metrics_port}: reachable from other"
+            " machines; add :interface=127.0.0.1 to keep it on this one) at /metrics",
+            self.server.output(),
+        )
+
+    @inlineCallbacks
+    def test_stale_multiprocess_dirs_are_removed_at_the_next_start(self) -> Generator[Any, Any, None]:
+        """After kill -9 of a --workers main process its multiprocess-metrics directory stays; the next start
+        removes it, and only it: not one of a running process, nor one of another user."""
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        previous = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(tmp)  # the twistd processes' temporary directory (tempfile.gettempdir)
+        self.addCleanup(lambda: os.environ.pop("TMPDIR") if previous is None else os.environ.update(TMPDIR=previous))
+        args = ("--workers", "2", "--guest", self.guest_file(HEADER_GUEST), "--class", "tests.test_workers.Pid")
+        yield self.start_with_metrics(*args)
+        killed = self.server
+        (stale,) = tmp.glob(f"httpwasm-metrics-{killed.process.pid}-*")
+        killed.process.kill()
+        killed.process.wait()
+        self.assertTrue(stale.is_dir())
+        alive = tmp / f"httpwasm-metrics-{os.getpid()}-running"  # this test's own process: alive
+        alive.mkdir()
+        others = tmp / f"httpwasm-metrics-{killed.process.pid}-others"
+        others.mkdir()
+        if os.geteuid() == 0:
+            os.chown(others, 65534, -1)  # of another user: never ours to remove
+
+        yield self.start_with_metrics(*args)
+        self.assertIn(
+            f"removed {stale}, the metrics of process {killed.process.pid}, which is gone", self.server.output()
+        )
+        self.assertFalse(stale.exists())
+        self.assertTrue(alive.is_dir())
+        self.assertEqual(others.is_dir(), os.geteuid() == 0)
+        (current,) = tmp.glob(f"httpwasm-metrics-{self.server.process.pid}-*")
+        self.assertTrue(current.is_dir())
 
     @inlineCallbacks
     def test_the_demo_mentions_metrics(self) -> Generator[Any, Any, None]:

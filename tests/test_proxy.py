@@ -23,7 +23,7 @@ from twisted.web.static import Data
 from twisted.web.test.requesthelper import DummyRequest
 
 from twisted_httpwasm import Execution
-from twisted_httpwasm.web.proxy import BadGateway, ProxyResource, end_to_end_headers
+from twisted_httpwasm.web.proxy import BadGateway, NotOriginForm, ProxyResource, end_to_end_headers
 
 from .support import (
     ServerTestCase,
@@ -527,10 +527,15 @@ class ProxyUnitTests(SynchronousTestCase):
         """A request in absolute form ("GET http://front/a?b") is forwarded as /a?b."""
         proxy = ProxyResource("http://backend/base", agent=object())  # type: ignore[arg-type]
         request = DummyRequest([b""])
+        request.requestHeaders.setRawHeaders(b"host", [b"front:8080"])
         request.uri = b"http://front:8080/a/b?c=1"
         self.assertEqual(proxy.backend_url(request), b"http://backend/base/a/b?c=1")
         request.uri = b"http://front:8080"
         self.assertEqual(proxy.backend_url(request), b"http://backend/base/")
+        # Another authority than the request's Host, or a target that is not a URL: refused (400).
+        for target in (b"http://elsewhere:8080/a", b"a:1/", b"front:8080"):
+            request.uri = target
+            self.assertRaises(NotOriginForm, proxy.backend_url, request)
 
     def test_hop_by_hop_headers_dropped(self) -> None:
         """RFC 9110 hop-by-hop headers, proxy-*, and those the Connection header names go."""

@@ -229,6 +229,7 @@ class PathInsideBaseUnitTests(SynchronousTestCase):
         """backend_url refuses each escape with PathOutsideBase (a 400 for the client)."""
         proxy = ProxyResource("http://backend/base", agent=object())  # type: ignore[arg-type]
         request = DummyRequest([b""])
+        request.requestHeaders.setRawHeaders(b"host", [b"front.example"])  # the absolute-form names it
         for target in ESCAPES:
             request.uri = target
             error = self.assertRaises(PathOutsideBase, proxy.backend_url, request)

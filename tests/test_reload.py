@@ -163,6 +163,53 @@ class ReloaderTests(ServerTestCase):
         )
 
     @inlineCallbacks
+    def test_a_newer_reload_interrupts_and_supersedes_the_running_one(self) -> Generator[Any, Any, None]:
+        """A reload asked for while one loads calls ``interrupt`` (which ends a fetch: the load fails with
+        CancelledError) and loads again; the superseded one says so, runs no hooks, and swaps nothing."""
+        resource = GuestResource(make_guest(version_guest(1)), Plain())
+        fresh = make_guest(version_guest(2))
+        loads: list[Deferred[list[Any]]] = []
+        hooks: list[str] = []
+
+        def load() -> Deferred[list[Any]]:
+            loads.append(Deferred())
+            return loads[-1]
+
+        reloader = GuestReloader([resource], load, interrupt=lambda: loads[-1].cancel())
+        reloader.after_reload.append(lambda: hooks.append("after"))
+        done = reloader.reload()
+        self.assertIs(reloader.reload(), done)
+        self.assertEqual(len(loads), 2)  # the first was interrupted, the second runs
+        loads[1].callback([fresh])
+        swapped = yield done
+        self.assertTrue(swapped)
+        self.assertIs(resource.guest, fresh)
+        self.assertEqual(hooks, ["after"])
+        self.assertEqual(self.lines()[0], "httpwasm: reload superseded by a newer one")
+
+    @inlineCallbacks
+    def test_a_reload_that_cannot_be_interrupted_runs_once_more_after(self) -> Generator[Any, Any, None]:
+        """Without a fetch to stop (a load compiling), the running load finishes and one more runs after it."""
+        resource = GuestResource(make_guest(version_guest(1)), Plain())
+        loads: list[Deferred[list[Any]]] = []
+
+        def load() -> Deferred[list[Any]]:
+            loads.append(Deferred())
+            return loads[-1]
+
+        reloader = GuestReloader([resource], load, interrupt=lambda: None)
+        done = reloader.reload()
+        reloader.reload()
+        reloader.reload()
+        self.assertEqual(len(loads), 1)
+        loads[0].callback([make_guest(version_guest(2))])
+        self.assertEqual(len(loads), 2)  # the reloads asked meanwhile: one more
+        latest = make_guest(version_guest(3))
+        loads[1].callback([latest])
+        self.assertTrue((yield done))
+        self.assertIs(resource.guest, latest)
+
+    @inlineCallbacks
     def test_every_guest_is_swapped_and_named_with_its_digest(self) -> Generator[Any, Any, None]:
         """A good reload swaps every guest of the chain and logs each one's sha256; after_reload hooks run."""
         outer = GuestResource(make_guest(version_guest(1), name="outer"), Plain())
@@ -357,6 +404,101 @@ class WorkersHangupTests(TwistdTestCase):
         if not (yield poll(lambda: all(text in server.output() for text in failed), DEADLINE)):
             self.fail(f"both processes did not report the failed reload:\n{server.output()}")
         seen.clear()
+        if not (yield poll(both_answered, 20)):
+            self.fail(f"only {sorted(seen)} answered")
+        self.assertEqual(list(seen.values()), [{"2"}, {"2"}])
+
+
+#: WASI functions the gated guest uses to look at its mounted directory (preopened as fd 3) and to wait.
+GATE_IMPORTS = """
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $fd_close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
+"""
+
+
+def gated_guest(version: int) -> str:
+    """:func:`version_guest`, whose init, if the mounted directory holds ``hold``, creates ``waiting`` there and
+    waits until ``go`` appears (looking every 20 ms, with a WASI clock wait): the test decides when it is ready.
+    """
+    return """
+  (data (i32.const 200) "hold")
+  (data (i32.const 208) "waiting")
+  (data (i32.const 224) "go")
+  (func $exists (param $name i32) (param $length i32) (result i32)
+    (if (result i32)
+      (i32.eqz (call $path_open (i32.const 3) (i32.const 0) (local.get $name) (local.get $length)
+        (i32.const 0) (i64.const 0) (i64.const 0) (i32.const 0) (i32.const 256)))
+      (then (drop (call $fd_close (i32.load (i32.const 256)))) (i32.const 1))
+      (else (i32.const 0))))
+  (func (export "_initialize")
+    (if (call $exists (i32.const 200) (i32.const 4))
+      (then
+        ;; create "waiting" (oflags O_CREAT, rights fd_write)
+        (if (i32.eqz (call $path_open (i32.const 3) (i32.const 0) (i32.const 208) (i32.const 7)
+              (i32.const 1) (i64.const 0x40) (i64.const 0) (i32.const 0) (i32.const 256)))
+          (then (drop (call $fd_close (i32.load (i32.const 256))))))
+        ;; one subscription at 512: tag 0 (clock), clock id 1 (monotonic), 20 ms
+        (i32.store8 (i32.const 520) (i32.const 0))
+        (i32.store (i32.const 528) (i32.const 1))
+        (i64.store (i32.const 536) (i64.const 20000000))
+        (block $go
+          (loop $wait
+            (br_if $go (call $exists (i32.const 224) (i32.const 2)))
+            (drop (call $poll_oneoff (i32.const 512) (i32.const 640) (i32.const 1) (i32.const 704)))
+            (br $wait))))))
+""" + version_guest(version)
+
+
+class WorkerLoadingDuringReloadTests(TwistdTestCase):
+    READY = re.compile(r"httpwasm worker 2 of 2 \(pid (\d+)\) serving")
+
+    @inlineCallbacks
+    def test_a_worker_loading_during_a_reload_reloads_once_ready(self) -> Generator[Any, Any, None]:
+        """A worker that read the guest file before a SIGHUP but was not ready yet is not skipped: the main process
+        counts reloads, the worker reports the count it started at, and is asked to reload once ready.
+
+        Made deterministic with a guest whose init waits for a file the test creates (through --guest-mount).
+        """
+        gate = Path(self.mktemp())
+        gate.mkdir()
+        guest = self.guest_file()
+        Path(guest).write_bytes(module(gated_guest(1), imports=GATE_IMPORTS))
+        url = yield self.start_server(
+            "--workers", "2", "--guest", guest, "--guest-mount", f"{gate}:/gate", "--guest-timeout", "600",
+            "--class", "tests.test_workers.Pid",
+        )  # fmt: skip
+        server = self.server
+        if not (yield poll(lambda: server.exited() or self.READY.search(server.output()), DEADLINE)):
+            self.fail(f"worker 2 did not start:\n{server.output()}")
+        first = int(self.READY.search(server.output())[1])
+
+        # The next worker 2 will hold in its init, after it read the guest file (version 1).
+        (gate / "hold").touch()
+        os.kill(first, signal.SIGKILL)
+        if not (yield poll(lambda: server.exited() or (gate / "waiting").exists(), DEADLINE)):
+            self.fail(f"the replacement worker did not start loading:\n{server.output()}")
+
+        write_guest(guest, version_guest(2))
+        os.kill(server.process.pid, signal.SIGHUP)
+        if not (yield poll(lambda: server.exited() or "httpwasm: reloaded" in server.output(), DEADLINE)):
+            self.fail(f"the main process did not reload:\n{server.output()}")
+
+        (gate / "go").touch()  # the worker finishes loading version 1 and reports ready
+        if not (yield poll(lambda: server.exited() or "httpwasm worker 2: reloaded" in server.output(), DEADLINE)):
+            self.fail(f"the worker that was loading did not reload:\n{server.output()}")
+        self.assertIn("was loading during a reload (generation 0 of 1)", server.output())
+
+        seen: dict[int, set[str]] = {}
+
+        @inlineCallbacks
+        def both_answered() -> Generator[Any, Any, bool]:
+            responses = yield gatherResults([self.fetch("GET", url + "/pid") for _ in range(8)])
+            for _, headers, body in responses:
+                seen.setdefault(int(body), set()).add(headers.getRawHeaders("x-version", ["-"])[0])
+            return len(seen) >= 2
+
         if not (yield poll(both_answered, 20)):
             self.fail(f"only {sorted(seen)} answered")
         self.assertEqual(list(seen.values()), [{"2"}, {"2"}])

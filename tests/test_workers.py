@@ -252,6 +252,41 @@ class WorkersServiceTests(SynchronousTestCase):
         self.assertIn("ZeroDivisionError", eventAsText(relayed[2]))
         self.assertTrue(protocol.ready)
 
+    def report_ready(self, protocol: WorkerProtocol, generation: int | None) -> None:
+        out = io.StringIO()
+        fields: dict[str, Any] = {"httpwasm_worker_ready": True}
+        if generation is not None:
+            fields["httpwasm_generation"] = generation
+        Logger(namespace="httpwasm", observer=jsonFileLogObserver(out)).info("serving", **fields)
+        protocol.childDataReceived(1, out.getvalue().encode())
+
+    def test_reload_generation_is_not_lost_for_a_loading_worker(self) -> None:
+        """Each reload moves the generation on; a worker starts with the current one in its spec; one that was
+        loading (not signalled: a SIGHUP would end it) and reports an older generation is signalled once."""
+        service = self.service(3)
+        self.start(service)
+        first, second = self.reactor.processes
+        self.assertEqual([first.spec["generation"], second.spec["generation"]], [0, 0])
+        self.report_ready(first.protocol, 0)
+        self.assertEqual((first.signals, second.signals), ([], []))
+
+        service.reload_workers()  # the second is still loading
+        self.assertEqual((service.generation, first.signals, second.signals), (1, ["HUP"], []))
+        self.report_ready(second.protocol, 0)
+        self.assertEqual(second.signals, ["HUP"])
+        self.assertIn("was loading during a reload (generation 0 of 1)", self.texts()[-1])
+
+        service.reload_workers()
+        self.assertEqual((first.signals, second.signals), (["HUP", "HUP"], ["HUP", "HUP"]))
+        # A replacement starts at the current generation: ready, it is not signalled again.
+        first.protocol.ready = True
+        first.end(killed())
+        self.reactor.advance(workers.RESTART_DELAY)
+        third = self.reactor.processes[2]
+        self.assertEqual(third.spec["generation"], 2)
+        self.report_ready(third.protocol, 2)
+        self.assertEqual(third.signals, [])
+
     def test_ready_worker_that_dies_is_replaced(self) -> None:
         """A worker that was serving and dies is replaced after a short delay, under the same number."""
         service = self.service(2)

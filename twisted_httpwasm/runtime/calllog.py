@@ -7,20 +7,47 @@ stdout and stderr counts against the same budget.  The rest is dropped before
 it is copied out of the guest's memory, counted, and reported in one summary
 line at the end of the call, so that a guest logging in a loop costs the host
 a counter per message, not a log line.
+
+:func:`escape_log_text` is what makes a guest's text one line of a text log.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..abi import LogLevel
 
-__all__ = ["DEFAULT_LOG_BYTES", "DEFAULT_LOG_MESSAGES", "CallLog", "LogLimit", "format_size"]
+__all__ = ["DEFAULT_LOG_BYTES", "DEFAULT_LOG_MESSAGES", "CallLog", "LogLimit", "escape_log_text", "format_size"]
 
 #: Messages one guest call may log.
 DEFAULT_LOG_MESSAGES = 100
 #: Bytes of messages one guest call may log.
 DEFAULT_LOG_BYTES = 64 * 1024
+
+
+#: What a line reader may take for the end of a line, or a terminal for a command: every C0 and C1
+#: control (CR, LF, VT, FF, the file/group/record separators, ESC, NEL U+0085, CSI U+009B...), DEL,
+#: and the Unicode line and paragraph separators (U+2028, U+2029).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape_log_text(text: str) -> str:
+    """``text`` with each control character and line separator written as an escape.
+
+    ``\\n``, ``\\r``, ``\\t``; ``\\xNN`` for the other C0/C1 controls and DEL;
+    ``\\u2028``, ``\\u2029``: a guest's message stays one line of a text log for
+    every line reader (``str.splitlines`` splits on all of them), and a terminal
+    showing the log gets no escape sequence.
+    """
+    return _UNSAFE.sub(_escape, text) if _UNSAFE.search(text) else text
 
 
 @dataclass(frozen=True)

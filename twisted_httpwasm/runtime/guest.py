@@ -27,7 +27,7 @@ from ..abi import HOST_FUNCTIONS, HOST_MODULE, WASI_MODULE, CtxNext, LogLevel, u
 from . import engine as _engine
 from . import native as _native
 from .cache import CompileCache, default_cache_dir
-from .calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, CallLog, LogLimit
+from .calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, CallLog, LogLimit, escape_log_text
 from .calltrace import HostCallHook, traced
 from .engine import ENGINE_SETTINGS, deadline_ticks, shared_engine
 from .hostfuncs import IMPLEMENTATIONS, trap_reason
@@ -383,12 +383,15 @@ class Guest:
         log = self.log
         self.log_messages += len(lines)
         for level, text in lines:
-            log.emit(_TWISTED_LEVELS[level], _GUEST_LINE, guest=self.name, text=text)
+            # text: as the guest wrote it (a JSON log keeps it so); escaped_text: one line of a text log.
+            log.emit(
+                _TWISTED_LEVELS[level], _GUEST_LINE, guest=self.name, text=text, escaped_text=escape_log_text(text)
+            )
         if summary is not None:
             log.warn("{summary}", summary=summary)
 
 
-_GUEST_LINE = "[guest {guest}] {text}"
+_GUEST_LINE = "[guest {guest}] {escaped_text}"
 _TWISTED_LEVELS = {
     LogLevel.DEBUG: TwistedLogLevel.debug,
     LogLevel.INFO: TwistedLogLevel.info,
@@ -434,7 +437,9 @@ class GuestInstance:
             self._log_output(final=True)
             lines, summary = self.call_log.take(guest.name, "during init")
             guest.hand_over(lines, summary)
-            trap.log_lines = tuple(_GUEST_LINE.format(guest=guest.name, text=text) for _, text in lines)
+            trap.log_lines = tuple(
+                _GUEST_LINE.format(guest=guest.name, escaped_text=escape_log_text(text)) for _, text in lines
+            )
             trap.log_lines += (summary,) if summary is not None else ()
             raise
         finally:

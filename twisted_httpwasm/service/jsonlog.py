@@ -15,6 +15,7 @@ httpwasm ...`` (stdout).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import datetime, timezone
 from typing import IO, Any
@@ -27,6 +28,15 @@ __all__ = ["FIELDS", "JSONLinesObserver", "configure", "observer", "observer_for
 
 #: The event keys copied into each JSON line when present.
 FIELDS = ("request_id", "guest", "phase", "outcome", "status", "method", "uri", "duration_ms")
+
+
+#: What json.dumps(ensure_ascii=False) leaves raw and a line reader may split on: DEL, C1 controls
+#: (U+0085 among them), U+2028, U+2029.  They occur only inside JSON strings, where \\uXXXX is the same text.
+_ONE_LINE = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def _plain(value: Any) -> Any:
@@ -47,6 +57,9 @@ class JSONLinesObserver:
         self.stream = stream
 
     def __call__(self, event: LogEvent) -> None:
+        if "escaped_text" in event and "text" in event:
+            # A guest's line: JSON escapes its text itself, so the line carries it as the guest wrote it.
+            event = dict(event, escaped_text=event["text"])
         level = event.get("log_level", LogLevel.info)
         when = event.get("log_time")
         record: dict[str, Any] = {
@@ -67,7 +80,7 @@ class JSONLinesObserver:
             except Exception:  # noqa: BLE001 - a failure that cannot format itself still gets its line logged
                 record["log_failure"] = repr(failure)
         try:
-            self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.stream.write(_ONE_LINE.sub(_json_escape, json.dumps(record, ensure_ascii=False)) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass

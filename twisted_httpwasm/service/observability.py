@@ -8,7 +8,9 @@ prometheus_client nor OpenTelemetry is imported unless its option asks for it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import stat
 import tempfile
 from typing import Any
 
@@ -73,17 +75,65 @@ class _RemoveDirectory(service.Service):
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+#: Our multiprocess-metrics directories in the temporary directory: ``httpwasm-metrics-<main pid>-<random>``.
+METRICS_DIR_PREFIX = "httpwasm-metrics-"
+_METRICS_DIR = re.compile(re.escape(METRICS_DIR_PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
+
+
+def remove_stale_metrics_dirs(where: str | None = None) -> list[str]:
+    """Remove the multiprocess-metrics directories that a killed main process left (``kill -9``); their paths.
+
+    Only ours: named ``httpwasm-metrics-<pid>-...``, a directory (not a
+    link) owned by this user, and ``<pid>`` is no running process.
+    """
+    where = where or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return removed
+    for name in names:
+        match = _METRICS_DIR.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(where, name)
+        try:
+            status = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid() or _running(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        _log.info("httpwasm: removed {path}, the metrics of process {pid}, which is gone", path=path, pid=match[1])
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process: running
+    return True
+
+
 def prepare_processes(config: Any, top: service.MultiService) -> None:
     """``--metrics`` with ``--workers N``: prometheus_client's multiprocess mode for every process.
 
     Must run before prometheus_client is imported (it chooses its mode then):
     the directory is made here and handed to the workers in the environment;
-    it is removed when the main process stops.  An operator's own
+    it is removed when the main process stops, and at the next start if that
+    process was killed (:func:`remove_stale_metrics_dirs`).  An operator's own
     ``PROMETHEUS_MULTIPROC_DIR`` is used as it is.
     """
-    if not config["metrics"] or config["workers"] <= 1 or _metrics.multiprocess_dir() is not None:
+    if not config["metrics"]:
         return
-    directory = tempfile.mkdtemp(prefix="httpwasm-metrics-")
+    remove_stale_metrics_dirs()
+    if config["workers"] <= 1 or _metrics.multiprocess_dir() is not None:
+        return
+    directory = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     _RemoveDirectory(directory).setServiceParent(top)  # type: ignore[no-untyped-call]
 
@@ -109,14 +159,41 @@ def observe_site(config: Any, site: Any, guests: list[Any], parent: service.Mult
         _tracing.TracingService(tracing).setServiceParent(parent)  # type: ignore[no-untyped-call]
 
 
+def _where(description: str) -> str:
+    """Where a TCP endpoint listens, said plainly: all interfaces (reachable from other machines) or which one."""
+    from .workers import TCPListen
+
+    try:
+        endpoint = TCPListen.parse(description)
+    except (ValueError, TypeError, KeyError):
+        return ""
+    if endpoint is None:
+        return ""
+    if endpoint.interface in ("", "0.0.0.0", "::"):
+        return (
+            f" (all interfaces, port {endpoint.port}: reachable from other machines;"
+            " add :interface=127.0.0.1 to keep it on this one)"
+        )
+    return f" (interface {endpoint.interface}, port {endpoint.port})"
+
+
 def serve_metrics(config: Any, site: Any, top: service.MultiService) -> None:
     """Serve ``/metrics`` on ``--metrics ENDPOINT`` (main process only); the demo says how to."""
     description = config["metrics"]
     if description:
-        endpoint = strports.service(description, _metrics.metrics_site(site.guest_metrics))  # type: ignore[arg-type]
+        # The main site's connection deadlines: idle or slow scrapers cannot pile up and take every descriptor.
+        metrics_site = _metrics.metrics_site(
+            site.guest_metrics, idle_timeout=config["idle-timeout"], header_timeout=config["header-timeout"]
+        )
+        endpoint = strports.service(description, metrics_site)  # type: ignore[arg-type]
         endpoint.setServiceParent(top)  # type: ignore[no-untyped-call]
         mode = " (summed over every process)" if config["workers"] > 1 else ""
-        _log.info("httpwasm: Prometheus metrics on {endpoint} at /metrics{mode}", endpoint=description, mode=mode)
+        _log.info(
+            "httpwasm: Prometheus metrics on {endpoint}{where} at /metrics{mode}",
+            endpoint=description,
+            where=_where(description),
+            mode=mode,
+        )
     elif config["demo"] and _metrics.available():
         _log.info(
             "httpwasm demo: for Prometheus metrics per guest, add --metrics {endpoint} (then curl {url})",

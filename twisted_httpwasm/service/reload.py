@@ -8,7 +8,12 @@ one instance initialised each); only if every guest loaded does it swap them,
 all in one turn of the reactor, so no request starts on a half-reloaded chain.
 Requests in flight finish on the instances they pinned; the old guests are
 retired, and their instances freed once their last request ended.  If any
-guest fails to load, nothing changes and one error line says why.
+guest fails to load, nothing changes and one error line says why.  A reload
+asked for while one still loads supersedes it: the reloader calls its
+``interrupt`` (which stops a guest fetch in progress: its load then fails with
+``CancelledError``) and loads once more when the running load ended, so a stuck
+catalog can never hold a later reload back, while a load that is compiling is
+let finish rather than piled up under a SIGHUP storm.
 
 :class:`HangupService` runs a reload on ``SIGHUP`` while it runs;
 :class:`WatchService` (``--watch``) runs one when a watched file changed and
@@ -56,6 +61,8 @@ class GuestReloader:
     be loaded.  ``label`` starts each log line (``httpwasm``, ``httpwasm worker 2``).
     ``after_reload`` callables run after each reload, whatever its outcome
     (the main process of ``--workers`` signals its workers there).
+    ``interrupt``, if given, is called when a reload is asked for while one
+    runs: it should make the running load end soon (a fetch cancelled).
     """
 
     def __init__(
@@ -64,10 +71,12 @@ class GuestReloader:
         load: Callable[[], Sequence[Guest] | defer.Deferred[Sequence[Guest]]],
         *,
         label: str = "httpwasm",
+        interrupt: Callable[[], object] | None = None,
     ):
         self.resources = list(resources)
         self.load = load
         self.label = label
+        self.interrupt = interrupt
         self.after_reload: list[Callable[[], object]] = []
         self._running: defer.Deferred[bool] | None = None
         self._again = False
@@ -80,11 +89,14 @@ class GuestReloader:
     def reload(self) -> defer.Deferred[bool]:
         """Load every guest afresh and swap them in if all loaded; fires with whether they were swapped.
 
-        A reload asked for while one runs runs once more after it (sources
-        may have changed again in the meantime).
+        A reload asked for while one runs supersedes it: ``interrupt`` stops
+        what can be stopped of the running one (a fetch), and the sources are
+        loaded once more, as they are then.
         """
         if self._running is not None:
             self._again = True
+            if self.interrupt is not None:
+                self.interrupt()
             return self._running
         done = defer.ensureDeferred(self._reload_until_settled())
         if not done.called:  # a load that did not finish at once (a fetch)
@@ -107,6 +119,9 @@ class GuestReloader:
             guests = list(await loaded if isinstance(loaded, defer.Deferred) else loaded)
             if len(guests) != len(self.resources):
                 raise ReloadError(f"{len(guests)} guests loaded for a chain of {len(self.resources)}")
+        except defer.CancelledError:
+            _log.info("{label}: reload superseded by a newer one", label=self.label)
+            return False  # the newer one runs next, and tells the hooks
         except ReloadError as error:
             _log.error(
                 "{label}: reload failed, the running guests keep serving: {reason}", label=self.label, reason=error
@@ -140,16 +155,29 @@ class HangupService(service.Service):
         self.reloader = reloader
         self.reactor = reactor
         self._previous: Any = None
+        self._installed = False
         self.setName(RELOAD_SERVICE)  # type: ignore[no-untyped-call]
+
+    def privilegedStartService(self) -> None:
+        # Before the ports listen (twistd binds them here, before startService): a SIGHUP sent as soon as the
+        # server accepts connections must reload, not end the process (SIGHUP's default action).
+        service.Service.privilegedStartService(self)  # type: ignore[no-untyped-call]
+        self._install()
 
     def startService(self) -> None:
         service.Service.startService(self)  # type: ignore[no-untyped-call]
-        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        self._install()
+
+    def _install(self) -> None:
+        if not self._installed:
+            self._installed = True
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
 
     def stopService(self) -> None:
         service.Service.stopService(self)  # type: ignore[no-untyped-call]
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
+        if self._installed:
+            self._installed = False
+            signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
             self._previous = None
 
     def _hangup(self, number: int, frame: Any) -> None:

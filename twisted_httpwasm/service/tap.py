@@ -46,7 +46,13 @@ from ..web.demo import DEMO_GUEST, DemoPage, bundled_guest
 from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainService
 from ..web.proxy import ProxyResource
 from ..web.resource import FailurePolicy, GuestResource
-from ..web.site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, GuestSite
+from ..web.site import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    GuestSite,
+)
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import goconfig, observability, sources, traefik
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, ReloadError, WatchService
@@ -155,6 +161,7 @@ then are cut and logged. twistd then exits with status 0.
         self["max-buffered-total"] = DEFAULT_MAX_BUFFERED_TOTAL
         self["idle-timeout"] = DEFAULT_IDLE_TIMEOUT
         self["header-timeout"] = DEFAULT_HEADER_TIMEOUT
+        self["max-streams-per-connection"] = DEFAULT_MAX_STREAMS_PER_CONNECTION
         self["on-guest-error"] = FailurePolicy.FAIL_CLOSED
         self["guest-env"] = []
         self["guest-mounts"] = []
@@ -162,6 +169,7 @@ then are cut and logged. twistd then exits with status 0.
         self["guest-max-requests"] = None
         self["guest-max-age"] = None
         self["guest-fetch-timeout"] = sources.DEFAULT_FETCH_TIMEOUT
+        self["guest-fetch-max-size"] = sources.MAX_GUEST_BYTES
         self["watch"] = False
         #: By --guest index: the --guest-sha256 and --guest-config-file given for it.
         self["guest-sha256"] = {}
@@ -216,7 +224,9 @@ then are cut and logged. twistd then exits with status 0.
         self["watch"] = True
 
     def opt_guest_fetch_timeout(self, seconds: str) -> None:
-        """Seconds a --guest https:// URL may take to fetch, at startup and at reload. [default: 30]"""
+        """Seconds a whole fetch of a --guest https:// URL may take (connect, headers, body), at startup and at
+        reload. [default: 30]
+        """
         try:
             timeout = float(seconds)
         except ValueError:
@@ -224,6 +234,10 @@ then are cut and logged. twistd then exits with status 0.
         if not (math.isfinite(timeout) and timeout > 0):
             raise usage.UsageError(f"--guest-fetch-timeout must be a positive number of seconds, not {seconds!r}")
         self["guest-fetch-timeout"] = timeout
+
+    def opt_guest_fetch_max_size(self, size: str) -> None:
+        """Largest --guest https:// answer fetched: bytes, or with a KiB, MiB or GiB suffix. [default: 256MiB]"""
+        self["guest-fetch-max-size"] = self._size("--guest-fetch-max-size", size)
 
     def opt_guest_max_requests(self, count: str) -> None:
         """Recycle each guest instance after it served this many requests (between requests). [default: off]"""
@@ -350,6 +364,21 @@ then are cut and logged. twistd then exits with status 0.
         for no deadline. [default: 30]
         """
         self["header-timeout"] = self._seconds("--header-timeout", seconds)
+
+    def opt_max_streams_per_connection(self, count: str) -> None:
+        """HTTP/2 streams one connection may have open at once (advertised; more are refused, REFUSED_STREAM); 0 or
+        none for h2's own 100. [default: 16]
+        """
+        if count.strip().lower() in ("0", "none"):
+            self["max-streams-per-connection"] = None
+            return
+        try:
+            streams = int(count)
+        except ValueError:
+            streams = 0
+        if streams < 1:
+            raise usage.UsageError(f"--max-streams-per-connection must be a number of streams, not {count!r}")
+        self["max-streams-per-connection"] = streams
 
     @staticmethod
     def _seconds(option: str, text: str) -> float | None:
@@ -666,24 +695,42 @@ def _load_guest(config: Options, index: int, guest_config: bytes, fetched: sourc
     )
 
 
-def _reload_guests(config: Options) -> defer.Deferred[Sequence[Guest]]:
+class _Fetches:
+    """The guest fetches of the reload that runs now; a newer reload stops them (:meth:`stop`)."""
+
+    def __init__(self) -> None:
+        self.running: set[defer.Deferred[sources.FetchedGuest]] = set()
+
+    def stop(self) -> None:
+        for fetch in list(self.running):
+            fetch.cancel()  # the reload fails with CancelledError: superseded
+
+
+def _reload_guests(config: Options, fetches: _Fetches) -> defer.Deferred[Sequence[Guest]]:
     """Every ``--guest`` loaded afresh (a remote one fetched again), its configuration file read again.
 
     Fails with :class:`ReloadError` if one cannot be loaded.
     """
-    return defer.ensureDeferred(_reload_guests_from_sources(config))
+    return defer.ensureDeferred(_reload_guests_from_sources(config, fetches))
 
 
-async def _reload_guests_from_sources(config: Options) -> Sequence[Guest]:
+async def _reload_guests_from_sources(config: Options, fetches: _Fetches) -> Sequence[Guest]:
     fetched: dict[int, sources.FetchedGuest] = {}
     for index, entry in enumerate(config["guests"]):
         if sources.is_remote(entry["path"]):
+            fetch = sources.resolve(
+                entry["path"],
+                config["guest-sha256"].get(index),
+                config["guest-fetch-timeout"],
+                max_bytes=config["guest-fetch-max-size"],
+            )
+            fetches.running.add(fetch)
             try:
-                fetched[index] = await sources.resolve(
-                    entry["path"], config["guest-sha256"].get(index), config["guest-fetch-timeout"]
-                )
+                fetched[index] = await fetch
             except sources.SourceError as error:
                 raise ReloadError(f"--guest {entry['path']}: {error}") from None
+            finally:
+                fetches.running.discard(fetch)
     # Compiling and initialising run in a thread: the reactor goes on serving the running guests meanwhile.
     from twisted.internet import reactor, threads
 
@@ -732,7 +779,10 @@ def _load_guests(config: Options) -> list[Guest]:
             if sources.is_remote(entry["path"]):
                 # Before the reactor runs: a blocking fetch (nothing is served yet).
                 fetched = sources.resolve_blocking(
-                    entry["path"], config["guest-sha256"].get(index), config["guest-fetch-timeout"]
+                    entry["path"],
+                    config["guest-sha256"].get(index),
+                    config["guest-fetch-timeout"],
+                    max_bytes=config["guest-fetch-max-size"],
                 )
             guest = _load_guest(config, index, entry["config"], fetched)
         except sources.SourceError as error:
@@ -776,7 +826,8 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         root = GuestResource(guest, root, on_guest_error=config["on-guest-error"], buffer_budget=budget)
         resources.insert(0, root)
     # SIGHUP reloads every guest (the service is found by name: RELOAD_SERVICE).
-    reloader = GuestReloader(resources, functools.partial(_reload_guests, config))
+    fetches = _Fetches()
+    reloader = GuestReloader(resources, functools.partial(_reload_guests, config, fetches), interrupt=fetches.stop)
     HangupService(reloader).setServiceParent(parent)  # type: ignore[no-untyped-call]
     if config["watch"]:
         watched = [
@@ -789,6 +840,7 @@ def make_site(config: Options, parent: service.MultiService) -> Site:
         "max_request_body": _request_body_limit(config, guests),
         "idle_timeout": config["idle-timeout"],
         "header_timeout": config["header-timeout"],
+        "max_streams_per_connection": config["max-streams-per-connection"],
         # Instances a burst needed go back once idle (a timer that runs while the site listens).
         "housekeeping": functools.partial(_retire_idle_instances, reloader),
     }

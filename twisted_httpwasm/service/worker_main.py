@@ -86,8 +86,11 @@ def _main_process_gone(reactor: Any) -> None:
 class _AdoptedPortsService(service.Service):
     """Serves ``site`` on listening sockets inherited from the main process."""
 
-    def __init__(self, site: Site, sockets: Sequence[dict[str, Any]], number: int, workers: int, reactor: Any):
+    def __init__(
+        self, site: Site, sockets: Sequence[dict[str, Any]], number: int, workers: int, reactor: Any, generation: int
+    ):
         self.site = site
+        self.generation = generation
         self.sockets = list(sockets)
         self.number = number
         self.workers = workers
@@ -108,6 +111,7 @@ class _AdoptedPortsService(service.Service):
             pid=os.getpid(),
             endpoints=", ".join(entry["description"] for entry in self.sockets),
             httpwasm_worker_ready=True,
+            httpwasm_generation=self.generation,  # the main process's reload count when it started us
         )
 
     def stopService(self) -> defer.Deferred[Any] | None:
@@ -159,7 +163,9 @@ def main() -> None:
         # The main process watches the files and signals the workers: one reload each, not two.
         watching: Any = top.getServiceNamed(WATCH_SERVICE)  # type: ignore[no-untyped-call]
         watching.disownServiceParent()
-    ports = _AdoptedPortsService(site, spec["listen"], spec["worker"], spec["workers"], reactor)
+    ports = _AdoptedPortsService(
+        site, spec["listen"], spec["worker"], spec["workers"], reactor, spec.get("generation", 0)
+    )
     ports.setServiceParent(top)  # type: ignore[no-untyped-call]
     _watch_stdin(reactor)
     reactor.callWhenRunning(top.startService)

@@ -10,7 +10,12 @@ A worker's log events reach the main process's log through its stdout: the
 worker writes them with Twisted's ``jsonFileLogObserver``, the main process
 reads them back with ``eventFromJSON`` and logs them, marked with the worker's
 number.  SIGHUP reloads the guests of the main process, then of every worker
-(:meth:`WorkersService.reload_workers`).
+(:meth:`WorkersService.reload_workers`).  No reload is lost for a worker that
+is still loading when it comes (it would die of a SIGHUP before its handler is
+set, and may have read the sources already): the main process counts reloads
+(its *generation*), hands each worker the generation it starts at, and a worker
+reports that generation when it is ready; one that started before the latest
+reload is then signalled to reload once.
 Workers end with the main process: it stops them when its service stops
 (SIGTERM: each drains its requests in flight, as the main process does), and
 if it dies without doing so, ``PR_SET_PDEATHSIG`` (Linux) and the end of the
@@ -148,6 +153,8 @@ class WorkersService(service.Service):
         #: The running worker processes, by worker number (2 to ``workers``).
         self.processes: dict[int, WorkerProtocol] = {}
         self._restarts: dict[int, Any] = {}  # IDelayedCall
+        #: Reloads asked of the workers so far; a worker loads the sources of the generation it started at.
+        self.generation = 0
 
     def _bind(self) -> None:
         if self.sockets:
@@ -191,6 +198,7 @@ class WorkersService(service.Service):
             "parent": os.getpid(),
             "worker": number,
             "workers": self.workers,
+            "generation": self.generation,
             "listen": [
                 {"fd": FIRST_SOCKET_FD + index, "family": int(listening.family), "description": endpoint.description}
                 for index, (listening, endpoint) in enumerate(zip(self.sockets, self.listen, strict=True))
@@ -219,10 +227,13 @@ class WorkersService(service.Service):
     def reload_workers(self) -> None:
         """Ask every worker that is serving to reload its guests (SIGHUP); each logs how its reload went.
 
-        A worker still starting is not signalled: it loads the guests' sources as they are now anyway.
+        A worker still starting is not signalled now (a SIGHUP before its handler is set would end it); it
+        is when it reports ready, since the generation it loaded is older (:meth:`worker_ready`).
         """
+        self.generation += 1
         ready = [protocol for protocol in self.processes.values() if protocol.ready and not protocol.stopping]
         for protocol in ready:
+            protocol.generation = self.generation
             protocol.signal("HUP")
         if ready:
             _log.info(
@@ -230,6 +241,21 @@ class WorkersService(service.Service):
                 count=len(ready),
                 pids=", ".join(str(protocol.pid) for protocol in ready),
             )
+
+    def worker_ready(self, protocol: WorkerProtocol, generation: int) -> None:
+        """Worker ``protocol`` serves the guests of reload ``generation``: reload it once if that is not the latest."""
+        protocol.generation = generation
+        if generation < self.generation and not protocol.stopping and self.running:
+            _log.info(
+                "httpwasm: worker {number} (pid {pid}) was loading during a reload (generation {loaded} of {now});"
+                " asking it to reload its guests",
+                number=protocol.number,
+                pid=protocol.pid,
+                loaded=generation,
+                now=self.generation,
+            )
+            protocol.generation = self.generation
+            protocol.signal("HUP")
 
     def worker_ended(self, protocol: WorkerProtocol, reason: Failure) -> None:
         """A worker process ended: replace it if it served and was not asked to stop."""
@@ -286,6 +312,8 @@ class WorkerProtocol(ProcessProtocol):
         self.number = number
         self.pid: int | None = None
         self.ready = False
+        #: The reload generation whose sources the worker loaded (or was asked to load).
+        self.generation = workers.generation
         self.stopping = False
         self.ended = False
         self._buffers = {1: b"", 2: b""}
@@ -314,13 +342,18 @@ class WorkerProtocol(ProcessProtocol):
         if childFD == 1 and text.startswith(_RECORD_SEPARATOR):
             event = _event_from_json(text[len(_RECORD_SEPARATOR) :])
             if event is not None:
+                ready_at: int | None = None
                 if event.get("httpwasm_worker_ready"):
                     self.ready = True
+                    generation = event.get("httpwasm_generation")
+                    ready_at = generation if isinstance(generation, int) else self.generation
                 level = event["log_level"]
                 own = event.get("log_system") or f"{event.get('log_namespace', '-')}#{level.name}"
                 event["log_system"] = f"{system}|{own}"
                 publish: Any = _log.observer  # an ILogObserver; mypy cannot see zope declarations
                 publish(event)
+                if ready_at is not None:
+                    self.workers.worker_ready(self, ready_at)
                 return
         level = LogLevel.warn if childFD == 2 else LogLevel.info
         _log.emit(level, "{text}", text=text, log_system=system)

@@ -7,8 +7,10 @@ what Twisted had set before any downstream ran).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.web.http import (
     BAD_GATEWAY,
     INTERNAL_SERVER_ERROR,
@@ -18,10 +20,14 @@ from twisted.web.http import (
 )
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from .request_changes import FRAMING_HEADERS
 
-__all__ = ["has_body_status", "send_buffered", "send_error", "send_guest_answer"]
+__all__ = ["GUEST_BODY_CHUNK", "has_body_status", "send_buffered", "send_error", "send_guest_answer"]
+
+#: Bytes of a guest's own answer handed to the transport at a time.
+GUEST_BODY_CHUNK = 64 * 1024
 
 _ERROR_BODIES = {
     INTERNAL_SERVER_ERROR: b"Internal Server Error\n",
@@ -61,16 +67,86 @@ def send_error(request: Request, status: int, connection: Sequence[bytes] | None
     request.finish()
 
 
-def send_guest_answer(request: Request, status: int, body: bytes) -> None:
-    """A guest's own answer (next=0), its headers already on the request."""
+def send_guest_answer(
+    request: Request, status: int, body: bytes | bytearray, release: Callable[[], None] | None = None
+) -> None:
+    """A guest's own answer (next=0), its headers already on the request.
+
+    With ``release`` (the body's bytes are counted in a budget), the body is
+    handed to the transport a chunk at a time, as the client reads it (a push
+    producer), and ``release`` is called once it is all written or the client
+    is gone: the body is counted for as long as the process holds it, and a
+    client that does not read holds one chunk of transport buffer, not a copy
+    of the body.
+    """
     request.setResponseCode(status)
     request.responseHeaders.removeHeader(b"transfer-encoding")
     if has_body_status(status):
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        request.write(body)
+        if release is not None and request.method != b"HEAD" and body:
+            _GuestBody(request, body, release).start()
+            return
+        request.write(bytes(body))
     else:
         request.responseHeaders.removeHeader(b"content-length")
     request.finish()
+    if release is not None:
+        release()
+
+
+@implementer(IPushProducer)
+class _GuestBody:
+    """Writes a guest's answer body as the client takes it; gives its budget back once, at the end."""
+
+    def __init__(self, request: Request, body: bytes | bytearray, release: Callable[[], None]):
+        self.request = request
+        self.body: memoryview | None = memoryview(body)
+        self.offset = 0
+        self.paused = False
+        self.writing = False
+        self._release: Callable[[], None] | None = release
+
+    def start(self) -> None:
+        request: Any = self.request
+        request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        request.registerProducer(self, True)
+        self._write()
+
+    def _write(self) -> None:
+        if self.writing:
+            return  # resumed from inside a write: the loop below goes on
+        self.writing = True
+        try:
+            while self.body is not None and not self.paused:
+                chunk = self.body[self.offset : self.offset + GUEST_BODY_CHUNK]
+                self.offset += len(chunk)
+                if self.offset >= len(self.body):
+                    self.body = None
+                request: Any = self.request
+                request.write(bytes(chunk))
+                if self.body is None:
+                    request.unregisterProducer()
+                    request.finish()
+                    self._done()
+        finally:
+            self.writing = False
+
+    def _done(self) -> None:
+        self.body = None
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._write()
+
+    def stopProducing(self) -> None:
+        """The client is gone (or the transport stops): the rest is not sent."""
+        self._done()
 
 
 def send_buffered(

@@ -1,8 +1,13 @@
 """What a reverse proxy sends its backend: a path kept below the base, headers as proxies send them.
 
 :class:`~twisted_httpwasm.web.proxy.ProxyResource` forwards the request its guests
-left.  Two things must not be decided by that final request alone:
+left.  Three things must not be decided by that final request alone:
 
+- the **authority**: the backend's scheme, host and port are the operator's.
+  Only an origin-form target (``/path?query``) is appended to the backend URL;
+  an absolute-form URL that names this server is reduced to its path first,
+  and any other target (``a:1/``, ``host:443``, ``http://other/x``) is refused
+  (:func:`origin_form`);
 - the **path**: whatever ``..`` a client or a guest put in the URI, the
   backend is asked for a path below the base path of the backend URL
   (:func:`path_inside_base`), or the request is refused;
@@ -28,11 +33,13 @@ from .tracing import traceparent_of
 
 __all__ = [
     "HOP_BY_HOP_HEADERS",
+    "NotOriginForm",
     "PathOutsideBase",
     "backend_headers",
     "client_headers",
     "connection_tokens",
     "is_hop_by_hop",
+    "origin_form",
     "path_inside_base",
     "remember_client_headers",
 ]
@@ -68,6 +75,78 @@ _ENCODED_DOT = re.compile(rb"%2e", re.IGNORECASE)
 _DOT_SEGMENTS = (b".", b"..")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _QUOTABLE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+# -- the request target ----------------------------------------------------------------------
+
+#: An absolute-form target of http(s): scheme, authority (no userinfo, no fragment after), path and query.
+_ABSOLUTE_FORM = re.compile(rb"(https?)://([^/?#@]*)([/?][^#]*)?\Z", re.IGNORECASE)
+_PORT = re.compile(rb"[0-9]{1,5}")
+
+
+class NotOriginForm(ValueError):
+    """A request target that is neither origin-form nor this server's own URL: the client's error (400)."""
+
+    http_status = 400
+
+
+def _authority_key(authority: bytes, default_port: int) -> tuple[bytes, int] | None:
+    """(lowercase host, port) of ``host[:port]`` or ``[v6][:port]``; None if it is not one."""
+    authority = authority.lower()
+    if authority.startswith(b"["):
+        end = authority.find(b"]") + 1
+        if not end:
+            return None
+        host, port = authority[:end], authority[end:]
+    else:
+        colon = authority.find(b":")
+        host, port = (authority, b"") if colon < 0 else (authority[:colon], authority[colon:])
+    if not host:
+        return None
+    if not port:
+        return host, default_port
+    if not _PORT.fullmatch(port, 1):
+        return None  # ":" with no port, a second ":", anything else after the host
+    number = int(port[1:])
+    return host, number
+
+
+def origin_form(target: bytes, *, method: bytes, host: bytes | None, secure: bool, local: bytes) -> bytes:
+    """The origin-form (``/path?query``) of a request ``target``, or ``*`` for ``OPTIONS *``.
+
+    - an origin-form target (it starts with ``/``) is returned as it is;
+    - ``*`` is kept for ``OPTIONS`` only (asterisk-form, RFC 9112 3.2.4);
+    - an absolute-form URL (RFC 9112 3.2.2) is reduced to its path and query
+      if it names this server exactly: the scheme of the connection (``http``,
+      or ``https`` over TLS), no userinfo, and the authority of the request's
+      ``host`` header (or, without one, the ``local`` address), ports compared
+      with the scheme's default filled in;
+    - anything else (authority-form, a scheme with no ``//`` such as ``a:1/``,
+      another host, port or scheme, a fragment) raises :class:`NotOriginForm`.
+
+    The result is always ``*`` or starts with ``/``: nothing of it can extend
+    the authority of a URL it is appended to.
+    """
+    if target[:1] == b"/":
+        return target
+    if target == b"*":
+        if method == b"OPTIONS":
+            return target
+        raise NotOriginForm("the asterisk-form is for OPTIONS only")
+    match = _ABSOLUTE_FORM.match(target)
+    if match is None:
+        raise NotOriginForm("a request target that is neither origin-form (/...) nor an http(s) URL")
+    scheme, authority, rest = match.groups()
+    expected = b"https" if secure else b"http"
+    if scheme.lower() != expected:
+        raise NotOriginForm(f"an {scheme.decode('ascii').lower()} URL on an {expected.decode('ascii')} connection")
+    default_port = 443 if secure else 80
+    named = _authority_key(authority, default_port)
+    own = _authority_key(host if host is not None else local, default_port)
+    if named is None or named != own:
+        raise NotOriginForm("an absolute URL for another authority than this server's (its Host)")
+    rest = rest or b""
+    return rest if rest.startswith(b"/") else b"/" + rest
+
 
 # -- the path ------------------------------------------------------------------------------
 

@@ -29,11 +29,16 @@ def unusable_path(request: Request) -> str | None:
     client, under ``--proxy``, raises on them).  A NUL byte (sent encoded, ``%00``)
     cannot be part of a file name, and most code handed one raises deep inside;
     ``static.File`` logs a traceback for every path segment that is not UTF-8 once
-    percent-decoded.
+    percent-decoded.  A target that is not origin-form (``/...``, or ``*`` for
+    ``OPTIONS``), which a guest set or a plain ``Site`` let through, is misread
+    by traversal and would be glued to a ``--proxy`` backend's URL.
     """
     uri = request.uri or b""
     if not _URI_BYTES.match(uri):
         return "a byte that a URI cannot hold (not printable ASCII)"
+    if uri[:1] != b"/" and not (uri == b"*" and request.method == b"OPTIONS"):
+        # Traversal reads it as a path (Twisted drops its first byte), and a proxy would glue it to its URL.
+        return "a request target that is not origin-form (/...)"
     if b"%" not in uri:
         return None  # printable ASCII that nothing decodes: no NUL, and UTF-8 as it is
     # "/" is never part of a multi-byte UTF-8 sequence: the segments decode alone if they decode together.

@@ -119,6 +119,7 @@ class RequestFilter:
     __slots__ = (
         "_detached_body",
         "_downstream_code",
+        "_guest_body_reserved",
         "_host_connection",
         "_original_body",
         "_reported",
@@ -160,6 +161,7 @@ class RequestFilter:
         self._host_connection: Any = _NOT_READ
         self._original_body: bytearray | None = None
         self._downstream_code = 0
+        self._guest_body_reserved = 0  # bytes of a body the guest wrote before next, counted in the budget
         self._reported = False
         observer = guest.observer
         self.observer: GuestObserver | None = None if observer is NO_OBSERVER else observer
@@ -239,9 +241,14 @@ class RequestFilter:
             self.stage = _DONE
             if self.client_gone:
                 self._report(Outcome.CLIENT_GONE)
-            else:
-                self._report(Outcome.ANSWERED)
-                self._send_guest_response()
+                return
+            fits, release = self._reserve_answer()
+            if not fits:
+                self._report(Outcome.UNAVAILABLE)
+                self._fail(SERVICE_UNAVAILABLE)
+                return
+            self._report(Outcome.ANSWERED)
+            self._send_guest_response(release)
             return
         request, state = self.request, self.state
         if self.client_gone:
@@ -259,6 +266,13 @@ class RequestFilter:
             apply_request_changes(request, state, self._note_dropped)
             if state.response_body:
                 prefix = bytes(state.response_body)  # what the guest wrote before next: the response starts with it
+                budget = self.settings.buffer_budget
+                if budget is not None:
+                    if not budget.reserve(len(prefix)):
+                        self._budget_full("a body it wrote before next", len(prefix))
+                        self._run_handle_response(SERVICE_UNAVAILABLE, is_error=True, then_status=SERVICE_UNAVAILABLE)
+                        return
+                    self._guest_body_reserved = len(prefix)
         if state.features & _BUFFER_RESPONSE:
             self.sink = BufferedSink(
                 prefix,
@@ -274,9 +288,51 @@ class RequestFilter:
         self._hook()
         self._render_downstream()
 
-    def _send_guest_response(self) -> None:
+    def _reserve_answer(self) -> tuple[bool, Any]:
+        """Count the body of the guest's own answer in the budget: (whether it fits, what gives it back).
+
+        The bytes stay counted until the body is written out (or the client is
+        gone): see :func:`~twisted_httpwasm.web.answers.send_guest_answer`.
+        """
+        body = self.state.response_body
+        budget = self.settings.buffer_budget
+        size = len(body) if body else 0
+        if budget is None or not size:
+            return True, None
+        if not budget.reserve(size):
+            self._budget_full("its own answer", size)
+            return False, None
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                budget.release(size)
+
+        return True, release
+
+    def _budget_full(self, what: str, size: int) -> None:
+        """A guest-built body of ``size`` bytes does not fit in the budget: 503 with Retry-After follows."""
+        budget = self.settings.buffer_budget
+        _log.warn(
+            "guest {guest}: buffered and guest-built bodies of this process hold {held} of {total} bytes,"
+            " no room for {what} ({size} bytes); answering 503 to {method} {uri}",
+            guest=self.guest.name,
+            held=budget.held if budget is not None else 0,
+            total=budget.total if budget is not None else 0,
+            what=what,
+            size=size,
+            method=printable(self.request.method),
+            uri=printable(self.request.uri),
+        )
+        self.request.setHeader(b"retry-after", b"1")
+
+    def _send_guest_response(self, release: Any = None) -> None:
         request, state = self.request, self.state
         if state.status < 200:
+            if release is not None:
+                release()
             # An interim status as the whole answer: the client would read the next response as its end.
             _log.error(
                 "guest {guest} answered {method} {uri} with the interim status {status}, "
@@ -290,7 +346,7 @@ class RequestFilter:
             return
         # Over an outer guest's headers, when chained.
         merge_guest_response_headers(request, state.changed_response_headers(), self._note_dropped)
-        send_guest_answer(request, state.status, bytes(state.response_body or b""))
+        send_guest_answer(request, state.status, state.response_body or b"", release)
 
     # -- 2. the downstream -------------------------------------------------------------
 
@@ -509,7 +565,7 @@ class RequestFilter:
             self._send_buffered(state.status, state.changed_response_headers(), state.response_body or b"")
         else:
             assert self.sink is not None
-            if self.observer is not None or self._detached_body is not None:
+            if self.observer is not None or self._detached_body is not None or self._guest_body_reserved:
                 self._report(Outcome.PASSED)
             self.sink.complete()
 
@@ -611,6 +667,11 @@ class RequestFilter:
         self._reported = True
         if isinstance(self.sink, BufferedSink):
             self.sink.release()  # its bytes leave the process-wide budget
+        if self._guest_body_reserved:
+            reserved, self._guest_body_reserved = self._guest_body_reserved, 0
+            budget = self.settings.buffer_budget
+            if budget is not None:
+                budget.release(reserved)
         body, self._detached_body = self._detached_body, None
         if body is not None:
             body.close()  # the client left: no guest call and no downstream will read it

@@ -33,6 +33,7 @@ from twisted.web.server import Request, Site
 
 from ..runtime.observe import OUTCOMES, add_observer
 from ..runtime.state import Phase
+from .site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, GuestSite
 
 __all__ = [
     "CALL_BUCKETS",
@@ -284,17 +285,31 @@ def _forget_dead_processes(multiprocess: Any) -> None:
             continue
 
 
-def metrics_site(metrics: GuestMetrics) -> Site:
-    """A ``Site`` serving ``/metrics`` only, without an access log line per scrape."""
+#: A scrape is a GET: larger request bodies get 413, unread.
+_MAX_SCRAPE_BODY = 64 * 1024
+
+
+def metrics_site(
+    metrics: GuestMetrics,
+    *,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+    header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+) -> Site:
+    """A ``Site`` serving ``/metrics`` only, without an access log line per scrape.
+
+    It has the main site's connection deadlines (``idle_timeout``,
+    ``header_timeout``: None for none), so that idle or slow connections to
+    it cannot pile up and take the process's file descriptors.
+    """
     root = Resource()
     child: Any = metrics.resource()
     root.putChild(b"metrics", child)
-    site = _QuietSite(root)  # type: ignore[no-untyped-call]
+    site = _QuietSite(root, idle_timeout=idle_timeout, header_timeout=header_timeout, max_request_body=_MAX_SCRAPE_BODY)
     site.noisy = False
     return site
 
 
-class _QuietSite(Site):
+class _QuietSite(GuestSite):
     def log(self, request: Any) -> None:
         """A scrape is not worth an access log line."""
 

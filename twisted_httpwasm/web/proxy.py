@@ -36,10 +36,12 @@ from twisted.web.server import NOT_DONE_YET, Request
 from .access_log import printable
 from .backend_request import (
     HOP_BY_HOP_HEADERS,
+    NotOriginForm,
     PathOutsideBase,
     backend_headers,
     connection_tokens,
     is_hop_by_hop,
+    origin_form,
     path_inside_base,
 )
 
@@ -47,6 +49,7 @@ __all__ = [
     "HOP_BY_HOP_HEADERS",
     "BadGateway",
     "HTTPAgent",
+    "NotOriginForm",
     "PathOutsideBase",
     "ProxyResource",
     "end_to_end_headers",
@@ -95,6 +98,14 @@ def end_to_end_headers(headers: Headers) -> Iterable[tuple[bytes, list[bytes]]]:
         yield lowered, list(values)
 
 
+def _local_authority(request: Request) -> bytes:
+    """``host:port`` of the local end of the request's connection (what a target without Host names)."""
+    address = request.getHost()
+    host = getattr(address, "host", "")
+    port = getattr(address, "port", 0)
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode("ascii", "replace")
+
+
 def _describe(reason: Failure) -> str:
     return reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
 
@@ -138,7 +149,9 @@ class ProxyResource(Resource):
     The request's URI (path and query, as the guest may have rewritten it) is
     appended to the path of ``base_url``, its dot segments removed: a path that
     would climb above the base path gets ``400 Bad Request`` and never reaches
-    the backend.  Hop-by-hop headers are dropped both ways (of the names the
+    the backend, and so does a target that is not origin-form (``a:1/``,
+    ``host:443``, a URL for another authority): the backend's scheme, host and
+    port are ``base_url``'s only.  Hop-by-hop headers are dropped both ways (of the names the
     client's ``Connection`` lists, only the client's values); ``Host`` becomes
     the backend's, and ``Forwarded``, ``X-Forwarded-For``, ``X-Forwarded-Host``
     and ``X-Forwarded-Proto`` tell the backend about the client.  The client's
@@ -204,16 +217,25 @@ class ProxyResource(Resource):
     def backend_url(self, request: Request) -> bytes:
         """The URL the backend is asked for: base path + the request's path and query.
 
-        The path's dot segments are removed first (``%2e`` is a dot, ``%2f`` stays
-        data); raises :class:`PathOutsideBase` if it would climb above the base path.
+        Only the request's origin-form target (``/path?query``) is appended: an
+        absolute-form URL naming this server is reduced to it, any other form
+        raises :class:`NotOriginForm`, so the scheme, host and port are always
+        the backend's own.  The path's dot segments are removed (``%2e`` is a
+        dot, ``%2f`` stays data); raises :class:`PathOutsideBase` if it would
+        climb above the base path.
         """
         uri = request.uri
-        if not uri.startswith(b"/"):
-            parts = urlsplit(uri)
-            if parts.scheme:  # absolute-form ("GET http://host/path"): keep path and query
-                uri = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
-            else:
-                uri = b"/" + uri
+        if uri[:1] != b"/":
+            host = request.getHeader(b"host")
+            uri = origin_form(
+                uri,
+                method=request.method,
+                host=host,
+                secure=bool(getattr(request, "isSecure", bool)()),  # DummyRequest has none
+                local=_local_authority(request) if host is None else b"",
+            )
+            if uri[:1] != b"/":  # OPTIONS *: answered by render, never forwarded
+                raise NotOriginForm("OPTIONS * is not forwarded")
         path, question, query = uri.partition(b"?")
         return self.scheme + b"://" + self.netloc + self.base_path + path_inside_base(path) + question + query
 
@@ -222,9 +244,13 @@ class ProxyResource(Resource):
         return backend_headers(request, self.netloc, trust_forwarded=self.trust_forwarded)
 
     def render(self, request: Request) -> object:
+        if request.uri == b"*" and request.method == b"OPTIONS":
+            # About this server, not a resource of the backend's (RFC 9110 9.3.7): answered here.
+            request.setHeader(b"content-length", b"0")
+            return b""
         try:
             url = self.backend_url(request)
-        except PathOutsideBase as error:
+        except (PathOutsideBase, NotOriginForm) as error:
             _log.info(
                 "refused {method} {uri}: {reason}; answering 400",
                 method=printable(request.method),

@@ -4,7 +4,10 @@
 use it or not).  It adds two things on top, each in its own section below:
 
 - **limits** on what one connection or request may make the server hold
-  (time to send the request headers, idle keep-alive time, request body size);
+  (time to send the request headers, idle keep-alive time, request body size,
+  HTTP/2 streams per connection and nothing read after a GOAWAY: see
+  :mod:`.http2`), and a request target that is origin-form (or 400) before
+  any resource sees it;
 - **draining**: on shutdown, stop taking requests, let the ones in flight
   finish up to a deadline, close idle keep-alive connections.
 """
@@ -25,13 +28,16 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from .access_log import access_log_formatter, remember_client_uri
+from .access_log import access_log_formatter, printable, remember_client_uri
+from .backend_request import NotOriginForm, origin_form
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
+from .http2 import DEFAULT_MAX_STREAMS_PER_CONNECTION, GuardedChannelProtocol, refuse_stream, too_many_streams
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_REQUEST_BODY",
+    "DEFAULT_MAX_STREAMS_PER_CONNECTION",
     "HOUSEKEEPING_INTERVAL",
     "GuestSite",
 ]
@@ -57,6 +63,7 @@ _HTTP1_TOO_LARGE = (
     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE)
 )
 _HTTP1_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_BAD_REQUEST = b"Bad Request\n"
 
 
 # Declared here so that the class has its own ``__provides__``: without it, the
@@ -79,8 +86,16 @@ class _LimitedRequest(Request):
         channel: Any = self.channel
         try:
             limit = channel.site.max_request_body
+            max_streams = channel.site.max_streams_per_connection
         except AttributeError:  # a channel without a GuestSite (as Request.gotLength allows)
-            limit = None
+            limit = max_streams = None
+        if max_streams is not None and not isinstance(channel, HTTPChannel) and too_many_streams(channel, max_streams):
+            # An HTTP/2 stream past --max-streams-per-connection (opened before the client took the
+            # setting, or ignoring it): reset unprocessed (REFUSED_STREAM), once the stream is made.
+            self._refused = True
+            channel.site.reactor.callLater(0, self._refuse_stream)
+            Request.gotLength(self, 0)
+            return
         if limit is not None:
             self._body_limit = limit
             if length is not None and length > limit:
@@ -111,7 +126,47 @@ class _LimitedRequest(Request):
         if hooks:
             for hook in hooks:
                 hook(self)
+        if self.uri[:1] != b"/" and not self._to_origin_form():
+            return
         Request.process(self)
+
+    def _to_origin_form(self) -> bool:
+        """Reduce an absolute-form target naming this server to its path; else answer 400 (False).
+
+        Before any guest or resource: what they see (and a ``--proxy`` backend
+        gets) is always origin-form, or ``*`` for ``OPTIONS`` (see
+        :func:`~twisted_httpwasm.web.backend_request.origin_form`).
+        """
+        request: Any = self  # Request's methods are untyped
+        host = request.getHeader(b"host")
+        if host is None:
+            address = request.getHost()
+            local = f"[{address.host}]:{address.port}" if ":" in address.host else f"{address.host}:{address.port}"
+        try:
+            target = origin_form(
+                self.uri,
+                method=self.method,
+                host=host,
+                secure=request.isSecure(),
+                local=local.encode("ascii") if host is None else b"",
+            )
+        except NotOriginForm as error:
+            _log.info(
+                "refusing {method} {uri} from {client}: {reason}; answering 400",
+                method=printable(self.method),
+                uri=printable(self.uri),
+                client=str(request.getClientAddress()),
+                reason=error,
+            )
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.setHeader(b"content-length", b"%d" % len(_BAD_REQUEST))
+            request.write(_BAD_REQUEST)
+            request.finish()
+            return False
+        self.uri = target
+        self.path = target.partition(b"?")[0]
+        return True
 
     def _refuse_body(self, what: str, limit: int) -> None:
         """Answer 413 now; HTTP/1 closes the connection, HTTP/2 ends the stream."""
@@ -133,6 +188,17 @@ class _LimitedRequest(Request):
             channel.loseConnection()
         else:  # an HTTP/2 stream, which may still be in the making (gotLength runs in its constructor)
             channel.site.reactor.callLater(0, self._answer_too_large_on_stream)
+
+    def _refuse_stream(self) -> None:
+        if self._disconnected:
+            return
+        _log.debug(
+            "refusing an HTTP/2 stream from {client}: --max-streams-per-connection reached",
+            client=str(self.getClientAddress()),  # type: ignore[no-untyped-call]
+        )
+        refuse_stream(self.channel)
+        # Over for this request: whoever waits on notifyFinish (the shutdown drain) need not wait on.
+        self.connectionLost(Failure(ConnectionDone("HTTP/2 stream refused")))  # type: ignore[no-untyped-call]
 
     def _answer_too_large_on_stream(self) -> None:
         """HTTP/2: the 413 ends this stream; the connection and its other streams go on.
@@ -204,8 +270,10 @@ class _GuardedChannel(HTTPChannel):
 
 
 def _guarded_protocol(factory: Any) -> _GenericHTTPChannelProtocol:
-    """What ``Site.protocol`` builds, with :class:`_GuardedChannel` for HTTP/1."""
-    return _GenericHTTPChannelProtocol(_GuardedChannel())  # type: ignore[no-untyped-call]
+    """What ``Site.protocol`` builds, with :class:`_GuardedChannel` for HTTP/1 and the HTTP/2 bounds."""
+    protocol = GuardedChannelProtocol(_GuardedChannel())  # type: ignore[no-untyped-call]
+    protocol.max_streams = getattr(factory, "max_streams_per_connection", None)
+    return protocol
 
 
 class GuestSite(Site):
@@ -226,11 +294,14 @@ class GuestSite(Site):
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
         housekeeping: Callable[[], object] | None = None,
+        max_streams_per_connection: int | None = DEFAULT_MAX_STREAMS_PER_CONNECTION,
         **kwargs: Any,
     ):
         kwargs.setdefault("timeout", idle_timeout)
         kwargs.setdefault("logFormatter", access_log_formatter)  # the client's URI, and a guest's rewrite
         super().__init__(resource, *args, **kwargs)  # type: ignore[no-untyped-call]
+        #: HTTP/2 streams one connection may have open at once (None: h2's own 100); see :mod:`.http2`.
+        self.max_streams_per_connection = max_streams_per_connection
         self._init_limits(max_request_body, header_timeout, housekeeping)
 
     # -- limits ---------------------------------------------------------------------
