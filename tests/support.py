@@ -251,28 +251,36 @@ _c_build_dir: tempfile.TemporaryDirectory[str] | None = None
 _c_built: dict[Path, Path] = {}
 
 
-def c_guest_binary(source: Path, *, wasi: bool, skip_missing_tools: bool = False) -> Path:
+def c_toolchain(what: str, *, wasi: bool) -> None:
+    """Skip the test unless the toolchain that builds C guests is complete (the one probe of every C test).
+
+    examples/c/build.py's :func:`probe` checks clang, wasm-ld, and with ``wasi``
+    the WASI sysroot and compiler-rt's wasm32 builtins; the skip names the piece
+    and the Debian package that provides it.
+    """
+    build = c_build_module()
+    try:
+        build.probe(wasi=wasi)
+    except build.MissingTool as error:
+        raise SkipTest(f"{what} needs {error.package} (Debian: apt-get install {error.package}): {error}") from None
+
+
+def c_guest_binary(source: Path, *, wasi: bool, skip_missing_tools: bool = True) -> Path:
     """The C file ``source`` built with examples/c/build.py into a temporary directory (once per run).
 
-    Skips the test, saying what is missing, when clang is absent; with ``skip_missing_tools``
-    also when the build finds another tool or library missing.
+    Skips the test, naming the Debian package, when a piece of the toolchain is
+    missing (:func:`c_toolchain`); a guest that does not compile fails it.
+    (``skip_missing_tools`` is what callers asked for before every missing piece
+    skipped; it changes nothing.)
     """
     global _c_build_dir
     if source not in _c_built:
         build = c_build_module()
-        try:
-            build.find_clang()
-        except build.BuildError as error:
-            raise SkipTest(f"{source.name} is a C guest and needs clang: {error}") from None
+        c_toolchain(f"{source.name} is a C guest and", wasi=wasi)
         if _c_build_dir is None:
             _c_build_dir = tempfile.TemporaryDirectory(prefix="httpwasm-c-guests-")
         output = Path(_c_build_dir.name) / source.parent.name / source.with_suffix(".wasm").name
-        try:
-            _c_built[source] = build.build(source, output, wasi=wasi)
-        except build.BuildError as error:
-            if skip_missing_tools and "not found" in str(error):
-                raise SkipTest(f"cannot build {source.name}: {error}") from None
-            raise
+        _c_built[source] = build.build(source, output, wasi=wasi)
     return _c_built[source]
 
 

@@ -45,7 +45,7 @@ def c_guest(name: str) -> Path:
     Skips the test, saying what is missing, when clang or its WebAssembly tools are absent.
     """
     wasi = c_build_module().EXAMPLES[name]
-    return c_guest_binary(EXAMPLES / "c" / name, wasi=wasi, skip_missing_tools=True)
+    return c_guest_binary(EXAMPLES / "c" / name, wasi=wasi)
 
 
 def watch_log(guest: Guest) -> list[tuple[str, str]]:

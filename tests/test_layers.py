@@ -1,6 +1,7 @@
 """The package's layers, read from its imports: each imports only the layers below it, with no cycle.
 
-1. ``abi.py`` - the ABI's names and packed results: neither wasmtime nor twisted.web.
+1. ``abi.py`` - the ABI's names and packed results: neither wasmtime nor twisted.web; ``_optional.py``
+   (imports of the optional extras) beside it, so that every layer may use it.
 2. ``runtime/`` - wasmtime, guests, pools, host functions: no twisted.web.
 3. ``web/`` - the twisted.web adapter.
 4. ``service/`` - twistd wiring (``tap``) and worker processes.
@@ -17,7 +18,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 PACKAGE = Path(__file__).resolve().parent.parent / "twisted_httpwasm"
-LAYERS = {"abi": 1, "runtime": 2, "web": 3, "service": 4, "testing": 5, "__main__": 5}
+LAYERS = {"_optional": 1, "abi": 1, "runtime": 2, "web": 3, "service": 4, "testing": 5, "__main__": 5}
 
 
 def module_name(path: Path) -> str:

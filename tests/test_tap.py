@@ -470,7 +470,7 @@ class MakeServiceTests(OptionsTestCase):
         self.assertEqual(wrapper._originalResource.indexNames, ["start.html"])
 
     def test_startup_is_logged(self) -> None:
-        """One log line names the guests, the downstream and the endpoints."""
+        """One log line names the guests, the downstream and the endpoints (not yet listening: nothing is bound)."""
         events: list[dict[str, Any]] = []
         self.patch(tap, "_log", Logger(namespace="httpwasm", observer=events.append))
         first, second = self.guest_file(PASS_THROUGH), self.guest_file(PASS_THROUGH)
@@ -481,7 +481,8 @@ class MakeServiceTests(OptionsTestCase):
         text = formatEvent(events[0])
         self.assertIn(f"guests {first} -> {second}", text)
         self.assertIn(f"in front of --class {__name__}.Downstream", text)
-        self.assertIn("listening on tcp:8081", text)
+        self.assertIn("to serve on tcp:8081", text)
+        self.assertNotIn("listening on", text)  # said by each port once it is bound
         self.assertIn("execution thread", text)
 
     def test_broken_guest_stops_startup(self) -> None:

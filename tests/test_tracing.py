@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from collections.abc import Generator
 from typing import Any
 
@@ -19,7 +21,7 @@ from twisted_httpwasm.web.site import GuestSite
 from twisted_httpwasm.web.tracing import GuestTracing
 
 from .support import NOOP_RESPONSE, ServerTestCase, module, poll
-from .test_twistd import HEADER_GUEST, TwistdTestCase
+from .test_twistd import DEADLINE, HEADER_GUEST, TwistdTestCase, accepts_connections
 
 #: Passes every request on.
 PASS_GUEST = '(func (export "handle_request") (result i64) (i64.const 1))' + NOOP_RESPONSE
@@ -190,3 +192,71 @@ class TwistdTracingTests(TwistdTestCase):
         )
         self.assertEqual(status, 200)
         self.assertEqual(traceparents(backend), [(CLIENT_TRACE, CLIENT_SPAN)])
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (a collector that is down)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+class TracingVisibleAndNeverBlockingTests(TwistdTestCase):
+    """Under real twistd: tracing says where spans go; an unreachable collector never blocks the shutdown."""
+
+    def environ(self, **variables: str) -> None:
+        for name, value in variables.items():
+            self.addCleanup(os.environ.pop, name, None)
+            os.environ[name] = value
+
+    @inlineCallbacks
+    def test_unreachable_collector(self) -> Generator[Any, Any, None]:
+        """Startup names the collector; at SIGTERM the port closes first, a request then is refused, the
+        flush is given up after the (bounded) flush timeout, and twistd exits."""
+        collector = f"http://127.0.0.1:{closed_port()}/v1/traces"
+        self.environ(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=collector)
+        url = yield self.start_server(
+            "--otel", "--guest", self.guest_file(HEADER_GUEST), "--class", "tests.test_twistd.Hello",
+            "--shutdown-timeout", "2",
+        )  # fmt: skip
+        port = int(url.rsplit(":", 1)[1])
+        status, _, _ = yield self.fetch("GET", url + "/traced")  # a span to export
+        self.assertEqual(status, 200)
+        self.assertIn(f"httpwasm: tracing on: spans exported with OTLP/HTTP to {collector}", self.server.output())
+
+        self.server.process.terminate()
+        closed = f"Port {port} Closed"
+        self.assertTrue((yield poll(lambda: closed in self.server.output() or self.server.exited(), DEADLINE)))
+        # While the exporter tries the collector, the port is closed: a new request is refused, not left waiting.
+        self.assertFalse((yield accepts_connections(port)))
+        self.assertTrue((yield poll(self.server.exited, DEADLINE)), self.server.output())
+        output = self.server.output()
+        self.assertEqual(self.server.process.returncode, 0, output)
+        given_up = "httpwasm: tracing: the last spans were not exported within 2.0 s"
+        self.assertIn(given_up, output)
+        self.assertLess(output.index(closed), output.index(given_up))  # listening stopped before the flush
+        self.assertNotIn("Traceback", output)
+
+    @inlineCallbacks
+    def test_console_exporter_is_one_log_event_per_span(self) -> Generator[Any, Any, None]:
+        """OTEL_TRACES_EXPORTER=console: each span is one log line of JSON, not one event per line of JSON."""
+        self.environ(OTEL_TRACES_EXPORTER="console")
+        url = yield self.start_server(
+            "--otel", "--guest", self.guest_file(HEADER_GUEST), "--class", "tests.test_twistd.Hello"
+        )
+        for path in ("/one", "/two"):
+            status, _, _ = yield self.fetch("GET", url + path)
+            self.assertEqual(status, 200)
+        self.assertIn("httpwasm: tracing on: spans exported to the log, one line per span", self.server.output())
+        self.server.process.terminate()
+        self.assertTrue((yield poll(self.server.exited, DEADLINE)))
+        lines = self.server.output().splitlines()
+        spans = [json.loads(line.split("httpwasm: span ", 1)[1]) for line in lines if "httpwasm: span " in line]
+        # Per request: the server span, the guest's, its two calls', the downstream's.
+        self.assertEqual(len(spans), 10, "\n".join(lines))
+        names = {span["name"] for span in spans}
+        self.assertLessEqual({"GET", "handle_request", "handle_response", "downstream"}, names)
+        # Nothing else of the spans' JSON reached the log (a line of indented JSON would be an event of its own).
+        self.assertEqual([line for line in lines if '"span_id"' in line and "httpwasm: span {" not in line], [])
+        self.assertEqual([line for line in lines if line.split("] ", 1)[-1].strip() in ("{", "}", "},", "]", "],")], [])

@@ -261,7 +261,8 @@ class DemoTests(TwistdTestCase):
         self.assertEqual(headers.getRawHeaders("x-guest"), ["seen"])
         self.assertIsNone(headers.getRawHeaders("x-httpwasm"))
         self.assertIn(b"  GET /anything HTTP/1.1\n", body)
-        self.assertIn("in front of the demo page, listening on tcp:", self.server.output())
+        self.assertIn("in front of the demo page, to serve on tcp:", self.server.output())
+        self.assertIn(f"httpwasm: listening on tcp:{url.rsplit(':', 1)[1]}:interface=127.0.0.1", self.server.output())
 
 
 class ProxyTests(TwistdTestCase):

@@ -22,6 +22,11 @@ with ``wasi`` also a wasi-libc sysroot (Debian: ``wasi-libc``, found under
 ``/usr``; wasi-sdk: ``share/wasi-sysroot``; or set ``WASI_SYSROOT``) and the
 compiler-rt builtins for wasm32 (Debian: ``libclang-rt-dev-wasm32``). Set
 ``CLANG`` to choose the compiler.
+
+:func:`probe` checks all of it at once, raising :class:`MissingTool` (which
+names the Debian package to install) for the first piece missing; the tests
+skip the C guests with its message. ``python3 build.py --missing-packages``
+prints the Debian packages still to install, one a line.
 """
 
 from __future__ import annotations
@@ -36,12 +41,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
+    "DEBIAN_PACKAGES",
     "EXAMPLES",
     "BuildError",
+    "MissingTool",
     "build",
     "build_all",
     "find_clang",
     "find_wasi_sysroot",
+    "missing_packages",
+    "probe",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -88,13 +97,31 @@ class BuildError(RuntimeError):
     """A tool is missing, or the compiler failed."""
 
 
+#: What each piece of the toolchain is called, and the Debian package that provides it.
+DEBIAN_PACKAGES: dict[str, str] = {
+    "clang": "clang",
+    "wasm-ld": "lld",
+    "wasi-sysroot": "wasi-libc",
+    "builtins": "libclang-rt-dev-wasm32",
+}
+
+
+class MissingTool(BuildError):
+    """A piece of the toolchain is not installed; ``package`` is the Debian package that provides it."""
+
+    def __init__(self, piece: str, message: str):
+        super().__init__(message)
+        self.piece = piece
+        self.package = DEBIAN_PACKAGES[piece]
+
+
 def find_clang() -> str:
     """The clang to use: ``$CLANG``, else ``clang``, else the newest ``clang-NN``."""
     chosen = os.environ.get("CLANG")
     if chosen:
         found = shutil.which(chosen)
         if found is None:
-            raise BuildError(f"CLANG={chosen!r} is not an executable")
+            raise MissingTool("clang", f"CLANG={chosen!r} is not an executable (Debian: apt-get install clang)")
         return found
     found = shutil.which("clang")
     if found is not None:
@@ -112,9 +139,10 @@ def find_clang() -> str:
                 if os.access(path, os.X_OK):
                     versioned.append((int(match.group(1)), path))
     if not versioned:
-        raise BuildError(
+        raise MissingTool(
+            "clang",
             "clang not found: install clang with the WebAssembly target "
-            "(Debian: apt-get install clang lld) or set CLANG"
+            "(Debian: apt-get install clang lld) or set CLANG",
         )
     return max(versioned)[1]
 
@@ -137,8 +165,9 @@ def check_wasm_ld(clang: str) -> str:
         found = shutil.which(linker)
         if found is not None:
             return found
-    raise BuildError(
-        f"wasm-ld (the WebAssembly linker clang runs) not found for {clang}: install lld (Debian: apt-get install lld)"
+    raise MissingTool(
+        "wasm-ld",
+        f"wasm-ld (the WebAssembly linker clang runs) not found for {clang}: install lld (Debian: apt-get install lld)",
     )
 
 
@@ -150,9 +179,10 @@ def find_wasi_sysroot() -> Path:
         if (root / "lib" / "wasm32-wasi" / "libc.a").is_file():
             return root
     looked = ", ".join(str(root / "lib" / "wasm32-wasi" / "libc.a") for root in candidates)
-    raise BuildError(
+    raise MissingTool(
+        "wasi-sysroot",
         f"wasi-libc sysroot not found (looked for {looked}): install wasi-libc "
-        "(Debian: apt-get install wasi-libc) or wasi-sdk, or set WASI_SYSROOT"
+        "(Debian: apt-get install wasi-libc) or wasi-sdk, or set WASI_SYSROOT",
     )
 
 
@@ -167,11 +197,52 @@ def check_wasm_builtins(clang: str, sysroot: Path) -> Path:
         )
     )
     if not builtins.is_file():
-        raise BuildError(
+        raise MissingTool(
+            "builtins",
             f"compiler-rt builtins for wasm32 not found ({builtins}): install them "
-            "(Debian: apt-get install libclang-rt-dev-wasm32)"
+            "(Debian: apt-get install libclang-rt-dev-wasm32)",
         )
     return builtins
+
+
+def probe(wasi: bool = False) -> str:
+    """Check the whole toolchain a build needs (with ``wasi``: also wasi-libc and the builtins); the clang.
+
+    Raises :class:`MissingTool` for the first piece that is missing, naming its Debian package.
+    """
+    clang = find_clang()
+    check_wasm_ld(clang)
+    if wasi:
+        check_wasm_builtins(clang, find_wasi_sysroot())
+    return clang
+
+
+def missing_packages() -> list[str]:
+    """The Debian packages to install for every example to build (empty when nothing is missing)."""
+    missing: list[str] = []
+    try:
+        clang = find_clang()
+    except MissingTool:
+        # Without clang neither the linker nor the builtins can be asked for: all of them but a sysroot found.
+        missing = ["clang", "lld", "libclang-rt-dev-wasm32"]
+        try:
+            find_wasi_sysroot()
+        except MissingTool:
+            missing.insert(2, "wasi-libc")
+        return missing
+    for check in (lambda: check_wasm_ld(clang), find_wasi_sysroot):
+        try:
+            check()
+        except MissingTool as error:
+            missing.append(error.package)
+    if "wasi-libc" not in missing:
+        try:
+            check_wasm_builtins(clang, find_wasi_sysroot())
+        except MissingTool as error:
+            missing.append(error.package)
+    else:
+        missing.append("libclang-rt-dev-wasm32")  # cannot be checked without a sysroot
+    return missing
 
 
 def build(source: Path, output: Path, wasi: bool = False) -> Path:
@@ -183,12 +254,9 @@ def build(source: Path, output: Path, wasi: bool = False) -> Path:
     output = Path(output)
     if not source.is_file():
         raise BuildError(f"no such source file: {source}")
-    clang = find_clang()
-    check_wasm_ld(clang)
+    clang = probe(wasi)
     if wasi:
-        sysroot = find_wasi_sysroot()
-        check_wasm_builtins(clang, sysroot)
-        flags = [*WASI_FLAGS, f"--sysroot={sysroot}"]
+        flags = [*WASI_FLAGS, f"--sysroot={find_wasi_sysroot()}"]
     else:
         flags = list(NOLIBC_FLAGS)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -227,7 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--wasi", action="store_true", help="build against wasi-libc as a WASI reactor")
     parser.add_argument("--all", metavar="DIR", type=Path, help="build every example here into DIR")
+    parser.add_argument(
+        "--missing-packages", action="store_true", help="print the Debian packages still to install, one a line"
+    )
     args = parser.parse_args(argv)
+    if args.missing_packages:
+        for package in missing_packages():
+            print(package)
+        return 0
     try:
         if args.all is not None:
             if args.source is not None or args.output is not None or args.wasi:

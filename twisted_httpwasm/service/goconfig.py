@@ -23,9 +23,10 @@ bits is a float, and timestamps and ``1:20`` stay strings.  Keys must be
 strings; a scalar key of another type is taken as written (``404:`` is
 ``"404"``), as Traefik's file provider does.
 
-This module needs PyYAML only for YAML (the ``yaml`` extra); JSON needs
-nothing, TOML needs Python 3.11's ``tomllib``.  It imports nothing of the
-package: the plugin loader, the command line and ``check`` share it.
+This module needs PyYAML only for YAML (the ``yaml`` extra, imported through
+:mod:`twisted_httpwasm._optional` when a YAML file is read); JSON needs
+nothing, TOML needs Python 3.11's ``tomllib``.  The plugin loader, the command
+line and ``check`` share it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from .._optional import ExtraMissing, require
 
 __all__ = [
     "CONFIG_SUFFIXES",
@@ -57,8 +60,6 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 #: A bound on the values a document may expand to (YAML aliases can multiply a small file).
 MAX_VALUES = 1_000_000
 
-_YAML_EXTRA = "pip install 'twisted-httpwasm[yaml]'"
-
 
 class ConfigError(ValueError):
     """A configuration that cannot be read or encoded; ``str()`` is one line naming where and why."""
@@ -67,10 +68,9 @@ class ConfigError(ValueError):
 def require_yaml(feature: str) -> ModuleType:
     """PyYAML, imported; :class:`ConfigError` naming the ``yaml`` extra if it is not installed."""
     try:
-        import yaml
-    except ModuleNotFoundError:
-        raise ConfigError(f"{feature} needs PyYAML: {_YAML_EXTRA}") from None
-    return yaml
+        return require("yaml", "yaml", feature)
+    except ExtraMissing as missing:
+        raise ConfigError(str(missing)) from None
 
 
 # -- encoding: Go's json.Marshal -------------------------------------------------------------

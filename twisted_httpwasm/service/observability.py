@@ -156,7 +156,10 @@ def observe_site(config: Any, site: Any, guests: list[Any], parent: service.Mult
         for guest in guests:
             tracing.watch(guest)
         tracing.install(site)
-        _tracing.TracingService(tracing).setServiceParent(parent)  # type: ignore[no-untyped-call]
+        flush_timeout = min(config["shutdown-timeout"], _tracing.DEFAULT_FLUSH_TIMEOUT)
+        _tracing.TracingService(tracing, site, flush_timeout).setServiceParent(parent)  # type: ignore[no-untyped-call]
+    elif _tracing.asked_by_environment():
+        _log.warn("httpwasm: OTEL_* variables ask for traces, but {refusal}", refusal=_tracing.ENVIRONMENT_HINT)
 
 
 def _where(description: str) -> str:

@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, interfaces
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import static
@@ -42,6 +44,7 @@ from ..runtime.guest import (
     LogLimit,
     Mount,
 )
+from ..web.access_log import address_text
 from ..web.demo import DEMO_GUEST, DemoPage, bundled_guest
 from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT, DrainService
 from ..web.proxy import ProxyResource
@@ -68,6 +71,9 @@ _DEMO_PAGE = "the demo page"
 
 #: Where the demo listens when no --listen is given: this machine only.
 DEMO_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+#: What a usage error says instead of every option.
+HELP_HINT = "Run 'twistd httpwasm --help' to see every option."
 
 
 def parse_size(text: str) -> int:
@@ -181,6 +187,7 @@ then are cut and logged. twistd then exits with status 0.
         self["otel"] = False
         self["log-format"] = "text"
         self._configured_guests: set[int] = set()
+        self._refused = False
         self.argv: list[str] = []
         self.cwd = os.getcwd()
         _drop_twistd_collisions(self)
@@ -192,7 +199,24 @@ then are cut and logged. twistd then exits with status 0.
         try:
             web_tap.Options.parseOptions(self, options)
         except usage.UsageError as error:
+            self._refused = True
+            parent = getattr(self, "parent", None)
+            if parent is not None:
+                # twistd prints its own synopsis, then getUsage(), then the reason: make the first
+                # line this command's synopsis (getSynopsis reads the parent's, so compute it first).
+                parent.synopsis = self.getSynopsis()
             raise usage.UsageError(_with_twistd_hint(str(error))) from None
+
+    def getUsage(self, width: int | None = None) -> str:
+        """Every option (``--help``); after a usage error, only where to find them.
+
+        On a usage error twistd prints the synopsis, this, and the reason, last;
+        the ~180 lines of every option would bury the reason.
+        """
+        if self._refused:
+            return HELP_HINT
+        usage_text: str = web_tap.Options.getUsage(self, width)
+        return usage_text
 
     # -- guests -------------------------------------------------------------------
 
@@ -891,8 +915,13 @@ def makeService(config: Options) -> service.MultiService:
 
     With ``--workers N`` (N > 1) the endpoints are served by this process and
     N-1 worker processes (:class:`~twisted_httpwasm.service.workers.WorkersService`).
-    Raises :class:`SystemExit` with the reason when a guest cannot be loaded.
+    Raises :class:`SystemExit` with the reason when a guest cannot be loaded, or,
+    under ``twistd`` (``config.parent`` is its options), when a ``tcp:`` port is taken.
     """
+    if getattr(config, "parent", None) is not None:
+        # Under twistd, which forks after this: a port in use is one line on the terminal, also for a daemon.
+        # (Not for a makeService of a program's own, which binds when it starts its services.)
+        check_ports_free([*config["ports"], *([config["metrics"]] if config["metrics"] else [])])
     top = service.MultiService()  # type: ignore[no-untyped-call]
     observability.prepare_processes(config, top)  # before any metric exists: --workers share them
     site = make_site(config, top)
@@ -906,10 +935,10 @@ def makeService(config: Options) -> service.MultiService:
         # SIGHUP: this process reloads its guests, then asks every worker to reload theirs.
         reloading: Any = top.getServiceNamed(RELOAD_SERVICE)  # type: ignore[no-untyped-call]
         reloading.reloader.after_reload.append(shared.reload_workers)
+        _WorkersListening(list(config["ports"])).setServiceParent(top)  # type: ignore[no-untyped-call]
     else:
         for description in config["ports"]:
-            # Site provides IProtocolFactory; mypy cannot see zope interface declarations.
-            strports.service(description, site).setServiceParent(top)  # type: ignore[arg-type, no-untyped-call]
+            _Listening(description, site).setServiceParent(top)  # type: ignore[no-untyped-call]
 
     observability.serve_metrics(config, site, top)
     processes = f", {workers} processes" if workers > 1 else ""
@@ -924,7 +953,7 @@ def makeService(config: Options) -> service.MultiService:
         )
         return top
     _log.info(
-        "httpwasm: {guests} in front of {downstream}, listening on {endpoints}"
+        "httpwasm: {guests} in front of {downstream}, to serve on {endpoints}"
         " (execution {execution}, {policy}, guest memory limit {memory}, time limit {timeout} s{processes});"
         " sha256 {digests}",
         guests=("guest " if len(config["guests"]) == 1 else "guests ")
@@ -939,6 +968,74 @@ def makeService(config: Options) -> service.MultiService:
         processes=processes,
     )
     return top
+
+
+def _cannot_listen(description: str, error: CannotListenError) -> str:
+    """``cannot listen on tcp:8090:interface=127.0.0.1: address already in use``."""
+    cause: Any = error.socketError
+    reason = getattr(cause, "strerror", None) or str(cause)
+    return f"cannot listen on {description}: {reason[:1].lower()}{reason[1:]}"
+
+
+def check_ports_free(descriptions: Sequence[str]) -> None:
+    """Each ``tcp:``/``tcp6:`` endpoint with a fixed port can be bound now; else :class:`SystemExit` with one line.
+
+    Run before ``twistd`` forks (``makeService`` is): a daemon's own failure to
+    listen reaches the terminal only through twistd's 100-byte status pipe,
+    cut mid-word.  The sockets are closed again at once; the services bind
+    for real when they start (and say so in one line if it fails then).
+    """
+    for description in descriptions:
+        endpoint = TCPListen.parse(description)
+        if endpoint is None or endpoint.port == 0:
+            continue
+        try:
+            endpoint.bind().close()
+        except CannotListenError as error:
+            raise SystemExit(_cannot_listen(description, error)) from None
+
+
+class _Listening(StreamServerEndpointService):
+    """``strports.service(description, site)`` that says ``listening on`` once bound, or why it could not bind.
+
+    A port that cannot be bound ends ``twistd`` with one line (SystemExit),
+    also logged: in daemon mode the log is where it can be read then.
+    """
+
+    def __init__(self, description: str, site: Site):
+        from twisted.internet import endpoints, reactor
+
+        endpoint = endpoints.serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+        StreamServerEndpointService.__init__(self, endpoint, site)  # type: ignore[no-untyped-call]
+        self._raiseSynchronously = True  # as strports.service: twistd learns at once
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        try:
+            StreamServerEndpointService.privilegedStartService(self)  # type: ignore[no-untyped-call]
+        except CannotListenError as error:
+            line = _cannot_listen(self.description, error)
+            _log.error("httpwasm: {line}", line=line)
+            raise SystemExit(line) from None
+        waiting: Any = self._waitingForPort  # the Deferred of the port, fired already
+        waiting.addCallback(self._bound)
+
+    def _bound(self, port: Any) -> Any:
+        address = address_text(port.getHost())  # 127.0.0.1:8080, [::1]:8080, a UNIX socket's path
+        _log.info("httpwasm: listening on {endpoint} ({address})", endpoint=self.description, address=address)
+        return port
+
+
+class _WorkersListening(service.Service):
+    """Says ``listening on`` for ``--workers``' endpoints, once the WorkersService started before it bound them."""
+
+    def __init__(self, descriptions: list[str]):
+        self.descriptions = descriptions
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)  # type: ignore[no-untyped-call]
+        for description in self.descriptions:
+            _log.info("httpwasm: listening on {endpoint}", endpoint=description)
 
 
 def reloading_guests(top: service.MultiService) -> list[Guest]:

@@ -23,7 +23,15 @@ from twisted.web.http import _escape, combinedLogFormatter
 from twisted.web.iweb import IAccessLogFormatter
 from zope.interface import provider
 
-__all__ = ["RequestLog", "access_log_formatter", "client_uri", "printable", "remember_client_uri", "request_id_of"]
+__all__ = [
+    "RequestLog",
+    "access_log_formatter",
+    "address_text",
+    "client_uri",
+    "printable",
+    "remember_client_uri",
+    "request_id_of",
+]
 
 _CLIENT_URI = "_httpwasm_client_uri"
 
@@ -53,6 +61,18 @@ def printable(data: bytes | str | None) -> str:
     if isinstance(data, str):
         data = data.encode("utf-8", "backslashreplace")
     return "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in data)
+
+
+def address_text(address: Any) -> str:
+    """A connection's address for a log line: ``127.0.0.1:37254``, ``[::1]:37254``, a UNIX path, or ``-``."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    name = getattr(address, "name", None)  # UNIXAddress
+    if name:
+        return printable(name)
+    return "-"
 
 
 @provider(IAccessLogFormatter)  # type: ignore[untyped-decorator]

@@ -34,7 +34,9 @@ from twisted.web.http import HTTPChannel
 from twisted.web.iweb import INonQueuedRequestFactory
 from zope.interface import directlyProvides
 
-__all__ = ["DEFAULT_SHUTDOWN_TIMEOUT", "DrainService", "InFlight", "stop_reactor"]
+from .access_log import address_text
+
+__all__ = ["DEFAULT_SHUTDOWN_TIMEOUT", "DrainService", "InFlight", "cut_by_host", "stop_reactor"]
 
 #: Seconds the requests in flight have to finish once the server stops (what process managers commonly allow).
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
@@ -144,9 +146,10 @@ class InFlight:
                 timeout=timeout,
                 method=_text(getattr(request, "method", b"?")),
                 uri=_text(getattr(request, "uri", b"?")),
-                client=str(request.getClientAddress()),
+                client=address_text(request.getClientAddress()),
                 age=now - since,
             )
+            setattr(request, _CUT_BY_HOST, f"the shutdown timeout ({timeout} s)")
             _abort(channel)
         for connection in self._closing:
             transport: Any = getattr(_channel_of(connection), "transport", None)
@@ -210,6 +213,20 @@ def _close_if_idle(channel: Any) -> bool:
     if not busy and not transport.disconnecting:
         transport.loseConnection()  # sends what is buffered first
     return False
+
+
+#: Set on a request the host cut itself: what cut it (for whoever else logs about that request).
+_CUT_BY_HOST = "_httpwasm_cut_by_host"
+
+
+def cut_by_host(request: Any) -> str | None:
+    """What cut ``request`` if the host itself did (``the shutdown timeout (30 s)``), else None.
+
+    A downstream that sees its work end (a ``--proxy`` backend connection
+    torn down with the process) logs it as that, not as its own failure.
+    """
+    why: str | None = getattr(request, _CUT_BY_HOST, None)
+    return why
 
 
 def _abort(channel: Any) -> None:

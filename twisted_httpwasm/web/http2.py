@@ -21,7 +21,8 @@ those private classes' insides, bounds them:
   ``REFUSED_STREAM`` (RFC 9113 8.7: not processed, safe to retry) a stream
   opened past it (before the client acknowledged the setting, or ignoring it).
 
-``h2`` is imported only once a connection negotiated it (it is optional).
+``h2`` is imported only once a connection negotiated it (it is optional), through
+:func:`twisted_httpwasm._optional.require`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.web.http import _GenericHTTPChannelProtocol
+
+from .. import _optional
+from .access_log import address_text
 
 __all__ = [
     "DEFAULT_MAX_STREAMS_PER_CONNECTION",
@@ -60,16 +64,14 @@ def goaway_sent(channel: Any) -> bool:
     machine = getattr(getattr(channel, "conn", None), "state_machine", None)
     if machine is None:
         return False
-    from h2.connection import ConnectionState
-
-    return bool(machine.state is ConnectionState.CLOSED)
+    h2_connection = _optional.require("h2.connection", "http2", "HTTP/2")  # loaded already: an h2 connection
+    return bool(machine.state is h2_connection.ConnectionState.CLOSED)
 
 
 def limit_streams(channel: Any, limit: int) -> None:
     """Advertise ``SETTINGS_MAX_CONCURRENT_STREAMS = limit`` on a Twisted ``H2Connection`` just made."""
-    from h2.settings import SettingCodes
-
-    channel.conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: limit})
+    h2_settings = _optional.require("h2.settings", "http2", "HTTP/2")
+    channel.conn.update_settings({h2_settings.SettingCodes.MAX_CONCURRENT_STREAMS: limit})
     channel._tryToWriteControlData()
 
 
@@ -81,16 +83,15 @@ def too_many_streams(stream: Any, limit: int) -> bool:
 
 def refuse_stream(stream: Any) -> None:
     """Reset ``stream`` with ``REFUSED_STREAM`` and forget it: none of it was processed, the client may retry."""
-    import h2.errors
-    import h2.exceptions
-
+    h2_errors = _optional.require("h2.errors", "http2", "HTTP/2")
+    h2_exceptions = _optional.require("h2.exceptions", "http2", "HTTP/2")
     connection = stream._conn
     stream_id = stream.streamID
     if stream_id not in connection.streams:
         return  # the connection or the stream is gone already
     try:
-        connection.conn.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.REFUSED_STREAM)
-    except h2.exceptions.StreamClosedError:
+        connection.conn.reset_stream(stream_id, error_code=h2_errors.ErrorCodes.REFUSED_STREAM)
+    except h2_exceptions.StreamClosedError:
         pass
     if connection._tryToWriteControlData():
         connection._requestDone(stream_id)
@@ -139,7 +140,7 @@ class GuardedChannelProtocol(_GenericHTTPChannelProtocol):
             reactor = global_reactor
         _log.info(
             "HTTP/2 connection from {peer} sent GOAWAY: reading stopped, closing it within {grace} s",
-            peer=str(transport.getPeer()),
+            peer=address_text(transport.getPeer()),
             grace=GOAWAY_GRACE,
         )
         self._abort_call = reactor.callLater(GOAWAY_GRACE, self._abort, transport)

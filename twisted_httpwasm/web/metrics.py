@@ -31,6 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from .. import _optional
 from ..runtime.observe import OUTCOMES, add_observer
 from ..runtime.state import Phase
 from .site import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, GuestSite
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 #: What the ``--metrics`` option says when prometheus_client is missing.
-INSTALL_HINT = "--metrics needs prometheus_client: pip install 'twisted-httpwasm[metrics]'"
+INSTALL_HINT = _optional.refusal("--metrics", "metrics")
 
 #: Histogram buckets (seconds) of one guest call: most take microseconds.
 CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -95,9 +96,7 @@ _RUNTIME_COUNTERS: tuple[tuple[str, str, Callable[[Any], float]], ...] = (
 
 def available() -> bool:
     """Whether prometheus_client is installed (without importing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("prometheus_client") is not None
+    return _optional.installed("metrics")
 
 
 def multiprocess_dir() -> str | None:
@@ -129,8 +128,7 @@ class GuestMetrics:
     """
 
     def __init__(self, registry: Any = None):
-        import prometheus_client as prom
-
+        prom: Any = _optional.require("prometheus_client", "metrics", "Prometheus metrics")
         self._prom = prom
         self.multiprocess = multiprocess_dir() is not None
         if registry is None:

@@ -22,7 +22,7 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -44,6 +44,7 @@ from .backend_request import (
     origin_form,
     path_inside_base,
 )
+from .drain import cut_by_host
 
 __all__ = [
     "HOP_BY_HOP_HEADERS",
@@ -107,7 +108,21 @@ def _local_authority(request: Request) -> bytes:
 
 
 def _describe(reason: Failure) -> str:
-    return reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
+    """``reason`` as one line of text: the reasons inside a ResponseFailed (a list of Failures) each as theirs."""
+    inner = getattr(reason.value, "reasons", None)
+    if inner:
+        return "; ".join(dict.fromkeys(_describe(each) for each in inner if isinstance(each, Failure)))
+    if reason.check(CancelledError, TimeoutError):
+        return "no answer in time"
+    text = reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
+    return " ".join(text.split())
+
+
+def _timed_out(reason: Failure) -> bool:
+    inner = getattr(reason.value, "reasons", None)
+    if inner:
+        return any(isinstance(each, Failure) and _timed_out(each) for each in inner)
+    return bool(reason.check(CancelledError, TimeoutError))
 
 
 def _cut(request: Request) -> None:
@@ -305,9 +320,33 @@ class _ProxiedRequest:
         self.relay = _BodyRelay(self)
         response.deliverBody(self.relay)
 
+    def _ended_by_host(self, what: str) -> bool:
+        """True (after a debug line) when the host itself cut this request: not the backend's failure."""
+        cut = cut_by_host(self.request)
+        if cut is None:
+            return False
+        _log.debug(
+            "{method} {uri}: {what} ended: {cut} cut the request",
+            method=printable(self.request.method),
+            uri=printable(self.request.uri),
+            what=what,
+            cut=cut,
+        )
+        return True
+
     def _unreachable(self, reason: Failure) -> None:
         self.pending = None
-        if self.client_gone:
+        if self.client_gone or self._ended_by_host("the backend request"):
+            return
+        if _timed_out(reason) and self.proxy.timeout is not None:
+            _log.warn(
+                "backend {url} did not answer {method} {uri} within {timeout} s",
+                url=printable(self.url),
+                method=printable(self.request.method),
+                uri=printable(self.request.uri),
+                timeout=self.proxy.timeout,
+            )
+            self.fail()
             return
         _log.warn(
             "backend {url} unreachable for {method} {uri}: {error}",
@@ -392,6 +431,8 @@ class _BodyRelay(Protocol):
             return
         if reason.check(ResponseDone, http.PotentialDataLoss):
             request.finish()
+            return
+        if proxied._ended_by_host("the backend's response"):
             return
         _log.warn(
             "backend {url} failed while sending its response to {method} {uri}: {error}",

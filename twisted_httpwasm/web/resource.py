@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from twisted.internet.interfaces import IReactorCore
@@ -99,7 +100,41 @@ class GuestResource(Resource):
         return old
 
     def render(self, request: Request) -> Any:
+        if not hasattr(request, "content"):
+            _complete_dummy_request(request)
         return RequestFilter(self, request).start()
 
     def __repr__(self) -> str:
         return f"<GuestResource {self.guest!r} in front of {self.downstream!r}>"
+
+
+def _complete_dummy_request(request: Any) -> None:
+    """Give twisted.web's ``DummyRequest`` (of unit tests) what a real Request has and the filter reads.
+
+    It has no body at all (an empty one, then), no ``startedWriting`` (false
+    until its first write), the URI ``http://dummy/`` unless the test set one
+    (the path it was made with, then, as a client would send it) and no ``path``.
+    """
+    request.content = io.BytesIO()
+    if not (getattr(request, "uri", None) or b"").startswith(b"/"):
+        request.uri = b"/" + b"/".join(getattr(request, "postpath", None) or [])
+    if not hasattr(request, "path"):
+        request.path = request.uri.partition(b"?")[0]
+    if not hasattr(request, "startedWriting"):
+        request.startedWriting = 0
+        write = request.write
+
+        def started_writing(data: bytes) -> Any:
+            request.startedWriting = 1
+            return write(data)
+
+        request.write = started_writing
+    if not hasattr(request, "code"):
+        request.code = 200  # DummyRequest keeps responseCode (None until set)
+        set_code = request.setResponseCode
+
+        def set_response_code(code: int, message: bytes | None = None) -> None:
+            request.code = code
+            set_code(code, message)
+
+        request.setResponseCode = set_response_code

@@ -28,7 +28,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from .access_log import access_log_formatter, printable, remember_client_uri
+from .. import _optional
+from .access_log import access_log_formatter, address_text, printable, remember_client_uri
 from .backend_request import NotOriginForm, origin_form
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
 from .http2 import DEFAULT_MAX_STREAMS_PER_CONNECTION, GuardedChannelProtocol, refuse_stream, too_many_streams
@@ -155,7 +156,7 @@ class _LimitedRequest(Request):
                 "refusing {method} {uri} from {client}: {reason}; answering 400",
                 method=printable(self.method),
                 uri=printable(self.uri),
-                client=str(request.getClientAddress()),
+                client=address_text(request.getClientAddress()),
                 reason=error,
             )
             request.setResponseCode(400)
@@ -177,7 +178,7 @@ class _LimitedRequest(Request):
         channel: Any = self.channel
         _log.info(
             "413 for {client}: the request {what} (--max-request-body {limit})",
-            client=str(self.getClientAddress()),  # type: ignore[no-untyped-call]
+            client=address_text(self.getClientAddress()),  # type: ignore[no-untyped-call]
             what=what,
             limit=limit,
         )
@@ -194,7 +195,7 @@ class _LimitedRequest(Request):
             return
         _log.debug(
             "refusing an HTTP/2 stream from {client}: --max-streams-per-connection reached",
-            client=str(self.getClientAddress()),  # type: ignore[no-untyped-call]
+            client=address_text(self.getClientAddress()),  # type: ignore[no-untyped-call]
         )
         refuse_stream(self.channel)
         # Over for this request: whoever waits on notifyFinish (the shutdown drain) need not wait on.
@@ -226,11 +227,11 @@ class _LimitedRequest(Request):
 
 def _reset_if_still_receiving(stream_id: int, connection: Any) -> int:
     """After Twisted ended a stream: RST_STREAM(NO_ERROR) if the client has not finished sending."""
-    import h2.exceptions
+    h2_exceptions = _optional.require("h2.exceptions", "http2", "HTTP/2")  # loaded already: this is an h2 stream
 
     try:
         connection.conn.reset_stream(stream_id, 0)
-    except h2.exceptions.StreamClosedError:
+    except h2_exceptions.StreamClosedError:
         return stream_id  # the client had sent all of it
     connection._tryToWriteControlData()
     return stream_id
@@ -260,7 +261,7 @@ class _GuardedChannel(HTTPChannel):
         transport: Any = self.transport
         _log.info(
             "closing the connection from {peer}: request headers not complete within {timeout} s (--header-timeout)",
-            peer=str(transport.getPeer()) if transport is not None else "?",
+            peer=address_text(transport.getPeer()) if transport is not None else "-",
             timeout=timeout,
         )
         self.persistent = False

@@ -24,21 +24,29 @@ prints spans, ``none`` exports nothing).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from .. import _optional
 from ..runtime.observe import add_observer
 from ..runtime.state import Phase
 from .access_log import after_response
 
 __all__ = [
+    "DEFAULT_FLUSH_TIMEOUT",
     "INSTALL_HINT",
     "GuestTracing",
     "TracingService",
+    "asked_by_environment",
     "available",
     "enabled_by_environment",
     "traceparent_of",
@@ -46,7 +54,8 @@ __all__ = [
 
 _log = Logger(namespace="httpwasm")
 
-INSTALL_HINT = "--otel needs OpenTelemetry: pip install 'twisted-httpwasm[otel]'"
+INSTALL_HINT = _optional.refusal("--otel", "otel")
+ENVIRONMENT_HINT = _optional.refusal("tracing", "otel")
 
 _TRACE = "_httpwasm_trace"
 _TRACEPARENT = "_httpwasm_traceparent"
@@ -55,19 +64,22 @@ _ENVIRONMENT = ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXP
 
 
 def available() -> bool:
-    """Whether the OpenTelemetry SDK is installed (without importing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("opentelemetry.sdk") is not None
+    """Whether the OpenTelemetry SDK and its OTLP exporter are installed (without importing them)."""
+    return _optional.installed("otel")
 
 
-def enabled_by_environment() -> bool:
+def asked_by_environment() -> bool:
     """The standard ``OTEL_*`` variables ask for traces (and ``OTEL_SDK_DISABLED`` does not forbid them)."""
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
     if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
         return False
-    return available() and any(os.environ.get(name) for name in _ENVIRONMENT)
+    return any(os.environ.get(name) for name in _ENVIRONMENT)
+
+
+def enabled_by_environment() -> bool:
+    """The ``OTEL_*`` variables ask for traces, and OpenTelemetry is installed."""
+    return asked_by_environment() and available()
 
 
 def traceparent_of(request: Request) -> bytes | None:
@@ -124,36 +136,46 @@ class GuestTracing:
         self._tracer: Any = None
         if tracer_provider is not None:
             self._tracer = tracer_provider.get_tracer("twisted_httpwasm")
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        self._propagator = TraceContextTextMapPropagator()
+        propagation = _optional.require("opentelemetry.trace.propagation.tracecontext", "otel", "tracing")
+        self._propagator = propagation.TraceContextTextMapPropagator()
         self._getter: Any = _HeaderGetter()
 
     def start(self) -> None:
-        """Make the OTLP-exporting provider, if none was given (after twistd forked: it starts a thread)."""
+        """Make the OTLP-exporting provider, if none was given (after twistd forked: it starts a thread).
+
+        Says in one log line that tracing is on and where the spans go.
+        """
         if self._tracer is not None:
             return
+        _optional.require("opentelemetry.sdk.trace", "otel", "tracing")
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "twisted-httpwasm"})
-        provider = TracerProvider(resource=resource)
+        # No atexit flush: TracingService flushes, bounded; an unreachable collector must not hold up the exit.
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
         exporter: SpanExporter | None = None
         if kind == "console":
-            exporter = ConsoleSpanExporter()
-        elif kind != "none":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter()
+            # One compact JSON line per span, as one log event (not one event per line of indented JSON).
+            out: Any = _SpanLog(self.reactor)
+            exporter = ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
+            where = "to the log, one line per span (OTEL_TRACES_EXPORTER=console; for debugging)"
+        elif kind == "none":
+            where = "nowhere (OTEL_TRACES_EXPORTER=none)"
+        else:
+            exporting = _optional.require("opentelemetry.exporter.otlp.proto.http.trace_exporter", "otel", "tracing")
+            exporter = exporting.OTLPSpanExporter()
+            where = f"with OTLP/HTTP to {getattr(exporter, '_endpoint', None) or 'the OTLP endpoint'}"
         if exporter is not None:
             provider.add_span_processor(BatchSpanProcessor(exporter))
         self.provider = provider
         self._tracer = provider.get_tracer("twisted_httpwasm")
+        _log.info("httpwasm: tracing on: spans exported {where}", where=where)
 
     def stop(self) -> None:
-        """Export what is left and stop the provider this made."""
+        """Export what is left and stop the provider this made (blocks: run it off the reactor thread)."""
         if self._own_provider and self.provider is not None:
             self.provider.shutdown()
 
@@ -264,19 +286,99 @@ class GuestTracing:
         span.end(end_time=_epoch_ns(ended, offset))
 
 
-class TracingService(service.Service):
-    """Starts the tracer provider when the server starts (after twistd forked), flushes it when it stops."""
+class _SpanLog:
+    """A file for ConsoleSpanExporter: each line it writes (one span) is one log event, on the reactor thread.
 
-    def __init__(self, tracing: GuestTracing):
+    The exporter writes from its own thread; the events are logged in order, before
+    the flush at shutdown is told it ended (``callFromThread`` keeps the order).
+    """
+
+    def __init__(self, reactor: Any):
+        self.reactor = reactor
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self.reactor.callFromThread(_log.info, "httpwasm: span {span}", span=line)
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+
+#: Seconds the spans left at shutdown may take to export (at most --shutdown-timeout).
+DEFAULT_FLUSH_TIMEOUT = 3.0
+
+
+class TracingService(service.Service):
+    """Starts the tracer provider when the server starts (after twistd forked), flushes it when it stops.
+
+    The flush waits for ``site``'s drain (its requests' spans are exported
+    too), runs in a thread of its own (an exporter blocks while it sends) and
+    is given up after ``flush_timeout`` seconds: a collector that does not
+    answer costs the shutdown that long at most, and the reactor goes on
+    meanwhile (the listening ports are closed, requests in flight answered).
+    """
+
+    def __init__(
+        self,
+        tracing: GuestTracing,
+        site: Any = None,
+        flush_timeout: float = DEFAULT_FLUSH_TIMEOUT,
+    ):
         self.tracing = tracing
+        self.site = site
+        self.flush_timeout = flush_timeout
 
     def startService(self) -> None:
         service.Service.startService(self)  # type: ignore[no-untyped-call]
         self.tracing.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
         service.Service.stopService(self)  # type: ignore[no-untyped-call]
-        try:
-            self.tracing.stop()
-        except Exception:  # noqa: BLE001 - an exporter that cannot flush must not stop the shutdown
-            _log.failure("stopping the trace exporter failed")
+        reactor = self.tracing.reactor
+        # One turn later: the services stopped after this one (the drain) have begun by then.
+        waiting: Deferred[None] = deferLater(reactor, 0, lambda: None)
+        waiting.addCallback(lambda _: self._drained())
+        waiting.addCallback(lambda _: self._flush())
+        return waiting
+
+    def _drained(self) -> Deferred[Any] | None:
+        in_flight = getattr(self.site, "_in_flight", None)
+        if in_flight is None or not in_flight.draining:
+            return None
+        drained: Deferred[Any] = in_flight.drain(None)  # the drain under way (its timeout is the drain's)
+        return drained
+
+    def _flush(self) -> Deferred[None]:
+        reactor = self.tracing.reactor
+        done: Deferred[None] = Deferred()
+
+        def finished(error: str | None) -> None:
+            if done.called:
+                return  # given up already
+            if error is not None:
+                _log.warn("httpwasm: tracing: exporting the last spans failed: {error}", error=error)
+            done.callback(None)
+
+        def flush() -> None:
+            try:
+                self.tracing.stop()
+            except Exception as error:  # noqa: BLE001 - an exporter that cannot flush must not stop the shutdown
+                reactor.callFromThread(finished, f"{type(error).__name__}: {error}")
+            else:
+                reactor.callFromThread(finished, None)
+
+        threading.Thread(target=flush, name="httpwasm-trace-flush", daemon=True).start()
+
+        def given_up(failure: Failure) -> None:
+            failure.trap(defer.TimeoutError)
+            _log.warn(
+                "httpwasm: tracing: the last spans were not exported within {timeout} s "
+                "(is the collector reachable?); stopping without them",
+                timeout=self.flush_timeout,
+            )
+
+        done.addTimeout(self.flush_timeout, reactor)
+        done.addErrback(given_up)
+        return done
