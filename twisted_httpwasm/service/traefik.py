@@ -224,16 +224,15 @@ def load_plugin(location: str, *, sha256: str | None = None, data: bytes | None 
     stem = sanitise_name(PurePosixPath(urlsplit(location).path if "://" in location else location).stem)
     if data is None and not location.lower().endswith(".zip"):
         manifest, wasm = _from_directory(Path(location))
-        digest_of = wasm
+        pinned, what = wasm, "module"
     else:
         if data is None:
             data = _read_bounded(Path(location), MAX_ZIP_BYTES, "the zip")
         manifest, wasm = _from_zip(data)
-        digest_of = data
+        pinned, what = data, "zip"
     if sha256 is not None:
-        digest = hashlib.sha256(digest_of).hexdigest()
+        digest = hashlib.sha256(pinned).hexdigest()
         if digest != sha256.strip().lower():
-            what = "module" if digest_of is wasm and data is None else "zip"
             raise PluginError(f"the plugin's {what} has sha256 {digest}, not the expected {sha256}: refused")
     return Plugin(manifest, wasm, name or sanitise_name(manifest.display_name, fallback=stem or "plugin"))
 
