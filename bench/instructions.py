@@ -76,6 +76,19 @@ def _drive_runtime(scenario: str, mode: str, requests: int) -> None:
     instance.state = state
     native.current.target = instance
     handle_request, handle_response = instance._handle_request, instance._handle_response
+    accelerated = instance.accel
+    if accelerated is not None:  # the compiled accelerator's call (TWISTED_HTTPWASM_PURE=1: the pure path's)
+        call, request_export, response_export = (
+            accelerated.call,
+            handle_request.accelerated,
+            handle_response.accelerated,
+        )
+        for _ in range(requests):
+            call(request_export, True, instance, state)
+            call(response_export, True, instance, state, 0, 0)
+            if accelerated.pending:
+                accelerated.take()
+        return
     for _ in range(requests):
         handle_request.call(True)
         handle_response.call(True, 0, 0)

@@ -107,6 +107,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         wasm_headers=(("x-bench-guest", "headers"), ("x-bench-seen", "yes")),
     ),
     Scenario(
+        "plugin",
+        "plugin.wat",
+        "/",
+        "models a real plugin: log x3 (debug), WASI clock, reads 1 request header, adds 1 response header",
+        wasm_headers=(("x-plugin", "catalog"),),
+    ),
+    Scenario(
         "rewrite_body",
         "rewrite_body.wat",
         "/",
@@ -138,6 +145,8 @@ class WrkResult:
     socket_errors: int
     #: The server process's CPU time (user + system, all threads) per request it answered to wrk.
     cpu_us_per_request: float | None = None
+    #: Voluntary context switches of the server's threads per request (thread hand-offs, GIL waits).
+    switches_per_request: float | None = None
 
 
 @dataclass
@@ -448,6 +457,19 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def voluntary_switches(pid: int) -> int | None:
+    """Voluntary context switches of all the process's threads so far (threads that ended are not counted)."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    except OSError:
+        return None
+    return total
+
+
 def run_wrk(
     wrk: str,
     args: argparse.Namespace,
@@ -499,16 +521,18 @@ def measure(
         probe(port, scenario, side)
         if args.warmup > 0:
             run_wrk(wrk, args, port, scenario, args.warmup, lua)
-        cpu_before = cpu_seconds(proc.pid)
+        cpu_before, switches_before = cpu_seconds(proc.pid), voluntary_switches(proc.pid)
         result = run_wrk(wrk, args, port, scenario, args.duration, lua)
-        cpu_after = cpu_seconds(proc.pid)
+        cpu_after, switches_after = cpu_seconds(proc.pid), voluntary_switches(proc.pid)
     if cpu_before is not None and cpu_after is not None and result.requests:
         result.cpu_us_per_request = (cpu_after - cpu_before) / result.requests * 1e6
+    if switches_before is not None and switches_after is not None and result.requests:
+        result.switches_per_request = (switches_after - switches_before) / result.requests
     # both sides log one access line per request: ~15 MB per 10 s; keep only failures
     log_path.unlink(missing_ok=True)
     errors = result.non_2xx + result.socket_errors
     note = f", {errors} errors" if errors else ""
-    cpu = f"  cpu {fmt(result.cpu_us_per_request, '6.1f')} us/req"
+    cpu = f"  cpu {fmt(result.cpu_us_per_request, '6.1f')} us/req  {fmt(result.switches_per_request, '5.2f')} cs/req"
     log(
         f"  {scenario.name:<13} {mode:<6} {side:<5} {result.requests_per_sec:9.1f} req/s"
         f"  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms{cpu}{note}"
@@ -539,6 +563,7 @@ def table(pairs: Sequence[Pair]) -> str:
         "p99 wasm/plain",
         "cpu us/req plain/wasm",
         "plain/wasm cpu",
+        "cs/req plain/wasm",
     )
     rows: list[tuple[str, ...]] = [headers]
     for p in pairs:
@@ -564,6 +589,8 @@ def table(pairs: Sequence[Pair]) -> str:
                 fmt(ratio(w99, p99), ".3f"),
                 f"{fmt(pcpu, '.1f')}/{fmt(wcpu, '.1f')}",
                 fmt(p.paired_ratio("cpu_us_per_request", invert=True), ".3f"),
+                f"{fmt(p.median('plain', 'switches_per_request'), '.2f')}/"
+                f"{fmt(p.median('wasm', 'switches_per_request'), '.2f')}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
@@ -718,7 +745,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "median": {
                         side: {
                             attr: p.median(side, attr)
-                            for attr in ("requests_per_sec", "p50_ms", "p99_ms", "cpu_us_per_request")
+                            for attr in (
+                                "requests_per_sec",
+                                "p50_ms",
+                                "p99_ms",
+                                "cpu_us_per_request",
+                                "switches_per_request",
+                            )
                         }
                         for side in sides
                     },

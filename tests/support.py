@@ -33,6 +33,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from twisted_httpwasm import Execution, Guest, GuestResource
+from twisted_httpwasm.runtime import accel
 from twisted_httpwasm.runtime.state import RequestState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,6 +288,30 @@ def c_guest_binary(source: Path, *, wasi: bool, skip_missing_tools: bool = True)
 # -- execution-mode variants ----------------------------------------------------------
 
 
+#: The guest-call paths every generated variant runs on: the compiled accelerator, and pure Python.
+GUEST_PATHS = ("accelerated", "pure")
+_PATH_SUFFIX = {"accelerated": "", "pure": "Pure"}
+
+
+class GuestPathMixin:
+    """Makes the guests a test loads use one guest-call path (``guest_path``: see ``runtime/accel.py``).
+
+    ``accelerated`` is skipped, with the reason, where the compiled accelerator is not built
+    (no C compiler at install) or ``TWISTED_HTTPWASM_PURE`` is set.
+    """
+
+    guest_path = "accelerated"
+
+    def setUp(self) -> None:
+        if self.guest_path == "accelerated":
+            if accel.compiled is None:
+                raise SkipTest(f"compiled accelerator not in use: {accel.REASON}")
+            self.patch(accel, "module", accel.compiled)  # type: ignore[attr-defined]
+        else:
+            self.patch(accel, "module", None)  # type: ignore[attr-defined]
+        super().setUp()  # type: ignore[misc]
+
+
 def execution_variants(
     mixin: type,
     *bases: type,
@@ -294,22 +319,57 @@ def execution_variants(
     only: Mapping[Execution, type] = MappingProxyType({}),
     **attributes: Any,
 ) -> dict[str, type]:
-    """One test case class per execution mode (thread, inline), generated from one definition.
+    """One test case class per execution mode (thread, inline) and guest-call path, from one definition.
 
     As Twisted's ``ReactorBuilder.makeTestCaseClasses`` makes one class per reactor: each
-    class mixes ``mixin`` into ``bases`` (``ServerTestCase``, say), with ``execution`` set,
-    and is named ``{name}{Mode}Tests`` (``name``: the mixin's name without ``TestsMixin`` or
-    ``Mixin``).  ``only`` maps a mode to a mixin of tests that apply to that mode alone;
-    ``attributes`` are set on every class.  The classes belong to the mixin's module: define
-    them at that module's top level, where pytest and trial both find them::
+    class mixes ``mixin`` into ``bases`` (``ServerTestCase``, say), with ``execution`` and
+    ``guest_path`` set (:class:`GuestPathMixin`), and is named ``{name}{Mode}Tests`` on the
+    compiled accelerator and ``{name}{Mode}PureTests`` on the pure-Python path (``name``: the
+    mixin's name without ``TestsMixin`` or ``Mixin``).  ``only`` maps a mode to a mixin of
+    tests that apply to that mode alone; ``attributes`` are set on every class.  The classes
+    belong to the mixin's module: define them at that module's top level, where pytest and
+    trial both find them::
 
         globals().update(execution_variants(FooTestsMixin, ServerTestCase))
     """
     stem = name or mixin.__name__.removesuffix("Mixin").removesuffix("Tests")
     classes: dict[str, type] = {}
     for execution in EXECUTIONS:
-        class_name = f"{stem}{execution.name.title()}Tests"
-        namespace = {"__module__": mixin.__module__, "__qualname__": class_name, "execution": execution, **attributes}
-        extra = (only[execution],) if execution in only else ()
-        classes[class_name] = type(class_name, (*extra, mixin, *bases), namespace)
+        for path in GUEST_PATHS:
+            class_name = f"{stem}{execution.name.title()}{_PATH_SUFFIX[path]}Tests"
+            namespace = {
+                "__module__": mixin.__module__,
+                "__qualname__": class_name,
+                "execution": execution,
+                "guest_path": path,
+                **attributes,
+            }
+            extra = (only[execution],) if execution in only else ()
+            classes[class_name] = type(class_name, (GuestPathMixin, *extra, mixin, *bases), namespace)
     return classes
+
+
+def guest_path_variants(namespace: dict[str, Any]) -> None:
+    """Run each test case class of a module on both guest-call paths.
+
+    Every class in ``namespace`` (a module's ``globals()``) that defines tests and is not
+    already a variant is replaced by ``{Name}`` on the compiled accelerator and
+    ``{Name}Pure`` on the pure path (the name's ``Tests`` suffix kept last)::
+
+        guest_path_variants(globals())   # at the end of the module
+    """
+    for name, cls in list(namespace.items()):
+        if (
+            not isinstance(cls, type)
+            or not issubclass(cls, SynchronousTestCase)
+            or issubclass(cls, GuestPathMixin)
+            or cls.__module__ != namespace.get("__name__")
+            or not any(attr.startswith("test") for attr in dir(cls))
+        ):
+            continue
+        stem = name.removesuffix("Tests")
+        suffix = "Tests" if name.endswith("Tests") else ""
+        for path in GUEST_PATHS:
+            class_name = f"{stem}{_PATH_SUFFIX[path]}{suffix}"
+            body = {"__module__": cls.__module__, "__qualname__": class_name, "guest_path": path}
+            namespace[class_name] = type(class_name, (GuestPathMixin, cls), body)

@@ -22,7 +22,7 @@ from twisted_httpwasm.abi import LogLevel
 from twisted_httpwasm.runtime.calllog import DEFAULT_LOG_BYTES, DEFAULT_LOG_MESSAGES, LogLimit
 from twisted_httpwasm.service.tap import Options
 
-from .support import LogCapture, ServerTestCase, execution_variants, module, request_state
+from .support import LogCapture, ServerTestCase, execution_variants, guest_path_variants, module, request_state
 
 #: Logs ``COUNT`` messages of ``SIZE`` bytes (zeros at 4096) in handle_request, then answers next=1.
 LOG_LOOP = """
@@ -302,3 +302,7 @@ class OptionTests(SynchronousTestCase):
             with self.assertRaises(UsageError) as caught:
                 self.parse("--guest-log-limit", value)
             self.assertIn("--guest-log-limit", str(caught.exception))
+
+
+# Every test case class above, on the compiled accelerator and on the pure-Python path.
+guest_path_variants(globals())

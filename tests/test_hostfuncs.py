@@ -21,7 +21,7 @@ from twisted_httpwasm.runtime.guest import GuestInstance, GuestLoadError, GuestT
 from twisted_httpwasm.runtime.hostfuncs import IMPLEMENTATIONS
 from twisted_httpwasm.runtime.state import RequestState
 
-from .support import LogCapture, make_guest, request_state
+from .support import LogCapture, guest_path_variants, make_guest, request_state
 
 #: Results: slot ``n`` is the i64 at ``RESULT + 8 * n`` (i32 results are sign-extended).
 RESULT = 0
@@ -1424,3 +1424,7 @@ class ExactTrapReasonTests(SynchronousTestCase):
         with self.assertRaises(GuestLoadError) as caught:
             guest(init=[call("get_method", BUF, 64)])
         self.assertIn("get_method: no request in flight (called during init)", str(caught.exception))
+
+
+# Every test case class above, on the compiled accelerator and on the pure-Python path.
+guest_path_variants(globals())

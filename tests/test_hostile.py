@@ -22,8 +22,9 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
 from twisted_httpwasm import Execution, Guest, GuestLoadError
+from twisted_httpwasm.web.request_changes import TwistedRequestState
 
-from .support import ServerTestCase, execution_variants
+from .support import ServerTestCase, execution_variants, guest_path_variants
 from .test_limits import FakeClock, WasiGuestMixin, next_with_ctx, wasi_module
 from .test_resource import Strings, log_text, port_of, released
 from .test_resource_response import HELLO, hello
@@ -346,6 +347,7 @@ SLOW_CALLS = S.wrap(f"""
     (call $load_uri)
     (if (call $is {S("/slow-request")}) (then
       (call $log (i32.const 0) {S("in handle_request")})
+      (drop (call $get_protocol_version (i32.const 0) (i32.const 0)))  ;; the test's probe: answered in Python
       (call $spin (i32.const 300))))
     (if (call $is {S("/slow-response")}) (then
       (drop (call $enable_features (i32.const 2)))
@@ -354,6 +356,7 @@ SLOW_CALLS = S.wrap(f"""
   (func (export "handle_response") (param $slow i32) (param $is_error i32)
     (if (local.get $slow) (then
       (call $log (i32.const 0) {S("in handle_response")})
+      (drop (call $get_protocol_version (i32.const 0) (i32.const 0)))
       (call $spin (i32.const 300))
       (call $set_header_value (i32.const 1) {S("x-late")} {S("yes")})))
     (if (local.get $is_error)
@@ -386,19 +389,22 @@ class DroppedClientTestsMixin(WasiGuestMixin):
         guest = self.wasi_guest(SLOW_CALLS, timeout=5)
         url = self.serve_guest(guest, hello())
         entered = threading.Event()
-        emit = guest.emit
+        read_protocol = TwistedRequestState.read_protocol
 
-        def watching_emit(level: Any, message: str) -> None:
-            if marker in message:
-                entered.set()  # on the thread running the guest, before the log is handed on
-            emit(level, message)
+        def watching_read_protocol(state: TwistedRequestState) -> bytes:
+            # On the thread running the guest, which reads the protocol right before it spins (after
+            # logging the marker). Not the log itself: the compiled accelerator hands a call's lines
+            # to Python when the call ends, and the pure path as it goes (both log them then).
+            entered.set()
+            return read_protocol(state)
 
-        self.patch(guest, "emit", watching_emit)
+        self.patch(TwistedRequestState, "read_protocol", watching_read_protocol)
         back_in_pool = released(guest)
         yield reset_when(url, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), entered)
         yield back_in_pool
         text = log_text(events)
         self.assertEqual(text.count("handle_response is_error="), 1, text)
+        self.assertIn(marker, text)
         self.assertNotIn("internal error", text)
         self.assertNotIn("Traceback", text)
         stats = guest.pool.stats
@@ -421,3 +427,7 @@ class DroppedClientTestsMixin(WasiGuestMixin):
 
 
 globals().update(execution_variants(DroppedClientTestsMixin, ServerTestCase))
+
+
+# Every test case class above, on the compiled accelerator and on the pure-Python path.
+guest_path_variants(globals())

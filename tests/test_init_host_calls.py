@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm import Guest, GuestLoadError
 
-from .support import LogCapture, ServerTestCase, execution_variants, module
+from .support import LogCapture, ServerTestCase, execution_variants, guest_path_variants, module
 from .test_resource import Echo, GuestTestMixin
 
 CONFIG = b"user:secret"
@@ -141,3 +141,7 @@ class StartFunctionRequestsMixin(GuestTestMixin):
 
 
 globals().update(execution_variants(StartFunctionRequestsMixin, ServerTestCase))
+
+
+# Every test case class above, on the compiled accelerator and on the pure-Python path.
+guest_path_variants(globals())

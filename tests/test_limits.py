@@ -24,7 +24,7 @@ from twisted_httpwasm.runtime.guest import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT
 from twisted_httpwasm.runtime.hostfuncs import MAX_LOG_MESSAGE
 from twisted_httpwasm.runtime.pool import GuestPool, GuestUnavailable
 
-from .support import ServerTestCase, execution_variants, module, poll
+from .support import ServerTestCase, execution_variants, guest_path_variants, module, poll
 from .test_resource import Echo, GuestTestMixin, Strings, event_text, log_text, raw_connect, split_response
 from .test_resource_failures import log_is_error
 from .test_resource_response import HELLO, hello
@@ -781,3 +781,7 @@ HEADER_HOG = S.wrap(f"""
 
 
 globals().update(execution_variants(BufferLimitTestsMixin, ServerTestCase))
+
+
+# Every test case class above, on the compiled accelerator and on the pure-Python path.
+guest_path_variants(globals())

@@ -14,7 +14,7 @@ import wasmtime
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm.abi import HOST_FUNCTIONS, HOST_MODULE, LogLevel
-from twisted_httpwasm.runtime import engine, native
+from twisted_httpwasm.runtime import accel, engine, native
 from twisted_httpwasm.runtime.guest import Guest, GuestTrap
 from twisted_httpwasm.runtime.hostfuncs import IMPLEMENTATIONS, HostImplementation, trap_reason
 from twisted_httpwasm.runtime.native import HostTrap
@@ -252,6 +252,9 @@ class DeadlineArmingTests(SynchronousTestCase):
     """A guest call arms its epoch deadline, unless a call of the same export armed it within ``rearm_window``."""
 
     def setUp(self) -> None:
+        # The pure path's NativeFunc is what these patch; the accelerator's twin arms in C (the serving-clock
+        # script of test_engine shows its calls still get their whole limit).
+        self.patch(accel, "module", None)
         if not engine.serving:
             engine.serve_time_limits()  # as the first guest call would: it sets the window, which the tests patch
         self.now = [100.0]

@@ -29,7 +29,7 @@ from twisted_httpwasm.runtime import native as _native
 from twisted_httpwasm.runtime.guest import GuestInstance
 from twisted_httpwasm.runtime.state import RequestState
 
-from .support import make_guest
+from .support import guest_path_variants, make_guest
 
 PAGE = 65536
 SELECTOR = 0  # which host function (index into HOST_FUNCTIONS); -1: none
@@ -349,3 +349,7 @@ def _property_test(function: str) -> Any:
 for _spec in HOST_FUNCTIONS:
     setattr(HostFunctionPropertyTests, f"test_{_spec.name}", _property_test(_spec.name))
 del _spec
+
+
+# Every test case class above, on the compiled accelerator and on the pure-Python path.
+guest_path_variants(globals())

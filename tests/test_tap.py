@@ -22,6 +22,7 @@ from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from twisted_httpwasm.abi import LogLevel
+from twisted_httpwasm.runtime import accel
 from twisted_httpwasm.runtime.guest import DEFAULT_MAX_BUFFER_BYTES, DEFAULT_MEMORY_LIMIT, Execution, Mount
 from twisted_httpwasm.service import tap
 from twisted_httpwasm.service.tap import Options, makeService, parse_size
@@ -484,6 +485,7 @@ class MakeServiceTests(OptionsTestCase):
         self.assertIn("to serve on tcp:8081", text)
         self.assertNotIn("listening on", text)  # said by each port once it is bound
         self.assertIn("execution thread", text)
+        self.assertIn(accel.describe(), text)  # which guest-call path serves
 
     def test_broken_guest_stops_startup(self) -> None:
         """A guest that cannot load ends startup with SystemExit naming the guest and the reason."""

@@ -7,6 +7,7 @@ nothing of twisted.web; many resources may share it.  Each
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import hashlib
 import os
@@ -24,6 +25,7 @@ from twisted.logger import LogLevel as TwistedLogLevel
 from twisted.python import threadable
 
 from ..abi import HOST_FUNCTIONS, HOST_MODULE, WASI_MODULE, CtxNext, LogLevel, unpack_ctx_next
+from . import accel as _accel
 from . import engine as _engine
 from . import native as _native
 from .cache import CompileCache, default_cache_dir
@@ -243,6 +245,14 @@ class Guest:
     def _check_imports(self) -> bool:
         expected = {spec.name: spec for spec in HOST_FUNCTIONS}
         uses_wasi = False
+        #: Whether the guest imports a WASI call that writes (else its stdout and stderr are not captured).
+        self.writes_output = any(
+            item.module == WASI_MODULE and item.name in ("fd_write", "fd_pwrite") for item in self.module.imports
+        )
+        #: The http_handler functions the guest imports (the accelerator snapshots only what they read).
+        self.host_imports: frozenset[str] = frozenset(
+            item.name or "" for item in self.module.imports if item.module == HOST_MODULE
+        )
         for item in self.module.imports:
             where = f"{item.module}.{item.name}"
             if item.module == WASI_MODULE:
@@ -279,6 +289,9 @@ class Guest:
 
     def _make_linker(self) -> tuple[wasmtime.Linker, list[object]]:
         linker = wasmtime.Linker(self.engine)
+        #: The compiled accelerator this guest's calls go through, or None (decided once, at load).  A traced
+        #: guest (``on_host_call``) is not accelerated: what C answers would not reach the trace.
+        self.accelerated: Any = _accel.module if self.on_host_call is None else None
         i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
         callbacks: list[object] = []
         for spec in HOST_FUNCTIONS:
@@ -296,6 +309,7 @@ class Guest:
                     implementation,
                     trap_reason,
                     self._host_error,
+                    None if self.accelerated is None else (self.accelerated, _accel.HOST_IDS[spec.name]),
                 )
             )
         if self.uses_wasi:
@@ -414,6 +428,8 @@ class GuestInstance:
         self.features = 0  # set by enable_features during init: applies to every request
         self.state: RequestState | None = None
         self.trapped = False
+        #: The compiled accelerator's context for this instance's calls (None: the pure path serves).
+        self.accel: Any = None
         self.call_log = CallLog(guest.log_limit)
         # Until the instance exists, host calls from its wasm start function reach memory through their caller.
         self.memory: NativeMemory = CallerMemory()
@@ -422,9 +438,10 @@ class GuestInstance:
         self._outputs: tuple[CapturedOutput, ...] = ()
         if guest.uses_wasi:
             wasi = guest._wasi_config()
-            self._outputs = (CapturedOutput("stdout"), CapturedOutput("stderr"))
-            for output in self._outputs:
-                output.attach(wasi)
+            if guest.writes_output:  # a guest that cannot write costs no files, and no check after each call
+                self._outputs = (CapturedOutput("stdout"), CapturedOutput("stderr"))
+                for output in self._outputs:
+                    output.attach(wasi)
             store.set_wasi(wasi)
         self._store = store
         _native.set_epoch_deadline(store, guest._deadline)
@@ -466,6 +483,8 @@ class GuestInstance:
             for name in _INIT_FUNCTIONS:
                 if name in exports:
                     self._run_init(self._export(exports, name, 0, 0), name)
+            if self.guest.accelerated is not None:
+                self._accelerate(store)  # after init, which runs on NativeFunc with the epoch deadline's own trap
         finally:
             self._log_output()
 
@@ -473,6 +492,31 @@ class GuestInstance:
         func = exports[name]
         assert isinstance(func, wasmtime.Func)
         return NativeFunc(self._store, func, n_params, n_results, self.guest._deadline)
+
+    def _accelerate(self, store: wasmtime.Store) -> None:
+        """Make the accelerator's context and exports (see ``accel.py``); the init functions stay on ``NativeFunc``."""
+        module = self.guest.accelerated
+        imports = self.guest.host_imports
+        memory = self.memory
+        log_limit = self.call_log.limit
+        self.accel = module.Context(
+            memory._context,
+            memory._memory_address,
+            memory,  # kept alive by the context: its wasmtime_memory_t is what the address points into
+            self.config,
+            self.call_log,
+            log_limit.messages,
+            log_limit.bytes,
+            sum(1 << _accel.HOST_IDS[name] for name in imports),  # what the snapshot must hold
+        )
+        timeout = self.guest.timeout
+        seconds = float("inf") if timeout is None else timeout
+        for native in (self._handle_request, self._handle_response):
+            context, func, n_params, n_results, owner = native.accel_args()
+            native.accelerated = module.Export(context, func, n_params, n_results, seconds, owner)
+        # From now on the store's epoch deadlines go to the accelerator, which ends calls past their limit
+        # and, in thread mode, releases the GIL at a call's first tick (see _accel.c, on_deadline).
+        module.install_time_limit(ctypes.cast(store.ptr(), ctypes.c_void_p).value)
 
     def _run_init(self, init: NativeFunc, name: str) -> None:
         try:
@@ -500,7 +544,14 @@ class GuestInstance:
         failed: str | None = None
         observed = self.guest.observer is not NO_OBSERVER  # the call's times are for observers only
         started = time.monotonic() if observed else 0.0
+        accel = self.accel
         try:
+            if accel is not None:
+                # The GIL: kept while wasm runs inline (1), kept until the call's first tick in thread mode
+                # (2), released throughout (0) unless the epoch clock ticks without it.
+                gil = (1 if inline else 2) if _engine.calls_may_hold_gil else 0
+                result: int = accel.call(function.accelerated, gil, self, state, *args)
+                return result
             return function.call(inline and _engine.calls_may_hold_gil, *args)
         except GuestCallError as error:
             self.trapped = True
@@ -513,6 +564,8 @@ class GuestInstance:
             state.trap_reason = reason
             raise GuestTrap(reason, timed_out=error.interrupted) from None
         finally:
+            if accel is not None and accel.pending:  # what the guest changed, recorded in C
+                _accel.apply(self)
             if observed:
                 state.calls.append((state.phase, started, time.monotonic(), failed))
             self.state = None

@@ -4,8 +4,9 @@ wasmtime-py's public ``Func.__call__`` and ``Linker.define_func`` convert every
 value through ``Val`` objects (8-18 µs per call), and they pass a host
 function's exception back through one process-global slot, which is not safe
 when several threads run guests.  The C API's *unchecked* entry points take
-raw value slots instead: this module is the only place that uses them, so the
-rest of the host stays on wasmtime-py's public types.
+raw value slots instead: this module is the only Python that uses them (the
+optional compiled accelerator, ``_accel.c``, is the only C), so the rest of the
+host stays on wasmtime-py's public types.
 
 Tested with the wasmtime range pinned in ``setup.cfg``; ``tests/test_native.py``
 compares this path with the public API on the same guests.
@@ -164,6 +165,7 @@ def define_host_function(
     function: HostFunction,
     on_trap: OnHostTrap,
     on_host_error: OnHostError,
+    accelerated: tuple[Any, int] | None = None,
 ) -> Any:
     """Define ``module.name`` in ``linker`` as an unchecked host function.
 
@@ -176,6 +178,12 @@ def define_host_function(
     every helper); any other exception is handed to ``on_host_error`` and
     traps the guest with a generic message.  Returns the callback object,
     which the caller must keep alive as long as the linker.
+
+    ``accelerated``: the compiled accelerator's module (``accel.module``) and
+    the id it knows the function by (``accel.HOST_IDS``), or None.  With it,
+    the function is defined with the accelerator's C callback,
+    which answers it in C when it can and calls this function's ctypes callback
+    (what the pure path defines) when it cannot: the returned object keeps both.
     """
     for param in params:
         if str(param) != "i32":
@@ -206,6 +214,15 @@ def define_host_function(
             return _new_trap(f"host error in {name}")
 
     native_callback = _UncheckedCallback(callback)
+    kept: Any = native_callback
+    defined: Any = native_callback
+    env: Any = None
+    if accelerated is not None:
+        accelerator, host_id = accelerated
+        fallback = ctypes.cast(native_callback, _c_void_p).value
+        kept = accelerator.HostEnv(host_id, fallback, native_callback)
+        defined = ctypes.cast(accelerator.callback_address(), _UncheckedCallback)
+        env = _c_void_p(kept.address())
     functype = wasmtime.FuncType(list(params), list(results))
     module_bytes = module.encode()
     name_bytes = name.encode()
@@ -216,13 +233,13 @@ def define_host_function(
         name_bytes,
         len(name_bytes),
         ctypes.cast(functype.ptr(), _c_void_p),
-        native_callback,
-        None,
+        defined,
+        env,
         None,
     )
     if error:
         raise _error_from(error)
-    return native_callback
+    return kept
 
 
 def _new_trap(message: str) -> int:
@@ -274,17 +291,26 @@ class NativeFunc:
     __slots__ = (
         "_armed_until",
         "_call_args",
+        "_context",
         "_deadline_args",
         "_func",
+        "_n_params",
+        "_n_results",
         "_slots",
         "_slots_view",
         "_trap",
+        "accelerated",
         "deadline",
     )
 
     def __init__(self, store: wasmtime.Store, func: wasmtime.Func, n_params: int, n_results: int, deadline: int):
         context = _c_void_p(_address(store._context()))
+        self._n_params = n_params
+        self._n_results = n_results
         self._func = func._func  # keep the wasmtime_func_t alive
+        self._context = context
+        #: The compiled accelerator's twin of this export (``accel.py``), or None.
+        self.accelerated: Any = None
         count = max(n_params, n_results, 1)
         self._slots = (ctypes.c_byte * (_SLOT * count))()
         # The slots as int64s: slot i's i32/i64 is item 2 * i (a slot is 16 bytes).
@@ -301,6 +327,11 @@ class NativeFunc:
             _c_size_t(count),
             ctypes.byref(self._trap),
         )
+
+    def accel_args(self) -> tuple[int, int, int, int, object]:
+        """What the accelerator's ``Export`` is made from (less the deadline): context, func, params, results, owner."""
+        n_params = self._n_params
+        return (int(self._context.value or 0), ctypes.addressof(self._func), n_params, self._n_results, self._func)
 
     def __call__(self, *args: int) -> int:
         """Call with i32 arguments, releasing the GIL while wasm runs; see :meth:`call`."""

@@ -33,6 +33,7 @@ from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 
 from ..abi import Feature, LogLevel
+from ..runtime import accel
 from ..runtime.budget import DEFAULT_MAX_BUFFERED_TOTAL, BufferBudget
 from ..runtime.guest import (
     DEFAULT_MAX_BUFFER_BYTES,
@@ -954,7 +955,7 @@ def makeService(config: Options) -> service.MultiService:
         return top
     _log.info(
         "httpwasm: {guests} in front of {downstream}, to serve on {endpoints}"
-        " (execution {execution}, {policy}, guest memory limit {memory}, time limit {timeout} s{processes});"
+        " (execution {execution}, {calls}, {policy}, guest memory limit {memory}, time limit {timeout} s{processes});"
         " sha256 {digests}",
         guests=("guest " if len(config["guests"]) == 1 else "guests ")
         + " -> ".join(e["path"] for e in config["guests"]),
@@ -962,6 +963,7 @@ def makeService(config: Options) -> service.MultiService:
         downstream=config["downstream"],
         endpoints=", ".join(config["ports"]),
         execution=config["execution"].value,
+        calls=accel.describe(),  # which guest-call path serves: the compiled accelerator or pure Python
         policy=config["on-guest-error"],
         memory=_format_size(config["guest-memory-limit"]),
         timeout=config["guest-timeout"],

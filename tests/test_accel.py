@@ -1,0 +1,269 @@
+"""The compiled accelerator of the guest-call path (runtime/accel.py, runtime/_accel.c).
+
+The whole host-function suite runs on both paths (``guest_path_variants`` in the
+test modules); here: that a call mixing what C answers with what only Python
+answers comes out the same on both, that what C answers never enters Python,
+that the guest's memory is checked at its current size, and how the
+accelerator is chosen, refused and built.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from twisted_httpwasm.abi import LogLevel
+from twisted_httpwasm.runtime import accel
+from twisted_httpwasm.runtime.calllog import LogLimit
+from twisted_httpwasm.runtime.guest import Guest, GuestTrap
+
+from .support import ROOT, request_state
+from .test_hostfuncs import BUF, NAME, PAGE, REQUEST, RESPONSE, VALUE, call, guest, stored
+
+#: A call that starts with what C answers, then calls get_header_names (answered in Python, after what C
+#: recorded is applied), then goes on in Python: every result, the log and the request must come out the same.
+MIXED = [
+    call("log", 0, NAME, 3),
+    call("add_header_value", RESPONSE, NAME, 3, VALUE, 2),
+    call("enable_features", 2, slot=0),
+    call("get_header_values", RESPONSE, NAME, 3, BUF, 64, slot=1),
+    call("get_header_values", REQUEST, NAME + 8, 10, BUF + 64, 64, slot=2),
+    call("get_uri", BUF + 128, 64, slot=3),
+    call("log", 1, VALUE, 2),
+    call("get_header_names", RESPONSE, BUF + 192, 64, slot=4),
+    call("set_header_value", RESPONSE, NAME, 3, VALUE + 2, 3),
+    call("log", 2, NAME, 3),
+    call("get_header_values", RESPONSE, NAME, 3, BUF + 256, 64, slot=5),
+    call("log_enabled", 0, slot=6),
+]
+INPUTS = {NAME: b"x-a", NAME + 8: b"User-Agent", VALUE: b"v1v22"}
+
+
+def outcome(
+    path: Any, statements: list[str] = MIXED, max_buffer_bytes: int | None = None, **options: Any
+) -> tuple[Any, ...]:
+    """Run ``statements`` in handle_request on ``path`` (``accel.compiled`` or None); everything it produced."""
+    saved = accel.module
+    accel.module = path
+    try:
+        loaded = guest(request=statements, inputs=INPUTS, **options)
+    finally:
+        accel.module = saved
+    events: list[dict[str, Any]] = []
+    loaded.log = Logger(namespace="httpwasm.test", observer=events.append)
+    instance = loaded.pool.acquire()
+    state = request_state(uri=b"/p?q=1", headers=[(b"User-Agent", b"ua/1"), (b"user-agent", b"ua/2")])
+    state.max_buffer_bytes = max_buffer_bytes
+    try:
+        instance.handle_request(state)
+        trap = None
+    except GuestTrap as error:
+        trap = error.reason
+    loaded.hand_over(*instance.call_log.take("g", "here"))
+    return (
+        trap,
+        [stored(instance, slot) for slot in range(7)],
+        instance.memory.read(BUF, 320),
+        state.features,
+        state.response_headers.items(),
+        [(event.get("text"), event["log_level"].name) for event in events if "text" in event],
+        [event.get("summary") for event in events if "summary" in event],
+    )
+
+
+class AcceleratedTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        if accel.compiled is None:
+            raise SkipTest(f"compiled accelerator not in use: {accel.REASON}")
+
+
+class SamePathsTests(AcceleratedTestCase):
+    def test_a_call_switching_to_python_midway(self) -> None:
+        """What C recorded (log lines, a header, features) is applied before Python answers, in order."""
+        fast, pure = outcome(accel.compiled), outcome(None)
+        self.assertEqual(fast, pure)
+        trap, results, _, features, headers, lines, _ = fast
+        self.assertIsNone(trap)
+        self.assertEqual(features, 2)
+        self.assertEqual(headers, [(b"x-a", b"v22")])
+        self.assertEqual(results[1], (1 << 32) | 3)  # "v1\0"
+        self.assertEqual(results[2], (2 << 32) | 10)  # "ua/1\0ua/2\0"
+        self.assertEqual([text for text, _ in lines], ["x-a", "v1", "x-a"])
+
+    def test_the_log_budget_spans_the_switch(self) -> None:
+        """Two messages per call: C counts the first two, Python drops the third after the switch."""
+        limit = LogLimit(messages=2, bytes=1024)
+        fast, pure = outcome(accel.compiled, log_limit=limit), outcome(None, log_limit=limit)
+        self.assertEqual(fast, pure)
+        self.assertEqual([text for text, _ in fast[5]], ["x-a", "v1"])
+        self.assertIn("1 log message (3 bytes) dropped", fast[6][0])
+
+    def test_a_message_cut_by_the_byte_budget(self) -> None:
+        """A message past the byte budget is cut, and says how much was not logged, on both paths."""
+        statements = [call("log", 0, VALUE, 5), call("log", 0, VALUE, 5)]
+        limit = LogLimit(messages=10, bytes=7)
+        fast, pure = outcome(accel.compiled, statements, log_limit=limit), outcome(None, statements, log_limit=limit)
+        self.assertEqual(fast, pure)
+        self.assertEqual([text for text, _ in fast[5]], ["v1v22", "v1... [3 more bytes not logged]"])
+
+    def test_traps_give_the_same_reason(self) -> None:
+        """A failure in what C answers is answered by Python, so the trap reason is the pure path's, byte for byte."""
+        for statements in (
+            [call("log", 0, NAME, 3), call("add_header_value", RESPONSE, NAME, 3, PAGE - 1, 2)],
+            [call("add_header_value", RESPONSE, VALUE, 5, NAME, 3)],  # "v1v22" is a name, "x-a" a value: fine
+            [call("add_header_value", RESPONSE, NAME, 0, VALUE, 1)],
+            [call("get_uri", PAGE - 2, 64)],
+            [call("get_header_values", RESPONSE, NAME, 3, BUF, 64), call("set_header_value", 7, NAME, 3, VALUE, 1)],
+        ):
+            fast, pure = outcome(accel.compiled, statements), outcome(None, statements)
+            self.assertEqual(fast, pure, statements)
+
+    def test_the_header_limit(self) -> None:
+        """Headers held to max_buffer_bytes: C leaves the decision at the limit to Python."""
+        statements = [call("add_header_value", RESPONSE, NAME, 3, VALUE, 5)] * 4
+        fast, pure = (
+            outcome(accel.compiled, statements, max_buffer_bytes=20),
+            outcome(None, statements, max_buffer_bytes=20),
+        )
+        self.assertEqual(fast, pure)
+        self.assertIn("add_header_value: headers of 24 bytes exceeds the limit of 20", fast[0])
+
+
+class NoPythonTests(AcceleratedTestCase):
+    def test_what_c_answers_never_enters_python(self) -> None:
+        """log, get_uri, add_header_value, get_header_values: no Python function runs during the guest call."""
+        loaded = guest(
+            request=[
+                call("log", 0, NAME, 3),
+                call("get_uri", BUF, 64),
+                call("add_header_value", RESPONSE, NAME, 3, VALUE, 2),
+                call("get_header_values", REQUEST, NAME + 8, 10, BUF, 64),
+            ],
+            inputs=INPUTS,
+        )
+        instance = loaded.pool.acquire()
+        export = instance._handle_request.accelerated
+        state = request_state(headers=[(b"user-agent", b"x")])
+        entered: list[str] = []
+
+        def profile(frame: Any, event: str, _arg: Any) -> None:
+            if event == "call":
+                entered.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
+
+        instance.state = state
+        threading.setprofile(None)
+        sys.setprofile(profile)
+        try:
+            instance.accel.call(export, False, instance, state)
+        finally:
+            sys.setprofile(None)
+        # Before the call the request's headers are read for the snapshot (state.py); during it, nothing.
+        host = [name for name in entered if name.split(":")[0] in ("hostfuncs.py", "native.py", "guest.py")]
+        self.assertEqual(host, [])
+        self.assertTrue(instance.accel.pending)  # the log line and the header, for Python to apply now
+
+    def test_the_pure_path_does(self) -> None:
+        """The same guest on the pure path runs the host functions in Python (what the test above rules out)."""
+        saved, accel.module = accel.module, None
+        try:
+            loaded = guest(request=[call("get_uri", BUF, 64)])
+        finally:
+            accel.module = saved
+        instance = loaded.pool.acquire()
+        entered: list[str] = []
+        sys.setprofile(lambda frame, event, _: entered.append(frame.f_code.co_name) if event == "call" else None)
+        try:
+            instance.handle_request(request_state())
+        finally:
+            sys.setprofile(None)
+        self.assertIn("get_uri", entered)
+
+
+class MemoryBoundsTests(AcceleratedTestCase):
+    def test_memory_grown_during_the_call(self) -> None:
+        """The memory's current size bounds every access: a page grown during the call can be written."""
+        statements = [
+            "(drop (memory.grow (i32.const 1)))",
+            call("get_uri", PAGE + 100, 64, slot=0),
+            call("log", 0, PAGE + 100, 2),
+        ]
+        fast, pure = outcome(accel.compiled, statements), outcome(None, statements)
+        self.assertEqual(fast, pure)
+        self.assertIsNone(fast[0])
+        self.assertEqual(fast[1][0], len(b"/p?q=1"))
+        self.assertEqual(fast[5], [("/p", LogLevel.INFO.name.lower())])
+
+
+class ChoosingTests(SynchronousTestCase):
+    def test_a_wasmtime_major_it_was_not_written_for(self) -> None:
+        """Another wasmtime major disables the accelerator with one warning, and the pure path serves."""
+        if accel.compiled is None:
+            raise SkipTest(f"compiled accelerator not in use: {accel.REASON}")
+        self.patch(accel.metadata, "version", lambda name: "99.0.0")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module, reason = accel._load()
+        self.assertIsNone(module)
+        self.assertEqual(len(caught), 1)
+        self.assertIn("compiled accelerator disabled: declared for wasmtime 50 and 51, not 99", str(caught[0].message))
+        self.assertIn("not 99", reason)
+
+    def test_the_environment_forces_the_pure_path(self) -> None:
+        """TWISTED_HTTPWASM_PURE=1: the pure path serves, and the startup line says so."""
+        script = "from twisted_httpwasm.runtime import accel; print(accel.ACCELERATED, accel.describe())"
+        env = dict(os.environ, TWISTED_HTTPWASM_PURE="1")
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        self.assertEqual(done.stdout.strip(), "False guest calls: pure Python (TWISTED_HTTPWASM_PURE is set)")
+
+    def test_describe_names_the_path(self) -> None:
+        """The startup line's words for the path in use."""
+        self.patch(accel, "module", None)
+        self.assertTrue(accel.describe().startswith("guest calls: pure Python"))
+        if accel.compiled is not None:
+            self.patch(accel, "module", accel.compiled)
+            self.assertEqual(accel.describe(), "guest calls: compiled accelerator")
+
+    def test_the_build_succeeds_without_a_compiler(self) -> None:
+        """No C compiler: building the extension prints one line and succeeds (the pure path will serve)."""
+        build = self.mktemp()
+        env = dict(os.environ, CC="no-such-cc", LDSHARED="no-such-cc -shared")
+        env.pop("TWISTED_HTTPWASM_PURE", None)
+        done = subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", build, "--build-temp", build + "-tmp"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = [line for line in done.stdout.splitlines() if "compiled accelerator" in line]
+        self.assertEqual(len(lines), 1, done.stdout)
+        self.assertIn("the pure-Python path will serve", lines[0])
+        self.assertFalse(list(Path(build).rglob("_accel*.so")))
+
+
+class WasiOutputTests(SynchronousTestCase):
+    def test_a_guest_that_cannot_write_has_no_captured_output(self) -> None:
+        """A WASI guest importing neither fd_write nor fd_pwrite cannot write to stdout or stderr: its instances
+        keep no output files, and no call checks them (the plugin benchmark's guest reads the clock only)."""
+        loaded = Guest.load(ROOT / "bench" / "guests" / "plugin.wat")
+        self.assertTrue(loaded.uses_wasi)
+        self.assertFalse(loaded.writes_output)
+        self.assertEqual(loaded.pool.acquire()._outputs, ())
+
+    def test_a_guest_that_can_write_has_it(self) -> None:
+        """With fd_write imported, stdout and stderr are captured as before."""
+        from .test_guest_log import WASI_LOOP
+
+        loaded = Guest.load(WASI_LOOP.replace("COUNT", "1").encode())
+        self.assertTrue(loaded.writes_output)
+        self.assertEqual([output.stream for output in loaded.pool.acquire()._outputs], ["stdout", "stderr"])

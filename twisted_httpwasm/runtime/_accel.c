@@ -1,0 +1,1036 @@
+/*
+ * The optional compiled accelerator of the guest-call path (see runtime/accel.py).
+ *
+ * It calls guest exports through wasmtime's C API, and answers the common
+ * http_handler host functions in C, over a per-call snapshot of the request
+ * taken before the call; what the guest changes is recorded here and applied
+ * by the Python side after the call (or before any host function that only
+ * Python answers).  Everything else, and every failure, is answered by the
+ * pure-Python implementation through the same ctypes callback the pure path
+ * registers, so results and trap reasons are the pure path's, byte for byte.
+ *
+ * The wasmtime functions are resolved with dlsym() from the library that
+ * wasmtime-py already loaded; their declarations are written here, for the
+ * wasmtime majors in DECLARED_MAJORS, and setup() refuses any other major.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include "structmember.h"
+
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* -- wasmtime's C API, as wasmtime 50 and 51 declare it ------------------------------- */
+
+static const long DECLARED_MAJORS[] = {50, 51};
+
+typedef struct wasmtime_error wasmtime_error_t;
+typedef struct wasm_trap_t wasm_trap_t;
+typedef struct wasmtime_caller wasmtime_caller_t;
+typedef struct wasmtime_context wasmtime_context_t;
+typedef struct wasmtime_func wasmtime_func_t;     /* only its address is passed */
+typedef struct wasmtime_memory wasmtime_memory_t; /* only its address is passed */
+typedef struct wasmtime_store wasmtime_store_t;
+typedef uint8_t wasmtime_update_deadline_kind_t;
+#define WASMTIME_UPDATE_DEADLINE_CONTINUE 0
+typedef wasmtime_error_t *(*epoch_callback_t)(wasmtime_context_t *, void *, uint64_t *,
+                                              wasmtime_update_deadline_kind_t *);
+
+/* wasmtime_val_raw_t: a 16-byte union (it can hold a v128); i32 and i64 sit at offset 0. */
+typedef union {
+    int32_t i32;
+    int64_t i64;
+    uint8_t v128[16];
+} raw_slot;
+
+typedef wasm_trap_t *(*unchecked_callback_t)(void *env, wasmtime_caller_t *caller, raw_slot *slots, size_t n);
+
+static wasmtime_error_t *(*w_func_call_unchecked)(wasmtime_context_t *, const wasmtime_func_t *, raw_slot *, size_t,
+                                                  wasm_trap_t **);
+static void (*w_set_epoch_deadline)(wasmtime_context_t *, uint64_t);
+static uint8_t *(*w_memory_data)(const wasmtime_context_t *, const wasmtime_memory_t *);
+static size_t (*w_memory_data_size)(const wasmtime_context_t *, const wasmtime_memory_t *);
+static void (*w_store_epoch_deadline_callback)(wasmtime_store_t *, epoch_callback_t, void *, void (*)(void *));
+static wasmtime_error_t *(*w_error_new)(const char *);
+static void (*w_error_delete)(wasmtime_error_t *);
+
+static int ready = 0;
+static PyObject *sync_hook;  /* sync_hook(instance): apply what the call recorded so far */
+static PyObject *error_hook; /* error_hook(address) -> the exception for a wasmtime_error_t */
+static PyObject *trap_hook;  /* trap_hook(address) -> the exception for a wasm_trap_t */
+static PyObject *timeout_hook; /* timeout_hook() -> the exception for a call past its time limit */
+static PyObject *request_phase;
+
+static PyObject *s_phase, *s_features, *s_method, *s_uri, *s_status, *s_max_buffer_bytes, *s_response_headers,
+    *s_request_headers, *s_read_request_headers, *s_entries, *s_messages, *s_bytes, *s_dropped, *s_dropped_bytes,
+    *s_log_level;
+
+/* -- host function ids: the order of runtime/accel.py's HOST_IDS ----------------------- */
+
+enum {
+    H_ENABLE_FEATURES,
+    H_GET_CONFIG,
+    H_LOG,
+    H_LOG_ENABLED,
+    H_GET_METHOD,
+    H_SET_METHOD,
+    H_GET_URI,
+    H_SET_URI,
+    H_GET_PROTOCOL_VERSION,
+    H_GET_SOURCE_ADDR,
+    H_GET_HEADER_NAMES,
+    H_GET_HEADER_VALUES,
+    H_SET_HEADER_VALUE,
+    H_ADD_HEADER_VALUE,
+    H_REMOVE_HEADER,
+    H_READ_BODY,
+    H_WRITE_BODY,
+    H_GET_STATUS_CODE,
+    H_SET_STATUS_CODE,
+    H_COUNT
+};
+
+/* What a host function answered in C. */
+enum { DONE, READ_IN_PYTHON, SYNC_THEN_PYTHON };
+
+#define U32(x) ((uint64_t)(uint32_t)(x))
+#define MAX_LOG_MESSAGE (16 * 1024)
+#define LOG_NONE 3
+#define FEATURES_SUPPORTED 3
+#define KIND_REQUEST 0
+#define KIND_RESPONSE 1
+
+/* -- small buffers --------------------------------------------------------------------- */
+
+typedef struct {
+    int level;
+    char *data;
+    size_t len;
+    size_t more;
+} log_line;
+
+typedef struct {
+    char *name;
+    size_t name_len;
+    char *value;
+    size_t value_len;
+} header;
+
+typedef struct {
+    const char *name;
+    Py_ssize_t name_len;
+    const char *value;
+    Py_ssize_t value_len;
+} header_view;
+
+/* -- the per-instance context ------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    wasmtime_context_t *context;
+    wasmtime_memory_t *memory;
+    PyObject *memory_owner; /* keeps the wasmtime_memory_t that `memory` points into alive */
+    PyObject *config;    /* bytes */
+    PyObject *call_log;  /* the instance's CallLog */
+    long log_messages_limit;
+    long long log_bytes_limit;
+    unsigned long imports; /* bit H_x: the guest imports that function (what begin() snapshots follows) */
+    /* the call in progress */
+    PyObject *instance; /* borrowed, during a call */
+    PyObject *method, *uri, *request_headers; /* owned, during a call */
+    Py_ssize_t n_request_headers;
+    header_view *request_header_views;
+    Py_ssize_t request_header_capacity;
+    int has_request_headers;
+    int request_phase;
+    int response_owned;
+    int python_mode;
+    long log_level;
+    long features, features_at_start;
+    long status;
+    long long max_buffer_bytes; /* -1: no limit */
+    long messages, messages_at_start;
+    long long bytes, dropped_bytes, bytes_at_start, dropped_bytes_at_start;
+    long dropped, dropped_at_start;
+    log_line *lines;
+    size_t n_lines, lines_capacity;
+    header *headers;
+    size_t n_headers, headers_capacity;
+    long long headers_size;
+    int headers_changed;
+    /* the time limit and the GIL, during a call (see on_deadline) */
+    double call_started, call_limit;
+    int may_release_gil, timed_out;
+    PyThreadState *released;
+    /* read by Python after a call: whether take() has anything */
+    int pending;
+} Context;
+
+static _Thread_local Context *current_call = NULL;
+
+/* -- guest memory, bounds-checked against its current size -------------------------------- */
+
+static uint8_t *memory_span(Context *c, uint64_t ptr, uint64_t len) {
+    size_t size = w_memory_data_size(c->context, c->memory);
+    if (ptr + len > (uint64_t)size) return NULL;
+    uint8_t *base = w_memory_data(c->context, c->memory);
+    if (base == NULL) return len == 0 && ptr == 0 ? (uint8_t *)"" : NULL;
+    return base + ptr;
+}
+
+static int write_value(Context *c, int32_t buf, int32_t buf_limit, const char *value, size_t len, raw_slot *slots) {
+    if (len <= U32(buf_limit)) {
+        uint8_t *at = memory_span(c, U32(buf), len);
+        if (at == NULL) return SYNC_THEN_PYTHON; /* Python traps with the reason */
+        if (len) memcpy(at, value, len);
+    }
+    slots[0].i32 = (int32_t)len;
+    return DONE;
+}
+
+static const unsigned char TOKEN[256] = {
+    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1, ['-'] = 1, ['.'] = 1,
+    ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1, ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1,
+    ['5'] = 1, ['6'] = 1, ['7'] = 1, ['8'] = 1, ['9'] = 1, ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1,
+    ['F'] = 1, ['G'] = 1, ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1,
+    ['P'] = 1, ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1, ['Y'] = 1,
+    ['Z'] = 1, ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1, ['i'] = 1,
+    ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1,
+    ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
+};
+
+static inline unsigned char lower(unsigned char ch) { return (ch >= 'A' && ch <= 'Z') ? ch + 32 : ch; }
+
+static int same_name(const char *a, size_t a_len, const char *b, size_t b_len) {
+    if (a_len != b_len) return 0;
+    for (size_t i = 0; i < a_len; i++)
+        if (lower((unsigned char)a[i]) != lower((unsigned char)b[i])) return 0;
+    return 1;
+}
+
+/* -- the host functions answered in C ---------------------------------------------------- */
+
+static int h_log(Context *c, raw_slot *slots) {
+    int32_t level = slots[0].i32;
+    if (!(c->log_level <= level && level < LOG_NONE)) return DONE;
+    uint64_t length = U32(slots[2].i32);
+    uint8_t *at = memory_span(c, U32(slots[1].i32), length);
+    if (at == NULL) return DONE; /* outside memory: not logged, as if reading it had failed */
+    /* CallLog.room */
+    if (c->messages >= c->log_messages_limit || c->bytes >= c->log_bytes_limit) {
+        c->dropped += 1;
+        c->dropped_bytes += (long long)length;
+        c->pending = 1;
+        return DONE;
+    }
+    long long room = c->log_bytes_limit - c->bytes;
+    if ((long long)length < room) room = (long long)length;
+    c->messages += 1;
+    c->bytes += room;
+    c->pending = 1;
+    size_t kept = room < MAX_LOG_MESSAGE ? (size_t)room : MAX_LOG_MESSAGE;
+    if (c->n_lines == c->lines_capacity) {
+        size_t capacity = c->lines_capacity ? c->lines_capacity * 2 : 8;
+        log_line *grown = realloc(c->lines, capacity * sizeof(log_line));
+        if (grown == NULL) return DONE; /* a failure to log is ignored */
+        c->lines = grown;
+        c->lines_capacity = capacity;
+    }
+    char *copy = malloc(kept ? kept : 1);
+    if (copy == NULL) return DONE;
+    memcpy(copy, at, kept);
+    int clamped = level > 2 ? 2 : (level < -1 ? -1 : level);
+    c->lines[c->n_lines++] = (log_line){clamped, copy, kept, (size_t)length - kept};
+    return DONE;
+}
+
+static int h_get_header_values(Context *c, raw_slot *slots) {
+    int32_t kind = slots[0].i32;
+    if (kind == KIND_REQUEST) {
+        if (!c->has_request_headers) return READ_IN_PYTHON;
+    } else if (kind != KIND_RESPONSE || !c->response_owned) {
+        return SYNC_THEN_PYTHON;
+    }
+    uint64_t name_len = U32(slots[2].i32);
+    uint8_t *name = memory_span(c, U32(slots[1].i32), name_len);
+    if (name == NULL || name_len == 0) return SYNC_THEN_PYTHON;
+    uint64_t count = 0, total = 0;
+    if (kind == KIND_REQUEST) {
+        for (Py_ssize_t i = 0; i < c->n_request_headers; i++) {
+            header_view *h = &c->request_header_views[i];
+            if (same_name(h->name, (size_t)h->name_len, (const char *)name, name_len)) {
+                count++;
+                total += (uint64_t)h->value_len + 1;
+            }
+        }
+    } else {
+        for (size_t i = 0; i < c->n_headers; i++) {
+            header *h = &c->headers[i];
+            if (same_name(h->name, h->name_len, (const char *)name, name_len)) {
+                count++;
+                total += h->value_len + 1;
+            }
+        }
+    }
+    if (count == 0) {
+        slots[0].i64 = 0;
+        return DONE;
+    }
+    if (total <= U32(slots[4].i32)) {
+        uint8_t *out = memory_span(c, U32(slots[3].i32), total);
+        if (out == NULL) return kind == KIND_REQUEST ? READ_IN_PYTHON : SYNC_THEN_PYTHON;
+        /* the name was read from guest memory that the values may overlap: match first, then write */
+        uint8_t *lowered = malloc(name_len);
+        if (lowered == NULL) return kind == KIND_REQUEST ? READ_IN_PYTHON : SYNC_THEN_PYTHON;
+        for (uint64_t i = 0; i < name_len; i++) lowered[i] = lower(name[i]);
+        char *scratch = malloc(total);
+        if (scratch == NULL) {
+            free(lowered);
+            return kind == KIND_REQUEST ? READ_IN_PYTHON : SYNC_THEN_PYTHON;
+        }
+        size_t at = 0;
+        if (kind == KIND_REQUEST) {
+            for (Py_ssize_t i = 0; i < c->n_request_headers; i++) {
+                header_view *h = &c->request_header_views[i];
+                if (same_name(h->name, (size_t)h->name_len, (const char *)lowered, name_len)) {
+                    memcpy(scratch + at, h->value, (size_t)h->value_len);
+                    at += (size_t)h->value_len;
+                    scratch[at++] = 0;
+                }
+            }
+        } else {
+            for (size_t i = 0; i < c->n_headers; i++) {
+                header *h = &c->headers[i];
+                if (same_name(h->name, h->name_len, (const char *)lowered, name_len)) {
+                    memcpy(scratch + at, h->value, h->value_len);
+                    at += h->value_len;
+                    scratch[at++] = 0;
+                }
+            }
+        }
+        memcpy(out, scratch, total);
+        free(scratch);
+        free(lowered);
+    }
+    slots[0].i64 = (int64_t)((count << 32) | total);
+    return DONE;
+}
+
+static int h_change_header(Context *c, raw_slot *slots, int replace) {
+    if (slots[0].i32 != KIND_RESPONSE || !c->response_owned) return SYNC_THEN_PYTHON;
+    uint64_t name_len = U32(slots[2].i32), value_len = U32(slots[4].i32);
+    uint8_t *name = memory_span(c, U32(slots[1].i32), name_len);
+    if (name == NULL || name_len == 0) return SYNC_THEN_PYTHON;
+    uint8_t *value = memory_span(c, U32(slots[3].i32), value_len);
+    if (value == NULL) return SYNC_THEN_PYTHON;
+    for (uint64_t i = 0; i < name_len; i++)
+        if (!TOKEN[name[i]]) return SYNC_THEN_PYTHON;
+    for (uint64_t i = 0; i < value_len; i++)
+        if (value[i] == 0 || value[i] == '\r' || value[i] == '\n') return SYNC_THEN_PYTHON;
+    long long added = c->headers_size + (long long)name_len + (long long)value_len;
+    if (c->max_buffer_bytes >= 0 && added > c->max_buffer_bytes) return SYNC_THEN_PYTHON; /* Python decides */
+    if (c->n_headers == c->headers_capacity) {
+        size_t capacity = c->headers_capacity ? c->headers_capacity * 2 : 4;
+        header *grown = realloc(c->headers, capacity * sizeof(header));
+        if (grown == NULL) return SYNC_THEN_PYTHON;
+        c->headers = grown;
+        c->headers_capacity = capacity;
+    }
+    char *name_copy = malloc(name_len);
+    char *value_copy = malloc(value_len ? value_len : 1);
+    if (name_copy == NULL || value_copy == NULL) {
+        free(name_copy);
+        free(value_copy);
+        return SYNC_THEN_PYTHON;
+    }
+    for (uint64_t i = 0; i < name_len; i++) name_copy[i] = (char)lower(name[i]);
+    memcpy(value_copy, value, value_len);
+    if (replace) {
+        size_t kept = 0;
+        for (size_t i = 0; i < c->n_headers; i++) {
+            header *h = &c->headers[i];
+            if (h->name_len == name_len && memcmp(h->name, name_copy, name_len) == 0) {
+                c->headers_size -= (long long)(h->name_len + h->value_len);
+                free(h->name);
+                free(h->value);
+            } else {
+                c->headers[kept++] = *h;
+            }
+        }
+        c->n_headers = kept;
+    }
+    c->headers[c->n_headers++] = (header){name_copy, name_len, value_copy, value_len};
+    c->headers_size += (long long)(name_len + value_len);
+    c->headers_changed = 1;
+    c->pending = 1;
+    return DONE;
+}
+
+static int answer(Context *c, int id, raw_slot *slots) {
+    switch (id) {
+    case H_LOG_ENABLED: {
+        int32_t level = slots[0].i32;
+        slots[0].i32 = (c->log_level <= level && level < LOG_NONE) ? 1 : 0;
+        return DONE;
+    }
+    case H_LOG:
+        return h_log(c, slots);
+    case H_ENABLE_FEATURES: {
+        long wanted = slots[0].i32 & FEATURES_SUPPORTED;
+        if (c->request_phase && (c->features | wanted) != c->features) {
+            c->features |= wanted;
+            c->pending = 1;
+        }
+        slots[0].i32 = (int32_t)c->features;
+        return DONE;
+    }
+    case H_GET_CONFIG:
+        return write_value(c, slots[0].i32, slots[1].i32, PyBytes_AS_STRING(c->config),
+                           (size_t)PyBytes_GET_SIZE(c->config), slots);
+    case H_GET_METHOD:
+        return write_value(c, slots[0].i32, slots[1].i32, PyBytes_AS_STRING(c->method),
+                           (size_t)PyBytes_GET_SIZE(c->method), slots);
+    case H_GET_URI:
+        return write_value(c, slots[0].i32, slots[1].i32, PyBytes_AS_STRING(c->uri), (size_t)PyBytes_GET_SIZE(c->uri),
+                           slots);
+    case H_GET_STATUS_CODE:
+        slots[0].i32 = (int32_t)c->status;
+        return DONE;
+    case H_GET_HEADER_VALUES:
+        return h_get_header_values(c, slots);
+    case H_SET_HEADER_VALUE:
+        return h_change_header(c, slots, 1);
+    case H_ADD_HEADER_VALUE:
+        return h_change_header(c, slots, 0);
+    case H_GET_PROTOCOL_VERSION:
+    case H_GET_SOURCE_ADDR:
+        return READ_IN_PYTHON; /* read from the request on first use: nothing recorded here changes them */
+    case H_GET_HEADER_NAMES:
+        return slots[0].i32 == KIND_REQUEST ? READ_IN_PYTHON : SYNC_THEN_PYTHON;
+    default:
+        return SYNC_THEN_PYTHON;
+    }
+}
+
+/* -- the callback every http_handler function is defined with ------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    int id;
+    size_t (*fallback)(void *, void *, void *, size_t); /* the pure path's ctypes callback */
+    PyObject *fallback_owner;
+} HostEnv;
+
+static int sync_call(Context *c) {
+    /* Apply what was recorded so far to the Python objects, then let Python answer the rest of the call. */
+    int ok = 1;
+    c->python_mode = 1;
+    if (!c->pending) return ok;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *result = PyObject_CallOneArg(sync_hook, c->instance);
+    if (result == NULL) {
+        PyErr_WriteUnraisable(sync_hook);
+        ok = 0;
+    }
+    Py_XDECREF(result);
+    PyGILState_Release(gil);
+    return ok;
+}
+
+static wasm_trap_t *host_callback(void *env, wasmtime_caller_t *caller, raw_slot *slots, size_t n) {
+    HostEnv *host = (HostEnv *)env;
+    Context *c = current_call;
+    if (c != NULL && !c->python_mode) {
+        int answered = answer(c, host->id, slots);
+        if (answered == DONE) return NULL;
+        if (answered == SYNC_THEN_PYTHON) sync_call(c); /* a failed sync is reported; Python answers anyway */
+    }
+    return (wasm_trap_t *)host->fallback(NULL, caller, slots, n);
+}
+
+static PyObject *HostEnv_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    int id;
+    unsigned long long fallback;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "iKO", &id, &fallback, &owner)) return NULL;
+    if (id < 0 || id >= H_COUNT || fallback == 0) {
+        PyErr_SetString(PyExc_ValueError, "bad host function id or fallback");
+        return NULL;
+    }
+    HostEnv *self = (HostEnv *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->id = id;
+    self->fallback = (size_t(*)(void *, void *, void *, size_t))(uintptr_t)fallback;
+    Py_INCREF(owner);
+    self->fallback_owner = owner;
+    return (PyObject *)self;
+}
+
+static void HostEnv_dealloc(HostEnv *self) {
+    Py_XDECREF(self->fallback_owner);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *HostEnv_address(HostEnv *self, PyObject *unused) { return PyLong_FromVoidPtr(self); }
+
+static PyMethodDef HostEnv_methods[] = {
+    {"address", (PyCFunction)HostEnv_address, METH_NOARGS, "The env pointer to define the host function with."},
+    {NULL}};
+
+static PyTypeObject HostEnvType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "twisted_httpwasm.runtime._accel.HostEnv",
+    .tp_basicsize = sizeof(HostEnv),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = HostEnv_new,
+    .tp_dealloc = (destructor)HostEnv_dealloc,
+    .tp_methods = HostEnv_methods,
+    .tp_doc = "HostEnv(id, fallback_address, fallback_owner): one http_handler function of one linker.",
+};
+
+/* -- exports ---------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    wasmtime_context_t *context;
+    const wasmtime_func_t *func;
+    PyObject *owner; /* keeps the wasmtime_func_t alive */
+    raw_slot *slots;
+    size_t count;
+    int n_params;
+    double limit; /* seconds */
+} Export;
+
+static PyObject *Export_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    unsigned long long context, func;
+    double limit;
+    int n_params, n_results;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "KKiidO", &context, &func, &n_params, &n_results, &limit, &owner)) return NULL;
+    if (!context || !func || n_params < 0 || n_params > 8 || n_results < 0 || n_results > 8) {
+        PyErr_SetString(PyExc_ValueError, "bad export");
+        return NULL;
+    }
+    Export *self = (Export *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->count = (size_t)(n_params > n_results ? n_params : n_results);
+    if (self->count == 0) self->count = 1;
+    self->slots = calloc(self->count, sizeof(raw_slot));
+    if (self->slots == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    self->context = (wasmtime_context_t *)(uintptr_t)context;
+    self->func = (const wasmtime_func_t *)(uintptr_t)func;
+    self->n_params = n_params;
+    self->limit = limit;
+    Py_INCREF(owner);
+    self->owner = owner;
+    return (PyObject *)self;
+}
+
+static void Export_dealloc(Export *self) {
+    free(self->slots);
+    Py_XDECREF(self->owner);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject ExportType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "twisted_httpwasm.runtime._accel.Export",
+    .tp_basicsize = sizeof(Export),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Export_new,
+    .tp_dealloc = (destructor)Export_dealloc,
+    .tp_doc = "Export(context, func, n_params, n_results, time_limit_seconds, owner): a guest export.",
+};
+
+/* -- Context: construction, the call, and what it recorded ------------------------------- */
+
+static PyObject *Context_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    unsigned long long context, memory;
+    PyObject *config, *call_log;
+    long messages;
+    long long bytes;
+    unsigned long imports;
+    PyObject *memory_owner;
+    if (!PyArg_ParseTuple(args, "KKOSOlLk", &context, &memory, &memory_owner, &config, &call_log, &messages, &bytes,
+                          &imports))
+        return NULL;
+    if (!context || !memory) {
+        PyErr_SetString(PyExc_ValueError, "null wasmtime pointer");
+        return NULL;
+    }
+    Context *self = (Context *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->context = (wasmtime_context_t *)(uintptr_t)context;
+    self->memory = (wasmtime_memory_t *)(uintptr_t)memory;
+    Py_INCREF(memory_owner);
+    self->memory_owner = memory_owner;
+    Py_INCREF(config);
+    self->config = config;
+    Py_INCREF(call_log);
+    self->call_log = call_log;
+    self->log_messages_limit = messages;
+    self->log_bytes_limit = bytes;
+    self->imports = imports;
+    return (PyObject *)self;
+}
+
+static void clear_lines(Context *c) {
+    for (size_t i = 0; i < c->n_lines; i++) free(c->lines[i].data);
+    c->n_lines = 0;
+}
+
+static void clear_headers(Context *c) {
+    for (size_t i = 0; i < c->n_headers; i++) {
+        free(c->headers[i].name);
+        free(c->headers[i].value);
+    }
+    c->n_headers = 0;
+    c->headers_size = 0;
+    c->headers_changed = 0;
+}
+
+static void end_snapshot(Context *c) {
+    Py_CLEAR(c->method);
+    Py_CLEAR(c->uri);
+    Py_CLEAR(c->request_headers);
+    c->has_request_headers = 0;
+    c->n_request_headers = 0;
+}
+
+static void Context_dealloc(Context *self) {
+    end_snapshot(self);
+    clear_lines(self);
+    clear_headers(self);
+    free(self->lines);
+    free(self->headers);
+    free(self->request_header_views);
+    Py_XDECREF(self->memory_owner);
+    Py_XDECREF(self->config);
+    Py_XDECREF(self->call_log);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int get_long(PyObject *object, PyObject *name, long *out) {
+    PyObject *value = PyObject_GetAttr(object, name);
+    if (value == NULL) return -1;
+    *out = PyLong_AsLong(value);
+    Py_DECREF(value);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int get_long_long(PyObject *object, PyObject *name, long long *out) {
+    PyObject *value = PyObject_GetAttr(object, name);
+    if (value == NULL) return -1;
+    *out = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* The request headers as pointers into the (name, value) pairs of `headers`, which is kept. */
+static int snapshot_request_headers(Context *c, PyObject *state) {
+    PyObject *entries = NULL;
+    PyObject *held = PyObject_GetAttr(state, s_request_headers);
+    if (held == NULL) return -1;
+    if (held == Py_None) {
+        Py_DECREF(held);
+        PyObject *read = PyObject_CallMethodNoArgs(state, s_read_request_headers);
+        if (read == NULL) return -1;
+        entries = PySequence_Fast(read, "request headers");
+        Py_DECREF(read);
+    } else {
+        PyObject *list = PyObject_GetAttr(held, s_entries);
+        Py_DECREF(held);
+        if (list == NULL) return -1;
+        entries = PySequence_Fast(list, "request headers");
+        Py_DECREF(list);
+    }
+    if (entries == NULL) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(entries);
+    if (n > c->request_header_capacity) {
+        header_view *grown = realloc(c->request_header_views, (size_t)n * sizeof(header_view));
+        if (grown == NULL) {
+            Py_DECREF(entries);
+            PyErr_NoMemory();
+            return -1;
+        }
+        c->request_header_views = grown;
+        c->request_header_capacity = n;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(entries);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = items[i];
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            Py_DECREF(entries);
+            return 0; /* not plain pairs of bytes: Python answers */
+        }
+        PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
+        c->request_header_views[i] =
+            (header_view){PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value)};
+    }
+    c->request_headers = entries;
+    c->n_request_headers = n;
+    c->has_request_headers = 1;
+    return 0;
+}
+
+#define BIT(id) (1UL << (id))
+#define NEEDS_PHASE (BIT(H_ENABLE_FEATURES) | BIT(H_SET_HEADER_VALUE) | BIT(H_ADD_HEADER_VALUE) | BIT(H_GET_HEADER_VALUES))
+#define NEEDS_RESPONSE (BIT(H_SET_HEADER_VALUE) | BIT(H_ADD_HEADER_VALUE) | BIT(H_GET_HEADER_VALUES))
+#define NEEDS_LOG (BIT(H_LOG) | BIT(H_LOG_ENABLED))
+
+/* The snapshot of what the guest's imports may read: nothing for a guest that imports none of it. */
+static int begin(Context *c, PyObject *instance, PyObject *state) {
+    unsigned long imports = c->imports;
+    c->instance = instance;
+    c->python_mode = 0;
+    c->pending = 0;
+    c->request_phase = 0;
+    c->response_owned = 0;
+    c->log_level = LOG_NONE;
+    if (imports & NEEDS_PHASE) {
+        PyObject *phase = PyObject_GetAttr(state, s_phase);
+        if (phase == NULL) return -1;
+        c->request_phase = phase == request_phase;
+        Py_DECREF(phase);
+    }
+    if (imports & BIT(H_ENABLE_FEATURES)) {
+        if (get_long(state, s_features, &c->features) < 0) return -1;
+    } else {
+        c->features = 0;
+    }
+    c->features_at_start = c->features;
+    if ((imports & BIT(H_GET_STATUS_CODE)) && get_long(state, s_status, &c->status) < 0) return -1;
+    if (imports & BIT(H_GET_METHOD)) {
+        c->method = PyObject_GetAttr(state, s_method);
+        if (c->method == NULL) return -1;
+        if (!PyBytes_Check(c->method)) c->python_mode = 1; /* not bytes: Python answers everything */
+    }
+    if (imports & BIT(H_GET_URI)) {
+        c->uri = PyObject_GetAttr(state, s_uri);
+        if (c->uri == NULL) return -1;
+        if (!PyBytes_Check(c->uri)) c->python_mode = 1;
+    }
+    if (imports & NEEDS_RESPONSE) {
+        PyObject *limit = PyObject_GetAttr(state, s_max_buffer_bytes);
+        if (limit == NULL) return -1;
+        c->max_buffer_bytes = limit == Py_None ? -1 : PyLong_AsLongLong(limit);
+        Py_DECREF(limit);
+        if (c->max_buffer_bytes == -1 && PyErr_Occurred()) return -1;
+        PyObject *response = PyObject_GetAttr(state, s_response_headers);
+        if (response == NULL) return -1;
+        c->response_owned = c->request_phase && response == Py_None;
+        Py_DECREF(response);
+    }
+    if (imports & NEEDS_LOG) {
+        PyObject *log = c->call_log;
+        if (get_long(instance, s_log_level, &c->log_level) < 0 || get_long(log, s_messages, &c->messages) < 0 ||
+            get_long_long(log, s_bytes, &c->bytes) < 0 || get_long(log, s_dropped, &c->dropped) < 0 ||
+            get_long_long(log, s_dropped_bytes, &c->dropped_bytes) < 0)
+            return -1;
+    } else {
+        c->messages = 0;
+        c->bytes = c->dropped = c->dropped_bytes = 0;
+    }
+    c->messages_at_start = c->messages;
+    c->bytes_at_start = c->bytes;
+    c->dropped_at_start = c->dropped;
+    c->dropped_bytes_at_start = c->dropped_bytes;
+    if ((imports & BIT(H_GET_HEADER_VALUES)) && snapshot_request_headers(c, state) < 0) return -1;
+    return 0;
+}
+
+static double monotonic(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+static PyObject *raise_from_hook(PyObject *hook, void *address) {
+    PyObject *number = PyLong_FromVoidPtr(address);
+    if (number == NULL) return NULL;
+    PyObject *error = PyObject_CallOneArg(hook, number);
+    Py_DECREF(number);
+    if (error == NULL) return NULL;
+    PyErr_SetObject((PyObject *)Py_TYPE(error), error);
+    Py_DECREF(error);
+    return NULL;
+}
+
+/*
+ * The time limit, and the GIL in thread mode.  Every epoch tick past a call's deadline (armed one
+ * tick ahead at the start of each call) runs on_deadline on the thread running the guest: past the
+ * call's limit it ends the call (Python raises the pure path's time-limit error); before, it lets
+ * the call go on for another tick.  A call in thread mode starts holding the GIL (mode 2) and
+ * releases it here, at its first tick: a short call, most of them, never gives the GIL up and
+ * never waits to take it back from the reactor; a long one holds it for one tick at most.
+ */
+static wasmtime_error_t *on_deadline(wasmtime_context_t *context, void *data, uint64_t *delta,
+                                     wasmtime_update_deadline_kind_t *kind) {
+    Context *c = current_call;
+    if (c == NULL) return w_error_new("epoch deadline outside an accelerated call");
+    if (monotonic() - c->call_started >= c->call_limit) {
+        c->timed_out = 1;
+        return w_error_new("guest exceeded its time limit");
+    }
+    if (c->may_release_gil && c->released == NULL) c->released = PyEval_SaveThread();
+    *delta = 1;
+    *kind = WASMTIME_UPDATE_DEADLINE_CONTINUE;
+    return NULL;
+}
+
+/* call(export, gil_mode, instance, state, *args) -> the first result slot as an int.
+ * gil_mode 0: release the GIL for the whole call; 1: keep it (inline); 2: keep it until the call's
+ * first epoch tick (thread mode).  1 and 2 only while the epoch clock ticks without the GIL. */
+static PyObject *Context_call(Context *c, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 4 || !PyObject_TypeCheck(args[0], &ExportType)) {
+        PyErr_SetString(PyExc_TypeError, "call(export, gil_mode, instance, state, *args)");
+        return NULL;
+    }
+    Export *export = (Export *)args[0];
+    long mode = PyLong_AsLong(args[1]);
+    if (mode == -1 && PyErr_Occurred()) return NULL;
+    if (nargs - 4 != export->n_params) {
+        PyErr_SetString(PyExc_TypeError, "wrong number of guest arguments");
+        return NULL;
+    }
+    if (current_call != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "guest calls do not nest");
+        return NULL;
+    }
+    for (Py_ssize_t i = 4; i < nargs; i++) {
+        long long value = PyLong_AsLongLong(args[i]);
+        if (value == -1 && PyErr_Occurred()) return NULL;
+        export->slots[i - 4].i64 = value;
+    }
+    if (begin(c, args[2], args[3]) < 0) {
+        end_snapshot(c);
+        return NULL;
+    }
+    c->call_started = monotonic();
+    c->call_limit = export->limit;
+    c->may_release_gil = mode == 2;
+    c->timed_out = 0;
+    c->released = NULL;
+    w_set_epoch_deadline(export->context, 1); /* a C call: cheap enough to arm every call */
+    wasm_trap_t *trap = NULL;
+    wasmtime_error_t *error;
+    current_call = c;
+    if (mode == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        error = w_func_call_unchecked(export->context, export->func, export->slots, export->count, &trap);
+        Py_END_ALLOW_THREADS
+    } else {
+        error = w_func_call_unchecked(export->context, export->func, export->slots, export->count, &trap);
+        if (c->released != NULL) {
+            PyEval_RestoreThread(c->released);
+            c->released = NULL;
+        }
+    }
+    current_call = NULL;
+    end_snapshot(c);
+    c->instance = NULL;
+    if (error != NULL && c->timed_out) {
+        w_error_delete(error);
+        PyObject *timeout = PyObject_CallNoArgs(timeout_hook);
+        if (timeout == NULL) return NULL;
+        PyErr_SetObject((PyObject *)Py_TYPE(timeout), timeout);
+        Py_DECREF(timeout);
+        return NULL;
+    }
+    if (error != NULL) return raise_from_hook(error_hook, error);
+    if (trap != NULL) return raise_from_hook(trap_hook, trap);
+    return PyLong_FromLongLong(export->slots[0].i64);
+}
+
+/* install_time_limit(store): end calls past their limit through on_deadline, from now on. */
+static PyObject *install_time_limit(PyObject *module, PyObject *arg) {
+    void *store = PyLong_AsVoidPtr(arg);
+    if (store == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null store");
+        return NULL;
+    }
+    w_store_epoch_deadline_callback((wasmtime_store_t *)store, on_deadline, NULL, NULL);
+    Py_RETURN_NONE;
+}
+
+/* take() -> (features | None, (messages, bytes, dropped, dropped_bytes) | None, [(level, text)], [(name, value)] | None) */
+static PyObject *Context_take(Context *c, PyObject *unused) {
+    PyObject *features = Py_None, *counts = Py_None, *headers = Py_None, *lines = NULL, *result = NULL;
+    Py_INCREF(Py_None);
+    Py_INCREF(Py_None);
+    Py_INCREF(Py_None);
+    if (c->features != c->features_at_start) {
+        Py_DECREF(features);
+        features = PyLong_FromLong(c->features);
+        if (features == NULL) goto done;
+        c->features_at_start = c->features;
+    }
+    if (c->messages != c->messages_at_start || c->bytes != c->bytes_at_start || c->dropped != c->dropped_at_start ||
+        c->dropped_bytes != c->dropped_bytes_at_start) {
+        Py_DECREF(counts);
+        counts = Py_BuildValue("(lLlL)", c->messages, c->bytes, c->dropped, c->dropped_bytes);
+        if (counts == NULL) goto done;
+        c->messages_at_start = c->messages;
+        c->bytes_at_start = c->bytes;
+        c->dropped_at_start = c->dropped;
+        c->dropped_bytes_at_start = c->dropped_bytes;
+    }
+    lines = PyList_New((Py_ssize_t)c->n_lines);
+    if (lines == NULL) goto done;
+    for (size_t i = 0; i < c->n_lines; i++) {
+        log_line *line = &c->lines[i];
+        PyObject *text = PyUnicode_DecodeUTF8(line->data, (Py_ssize_t)line->len, "replace");
+        if (text != NULL && line->more) {
+            PyObject *longer = PyUnicode_FromFormat("%U... [%zu more bytes not logged]", text, line->more);
+            Py_DECREF(text);
+            text = longer;
+        }
+        PyObject *item = text ? Py_BuildValue("(iN)", line->level, text) : NULL;
+        if (item == NULL) goto done;
+        PyList_SET_ITEM(lines, (Py_ssize_t)i, item);
+    }
+    if (c->headers_changed) {
+        Py_DECREF(headers);
+        headers = PyList_New((Py_ssize_t)c->n_headers);
+        if (headers == NULL) goto done;
+        for (size_t i = 0; i < c->n_headers; i++) {
+            header *h = &c->headers[i];
+            PyObject *item = Py_BuildValue("(y#y#)", h->name, (Py_ssize_t)h->name_len, h->value,
+                                           (Py_ssize_t)h->value_len);
+            if (item == NULL) goto done;
+            PyList_SET_ITEM(headers, (Py_ssize_t)i, item);
+        }
+    }
+    result = PyTuple_Pack(4, features, counts, lines, headers);
+done:
+    clear_lines(c);
+    clear_headers(c);
+    c->pending = 0;
+    Py_XDECREF(features);
+    Py_XDECREF(counts);
+    Py_XDECREF(lines);
+    Py_XDECREF(headers);
+    return result;
+}
+
+static PyMethodDef Context_methods[] = {
+    {"call", (PyCFunction)(void (*)(void))Context_call, METH_FASTCALL,
+     "call(export, hold_gil, instance, state, *args): call a guest export; the first result slot."},
+    {"take", (PyCFunction)Context_take, METH_NOARGS, "What the call recorded, to apply to the request; and forget it."},
+    {NULL}};
+
+static PyMemberDef Context_members[] = {
+    {"pending", T_INT, offsetof(Context, pending), READONLY, "Whether take() has anything to apply."}, {NULL}};
+
+static PyTypeObject ContextType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "twisted_httpwasm.runtime._accel.Context",
+    .tp_basicsize = sizeof(Context),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Context_new,
+    .tp_dealloc = (destructor)Context_dealloc,
+    .tp_methods = Context_methods,
+    .tp_members = Context_members,
+    .tp_doc = "Context(context, memory, memory_owner, config, call_log, log_messages, log_bytes, imports): imports is a bit per host id",
+};
+
+/* -- module functions ------------------------------------------------------------------- */
+
+static void *resolve(void *handle, const char *name) {
+    void *address = dlsym(handle, name);
+    if (address == NULL) PyErr_Format(PyExc_RuntimeError, "wasmtime's library has no %s", name);
+    return address;
+}
+
+static PyObject *setup(PyObject *module, PyObject *args) {
+    unsigned long long handle;
+    long major;
+    PyObject *sync, *on_error, *on_trap, *on_timeout, *phase;
+    if (!PyArg_ParseTuple(args, "KlOOOOO", &handle, &major, &sync, &on_error, &on_trap, &on_timeout, &phase))
+        return NULL;
+    int known = 0;
+    for (size_t i = 0; i < sizeof(DECLARED_MAJORS) / sizeof(DECLARED_MAJORS[0]); i++)
+        known |= DECLARED_MAJORS[i] == major;
+    if (!known) {
+        PyErr_Format(PyExc_RuntimeError, "declared for wasmtime 50 and 51, not %ld", major);
+        return NULL;
+    }
+    void *h = (void *)(uintptr_t)handle;
+    if (!(*(void **)&w_func_call_unchecked = resolve(h, "wasmtime_func_call_unchecked")) ||
+        !(*(void **)&w_set_epoch_deadline = resolve(h, "wasmtime_context_set_epoch_deadline")) ||
+        !(*(void **)&w_memory_data = resolve(h, "wasmtime_memory_data")) ||
+        !(*(void **)&w_memory_data_size = resolve(h, "wasmtime_memory_data_size")) ||
+        !(*(void **)&w_store_epoch_deadline_callback = resolve(h, "wasmtime_store_epoch_deadline_callback")) ||
+        !(*(void **)&w_error_new = resolve(h, "wasmtime_error_new")) ||
+        !(*(void **)&w_error_delete = resolve(h, "wasmtime_error_delete")))
+        return NULL;
+    Py_INCREF(sync);
+    Py_XSETREF(sync_hook, sync);
+    Py_INCREF(on_error);
+    Py_XSETREF(error_hook, on_error);
+    Py_INCREF(on_trap);
+    Py_XSETREF(trap_hook, on_trap);
+    Py_INCREF(on_timeout);
+    Py_XSETREF(timeout_hook, on_timeout);
+    Py_INCREF(phase);
+    Py_XSETREF(request_phase, phase);
+    ready = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *callback_address(PyObject *module, PyObject *unused) {
+    if (!ready) {
+        PyErr_SetString(PyExc_RuntimeError, "setup() first");
+        return NULL;
+    }
+    return PyLong_FromVoidPtr((void *)(uintptr_t)host_callback);
+}
+
+static PyMethodDef module_methods[] = {
+    {"setup", setup, METH_VARARGS, "setup(dl_handle, wasmtime_major, sync, on_error, on_trap, on_timeout, request_phase)"},
+    {"callback_address", callback_address, METH_NOARGS, "The C callback every http_handler function is defined with."},
+    {"install_time_limit", install_time_limit, METH_O, "install_time_limit(store): calls past their limit end."},
+    {NULL}};
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_accel", "The compiled guest-call path.", -1,
+                                        module_methods};
+
+#define INTERN(var, text)                                                                                              \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+
+PyMODINIT_FUNC PyInit__accel(void) {
+    INTERN(s_phase, "phase");
+    INTERN(s_features, "features");
+    INTERN(s_method, "method");
+    INTERN(s_uri, "uri");
+    INTERN(s_status, "status");
+    INTERN(s_max_buffer_bytes, "max_buffer_bytes");
+    INTERN(s_response_headers, "_response_headers");
+    INTERN(s_request_headers, "_request_headers");
+    INTERN(s_read_request_headers, "read_request_headers");
+    INTERN(s_entries, "_entries");
+    INTERN(s_messages, "messages");
+    INTERN(s_bytes, "bytes");
+    INTERN(s_dropped, "dropped");
+    INTERN(s_dropped_bytes, "dropped_bytes");
+    INTERN(s_log_level, "log_level");
+    if (PyType_Ready(&HostEnvType) < 0 || PyType_Ready(&ExportType) < 0 || PyType_Ready(&ContextType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL) return NULL;
+    Py_INCREF(&HostEnvType);
+    Py_INCREF(&ExportType);
+    Py_INCREF(&ContextType);
+    if (PyModule_AddObject(module, "HostEnv", (PyObject *)&HostEnvType) < 0 ||
+        PyModule_AddObject(module, "Export", (PyObject *)&ExportType) < 0 ||
+        PyModule_AddObject(module, "Context", (PyObject *)&ContextType) < 0 ||
+        PyModule_AddIntConstant(module, "HOST_FUNCTIONS", H_COUNT) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

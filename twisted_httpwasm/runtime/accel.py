@@ -1,0 +1,124 @@
+"""Which guest-call path serves: the compiled accelerator, or pure Python.
+
+The accelerator (``_accel``, a C extension built at install when a C compiler
+and Python's headers are there) calls guest exports through wasmtime's C API
+and answers the common ``http_handler`` host functions in C, over a snapshot
+of the request taken before each call; it records what the guest changes, and
+:func:`apply` makes those changes on the Python objects after the call (or
+before a host function only Python answers).  Whatever it does not answer
+itself, and every failure, is answered by the pure-Python implementation, so
+both paths behave the same, byte for byte (the suite runs against both).
+
+It is used when it is built, ``TWISTED_HTTPWASM_PURE`` is not set, and the
+wasmtime library loaded is a major it was written for; otherwise the pure path
+serves, with one warning when the reason is a mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from importlib import metadata
+from typing import Any
+
+from wasmtime import _ffi as ffi
+
+from ..abi import HOST_FUNCTIONS, LogLevel
+from . import native as _native
+from .state import REQUEST_PHASE
+
+__all__ = ["ACCELERATED", "HOST_IDS", "REASON", "apply", "compiled", "describe", "module"]
+
+#: The ids the C side knows the http_handler functions by (their order in ``_accel.c``).
+HOST_IDS = {
+    name: index
+    for index, name in enumerate(
+        (
+            "enable_features",
+            "get_config",
+            "log",
+            "log_enabled",
+            "get_method",
+            "set_method",
+            "get_uri",
+            "set_uri",
+            "get_protocol_version",
+            "get_source_addr",
+            "get_header_names",
+            "get_header_values",
+            "set_header_value",
+            "add_header_value",
+            "remove_header",
+            "read_body",
+            "write_body",
+            "get_status_code",
+            "set_status_code",
+        )
+    )
+}
+
+_LEVELS = {int(level): level for level in LogLevel}
+
+
+def apply(instance: Any) -> None:
+    """Make what the call in progress (or just ended) recorded in C on its request and call log."""
+    features, counts, lines, headers = instance.accel.take()
+    state = instance.state
+    if features is not None:
+        state.features = features
+    if counts is not None:
+        call_log = instance.call_log
+        call_log.messages, call_log.bytes, call_log.dropped, call_log.dropped_bytes = counts
+    for level, text in lines:
+        instance.log(_LEVELS[level], text)
+    if headers is not None:
+        response = state.response_headers  # made here: in the request phase it starts empty, as C's did
+        for name, value in headers:
+            response.add(name, value)
+
+
+def _raise_error(address: int) -> BaseException:
+    return _native._error_from(address)
+
+
+def _raise_trap(address: int) -> BaseException:
+    return _native._trap_from(address)
+
+
+def _timed_out() -> BaseException:
+    # As the pure path's interrupt trap (the caller words the reason from the guest's limit).
+    return _native.GuestCallError("guest exceeded its time limit", interrupted=True)
+
+
+def _load() -> tuple[Any, str]:
+    if os.environ.get("TWISTED_HTTPWASM_PURE"):
+        return None, "TWISTED_HTTPWASM_PURE is set"
+    try:
+        from . import _accel  # type: ignore[attr-defined]
+    except ImportError:
+        return None, "the compiled accelerator is not built (no C compiler at install)"
+    if len(HOST_IDS) != _accel.HOST_FUNCTIONS or sorted(HOST_IDS) != sorted(spec.name for spec in HOST_FUNCTIONS):
+        return None, "the compiled accelerator is out of step with the ABI table"
+    try:
+        major = int(metadata.version("wasmtime").split(".")[0])
+        handle = ffi.dll._handle
+        _accel.setup(handle, major, apply, _raise_error, _raise_trap, _timed_out, REQUEST_PHASE)
+    except Exception as error:  # noqa: BLE001 - any mismatch leaves the pure path, with one warning
+        warnings.warn(f"twisted-httpwasm: compiled accelerator disabled: {error}", RuntimeWarning, stacklevel=2)
+        return None, f"disabled: {error}"
+    return _accel, "compiled"
+
+
+#: The compiled accelerator, when it is built, allowed and matches wasmtime; else None.
+compiled, REASON = _load()
+#: What guests loaded from now on use: ``compiled``, or None for the pure path (tests set it per test).
+module = compiled
+#: Whether the compiled accelerator serves guest calls in this process.
+ACCELERATED = compiled is not None
+
+
+def describe() -> str:
+    """One line for the startup log: which path serves guest calls."""
+    if module is not None:
+        return "guest calls: compiled accelerator"
+    return f"guest calls: pure Python ({REASON})"
