@@ -238,3 +238,20 @@ class BareVirtualenvTests(SynchronousTestCase):
             ("--metrics", "tcp:0:interface=127.0.0.1"),
             ": --metrics needs prometheus_client: pip install 'twisted-httpwasm[metrics]'",
         )
+
+    def test_yaml_configuration_is_refused_in_one_line(self) -> None:
+        """A YAML ``--guest-config-file`` without PyYAML: exit 1, the last line names ``pip install
+        'twisted-httpwasm[yaml]'``; a Traefik plugin directory (its manifest is YAML) likewise."""
+        config = self.workdir / "plugin-config.yaml"
+        config.write_text("headers: {X-A: '1'}\n")
+        self.check_refused(
+            ("--guest", "examples/security_headers.wat", "--guest-config-file", str(config), "--path", "."),
+            f": --guest-config-file: {config}: YAML needs PyYAML: pip install 'twisted-httpwasm[yaml]'",
+        )
+        plugin = self.workdir / "plugin"
+        plugin.mkdir(exist_ok=True)
+        (plugin / ".traefik.yml").write_text("displayName: p\ntype: middleware\nruntime: wasm\n")
+        status, lines = self.refusal("--guest", str(plugin), "--path", ".")
+        self.assertEqual(status, 1, lines)
+        self.assertIn(".traefik.yml: YAML needs PyYAML: pip install 'twisted-httpwasm[yaml]'", lines[-1])
+        self.assertNotIn("Traceback", "\n".join(lines))

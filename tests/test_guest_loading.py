@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import wasmtime
 from twisted.logger import LogLevel as TwistedLogLevel
@@ -38,6 +39,37 @@ def counting_init(*names: str) -> str:
         for index, name in enumerate(names)
     ]
     return f'(module (memory (export "memory") 1) {HANDLE_REQUEST} {NOOP_RESPONSE} {" ".join(functions)})'
+
+
+_RECORDED = ("_start", "_initialize")
+
+
+def recording_init(names: Sequence[str], exit_start: int | None = None) -> str:
+    """A guest exporting ``names`` (in that order), each appending its number (1: ``_start``, 2: ``_initialize``)
+    to a list at address 4; with ``exit_start``, ``_start`` then calls ``proc_exit(exit_start)``.
+
+    ``handle_request`` passes the request on.
+    """
+    functions = []
+    for name in names:
+        exit_call = f"(call $proc_exit (i32.const {exit_start}))" if name == "_start" and exit_start is not None else ""
+        functions.append(
+            f'(func (export "{name}")'
+            " (i32.store (i32.add (i32.const 4) (i32.mul (i32.load (i32.const 0)) (i32.const 4)))"
+            f" (i32.const {_RECORDED.index(name) + 1}))"
+            f" (i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (i32.const 1))) {exit_call})"
+        )
+    return (
+        '(module (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))'
+        ' (memory (export "memory") 1) (func (export "handle_request") (result i64) (i64.const 1))'
+        f" {NOOP_RESPONSE} {' '.join(functions)})"
+    )
+
+
+def recorded(guest: Guest) -> list[str]:
+    """The init functions a fresh instance of a :func:`recording_init` guest ran, in order."""
+    count = counters(guest, 1)[0]
+    return [_RECORDED[number - 1] for number in counters(guest, 1 + count)[1:]]
 
 
 def counters(guest: Guest, count: int) -> list[int]:
@@ -250,10 +282,32 @@ class InitTests(SynchronousTestCase):
         self.assertIsNot(other, instance)
         self.assertEqual(other.memory.read(0, 4), (1).to_bytes(4, "little"))
 
-    def test_initialize_is_preferred_over_start(self) -> None:
-        """A guest exporting both runs ``_initialize`` only."""
-        self.assertEqual(counters(Guest(counting_init("_initialize", "_start").encode()), 2), [1, 0])
-        self.assertEqual(counters(Guest(counting_init("_start", "_initialize").encode()), 2), [0, 1])
+    def test_start_then_initialize(self) -> None:
+        """A guest exporting both runs ``_start``, then ``_initialize`` (as Traefik does), once each."""
+        for names in (("_initialize", "_start"), ("_start", "_initialize")):
+            guest = Guest(recording_init(names).encode())
+            self.assertEqual(recorded(guest), ["_start", "_initialize"], names)
+
+    def test_initialize_only(self) -> None:
+        """A reactor (Go wasmexport, wasi-libc reactors) exports ``_initialize`` only: it runs, and the guest loads."""
+        self.assertEqual(recorded(Guest(recording_init(["_initialize"]).encode())), ["_initialize"])
+
+    def test_proc_exit_zero_ends_start_cleanly_and_initialize_still_runs(self) -> None:
+        """``proc_exit(0)`` at the end of ``_start`` (TinyGo 0.35+) ends it cleanly: ``_initialize`` runs after it,
+        and the instance serves requests."""
+        guest = Guest(recording_init(["_start", "_initialize"], exit_start=0).encode())
+        self.assertEqual(recorded(guest), ["_start", "_initialize"])
+        instance = guest.pool.acquire()
+        self.assertEqual(instance.handle_request(request_state()).next, True)
+        self.assertEqual(instance.handle_request(request_state()).next, True)
+        guest.pool.release(instance)
+
+    def test_proc_exit_nonzero_in_start_is_a_load_failure_and_initialize_does_not_run(self) -> None:
+        """``proc_exit(3)`` in ``_start``: the guest is refused, naming ``_start`` and the code."""
+        with self.assertRaises(GuestLoadError) as caught:
+            Guest(recording_init(["_start", "_initialize"], exit_start=3).encode())
+        self.assertIn("_start failed", str(caught.exception))
+        self.assertIn("code 3", str(caught.exception))
 
     def test_no_init_function(self) -> None:
         """Neither export: the instance is used as instantiated."""
@@ -280,3 +334,17 @@ class WasiTests(SynchronousTestCase):
             Guest(WASI_COMMAND.replace("EXIT_CODE", "1").encode())
         self.assertIn("failed to initialise", str(caught.exception))
         self.assertIn("code 1", str(caught.exception))
+        # The guest's own explanation (what it wrote before exiting) goes with the refusal.
+        self.assertTrue(any("hello, world" in line for line in caught.exception.log_lines), caught.exception.log_lines)
+
+    def test_wasi_reactor_with_initialize_only_loads(self) -> None:
+        """A WASI reactor exports ``_initialize`` and no ``_start``: it loads, its output goes to the log."""
+        reactor = WASI_COMMAND.replace('"_start"', '"_initialize"').replace(
+            "(call $proc_exit (i32.const EXIT_CODE))", ""
+        )
+        guest = Guest(reactor.encode(), name="command")
+        self.addCleanup(guest.pool.clear)
+        instance = guest.pool.acquire()
+        self.assertEqual(instance.handle_request(request_state()).next, False)
+        guest.pool.release(instance)
+        self.assertIn((TwistedLogLevel.info, "[guest command] [stdout] hello, world"), self.log.messages())

@@ -249,11 +249,11 @@ class GuestOptionTests(OptionsTestCase):
         )
 
     def test_guest_mount_refusals(self) -> None:
-        """A mount without both directories, or whose host directory does not exist, is refused."""
+        """A mount with an empty directory, or whose host directory does not exist, is refused."""
         host = self.mktemp()
         os.makedirs(host)
-        for bad in (host, f"{host}:", f":{host}", f"{host}:ro"):
-            self.assertUsageError(["--guest-mount", bad], "--guest-mount", "HOST_DIR:GUEST_DIR")
+        for bad in (f"{host}:", f":{host}", ":ro", ""):
+            self.assertUsageError(["--guest-mount", bad], "--guest-mount", "HOST_DIR[:GUEST_DIR][:ro]")
         missing = self.mktemp()
         self.assertUsageError(["--guest-mount", f"{missing}:/data"], "is not a directory", missing)
 

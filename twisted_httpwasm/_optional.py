@@ -43,6 +43,7 @@ EXTRAS: dict[str, Extra] = {
         Extra("metrics", "prometheus_client", ("prometheus_client",)),
         Extra("http2", "h2", ("h2",)),
         Extra("remote", "treq and pyOpenSSL", ("treq", "OpenSSL")),
+        Extra("yaml", "PyYAML", ("yaml",)),
     )
 }
 

@@ -115,7 +115,9 @@ _REQUIRED_FUNCTIONS = {
     "handle_request": _ExportSpec((), (_I64,)),
     "handle_response": _ExportSpec((_I32, _I32), ()),
 }
-_INIT_FUNCTIONS = ("_initialize", "_start")
+#: Run in this order when an instance is made, each if exported, as Traefik (wazero) runs them: a WASI command's
+#: ``_start`` (TinyGo), then a reactor's ``_initialize`` (Go ``wasmexport``); both when a module has both.
+_INIT_FUNCTIONS = ("_start", "_initialize")
 
 
 def _signature(ty: wasmtime.FuncType) -> str:
@@ -470,7 +472,11 @@ class GuestInstance:
         guest.hand_over(*self.call_log.take(guest.name, "during init"))
 
     def _initialise(self, store: wasmtime.Store) -> None:
-        """Instantiate (running the wasm start function) and run ``_initialize`` or ``_start``."""
+        """Instantiate (running the wasm start function), then run ``_start`` and ``_initialize`` if exported.
+
+        ``proc_exit(0)`` in either ends it cleanly (TinyGo 0.35+ commands end ``_start`` so): the instance
+        stays usable, and ``_initialize`` still runs after ``_start``.
+        """
         try:
             try:
                 instance = self.guest._pre.instantiate(store)
@@ -485,7 +491,6 @@ class GuestInstance:
             for name in _INIT_FUNCTIONS:
                 if name in exports:
                     self._run_init(self._export(exports, name, 0, 0), name)
-                    break
             if self.guest.accelerated is not None:
                 self._accelerate(store)  # after init, which runs on NativeFunc with the epoch deadline's own trap
         finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -22,7 +21,7 @@ from twisted.internet import defer
 from ..abi import LogLevel
 from ..runtime.calllog import LogLimit
 from ..runtime.guest import Execution, Guest, GuestLoadError, Mount
-from . import sources
+from . import goconfig, sources, traefik
 from .reload import ReloadError
 
 __all__ = ["Fetches", "GuestLoader", "GuestSettings"]
@@ -112,7 +111,9 @@ class GuestLoader:
 
     def watched_files(self) -> list[str]:
         """The local files a reload reads again: every local ``--guest`` and ``--guest-config-file``."""
-        return [entry["path"] for entry in self.entries if not sources.is_remote(entry["path"])] + list(
+        local = [entry["path"] for entry in self.entries if not sources.is_remote(entry["path"])]
+        # A Traefik plugin directory: its manifest and module too.
+        return [path for location in local for path in traefik.watched_paths(location)] + list(
             self.config_files.values()
         )
 
@@ -124,10 +125,12 @@ class GuestLoader:
         ``fetched``: the bytes of a remote guest (``https://...``).
         """
         entry, settings = self.entries[index], self.settings
+        # A Traefik plugin (directory or zip) gives its module, displayName and maybe testData; others pass through.
+        chosen = traefik.guest_source(dict(entry), guest_config, self.sha256.get(index), fetched)
         return Guest(
-            entry["path"] if fetched is None else fetched.data,
-            name=None if fetched is None else fetched.name,
-            config=guest_config,
+            chosen.source,
+            name=chosen.name,
+            config=chosen.config,
             log_level=settings.log_level,
             execution=settings.execution,
             timeout=settings.timeout,
@@ -136,7 +139,7 @@ class GuestLoader:
             env=list(settings.env),
             mounts=list(settings.mounts),
             log_limit=settings.log_limit,
-            sha256=self.sha256.get(index),
+            sha256=chosen.sha256,
             max_requests=settings.max_requests,
             max_age=settings.max_age,
         )
@@ -152,8 +155,8 @@ class GuestLoader:
             config_file = self.config_files.get(index) if reread_config else None
             if config_file is not None:
                 try:
-                    guest_config = Path(config_file).read_bytes()
-                except OSError as error:
+                    guest_config = goconfig.read_config_file(config_file)
+                except (OSError, goconfig.ConfigError) as error:
                     raise _Failed(entry["path"], error, config_file) from None
             try:
                 guests.append(self.load(index, guest_config, fetched.get(index)))
@@ -230,6 +233,8 @@ class GuestLoader:
             return self._load_chain(fetched, reread_config=True)
         except _Failed as failed:
             error = failed.error
+            if isinstance(error, goconfig.ConfigError):
+                raise ReloadError(f"--guest {failed.path}: --guest-config-file {error}") from None
             if failed.config_file is not None:
                 reason = f"cannot read it: {getattr(error, 'strerror', None) or error}"
                 raise ReloadError(

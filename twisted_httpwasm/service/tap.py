@@ -16,7 +16,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,7 +56,7 @@ from ..web.site import (
     GuestSite,
 )
 from ..web.wsgi import UnderscoreHeaderGuard
-from . import coercers, observability, sources
+from . import coercers, goconfig, observability, sources, traefik
 from .coercers import parse_size
 from .guest_loader import GuestLoader
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, WatchService
@@ -280,10 +279,18 @@ then are cut and logged. twistd then exits with status 0.
     # -- guests -------------------------------------------------------------------
 
     def opt_guest(self, path: str) -> None:
-        """A guest (.wasm or .wat file, or https:// URL) in front of the downstream; repeat for a chain, the
-        first outermost.
+        """A guest (.wasm or .wat file, a Traefik plugin directory or .zip, or an https:// URL of one) in front of
+        the downstream; repeat for a chain, the first outermost.
         """
         self["guests"].append({"path": path, "config": b""})
+
+    def opt_guest_name(self, name: str) -> None:
+        """Name of the preceding --guest in logs and metrics. [default: a plugin's displayName, else the file's stem]"""
+        if not self["guests"]:
+            raise usage.UsageError("--guest-name must come after the --guest it names")
+        if not name or traefik.sanitise_name(name, fallback="") != name:
+            raise usage.UsageError(f"--guest-name must be letters, digits, - and _ (at most 64), not {name!r}")
+        self["guests"][-1]["name"] = name
 
     def opt_guest_sha256(self, digest: str) -> None:
         """sha256 (64 hex digits) the preceding --guest must have; a guest whose digest differs is refused."""
@@ -299,13 +306,22 @@ then are cut and logged. twistd then exits with status 0.
         self._configure_last_guest("--guest-config", os.fsencode(text))
 
     def opt_guest_config_file(self, path: str) -> None:
-        """Configuration of the preceding --guest, read from a file."""
+        """Configuration of the preceding --guest, read from a file; .yaml, .yml, .json and .toml are read as a
+        mapping and passed JSON-encoded, as Traefik passes a plugin's configuration.
+        """
         try:
-            data = Path(path).read_bytes()
+            data = goconfig.read_config_file(path)
         except OSError as error:
             raise usage.UsageError(f"--guest-config-file: cannot read {path!r}: {error.strerror or error}") from None
+        except goconfig.ConfigError as error:
+            raise usage.UsageError(f"--guest-config-file: {error}") from None
         self._configure_last_guest("--guest-config-file", data)
         self["guest-config-files"][len(self["guests"]) - 1] = path  # read again at each reload (SIGHUP)
+
+    def opt_guest_config_test_data(self) -> None:
+        """Configuration of the preceding --guest, a Traefik plugin: its manifest's testData, JSON-encoded."""
+        self._configure_last_guest("--guest-config-test-data", b"")
+        self["guests"][-1]["test-data"] = True
 
     def _configure_last_guest(self, option: str, data: bytes) -> None:
         if not self["guests"]:
@@ -315,7 +331,7 @@ then are cut and logged. twistd then exits with status 0.
             path = self["guests"][index]["path"]
             raise usage.UsageError(
                 f"{option}: guest {path!r} already has a configuration "
-                "(give one --guest-config or --guest-config-file per --guest)"
+                "(give one --guest-config, --guest-config-file or --guest-config-test-data per --guest)"
             )
         self._configured_guests.add(index)
         self["guests"][index]["config"] = data
@@ -332,15 +348,19 @@ then are cut and logged. twistd then exits with status 0.
         self["guest-env"].append((name, value))
 
     def opt_guest_mount(self, mount: str) -> None:
-        """HOST_DIR:GUEST_DIR[:ro], a host directory the guests see through WASI, writable unless :ro. Repeatable."""
+        """HOST_DIR[:GUEST_DIR][:ro], a host directory the guests see through WASI (at GUEST_DIR, else at the same
+        path, as Traefik's mounts), writable unless :ro. Repeatable.
+        """
         spec, read_only = mount, False
         for suffix, is_read_only in ((":ro", True), (":rw", False)):
             if mount.endswith(suffix):
                 spec, read_only = mount[: -len(suffix)], is_read_only
                 break
         host_dir, colon, guest_dir = spec.rpartition(":")
-        if not (colon and host_dir and guest_dir):
-            raise usage.UsageError(f"--guest-mount: expected HOST_DIR:GUEST_DIR[:ro], not {mount!r}")
+        if not colon:
+            host_dir = guest_dir = spec  # Traefik's HOST form: the same path inside
+        if not (host_dir and guest_dir):
+            raise usage.UsageError(f"--guest-mount: expected HOST_DIR[:GUEST_DIR][:ro], not {mount!r}")
         if not os.path.isdir(host_dir):
             raise usage.UsageError(f"--guest-mount: {host_dir!r} is not a directory")
         self["guest-mounts"].append(Mount(os.path.abspath(host_dir), guest_dir, read_only))

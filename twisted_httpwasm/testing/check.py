@@ -36,7 +36,7 @@ __all__ = ["CheckError", "ResolvedGuest", "check", "main", "resolve_guest"]
 
 _PAGE = 65536
 _REQUIRED = {"memory": None, "handle_request": "() -> (i64)", "handle_response": "(i32 i32) -> ()"}
-_START_FUNCTIONS = ("_initialize", "_start")
+_START_FUNCTIONS = ("_start", "_initialize")  # the order they run in
 
 
 class CheckError(Exception):
@@ -54,21 +54,34 @@ class ResolvedGuest:
 
 
 def resolve_guest(spec: str, config: bytes | None = None, config_file: str | None = None) -> ResolvedGuest:
-    """The guest named on the command line: a ``.wasm`` or ``.wat`` file, with ``--config``/``--config-file``.
+    """The guest named on the command line: a ``.wasm`` or ``.wat`` file, or a Traefik plugin (directory or
+    ``.zip``: its module, named by its ``displayName``, with its ``testData`` unless a configuration is given),
+    with ``--config``/``--config-file`` (a ``.yaml``/``.json``/``.toml`` file encoded as ``twistd httpwasm``
+    encodes it).
 
     Raises :class:`CheckError`.  The seam for other kinds of guest: resolve
     them here to bytes, a name and a config.
     """
+    from ..service import goconfig, traefik
+
+    if config_file is not None:
+        try:
+            config = goconfig.read_config_file(config_file)
+        except OSError as error:
+            raise CheckError(f"cannot read --config-file {config_file!r}: {error.strerror or error}") from None
+        except goconfig.ConfigError as error:
+            raise CheckError(f"--config-file: {error}") from None
+    try:
+        plugin = traefik.check_source(spec, config)
+    except traefik.PluginError as error:
+        raise CheckError(f"{spec}: {error}") from None
+    if plugin is not None:
+        return ResolvedGuest(data=plugin.data, name=plugin.name, config=plugin.config, origin=plugin.origin)
     path = Path(spec)
     try:
         data = path.read_bytes()
     except OSError as error:
         raise CheckError(f"cannot read guest {spec!r}: {error.strerror or error}") from None
-    if config_file is not None:
-        try:
-            config = Path(config_file).read_bytes()
-        except OSError as error:
-            raise CheckError(f"cannot read --config-file {config_file!r}: {error.strerror or error}") from None
     return ResolvedGuest(data=data, name=path.stem, config=config or b"", origin=str(path))
 
 
@@ -124,7 +137,9 @@ def _pages(count: int) -> str:
 def _import_verdict(module: str, name: str, ty: Any) -> str | None:
     """None if this host provides the import; otherwise why not."""
     if module == WASI_MODULE:
-        return None  # linked by wasmtime's WASI; an unknown WASI name fails the link, reported by the load
+        from ..service.traefik import wasi_import_problem
+
+        return wasi_import_problem(name)  # wasmtime's WASI preview 1; WasmEdge's socket functions are said plainly
     if module != HOST_MODULE:
         return f"module {module!r} is not offered by this host (it offers {HOST_MODULE} and {WASI_MODULE})"
     spec = next((spec for spec in HOST_FUNCTIONS if spec.name == name), None)
@@ -365,7 +380,11 @@ def main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
         prog="python -m twisted_httpwasm check",
         description="Say whether an http-wasm guest can run on this host, and why not.",
     )
-    parser.add_argument("guest", metavar="GUEST", help="the guest: a .wasm or .wat file")
+    parser.add_argument(
+        "guest",
+        metavar="GUEST",
+        help="the guest: a .wasm or .wat file, or a Traefik plugin directory or .zip (run with its testData)",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", help="the guest's configuration (what get_config returns)")
     source.add_argument("--config-file", metavar="F", help="read the guest's configuration from file F")
