@@ -366,7 +366,27 @@ class HangupTests(HangupTestCase):
         self.assertEqual((yield self.versions(url)), ["1"] * 4)
 
 
-class WorkersHangupTests(TwistdTestCase):
+class WorkersTestCase(TwistdTestCase):
+    """A ``--workers 2`` server's two processes, each seen answering."""
+
+    @inlineCallbacks
+    def both_processes_serve(self, url: str, version: str) -> Generator[Any, Any, None]:
+        """Both processes answer ``url/pid``, each only with ``x-version: version``."""
+        seen: dict[int, set[str]] = {}
+
+        @inlineCallbacks
+        def both_answered() -> Generator[Any, Any, bool]:
+            responses = yield gatherResults([self.fetch("GET", url + "/pid") for _ in range(8)])
+            for _, headers, body in responses:
+                seen.setdefault(int(body), set()).add(headers.getRawHeaders("x-version", ["-"])[0])
+            return len(seen) >= 2
+
+        if not (yield poll(both_answered, 20)):
+            self.fail(f"only {sorted(seen)} answered")
+        self.assertEqual(list(seen.values()), [{version}, {version}])
+
+
+class WorkersHangupTests(WorkersTestCase):
     @inlineCallbacks
     def test_every_worker_reloads(self) -> Generator[Any, Any, None]:
         """--workers 2 + SIGHUP to the main process: both processes report the reload and serve the new guest; a
@@ -384,18 +404,7 @@ class WorkersHangupTests(TwistdTestCase):
         ):
             self.fail(f"both processes did not report a reload:\n{server.output()}")
 
-        seen: dict[int, set[str]] = {}
-
-        @inlineCallbacks
-        def both_answered() -> Generator[Any, Any, bool]:
-            responses = yield gatherResults([self.fetch("GET", url + "/pid") for _ in range(8)])
-            for _, headers, body in responses:
-                seen.setdefault(int(body), set()).add(headers.getRawHeaders("x-version", ["-"])[0])
-            return len(seen) >= 2
-
-        if not (yield poll(both_answered, 20)):
-            self.fail(f"only {sorted(seen)} answered")
-        self.assertEqual(list(seen.values()), [{"2"}, {"2"}])
+        yield self.both_processes_serve(url, "2")
 
         # A guest that does not load: each process says so, and keeps serving version 2.
         Path(guest).write_text('(module (memory (export "memory") 1))')
@@ -403,10 +412,7 @@ class WorkersHangupTests(TwistdTestCase):
         failed = ("httpwasm worker 2: reload failed", "httpwasm: reload failed")
         if not (yield poll(lambda: all(text in server.output() for text in failed), DEADLINE)):
             self.fail(f"both processes did not report the failed reload:\n{server.output()}")
-        seen.clear()
-        if not (yield poll(both_answered, 20)):
-            self.fail(f"only {sorted(seen)} answered")
-        self.assertEqual(list(seen.values()), [{"2"}, {"2"}])
+        yield self.both_processes_serve(url, "2")
 
 
 #: WASI functions the gated guest uses to look at its mounted directory (preopened as fd 3) and to wait.
@@ -451,7 +457,7 @@ def gated_guest(version: int) -> str:
 """ + version_guest(version)
 
 
-class WorkerLoadingDuringReloadTests(TwistdTestCase):
+class WorkerLoadingDuringReloadTests(WorkersTestCase):
     READY = re.compile(r"httpwasm worker 2 of 2 \(pid (\d+)\) serving")
 
     @inlineCallbacks
@@ -490,18 +496,7 @@ class WorkerLoadingDuringReloadTests(TwistdTestCase):
             self.fail(f"the worker that was loading did not reload:\n{server.output()}")
         self.assertIn("was loading during a reload (generation 0 of 1)", server.output())
 
-        seen: dict[int, set[str]] = {}
-
-        @inlineCallbacks
-        def both_answered() -> Generator[Any, Any, bool]:
-            responses = yield gatherResults([self.fetch("GET", url + "/pid") for _ in range(8)])
-            for _, headers, body in responses:
-                seen.setdefault(int(body), set()).add(headers.getRawHeaders("x-version", ["-"])[0])
-            return len(seen) >= 2
-
-        if not (yield poll(both_answered, 20)):
-            self.fail(f"only {sorted(seen)} answered")
-        self.assertEqual(list(seen.values()), [{"2"}, {"2"}])
+        yield self.both_processes_serve(url, "2")
 
 
 class FakeReloader:
