@@ -190,10 +190,7 @@ class HostConfig:
         if not isinstance(self.guests, tuple) or not all(isinstance(entry, GuestEntry) for entry in self.guests):
             raise TypeError("HostConfig.guests must be a tuple of GuestEntry")
         if not self.guests:
-            raise ConfigError(
-                f"give the guest to run in front of {self.downstream.description} with --guest PATH "
-                "(without --guest and a downstream, httpwasm serves its demo)"
-            )
+            raise ConfigError(no_guest_reason(self.downstream.description))
         for entry in self.guests:
             if entry.path.lower().startswith("http://") and entry.sha256 is None:
                 raise ConfigError(
@@ -281,6 +278,14 @@ class HostConfig:
             ),
             reload=ReloadConfig(watch=bool(options["watch"])),
         )
+
+
+def no_guest_reason(downstream: str) -> str:
+    """Why a ``downstream`` (``--path DIR``) without a guest is refused: it would be served unfiltered."""
+    return (
+        f"give the guest to run in front of {downstream} with --guest PATH "
+        "(without --guest and a downstream, httpwasm serves its demo)"
+    )
 
 
 def _is_tcp(description: str) -> bool:

@@ -60,7 +60,7 @@ from ..web.site import (
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import coercers, goconfig, observability, sources, traefik
 from .coercers import parse_size
-from .config import ConfigError, HostConfig
+from .config import ConfigError, HostConfig, no_guest_reason
 from .guest_loader import GuestLoader
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, WatchService
 from .stopping import DrainService
@@ -464,10 +464,7 @@ then are cut and logged. twistd then exits with status 0.
             if not (self["ports"] or self["port"] or self["https"]):
                 self["ports"].append(DEMO_LISTEN)
         elif not self["guests"]:
-            raise usage.UsageError(
-                f"give the guest to run in front of {self['downstream']} with --guest PATH "
-                "(without --guest and a downstream, httpwasm serves its demo)"
-            )
+            raise usage.UsageError(no_guest_reason(self["downstream"]))
         web_tap.Options.postOptions(self)
         self._check_downstream_flags()
         self._check_writable_mounts()
