@@ -384,7 +384,7 @@ class WorkersTestCase(TwistdTestCase):
                 seen.setdefault(int(body), set()).add(headers.getRawHeaders("x-version", ["-"])[0])
             return len(seen) >= 2
 
-        if not (yield poll(both_answered, 20)):
+        if not (yield poll(both_answered, DEADLINE)):
             self.fail(f"only {sorted(seen)} answered")
         self.assertEqual(list(seen.values()), [{version}, {version}])
 
