@@ -225,7 +225,7 @@ class DaemonTests(DaemonTestCase):
                 seen.add(int(body))
             return len(seen) >= 2
 
-        if not (yield poll(batch, 20)):
+        if not (yield poll(batch, DEADLINE)):
             self.fail(f"only {sorted(seen)} answered:\n{daemon.output()}")
         self.assertEqual(seen, daemon.worker_pids())
         yield self.check_serves_and_enforces_time_limits(url, daemon)

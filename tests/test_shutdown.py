@@ -103,6 +103,12 @@ class DrainTests(ServerTestCase):
         self.port = port.getHost().port
 
     @inlineCallbacks
+    def wait_until(self, condition: Any, what: str) -> Generator[Any, Any, None]:
+        """Wait for ``condition`` (up to DEADLINE: loaded machines are slow); fail, naming ``what``, if not."""
+        if not (yield poll(condition, DEADLINE)):
+            self.fail(f"{what} did not happen within {DEADLINE} s")
+
+    @inlineCallbacks
     def client(self, data: bytes) -> Generator[Any, Any, RawClient]:
         client = RawClient()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
@@ -114,7 +120,7 @@ class DrainTests(ServerTestCase):
     def test_drain_lets_the_request_finish_and_closes_its_connection(self) -> Generator[Any, Any, None]:
         """A request in flight completes in full with ``Connection: close``; its connection ends; drain fires True."""
         client = yield self.client(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
-        yield poll(lambda: self.backend.held, 5)
+        yield self.wait_until(lambda: self.backend.held, "the request reaching the backend")
         drained = self.site.drain(10)
         self.assertNoResult(drained)
         self.backend.release()
@@ -128,11 +134,11 @@ class DrainTests(ServerTestCase):
     def test_idle_keep_alive_connection_is_closed(self) -> Generator[Any, Any, None]:
         """A keep-alive connection between requests is closed at once; one with a request waits for it."""
         idle = yield self.client(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
-        yield poll(lambda: self.backend.held, 5)
+        yield self.wait_until(lambda: self.backend.held, "the request reaching the backend")
         self.backend.release()
-        yield poll(lambda: BODY in idle.received, 5)
+        yield self.wait_until(lambda: BODY in idle.received, "the first response")
         busy = yield self.client(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
-        yield poll(lambda: self.backend.held, 5)
+        yield self.wait_until(lambda: self.backend.held, "the request reaching the backend")
         drained = self.site.drain(10)
         yield idle.closed
         self.assertFalse(busy.closed.called)
@@ -147,7 +153,7 @@ class DrainTests(ServerTestCase):
         events: list[dict[str, Any]] = []
         self.patch(_drain, "_log", _drain.Logger(namespace="httpwasm", observer=events.append))
         client = yield self.client(b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")
-        yield poll(lambda: self.backend.held, 5)
+        yield self.wait_until(lambda: self.backend.held, "the request reaching the backend")
         finished = yield self.site.drain(0.1)
         self.assertIs(finished, False)
         self.assertEqual((yield client.closed), b"")
@@ -167,7 +173,7 @@ class DrainTests(ServerTestCase):
         service = DrainService(self.site, 10, stop_signals=False)
         service.startService()
         client = yield self.client(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
-        yield poll(lambda: self.backend.held, 5)
+        yield self.wait_until(lambda: self.backend.held, "the request reaching the backend")
         stopped = service.stopService()
         self.assertNoResult(stopped)
         self.backend.release()

@@ -416,7 +416,7 @@ class WorkersEndToEndTests(TwistdTestCase):
                 seen.add(int(body))
             return len(seen) >= expected
 
-        if not (yield poll(batch, 20)):
+        if not (yield poll(batch, DEADLINE)):
             self.fail(f"only {sorted(seen)} answered, expected {expected} processes")
         return seen
 
