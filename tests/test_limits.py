@@ -201,7 +201,9 @@ class TimeLimitThreadOnlyMixin:
         self.assertEqual((status, body), (500, b"Internal Server Error\n"))
         self.assertGreaterEqual(elapsed, 0.99)
         self.assertLess(elapsed, 4.0)
-        self.assertLess(longest_gap, 0.5, "the reactor was blocked")
+        # A reactor blocked by the call would not turn for the whole 1 s limit; a loaded machine alone can
+        # hold it back half a second (seen in CI-like runs), so the line is drawn well between the two.
+        self.assertLess(longest_gap, 0.8, "the reactor was blocked")
 
 
 class TimeLimitInlineOnlyMixin:
@@ -228,8 +230,10 @@ class TimeLimitInlineOnlyMixin:
         longest_gap = ticks.stop()
         self.assertEqual((loop_status, ok_status, ok_body), (500, 200, b"ok"))
         self.assertGreaterEqual(longest_gap, 0.25, "inline: the guest runs on the reactor thread")
-        self.assertLess(longest_gap, 1.0, "the reactor must be free right after the limit")
-        self.assertLess(finished["ok"], 1.5)
+        # Free right after the 0.3 s limit, not at some later check: bounds far above the limit, so that a
+        # loaded machine's own stalls do not count, and far below what a missed interrupt would take.
+        self.assertLess(longest_gap, 1.5, "the reactor must be free right after the limit")
+        self.assertLess(finished["ok"], 2.5)
 
 
 globals().update(
