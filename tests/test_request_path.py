@@ -8,10 +8,18 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from tests.support import NOOP_RESPONSE, ServerTestCase, execution_variants, make_guest, request_state
+from tests.support import (
+    NOOP_RESPONSE,
+    ServerTestCase,
+    execution_variants,
+    guest_path_variants,
+    make_guest,
+    request_state,
+)
 from twisted_httpwasm import FailurePolicy, GuestResource
 from twisted_httpwasm.runtime.guest import GuestTrap
 from twisted_httpwasm.runtime.observe import Outcome
+from twisted_httpwasm.runtime.state import BodyTooLarge
 
 PASS_ON = '(func (export "handle_request") (result i64) (i64.const 1))'
 ANSWER = '(func (export "handle_request") (result i64) (i64.const 0))'
@@ -62,6 +70,47 @@ class GuestSessionTests(SynchronousTestCase):
         session.close()
         stats = guest.pool.stats
         self.assertEqual((stats.in_use, stats.discarded), (0, 1))
+
+    def test_handle_response_gets_what_handle_request_returned(self) -> None:
+        """The high 32 bits of handle_request's result reach handle_response as its req_ctx, with is_error."""
+        guest = make_guest(
+            '(func (export "handle_request") (result i64) (i64.const 0xfffffffe00000001))',
+            '(func (export "handle_response") (param $ctx i32) (param $error i32)'
+            " (i32.store (i32.const 0) (local.get $ctx)) (i32.store (i32.const 4) (local.get $error)))",
+        )
+        instance = guest.pool.acquire()
+        guest.pool.release(instance)  # lent again to the session: the most recently returned goes first
+        state = request_state()
+        session = guest.session(state)
+        self.assertTrue(session.handle_request())
+        self.assertEqual(session.req_ctx, 0xFFFFFFFE)
+        state.enter_response_phase(500, ())
+        state.is_error = True
+        session.handle_response()
+        self.assertEqual(instance.memory.read(0, 8), (-2).to_bytes(4, "little", signed=True) + b"\x01\0\0\0")
+        self.assertEqual(guest.pool.stats.in_use, 0)
+
+    def test_handle_response_without_a_pinned_instance(self) -> None:
+        """An answering guest's session has nothing left to call: handle_response says so."""
+        guest = make_guest(ANSWER, NOOP_RESPONSE)
+        session = guest.session(request_state())
+        self.assertFalse(session.handle_request())
+        error = self.assertRaises(RuntimeError, session.handle_response)
+        self.assertIn("without a pinned instance", str(error))
+
+    def test_a_body_over_the_limit_of_a_buffering_instance(self) -> None:
+        """An instance that buffers every request body refuses one over the limit uncalled, and is given back."""
+        guest = make_guest(
+            '(func (export "_initialize") (drop (call $enable_features (i32.const 1))))',
+            TRAP_IN_REQUEST,
+            NOOP_RESPONSE,
+        )
+        state = request_state(body=b"x" * 100)
+        state.max_buffer_bytes = 10
+        session = guest.session(state)
+        self.assertRaises(BodyTooLarge, session.handle_request)
+        stats = guest.pool.stats
+        self.assertEqual((stats.in_use, stats.idle, stats.discarded), (0, 1, 0))
 
 
 class FailurePolicyTests(SynchronousTestCase):
@@ -151,3 +200,6 @@ class RequestHeaderLookupTests(SynchronousTestCase):
         self.assertEqual(state.request_header_values(b"x-multi"), [b"c"])
         self.assertEqual(state.request_header_values(b"user-agent"), [b"ua"])
         self.assertTrue(state.touched())
+
+
+guest_path_variants(globals())

@@ -1050,6 +1050,208 @@ static PyObject *setup_calls(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- the session: one request's pinned instance (runtime/session.py's GuestSession, in C) ---------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *pool;
+    PyObject *instance; /* pinned from handle_request to handle_response, or NULL */
+    PyObject *state;
+    PyObject *req_ctx;
+    int inline_call;
+} Session;
+
+static PyObject *s_acquire, *s_release, *s_check_size, *s_body_length, *s_is_error;
+
+static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"pool", "state", "inline", NULL};
+    PyObject *pool, *state;
+    int inline_call = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|p", names, &pool, &state, &inline_call)) return NULL;
+    Session *self = (Session *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    Py_INCREF(pool);
+    self->pool = pool;
+    Py_INCREF(state);
+    self->state = state;
+    self->req_ctx = PyLong_FromLong(0);
+    self->inline_call = inline_call;
+    if (self->req_ctx == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int Session_traverse(Session *self, visitproc visit, void *arg) {
+    Py_VISIT(self->pool);
+    Py_VISIT(self->instance);
+    Py_VISIT(self->state);
+    return 0;
+}
+
+static int Session_clear(Session *self) {
+    Py_CLEAR(self->pool);
+    Py_CLEAR(self->instance);
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->req_ctx);
+    return 0;
+}
+
+static void Session_dealloc(Session *self) {
+    PyObject_GC_UnTrack(self);
+    Session_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Session_close(Session *self, PyObject *unused) {
+    PyObject *instance = self->instance;
+    self->instance = NULL;
+    if (instance == NULL) Py_RETURN_NONE;
+    PyObject *released = PyObject_CallMethodOneArg(self->pool, s_release, instance);
+    Py_DECREF(instance);
+    return released;
+}
+
+/* On an error: give the instance back (as `except BaseException: self.close(); raise`), keep the error. */
+static PyObject *close_and_fail(Session *self) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *closed = Session_close(self, NULL);
+    if (closed == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        return NULL;
+    }
+    Py_DECREF(closed);
+    PyErr_Restore(type, value, traceback);
+    return NULL;
+}
+
+static PyObject *call_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *call_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+
+static PyObject *Session_handle_request(Session *self, PyObject *unused) {
+    PyObject *instance = PyObject_CallMethodNoArgs(self->pool, s_acquire);
+    if (instance == NULL) return NULL;
+    Py_XSETREF(self->instance, instance);
+    PyObject *features = PyObject_GetAttr(instance, s_features);
+    if (features == NULL) return close_and_fail(self);
+    long bits = PyLong_AsLong(features);
+    Py_DECREF(features);
+    if (bits == -1 && PyErr_Occurred()) return close_and_fail(self);
+    if (bits & 1) { /* buffer_request: a body over the limit is refused before the guest is called */
+        PyObject *length = PyObject_GetAttr(self->state, s_body_length);
+        if (length == NULL) return close_and_fail(self);
+        PyObject *checked = PyObject_CallMethodOneArg(self->state, s_check_size, length);
+        Py_DECREF(length);
+        if (checked == NULL) return close_and_fail(self);
+        Py_DECREF(checked);
+    }
+    PyObject *call_args[3] = {instance, self->state, self->inline_call ? Py_True : Py_False};
+    Py_INCREF(instance); /* pinned: close() may drop the session's reference meanwhile */
+    PyObject *result = call_request(NULL, call_args, 3);
+    Py_DECREF(instance);
+    if (result == NULL) return close_and_fail(self);
+    unsigned long long value = PyLong_AsUnsignedLongLongMask(result);
+    Py_DECREF(result);
+    if (value == (unsigned long long)-1 && PyErr_Occurred()) return close_and_fail(self);
+    /* As abi.unpack_ctx_next: the low 32 bits are next, the high req_ctx. */
+    PyObject *ctx = PyLong_FromUnsignedLongLong(value >> 32);
+    if (ctx == NULL) return close_and_fail(self);
+    Py_XSETREF(self->req_ctx, ctx);
+    if ((value & 0xFFFFFFFFULL) != 1) {
+        PyObject *closed = Session_close(self, NULL);
+        if (closed == NULL) return NULL;
+        Py_DECREF(closed);
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Session_handle_response(Session *self, PyObject *unused) {
+    PyObject *instance = self->instance;
+    if (instance == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "handle_response without a pinned instance (handle_request did not pass it on)");
+        return NULL;
+    }
+    PyObject *is_error = PyObject_GetAttr(self->state, s_is_error);
+    if (is_error == NULL) return close_and_fail(self);
+    Py_INCREF(instance);
+    PyObject *call_args[5] = {instance, self->state, self->req_ctx, is_error,
+                              self->inline_call ? Py_True : Py_False};
+    PyObject *result = call_response(NULL, call_args, 5);
+    Py_DECREF(instance);
+    Py_DECREF(is_error);
+    if (result == NULL) return close_and_fail(self);
+    Py_DECREF(result);
+    return Session_close(self, NULL);
+}
+
+static PyObject *Session_get_inline(Session *self, void *unused) { return PyBool_FromLong(self->inline_call); }
+
+static PyMethodDef Session_methods[] = {
+    {"handle_request", (PyCFunction)Session_handle_request, METH_NOARGS,
+     "Pin an instance and run handle_request; True if the guest passes the request on (next)."},
+    {"handle_response", (PyCFunction)Session_handle_response, METH_NOARGS,
+     "Run handle_response (state.is_error says how the next handler ended) and unpin."},
+    {"close", (PyCFunction)Session_close, METH_NOARGS,
+     "Give the pinned instance back to the pool (a trapped one is discarded); again: nothing."},
+    {NULL}};
+
+static PyMemberDef Session_members[] = {
+    {"state", T_OBJECT_EX, offsetof(Session, state), READONLY, "The request's state."},
+    {"req_ctx", T_OBJECT_EX, offsetof(Session, req_ctx), READONLY, "What handle_request returned for handle_response."},
+    {NULL}};
+
+static PyGetSetDef Session_getset[] = {
+    {"inline", (getter)Session_get_inline, NULL, "The calls are made on the reactor thread.", NULL}, {NULL}};
+
+static PyTypeObject SessionType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "twisted_httpwasm.runtime._accel.Session",
+    .tp_basicsize = sizeof(Session),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Session_new,
+    .tp_dealloc = (destructor)Session_dealloc,
+    .tp_traverse = (traverseproc)Session_traverse,
+    .tp_clear = (inquiry)Session_clear,
+    .tp_methods = Session_methods,
+    .tp_members = Session_members,
+    .tp_getset = Session_getset,
+    .tp_doc = "Session(pool, state, inline=False): the guest calls of one request, on one pinned instance "
+              "(runtime/session.py's GuestSession, for accelerated guests).",
+};
+
+/* -- the inline runner's run (web/runners.py), without a Python frame ------------------------- */
+
+/* run_inline(work, on_result, on_error, still_wanted=None): as InlineRunner.run. */
+static PyObject *run_inline(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 3 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "run_inline(work, on_result, on_error, still_wanted=None)");
+        return NULL;
+    }
+    PyObject *result = PyObject_CallNoArgs(args[0]);
+    if (result != NULL) {
+        PyObject *done = PyObject_CallOneArg(args[1], result);
+        Py_DECREF(result);
+        return done;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL; /* as `except Exception`: the rest goes on up */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) PyException_SetTraceback(value, traceback);
+    /* on_error runs as in an except block: the error is the one being handled. */
+    PyObject *saved_type, *saved_value, *saved_traceback;
+    PyErr_GetExcInfo(&saved_type, &saved_value, &saved_traceback);
+    PyErr_SetExcInfo(type, value, traceback); /* steals the three */
+    PyObject *handled = PyObject_CallOneArg(args[2], value);
+    PyErr_SetExcInfo(saved_type, saved_value, saved_traceback);
+    return handled;
+}
+
 /* install_time_limit(store): end calls past their limit through on_deadline, from now on. */
 static PyObject *install_time_limit(PyObject *module, PyObject *arg) {
     void *store = PyLong_AsVoidPtr(arg);
@@ -1199,6 +1401,8 @@ static PyMethodDef module_methods[] = {
     {"setup", setup, METH_VARARGS, "setup(dl_handle, wasmtime_major, sync, on_error, on_trap, on_timeout, request_phase)"},
     {"callback_address", callback_address, METH_NOARGS, "The C callback every http_handler function is defined with."},
     {"install_time_limit", install_time_limit, METH_O, "install_time_limit(store): calls past their limit end."},
+    {"run_inline", (PyCFunction)(void (*)(void))run_inline, METH_FASTCALL,
+     "run_inline(work, on_result, on_error, still_wanted=None): web.runners.InlineRunner.run, in C."},
     {"setup_calls", setup_calls, METH_VARARGS, "setup_calls(current, engine_globals, no_observer)"},
     {"call_request", (PyCFunction)(void (*)(void))call_request, METH_FASTCALL,
      "call_request(instance, state, inline): GuestInstance.request_call, without Python when nothing needs it."},
@@ -1238,16 +1442,24 @@ PyMODINIT_FUNC PyInit__accel(void) {
     INTERN(s_request_call, "request_call");
     INTERN(s_handle_response, "handle_response");
     INTERN(s_end_fast_call, "_end_fast_call");
-    if (PyType_Ready(&HostEnvType) < 0 || PyType_Ready(&ExportType) < 0 || PyType_Ready(&ContextType) < 0)
+    INTERN(s_acquire, "acquire");
+    INTERN(s_release, "release");
+    INTERN(s_check_size, "check_size");
+    INTERN(s_body_length, "body_length");
+    INTERN(s_is_error, "is_error");
+    if (PyType_Ready(&HostEnvType) < 0 || PyType_Ready(&ExportType) < 0 || PyType_Ready(&ContextType) < 0 ||
+        PyType_Ready(&SessionType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) return NULL;
     Py_INCREF(&HostEnvType);
     Py_INCREF(&ExportType);
     Py_INCREF(&ContextType);
+    Py_INCREF(&SessionType);
     if (PyModule_AddObject(module, "HostEnv", (PyObject *)&HostEnvType) < 0 ||
         PyModule_AddObject(module, "Export", (PyObject *)&ExportType) < 0 ||
         PyModule_AddObject(module, "Context", (PyObject *)&ContextType) < 0 ||
+        PyModule_AddObject(module, "Session", (PyObject *)&SessionType) < 0 ||
         PyModule_AddIntConstant(module, "HOST_FUNCTIONS", H_COUNT) < 0) {
         Py_DECREF(module);
         return NULL;

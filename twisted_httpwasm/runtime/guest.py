@@ -337,6 +337,10 @@ class Guest:
         ``inline``: the calls are made on the reactor thread, which has nothing
         else to run meanwhile, so they may keep the GIL (see ``NativeFunc.call``).
         """
+        module = self.accelerated
+        if module is not None:  # the same session in C, whose calls go through the fast call (_accel.c)
+            session: GuestSession = module.Session(self.pool, state, inline)
+            return session
         return GuestSession(self.pool, state, inline)
 
     def idle_memory_bytes(self) -> int:

@@ -7,6 +7,11 @@ in whichever thread that runs.  A :class:`GuestSession` is that pinning: the
 only place that takes instances from the pool and gives them back, exactly
 once (:meth:`GuestSession.close` is idempotent), so the twisted.web adapter
 never touches the pool or an instance.
+
+An accelerated guest's sessions are the compiled accelerator's ``Session``
+(``_accel.c``), which does the same in C and makes its guest calls through the
+accelerator's fast call: no Python runs between the filter and wasm unless
+the guest does something Python must see (see ``GuestInstance._end_fast_call``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ..abi import Feature
-from .accel import compiled as _compiled
 from .state import RequestState
 
 __all__ = ["GuestSession"]
@@ -39,11 +43,6 @@ class _Pool(Protocol):
 
 
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
-# With the compiled accelerator built, the calls go through its fast call, which makes no Python
-# call for an accelerated instance when nothing needs one (and calls the instance's own method
-# otherwise, a pure-path instance's included): see GuestInstance._end_fast_call.
-_call_request: Any = None if _compiled is None else _compiled.call_request
-_call_response: Any = None if _compiled is None else _compiled.call_response
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -76,10 +75,7 @@ class GuestSession:
         try:
             if instance.features & _BUFFER_REQUEST:
                 state.check_size(state.body_length)
-            if _call_request is not None:
-                value = _call_request(instance, state, self.inline) & _U64
-            else:
-                value = instance.request_call(state, self.inline) & _U64
+            value = instance.request_call(state, self.inline) & _U64
         except BaseException:
             self.close()
             raise
@@ -95,12 +91,8 @@ class GuestSession:
         instance = self._instance
         if instance is None:
             raise RuntimeError("handle_response without a pinned instance (handle_request did not pass it on)")
-        state = self.state
         try:
-            if _call_response is not None:
-                _call_response(instance, state, self.req_ctx, state.is_error, self.inline)
-            else:
-                instance.handle_response(state, self.req_ctx, state.is_error, self.inline)
+            instance.handle_response(self.state, self.req_ctx, self.state.is_error, self.inline)
         finally:
             self.close()
 
