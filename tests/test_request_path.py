@@ -71,6 +71,50 @@ class GuestSessionTests(SynchronousTestCase):
         stats = guest.pool.stats
         self.assertEqual((stats.in_use, stats.discarded), (0, 1))
 
+    def test_the_pool_s_bookkeeping(self) -> None:
+        """Sessions keep the pool's counts, and a release drops the instances idle past the timeout."""
+        guest = make_guest(PASS_ON, NOOP_RESPONSE)
+        now = [0.0]
+        guest.pool._clock = lambda: now[0]
+        sessions = [guest.session(request_state()) for _ in range(3)]
+        for session in sessions:
+            self.assertTrue(session.handle_request())
+        stats = guest.pool.stats
+        self.assertEqual((stats.created, stats.in_use, stats.peak_in_use, stats.idle), (3, 3, 3, 0))
+        for session in sessions:
+            session.state.enter_response_phase(200)
+            session.handle_response()
+        self.assertEqual((stats.in_use, stats.idle), (0, 3))
+        now[0] = 100.0  # the two instances below the top of the idle stack are past the idle timeout
+        session = guest.session(request_state())
+        session.handle_request()
+        self.assertEqual((stats.in_use, stats.idle), (1, 2))
+        session.state.enter_response_phase(200)
+        session.handle_response()
+        self.assertEqual((stats.in_use, stats.idle, stats.retired, stats.created), (0, 1, 2, 3))
+
+    def test_a_pool_method_of_its_own_is_called(self) -> None:
+        """A pool's acquire or release replaced on the pool itself (as tests do) is what the session calls."""
+        guest = make_guest(PASS_ON, NOOP_RESPONSE)
+        pool = guest.pool
+        calls: list[str] = []
+        acquire, release = pool.acquire, pool.release
+
+        def own_acquire() -> Any:
+            calls.append("acquire")
+            return acquire()
+
+        def own_release(instance: Any) -> None:
+            calls.append("release")
+            release(instance)
+
+        pool.acquire, pool.release = own_acquire, own_release  # type: ignore[method-assign]
+        session = guest.session(request_state())
+        session.handle_request()
+        session.state.enter_response_phase(200)
+        session.handle_response()
+        self.assertEqual(calls, ["acquire", "release"])
+
     def test_handle_response_gets_what_handle_request_returned(self) -> None:
         """The high 32 bits of handle_request's result reach handle_response as its req_ctx, with is_error."""
         guest = make_guest(
