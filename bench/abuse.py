@@ -55,9 +55,7 @@ from pathlib import Path
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from bench.run import HOST, child_env, free_port, stop, twistd
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.launch import HOST, free_port, start_twistd, stop, wait_listening
 
 SPIN_GUEST = """\
 (module
@@ -307,8 +305,7 @@ async def _buffered(port: int, clients: int, pid: int) -> None:
 def _serve(
     guest: Path, port: int, extra: list[str], downstream: str = "bench.downstream.Hello", limit_files: bool = False
 ) -> subprocess.Popen[bytes]:
-    command = [
-        *twistd(),
+    args = [
         "-n",
         "--pidfile=",
         "httpwasm",
@@ -322,28 +319,7 @@ def _serve(
         f"tcp:{port}:interface={HOST}",
         *extra,
     ]
-    return subprocess.Popen(
-        command,
-        env=child_env(),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_limit_open_files if limit_files else None,
-    )
-
-
-async def _wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _, writer = await asyncio.open_connection(HOST, port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the server did not listen on {port} within {timeout} s") from None
-            await asyncio.sleep(0.1)
-            continue
-        writer.close()
-        return
+    return start_twistd(args, subprocess.DEVNULL, preexec_fn=_limit_open_files if limit_files else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -363,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         downstream = downstreams.get(args.scenario, "bench.downstream.Hello")
         server = _serve(guest, port, args.server_arg, downstream, limit_files=args.scenario == "slowloris")
         try:
-            asyncio.run(_wait_for_port(port, 30))
+            wait_listening(server, port, 30)
             if args.scenario == "spin":
                 asyncio.run(_spin(port, args.spinners, args.duration))
             elif args.scenario == "slowloris":

@@ -16,17 +16,13 @@ asserted by the tests.
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bench.run import HOST, child_env, free_port, twistd
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.launch import HOST, free_port, start_twistd, stop, wait_listening
 
 FLOOD_GUEST = """\
 (module
@@ -48,16 +44,6 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def wait_port(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((HOST, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"twistd did not listen on {port}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--execution", choices=("thread", "inline"), default="thread")
@@ -71,7 +57,6 @@ def main() -> None:
         logfile = directory / "twistd.log"
         port = free_port()
         command = [
-            *twistd(),
             "-n",
             "--pidfile=",
             f"--logfile={logfile}",
@@ -87,9 +72,9 @@ def main() -> None:
             "--listen",
             f"tcp:{port}:interface={HOST}",
         ]
-        proc = subprocess.Popen(command, env=child_env(), cwd=REPO)
+        proc = start_twistd(command)
         try:
-            wait_port(port, time.monotonic() + 60)
+            wait_listening(proc, port, 60)
             before = rss_kib(proc.pid)
             start = time.monotonic()
             try:
@@ -100,8 +85,7 @@ def main() -> None:
             duration = time.monotonic() - start
             after = rss_kib(proc.pid)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop(proc, 30)
         log_bytes = sum(path.stat().st_size for path in directory.glob("twistd.log*"))
         files = len(list(directory.glob("twistd.log*")))
         dropped = [line for line in logfile.read_text(errors="replace").splitlines() if "dropped" in line]

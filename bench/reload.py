@@ -20,14 +20,13 @@ import argparse
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.abuse import BURST_GUEST, REPO, _request, _rss_mib, _wait_for_port
-from bench.run import HOST, child_env, free_port, stop, twistd
+from bench.abuse import BURST_GUEST, _request, _rss_mib
+from tests.launch import HOST, free_port, start_twistd, stop, wait_listening
 
 
 async def _load(port: int, clients: int, pid: int, guest: Path, duration: float) -> None:
@@ -77,17 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         guest.write_text(BURST_GUEST)
         port = free_port()
         log = Path(directory) / "twistd.log"
-        command = [*twistd(), "-n", "--pidfile=", "httpwasm", "--guest", str(guest), "--class", "bench.abuse.Slow"]
-        with log.open("wb") as output:
-            server = subprocess.Popen(
-                [*command, "--listen", f"tcp:{port}:interface={HOST}", *args.server_arg],
-                env=child_env(),
-                cwd=REPO,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
+        command = ["-n", "--pidfile=", "httpwasm", "--guest", str(guest), "--class", "bench.abuse.Slow"]
+        server = start_twistd([*command, "--listen", f"tcp:{port}:interface={HOST}", *args.server_arg], log)
         try:
-            asyncio.run(_wait_for_port(port, 30))
+            wait_listening(server, port, 30, log)
             asyncio.run(_load(port, args.clients, server.pid, guest, args.duration))
             reloads = [line for line in log.read_text().splitlines() if "reload" in line]
             print("  log: " + ("\n  log: ".join(reloads) or "no reload line"))

@@ -27,8 +27,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,10 +36,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+if not __package__:  # python bench/run.py: the repository root, for tests.launch
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.launch import HOST, child_env, free_port, start_twistd, stop, twistd_command, wait_listening
+
 REPO = Path(__file__).resolve().parent.parent
 GUESTS = REPO / "bench" / "guests"
 DOWNSTREAM = "bench.downstream.Hello"
-HOST = "127.0.0.1"
 POST_BODY_SIZE = 4096
 
 READY_TIMEOUT = 30.0  # seconds for a server to accept connections
@@ -193,35 +195,6 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def child_env() -> dict[str, str]:
-    """The environment of every twistd child: the repository root on PYTHONPATH."""
-    env = dict(os.environ)
-    parts = [str(REPO)]
-    if env.get("PYTHONPATH"):
-        parts.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(parts)
-    return env
-
-
-def twistd() -> list[str]:
-    """twistd with this very interpreter (so versions match what is reported).
-
-    ``python -m twisted`` is ``twist``, not ``twistd``: call twistd's entry point.
-    """
-    return [
-        sys.executable,
-        "-c",
-        "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
-    ]
-
-
 def ensure_wrk() -> str:
     found = shutil.which("wrk")
     if found:
@@ -248,7 +221,7 @@ def plugin_available() -> bool:
     """True when ``twistd --help`` lists the httpwasm plugin."""
     try:
         done = subprocess.run(
-            [*twistd(), "--help"],
+            twistd_command("--help"),
             env=child_env(),
             cwd=REPO,
             capture_output=True,
@@ -306,7 +279,6 @@ def server_command(side: str, scenario: Scenario, mode: str, port: int) -> list[
     listen = f"tcp:{port}:interface={HOST}"
     if side == "plain":
         return [
-            *twistd(),
             "-n",
             "--pidfile=",
             "web",
@@ -316,7 +288,6 @@ def server_command(side: str, scenario: Scenario, mode: str, port: int) -> list[
             DOWNSTREAM,
         ]
     command = [
-        *twistd(),
         "-n",
         "--pidfile=",
         "httpwasm",
@@ -329,54 +300,15 @@ def server_command(side: str, scenario: Scenario, mode: str, port: int) -> list[
     return command
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    """Poll connect() until the port accepts, the process dies, or READY_TIMEOUT."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening; log:\n{tail(log_path)}")
-        try:
-            with socket.create_connection((HOST, port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"server not accepting on {HOST}:{port} after {READY_TIMEOUT}s; log:\n{tail(log_path)}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        log(f"server pid {proc.pid} ignored SIGTERM for {STOP_TIMEOUT}s; killing it")
-        proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT)
-
-
 @contextlib.contextmanager
-def server(command: Sequence[str], port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            list(command),
-            cwd=REPO,
-            env=child_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+def server(args: Sequence[str], port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``twistd ARGS`` (:func:`tests.launch.start_twistd`), once it accepts connections; stopped afterwards."""
+    proc = start_twistd(args, log_path)
     try:
-        wait_ready(proc, port, log_path)
+        wait_listening(proc, port, READY_TIMEOUT, log_path)
         yield proc
     finally:
-        stop(proc)
+        stop(proc, STOP_TIMEOUT)
 
 
 def probe(port: int, scenario: Scenario, side: str) -> None:

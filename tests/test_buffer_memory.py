@@ -35,14 +35,19 @@ CHUNK = b"x" * 256 * 1024
 
 
 class SlowBody(Resource):
-    """Writes one chunk at once and then one every few milliseconds, ``chunks`` in all."""
+    """Writes one chunk at once and then one every few milliseconds, ``chunks`` in all.
+
+    With ``together``, the chunks after the first wait until that many requests have arrived, so
+    that their bodies overlap however late the scheduler lets the later ones in.
+    """
 
     isLeaf = True
 
-    def __init__(self, chunks: int, every: float = 0.005):
+    def __init__(self, chunks: int, every: float = 0.005, together: int = 1):
         super().__init__()
         self.chunks = chunks
         self.every = every
+        self.together = together
         self.requests: list[weakref.ref[Any]] = []
         self.started: Deferred[None] = Deferred()
         self.ended: Deferred[None] = Deferred()
@@ -60,6 +65,9 @@ class SlowBody(Resource):
             request.finish()
             if not self.ended.called:
                 self.ended.callback(None)
+            return
+        if left < self.chunks and len(self.requests) < self.together:
+            reactor.callLater(self.every, self._write, request, left)
             return
         request.write(CHUNK)
         reactor.callLater(self.every, self._write, request, left - 1)
@@ -154,7 +162,7 @@ class BufferBudgetTests(ServerTestCase):
         answered, the other gets 503 with Retry-After; afterwards nothing is held."""
         budget = BufferBudget(1024 * 1024)
         guest = make_guest(BUFFERING, execution=Execution.INLINE)
-        resource = GuestResource(guest, SlowBody(chunks=3), buffer_budget=budget)
+        resource = GuestResource(guest, SlowBody(chunks=3, together=2), buffer_budget=budget)
         url = self.serve(resource)
         first = self.fetch("GET", url + "/")
         second = self.fetch("GET", url + "/")

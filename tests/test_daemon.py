@@ -20,8 +20,9 @@ from typing import Any
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
 
+from .launch import REPO_ROOT, child_env, start_twistd
 from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, poll
-from .test_twistd import DEADLINE, REPO_ROOT, TWISTD, accepts_connections, free_port
+from .test_twistd import DEADLINE, accepts_connections, free_port
 from .test_workers import alive
 
 #: Answers ``x-guest: seen`` on every response; loops forever on ``/loop...`` (first URI byte after / is 'l').
@@ -69,17 +70,9 @@ class Daemon:
         self.pidfile = os.path.join(directory, "twistd.pid")
         self.logfile = os.path.join(directory, "twistd.log")
         self.output_path = os.path.join(directory, "launcher.out")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        with open(self.output_path, "wb") as output:
-            self.launcher = subprocess.Popen(
-                [sys.executable, "-c", TWISTD, f"--pidfile={self.pidfile}", f"--logfile={self.logfile}", *args],
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
+        self.launcher = start_twistd(
+            [f"--pidfile={self.pidfile}", f"--logfile={self.logfile}", *args], self.output_path
+        )
 
     @property
     def pid(self) -> int | None:
@@ -323,9 +316,7 @@ class ForkTests(TempFilesMixin, ServerTestCase):
 
     @inlineCallbacks
     def run_script(self, script: str, *args: str) -> Generator[Any, Any, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        env["TWISTED_HTTPWASM_CACHE"] = self.mktemp()  # an empty compile cache: the guests are compiled here
+        env = child_env(TWISTED_HTTPWASM_CACHE=self.mktemp())  # an empty compile cache: the guests are compiled here
         output_path = self.mktemp()
         with open(output_path, "wb") as output:
             process = subprocess.Popen(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,6 +25,7 @@ from twisted.web.static import File
 
 from twisted_httpwasm import Execution, Guest, GuestLoadError
 
+from .launch import child_env
 from .support import (
     EXAMPLES,
     ROOT,
@@ -469,7 +469,7 @@ class EmbeddingTests(ServerTestCase):
     def run_script(self, name: str, *args: str) -> Any:
         """Start ``python examples/<name>.py --port 0 ...``; its URL once it listens."""
         protocol = _FirstLine()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env = child_env()
         process = reactor.spawnProcess(
             protocol,
             sys.executable,

@@ -36,12 +36,12 @@ class GuestLoaderTests(TempFilesMixin, TestCase):
         first, second = self.guest_file(HANDLE_REQUEST, NOOP_RESPONSE), self.guest_file(HANDLE_REQUEST, NOOP_RESPONSE)
         config_file = Path(self.mktemp())
         config_file.write_bytes(b"from the file")
-        loader = GuestLoader.from_options(
+        loader = GuestLoader.from_config(
             self.options(
                 "--guest", first, "--guest-config", "inline",
                 "--guest", second, "--guest-config-file", str(config_file),
                 "--guest-timeout", "2.5", "--execution", "inline", "--guest-max-requests", "7",
-            )
+            ).config()
         )  # fmt: skip
         at_startup = loader.at_startup()
         self.assertEqual([guest.config for guest in at_startup], [b"inline", b"from the file"])
@@ -59,7 +59,9 @@ class GuestLoaderTests(TempFilesMixin, TestCase):
         path = self.guest_file(HANDLE_REQUEST, NOOP_RESPONSE)
         config_file = Path(self.mktemp())
         config_file.write_bytes(b"x")
-        loader = GuestLoader.from_options(self.options("--guest", path, "--guest-config-file", str(config_file)))
+        loader = GuestLoader.from_config(
+            self.options("--guest", path, "--guest-config-file", str(config_file)).config()
+        )
         config_file.unlink()
         with self.assertRaises(ReloadError) as raised:
             yield loader.reload()

@@ -11,7 +11,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_httpwasm import Guest, GuestLoadError
-from twisted_httpwasm.service.tap import Options, _load_guests
+from twisted_httpwasm.service.guest_loader import GuestLoader
+from twisted_httpwasm.service.tap import Options
 
 from .support import EXAMPLES, TempFilesMixin
 from .test_twistd import TwistdTestCase
@@ -86,7 +87,7 @@ class GuestLoadErrorTests(TempFilesMixin, SynchronousTestCase):
         config = Options()
         config.parseOptions(["--guest", AUTH, "--path", "."])
         with self.assertRaises(SystemExit) as caught:
-            _load_guests(config)
+            GuestLoader.from_config(config.config()).at_startup()
         message = str(caught.exception.code)
         self.assertIn(f"--guest {AUTH}: guest 'auth' failed to initialise", message)
         self.assertIn("the guest logged:", message)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -17,12 +14,10 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.web.resource import Resource
 
+from .launch import REPO_ROOT, TWISTD, free_port, start_twistd
 from .support import NOOP_RESPONSE, ServerTestCase, TempFilesMixin, poll
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-#: Runs twistd in this interpreter; argv[0] makes its messages say "twistd".
-TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+__all__ = ["REPO_ROOT", "TWISTD", "Twistd", "TwistdTestCase", "accepts_connections", "free_port"]
 
 #: How long twistd may take to start listening, or to exit.
 DEADLINE = 60.0
@@ -83,30 +78,12 @@ class Backend(Resource):
         return b"backend saw %s %s host=%s guest=%s" % (request.method, request.uri, host, guest_mark)
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class Twistd:
-    """One ``twistd -n httpwasm ...`` subprocess, its output collected in a file."""
+    """One ``twistd -n httpwasm ...`` subprocess (:func:`tests.launch.start_twistd`), its output collected in a file."""
 
     def __init__(self, args: list[str], output_path: str):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.output_path = output_path
-        with open(output_path, "wb") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "httpwasm", *args],
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = start_twistd(["-n", "--pidfile=", "httpwasm", *args], output_path)
 
     def output(self) -> str:
         return Path(self.output_path).read_text(errors="replace")

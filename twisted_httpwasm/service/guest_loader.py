@@ -1,9 +1,10 @@
 """The one loader of the ``--guest`` chain: at startup, at each reload, in each worker process.
 
-:class:`GuestLoader` is made from the parsed options (:meth:`GuestLoader.from_options`):
-the guests in command-line order, each with the options attached to it
-(``--guest-config``/``--guest-config-file``, ``--guest-sha256``), and the
-:class:`GuestSettings` every guest of the chain gets.  It loads the whole chain
+:class:`GuestLoader` is made from the typed configuration (:meth:`GuestLoader.from_config`,
+:class:`~twisted_httpwasm.service.config.HostConfig`): its ``guests``, in command-line
+order, each a :class:`~twisted_httpwasm.service.config.GuestEntry` with the options
+attached to it (``--guest-config``/``--guest-config-file``, ``--guest-sha256``,
+``--guest-name``), and the :class:`GuestSettings` every guest of the chain gets.  It loads the whole chain
 the same way whenever it is asked; only how a remote guest is fetched (blocking
 before the reactor runs, asynchronously while it serves) and how a failure is
 reported (``twistd`` exits with the reason; a reload keeps the running guests)
@@ -13,53 +14,15 @@ depend on when.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet import defer
 
-from ..abi import LogLevel
-from ..runtime.calllog import LogLimit
-from ..runtime.guest import Execution, Guest, GuestLoadError, Mount
+from ..runtime.guest import Guest, GuestLoadError
 from . import goconfig, sources, traefik
+from .config import GuestEntry, GuestSettings, HostConfig
 from .reload import ReloadError
 
 __all__ = ["Fetches", "GuestLoader", "GuestSettings"]
-
-
-@dataclass(frozen=True)
-class GuestSettings:
-    """What every guest of the chain is loaded with (the options that are not attached to one ``--guest``)."""
-
-    log_level: LogLevel
-    execution: Execution
-    timeout: float
-    memory_limit: int
-    max_buffer_bytes: int
-    env: tuple[tuple[str, str], ...]
-    mounts: tuple[Mount, ...]
-    log_limit: LogLimit
-    max_requests: int | None
-    max_age: float | None
-    fetch_timeout: float
-    fetch_max_size: int
-
-    @classmethod
-    def from_options(cls, config: Any) -> GuestSettings:
-        return cls(
-            log_level=config["log-level"],
-            execution=config["execution"],
-            timeout=config["guest-timeout"],
-            memory_limit=config["guest-memory-limit"],
-            max_buffer_bytes=config["max-buffer-bytes"],
-            env=tuple(config["guest-env"]),
-            mounts=tuple(config["guest-mounts"]),
-            log_limit=config["guest-log-limit"],
-            max_requests=config["guest-max-requests"],
-            max_age=config["guest-max-age"],
-            fetch_timeout=config["guest-fetch-timeout"],
-            fetch_max_size=config["guest-fetch-max-size"],
-        )
 
 
 class _Failed(Exception):
@@ -84,38 +47,28 @@ class Fetches:
 
 
 class GuestLoader:
-    """Loads the chain of ``entries`` (the options' ``guests``, outermost first) with ``settings``.
+    """Loads the chain of ``guests`` (outermost first) with ``settings``.
 
-    ``sha256`` and ``config_files`` map an entry's index to its ``--guest-sha256``
-    and ``--guest-config-file`` (read again at each reload).
+    Each entry's ``config_file`` (``--guest-config-file``) is read again at each reload.
     """
 
-    def __init__(
-        self,
-        entries: Sequence[Mapping[str, Any]],
-        settings: GuestSettings,
-        sha256: Mapping[int, str],
-        config_files: Mapping[int, str],
-    ):
-        self.entries = list(entries)
+    def __init__(self, guests: Sequence[GuestEntry], settings: GuestSettings):
+        self.guests = tuple(guests)
         self.settings = settings
-        self.sha256 = dict(sha256)
-        self.config_files = dict(config_files)
         self.fetches = Fetches()
 
     @classmethod
-    def from_options(cls, config: Any) -> GuestLoader:
-        return cls(
-            config["guests"], GuestSettings.from_options(config), config["guest-sha256"], config["guest-config-files"]
-        )
+    def from_config(cls, config: HostConfig) -> GuestLoader:
+        """The loader of ``config.guests`` with ``config.guest_settings``."""
+        return cls(config.guests, config.guest_settings)
 
     def watched_files(self) -> list[str]:
         """The local files a reload reads again: every local ``--guest`` and ``--guest-config-file``."""
-        local = [entry["path"] for entry in self.entries if not sources.is_remote(entry["path"])]
+        local = [entry.path for entry in self.guests if not sources.is_remote(entry.path)]
         # A Traefik plugin directory: its manifest and module too.
-        return [path for location in local for path in traefik.watched_paths(location)] + list(
-            self.config_files.values()
-        )
+        return [path for location in local for path in traefik.watched_paths(location)] + [
+            entry.config_file for entry in self.guests if entry.config_file is not None
+        ]
 
     # -- one guest, and the chain ---------------------------------------------------
 
@@ -124,9 +77,9 @@ class GuestLoader:
 
         ``fetched``: the bytes of a remote guest (``https://...``).
         """
-        entry, settings = self.entries[index], self.settings
+        entry, settings = self.guests[index], self.settings
         # A Traefik plugin (directory or zip) gives its module, displayName and maybe testData; others pass through.
-        chosen = traefik.guest_source(dict(entry), guest_config, self.sha256.get(index), fetched)
+        chosen = traefik.guest_source(entry.source_entry(), guest_config, entry.sha256, fetched)
         return Guest(
             chosen.source,
             name=chosen.name,
@@ -150,33 +103,33 @@ class GuestLoader:
         ``reread_config``: read each ``--guest-config-file`` again (a reload), else use what the options read.
         """
         guests = []
-        for index, entry in enumerate(self.entries):
-            guest_config = entry["config"]
-            config_file = self.config_files.get(index) if reread_config else None
+        for index, entry in enumerate(self.guests):
+            guest_config = entry.config
+            config_file = entry.config_file if reread_config else None
             if config_file is not None:
                 try:
                     guest_config = goconfig.read_config_file(config_file)
                 except (OSError, goconfig.ConfigError) as error:
-                    raise _Failed(entry["path"], error, config_file) from None
+                    raise _Failed(entry.path, error, config_file) from None
             try:
                 guests.append(self.load(index, guest_config, fetched.get(index)))
             except GuestLoadError as error:
-                raise _Failed(entry["path"], error) from None
+                raise _Failed(entry.path, error) from None
         return guests
 
     def _fetch_blocking(self) -> dict[int, sources.FetchedGuest]:
         fetched = {}
-        for index, entry in enumerate(self.entries):
-            if sources.is_remote(entry["path"]):
+        for index, entry in enumerate(self.guests):
+            if sources.is_remote(entry.path):
                 try:
                     fetched[index] = sources.resolve_blocking(
-                        entry["path"],
-                        self.sha256.get(index),
+                        entry.path,
+                        entry.sha256,
                         self.settings.fetch_timeout,
                         max_bytes=self.settings.fetch_max_size,
                     )
                 except sources.SourceError as error:
-                    raise _Failed(entry["path"], error) from None
+                    raise _Failed(entry.path, error) from None
         return fetched
 
     # -- when -------------------------------------------------------------------------
@@ -206,11 +159,11 @@ class GuestLoader:
 
     async def _reload(self) -> Sequence[Guest]:
         fetched: dict[int, sources.FetchedGuest] = {}
-        for index, entry in enumerate(self.entries):
-            if sources.is_remote(entry["path"]):
+        for index, entry in enumerate(self.guests):
+            if sources.is_remote(entry.path):
                 fetch = sources.resolve(
-                    entry["path"],
-                    self.sha256.get(index),
+                    entry.path,
+                    entry.sha256,
                     self.settings.fetch_timeout,
                     max_bytes=self.settings.fetch_max_size,
                 )
@@ -218,7 +171,7 @@ class GuestLoader:
                 try:
                     fetched[index] = await fetch
                 except sources.SourceError as error:
-                    raise ReloadError(f"--guest {entry['path']}: {error}") from None
+                    raise ReloadError(f"--guest {entry.path}: {error}") from None
                 finally:
                     self.fetches.running.discard(fetch)
         from twisted.internet import reactor, threads

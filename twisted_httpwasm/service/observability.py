@@ -22,8 +22,17 @@ from twisted.python import usage
 from ..web import metrics as _metrics
 from ..web import tracing as _tracing
 from ..web.access_log import RequestLog
+from .config import LOG_FORMATS, HostConfig
 
-__all__ = ["MetricsSyncService", "check_metrics_option", "observe_site", "prepare_processes", "serve_metrics"]
+__all__ = [
+    "MetricsSyncService",
+    "check_metrics_option",
+    "log_format_option",
+    "observe_site",
+    "prepare_processes",
+    "serve_metrics",
+    "start_log_format",
+]
 
 _log = Logger(namespace="httpwasm")
 
@@ -44,13 +53,15 @@ def check_metrics_option(description: str) -> str:
     return description
 
 
-LOG_FORMATS = ("text", "json")
-
-
-def set_log_format(options: Any, log_format: str) -> str:
-    """``--log-format text|json``: json makes twistd log JSON lines (where ``--logfile`` says, as twistd would)."""
+def log_format_option(log_format: str) -> str:
+    """``--log-format text|json``: one of :data:`~twisted_httpwasm.service.config.LOG_FORMATS`."""
     if log_format not in LOG_FORMATS:
         raise usage.UsageError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+    return log_format
+
+
+def start_log_format(options: Any, log_format: str) -> None:
+    """``--log-format json`` under twistd makes it log JSON lines (where ``--logfile`` says, as twistd would)."""
     twistd = getattr(options, "parent", None)
     if log_format == "json" and twistd is not None:
         from . import jsonlog
@@ -58,7 +69,6 @@ def set_log_format(options: Any, log_format: str) -> str:
         # twistd imports its --logger (a name) once this command line was parsed, and calls it to start logging.
         jsonlog.configure(twistd.get("logfile"), bool(twistd.get("nodaemon")))
         twistd["logger"] = "twisted_httpwasm.service.jsonlog.twistd_observer"
-    return log_format
 
 
 def check_otel_option() -> None:
@@ -120,7 +130,7 @@ def _running(pid: int) -> bool:
     return True
 
 
-def prepare_processes(config: Any, top: service.MultiService) -> None:
+def prepare_processes(config: HostConfig, top: service.MultiService) -> None:
     """``--metrics`` with ``--workers N``: prometheus_client's multiprocess mode for every process.
 
     Must run before prometheus_client is imported (it chooses its mode then):
@@ -129,35 +139,36 @@ def prepare_processes(config: Any, top: service.MultiService) -> None:
     process was killed (:func:`remove_stale_metrics_dirs`).  An operator's own
     ``PROMETHEUS_MULTIPROC_DIR`` is used as it is.
     """
-    if not config["metrics"]:
+    if not config.observability.metrics:
         return
     remove_stale_metrics_dirs()
-    if config["workers"] <= 1 or _metrics.multiprocess_dir() is not None:
+    if config.workers.count <= 1 or _metrics.multiprocess_dir() is not None:
         return
     directory = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     _RemoveDirectory(directory).setServiceParent(top)  # type: ignore[no-untyped-call]
 
 
-def observe_site(config: Any, site: Any, guests: list[Any], parent: service.MultiService) -> None:
+def observe_site(config: HostConfig, site: Any, guests: list[Any], parent: service.MultiService) -> None:
     """Watch ``guests`` for ``--metrics`` and ``--otel`` (in every process: the main one and each worker)."""
-    if config["metrics"]:
+    wanted = config.observability
+    if wanted.metrics:
         metrics = _metrics.GuestMetrics()
         for guest in guests:
             metrics.watch(guest)
         site.guest_metrics = metrics
         MetricsSyncService(metrics).setServiceParent(parent)  # type: ignore[no-untyped-call]
-    if config["log-format"] == "json":
+    if wanted.log_format == "json":
         request_log = RequestLog()
         for guest in guests:
             request_log.watch(guest)
         request_log.install(site)
-    if config["otel"] or _tracing.enabled_by_environment():
+    if wanted.otel or _tracing.enabled_by_environment():
         tracing = _tracing.GuestTracing()
         for guest in guests:
             tracing.watch(guest)
         tracing.install(site)
-        flush_timeout = min(config["shutdown-timeout"], _tracing.DEFAULT_FLUSH_TIMEOUT)
+        flush_timeout = min(config.shutdown_timeout, _tracing.DEFAULT_FLUSH_TIMEOUT)
         _tracing.TracingService(tracing, site, flush_timeout).setServiceParent(parent)  # type: ignore[no-untyped-call]
     elif _tracing.asked_by_environment():
         _log.warn("httpwasm: OTEL_* variables ask for traces, but {refusal}", refusal=_tracing.ENVIRONMENT_HINT)
@@ -181,24 +192,24 @@ def _where(description: str) -> str:
     return f" (interface {endpoint.interface}, port {endpoint.port})"
 
 
-def serve_metrics(config: Any, site: Any, top: service.MultiService) -> None:
+def serve_metrics(config: HostConfig, site: Any, top: service.MultiService) -> None:
     """Serve ``/metrics`` on ``--metrics ENDPOINT`` (main process only); the demo says how to."""
-    description = config["metrics"]
+    description = config.observability.metrics
     if description:
         # The main site's connection deadlines: idle or slow scrapers cannot pile up and take every descriptor.
         metrics_site = _metrics.metrics_site(
-            site.guest_metrics, idle_timeout=config["idle-timeout"], header_timeout=config["header-timeout"]
+            site.guest_metrics, idle_timeout=config.limits.idle_timeout, header_timeout=config.limits.header_timeout
         )
         endpoint = strports.service(description, metrics_site)  # type: ignore[arg-type]
         endpoint.setServiceParent(top)  # type: ignore[no-untyped-call]
-        mode = " (summed over every process)" if config["workers"] > 1 else ""
+        mode = " (summed over every process)" if config.workers.count > 1 else ""
         _log.info(
             "httpwasm: Prometheus metrics on {endpoint}{where} at /metrics{mode}",
             endpoint=description,
             where=_where(description),
             mode=mode,
         )
-    elif config["demo"] and _metrics.available():
+    elif config.downstream.demo and _metrics.available():
         _log.info(
             "httpwasm demo: for Prometheus metrics per guest, add --metrics {endpoint} (then curl {url})",
             endpoint=DEMO_METRICS,

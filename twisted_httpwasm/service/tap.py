@@ -4,7 +4,9 @@ The options extend ``twistd web``'s (:class:`twisted.web.tap.Options`): the
 downstream resource (``--path``, ``--class``, ``--wsgi``, ``--resource-script``)
 and the endpoints (``--listen``) mean exactly what they mean there.  The guest
 options, ``--proxy`` (a reverse-proxy downstream) and ``--workers`` are added on
-top.  :func:`makeService` loads the guests, puts them in front of the
+top.  Parsed, they make one typed configuration
+(:class:`~twisted_httpwasm.service.config.HostConfig`, :meth:`Options.config`);
+:func:`makeService` reads it, loads the guests, puts them in front of the
 downstream and listens on every endpoint.  Without a guest and a downstream it
 serves the bundled demo (:mod:`twisted_httpwasm.web.demo`).
 """
@@ -58,6 +60,7 @@ from ..web.site import (
 from ..web.wsgi import UnderscoreHeaderGuard
 from . import coercers, goconfig, observability, sources, traefik
 from .coercers import parse_size
+from .config import ConfigError, HostConfig, no_guest_reason
 from .guest_loader import GuestLoader
 from .reload import RELOAD_SERVICE, GuestReloader, HangupService, WatchService
 from .stopping import DrainService
@@ -71,7 +74,7 @@ from .twisted_internals import (
 )
 from .workers import TCPListen, WorkersService
 
-__all__ = ["DEMO_LISTEN", "Options", "makeService", "make_site", "parse_size"]
+__all__ = ["DEMO_LISTEN", "HostConfig", "Options", "makeService", "make_site", "parse_size"]
 
 _log = Logger(namespace="httpwasm")
 
@@ -117,6 +120,8 @@ class Options(web_tap.Options):
     true when neither a guest nor a downstream was given: the bundled demo
     guest and page are served.  ``argv`` and ``cwd`` are the command line and
     the working directory it was parsed in, which worker processes re-run.
+    Once parsed, they make the typed configuration everything after them reads
+    (:meth:`config`, a :class:`~twisted_httpwasm.service.config.HostConfig`).
     """
 
     synopsis = (
@@ -215,6 +220,13 @@ then are cut and logged. twistd then exits with status 0.
         ["shutdown-timeout", None, f"{DEFAULT_SHUTDOWN_TIMEOUT:g}",
          "Seconds the requests in flight have to finish on SIGTERM or SIGINT before they are cut.",
          coercers.seconds("--shutdown-timeout", zero=True)],
+        ["metrics", None, None,
+         "Serve Prometheus metrics per guest at /metrics on this endpoint (strports, e.g. "
+         "tcp:9100:interface=127.0.0.1); with --workers, summed over every process. Needs the metrics extra.",
+         observability.check_metrics_option],
+        ["log-format", None, "text",
+         "text, or json: JSON lines with request_id, guest, phase, outcome fields, one event per request and guest.",
+         observability.log_format_option],
     ]  # fmt: skip
 
     optFlags: list[Any] = [
@@ -224,6 +236,9 @@ then are cut and logged. twistd then exits with status 0.
          "Pass request headers with _ in their names to --wsgi. [default: dropped: WSGI reads X_User as X-User]"],
         ["proxy-trust-forwarded", None,
          "With --proxy: clients are proxies you trust; keep their Forwarded, X-Forwarded-*, X-Real-IP and append."],
+        ["otel", None,
+         "OpenTelemetry traces: a server span per request, spans per guest call, exported with OTLP "
+         "(OTEL_EXPORTER_OTLP_* configure it; any of them enables tracing too). Needs the otel extra."],
     ]  # fmt: skip
 
     def __init__(self) -> None:
@@ -239,11 +254,9 @@ then are cut and logged. twistd then exits with status 0.
         #: By --guest index: the --guest-sha256 and --guest-config-file given for it.
         self["guest-sha256"] = {}
         self["guest-config-files"] = {}
-        self["metrics"] = None
-        self["otel"] = False
-        self["log-format"] = "text"
         self._configured_guests: set[int] = set()
         self._refused = False
+        self._config: HostConfig | None = None
         self.argv: list[str] = []
         self.cwd = os.getcwd()
         _drop_twistd_collisions(self)
@@ -421,25 +434,6 @@ then are cut and logged. twistd then exits with status 0.
         except ValueError as error:
             raise usage.UsageError(f"--proxy {url}: {error}") from None
 
-    def opt_metrics(self, description: str) -> None:
-        """Serve Prometheus metrics per guest at /metrics on this endpoint (strports, e.g.
-        tcp:9100:interface=127.0.0.1); with --workers, summed over every process. Needs the metrics extra.
-        """
-        self["metrics"] = observability.check_metrics_option(description)
-
-    def opt_otel(self) -> None:
-        """OpenTelemetry traces: a server span per request, spans per guest call, exported with OTLP
-        (OTEL_EXPORTER_OTLP_* configure it; any of them enables tracing too). Needs the otel extra.
-        """
-        observability.check_otel_option()
-        self["otel"] = True
-
-    def opt_log_format(self, log_format: str) -> None:
-        """text, or json: JSON lines with request_id, guest, phase, outcome fields, one event per request and
-        guest. [default: text]
-        """
-        self["log-format"] = observability.set_log_format(self, log_format)
-
     def opt_listen(self, description: str) -> None:
         """An endpoint to serve on (strports description); repeatable. [default: tcp:8080; for the demo page
         tcp:8080:interface=127.0.0.1]
@@ -457,6 +451,8 @@ then are cut and logged. twistd then exits with status 0.
         """Fill in the demo defaults; check that the guests, the downstream and the endpoints are usable."""
         if self["personal"]:
             raise usage.UsageError("--personal is not supported: httpwasm serves HTTP, not a PB resource publisher")
+        if self["otel"]:
+            observability.check_otel_option()
         if self["downstream"] is None:
             if self["guests"]:
                 self["root"] = DemoPage(demo_guest=False)
@@ -468,12 +464,8 @@ then are cut and logged. twistd then exits with status 0.
             if not (self["ports"] or self["port"] or self["https"]):
                 self["ports"].append(DEMO_LISTEN)
         elif not self["guests"]:
-            raise usage.UsageError(
-                f"give the guest to run in front of {self['downstream']} with --guest PATH "
-                "(without --guest and a downstream, httpwasm serves its demo)"
-            )
+            raise usage.UsageError(no_guest_reason(self["downstream"]))
         web_tap.Options.postOptions(self)
-        self._check_guest_urls()
         self._check_downstream_flags()
         self._check_writable_mounts()
         from twisted.internet import endpoints, reactor
@@ -483,22 +475,19 @@ then are cut and logged. twistd then exits with status 0.
                 endpoints.serverFromString(reactor, description)  # type: ignore[no-untyped-call]
             except (ValueError, TypeError, KeyError, OSError) as error:
                 raise usage.UsageError(f"--listen {description}: not a usable endpoint: {error}") from None
-        if self["workers"] > 1:
-            for description in self["ports"]:
-                if TCPListen.parse(description) is None:
-                    raise usage.UsageError(
-                        f"--workers {self['workers']} shares tcp: and tcp6: endpoints between processes; "
-                        f"--listen {description} is not one"
-                    )
+        observability.start_log_format(self, self["log-format"])
+        try:
+            # Checks what holds the whole configuration together (a plain http:// guest needs its digest,
+            # --workers needs tcp: endpoints), with the same one-line reasons as the options.
+            self._config = HostConfig.from_options(self)
+        except ConfigError as error:
+            raise usage.UsageError(str(error)) from None
 
-    def _check_guest_urls(self) -> None:
-        """A guest fetched over plain http:// must be pinned by its digest (nothing else authenticates it)."""
-        for index, entry in enumerate(self["guests"]):
-            if entry["path"].lower().startswith("http://") and index not in self["guest-sha256"]:
-                raise usage.UsageError(
-                    f"--guest {entry['path']}: a guest fetched over plain http:// needs --guest-sha256 "
-                    "(or use https://)"
-                )
+    def config(self) -> HostConfig:
+        """The typed configuration these options describe, made once they were parsed (:meth:`postOptions`)."""
+        if self._config is None:
+            raise RuntimeError("the options make their configuration when they are parsed: call parseOptions first")
+        return self._config
 
     def _check_downstream_flags(self) -> None:
         """Flags that only mean something for one kind of downstream need that downstream."""
@@ -567,58 +556,63 @@ def _with_twistd_hint(reason: str) -> str:
     )
 
 
-def _load_guests(config: Options) -> list[Guest]:
-    """Every ``--guest``, loaded; a guest that cannot load ends ``twistd`` with its reason (:mod:`.guest_loader`)."""
-    return GuestLoader.from_options(config).at_startup()
+def host_config(config: Options | HostConfig) -> HostConfig:
+    """The typed configuration: ``config`` itself, or the one parsed options made (:meth:`Options.config`)."""
+    return config if isinstance(config, HostConfig) else config.config()
 
 
-def make_site(config: Options, parent: service.MultiService) -> Site:
+def make_site(config: Options | HostConfig, parent: service.MultiService) -> Site:
     """The ``Site`` of ``config``: its guests in front of its downstream.
 
+    ``config`` is a :class:`~twisted_httpwasm.service.config.HostConfig`, or
+    parsed :class:`Options` (their :meth:`~Options.config` is used).
     ``parent`` is the service collection that ``--path`` resources may reach
     (as under ``twistd web``), that closes a ``--proxy`` downstream's
     connections when it stops, and that drains the site's requests in flight
     (``--shutdown-timeout``) when it stops.  Raises :class:`SystemExit` with the reason
     when a guest cannot be loaded.
     """
-    downstream: Any = config["root"]
-    if config["indexes"]:
-        downstream.indexNames = config["indexes"]
+    config = host_config(config)
+    wanted = config.downstream
+    downstream: Any = wanted.resource
+    if wanted.indexes:
+        downstream.indexNames = list(wanted.indexes)
     if isinstance(downstream, static.File):
         downstream.registry.setComponent(interfaces.IServiceCollection, parent)
     if isinstance(downstream, ProxyResource):
         _ClosingService(downstream).setServiceParent(parent)  # type: ignore[no-untyped-call]
-    if isinstance(downstream, WSGIResource) and not config["wsgi-keep-underscore-headers"]:
+    if isinstance(downstream, WSGIResource) and not wanted.keep_underscore_headers:
         downstream = UnderscoreHeaderGuard(downstream)
-    if config["extraHeaders"]:
-        downstream = add_headers_resource(downstream, config["extraHeaders"])
+    if wanted.extra_headers:
+        downstream = add_headers_resource(downstream, list(wanted.extra_headers))
 
     root = downstream
-    loader = GuestLoader.from_options(config)  # the same loader at startup and at each reload
+    loader = GuestLoader.from_config(config)  # the same loader at startup and at each reload
     guests = loader.at_startup()
     resources: list[GuestResource] = []
-    budget = BufferBudget(config["max-buffered-total"])  # one for all guests of this process
+    budget = BufferBudget(config.limits.max_buffered_total)  # one for all guests of this process
     for guest in reversed(guests):
-        root = GuestResource(guest, root, on_guest_error=config["on-guest-error"], buffer_budget=budget)
+        root = GuestResource(guest, root, on_guest_error=config.on_guest_error, buffer_budget=budget)
         resources.insert(0, root)
     # SIGHUP reloads every guest (the service is found by name: RELOAD_SERVICE).
     reloader = GuestReloader(resources, loader.reload, interrupt=loader.fetches.stop)
     HangupService(reloader).setServiceParent(parent)  # type: ignore[no-untyped-call]
-    if config["watch"]:
+    if config.reload.watch:
         WatchService(reloader, loader.watched_files()).setServiceParent(parent)  # type: ignore[no-untyped-call]
 
-    limits = {
-        "max_request_body": _request_body_limit(config, guests),
-        "idle_timeout": config["idle-timeout"],
-        "header_timeout": config["header-timeout"],
-        "max_streams_per_connection": config["max-streams-per-connection"],
+    site = GuestSite(
+        root,
+        max_request_body=_request_body_limit(config, guests),
+        idle_timeout=config.limits.idle_timeout,
+        header_timeout=config.limits.header_timeout,
+        max_streams_per_connection=config.limits.max_streams_per_connection,
         # Instances a burst needed go back once idle (a timer that runs while the site listens).
-        "housekeeping": functools.partial(_retire_idle_instances, reloader),
-    }
-    site = GuestSite(root, logPath=config["logfile"], **limits) if config["logfile"] else GuestSite(root, **limits)
-    if config["display-tracebacks"]:
+        housekeeping=functools.partial(_retire_idle_instances, reloader),
+        **({"logPath": config.listen.logfile} if config.listen.logfile else {}),
+    )
+    if config.listen.display_tracebacks:
         site.displayTracebacks = True
-    DrainService(site, config["shutdown-timeout"]).setServiceParent(parent)  # type: ignore[no-untyped-call]
+    DrainService(site, config.shutdown_timeout).setServiceParent(parent)  # type: ignore[no-untyped-call]
     observability.observe_site(config, site, guests, parent)  # --metrics, --otel
     return site
 
@@ -628,13 +622,13 @@ def _retire_idle_instances(reloader: GuestReloader) -> None:
         guest.pool.retire_idle()
 
 
-def _request_body_limit(config: Options, guests: list[Guest]) -> int | None:
+def _request_body_limit(config: HostConfig, guests: list[Guest]) -> int | None:
     """``--max-request-body``, or ``--max-buffer-bytes`` if smaller and a guest buffers every request body.
 
     A guest that enables buffer_request when it initialises refuses larger
     bodies anyway (413): the site refuses them from the headers, unread.
     """
-    limit: int | None = config["max-request-body"]
+    limit = config.limits.max_request_body
     for guest in guests:
         buffers = bool(guest.features & Feature.BUFFER_REQUEST)
         if buffers and (limit is None or guest.max_buffer_bytes < limit):
@@ -653,62 +647,64 @@ class _ClosingService(service.Service):
         return self.proxy.close()
 
 
-def makeService(config: Options) -> service.MultiService:
+def makeService(config: Options | HostConfig) -> service.MultiService:
     """The guests in front of the downstream, served by one ``Site`` on every ``--listen`` endpoint.
 
+    ``config`` is parsed :class:`Options` (as ``twistd`` passes them), or a
+    :class:`~twisted_httpwasm.service.config.HostConfig` a program made.
     With ``--workers N`` (N > 1) the endpoints are served by this process and
     N-1 worker processes (:class:`~twisted_httpwasm.service.workers.WorkersService`).
     Raises :class:`SystemExit` with the reason when a guest cannot be loaded, or,
     under ``twistd`` (``config.parent`` is its options), when a ``tcp:`` port is taken.
     """
-    if getattr(config, "parent", None) is not None:
+    options, config = config, host_config(config)
+    if getattr(options, "parent", None) is not None:
         # Under twistd, which forks after this: a port in use is one line on the terminal, also for a daemon.
         # (Not for a makeService of a program's own, which binds when it starts its services.)
-        check_ports_free([*config["ports"], *([config["metrics"]] if config["metrics"] else [])])
+        metrics = config.observability.metrics
+        check_ports_free([*config.listen.endpoints, *([metrics] if metrics else [])])
     top = service.MultiService()  # type: ignore[no-untyped-call]
     observability.prepare_processes(config, top)  # before any metric exists: --workers share them
     site = make_site(config, top)
-    workers: int = config["workers"]
+    endpoints = list(config.listen.endpoints)
+    workers = config.workers.count
     if workers > 1:
-        listen = [endpoint for endpoint in map(TCPListen.parse, config["ports"]) if endpoint is not None]
-        shared = WorkersService(
-            site, listen, workers, argv=config.argv, cwd=config.cwd, shutdown_timeout=config["shutdown-timeout"]
-        )
+        shared = WorkersService.from_config(site, config)
         shared.setServiceParent(top)  # type: ignore[no-untyped-call]
         # SIGHUP: this process reloads its guests, then asks every worker to reload theirs.
         reloading: Any = top.getServiceNamed(RELOAD_SERVICE)  # type: ignore[no-untyped-call]
         reloading.reloader.after_reload.append(shared.reload_workers)
-        _WorkersListening(list(config["ports"])).setServiceParent(top)  # type: ignore[no-untyped-call]
+        _WorkersListening(endpoints).setServiceParent(top)  # type: ignore[no-untyped-call]
     else:
-        for description in config["ports"]:
+        for description in endpoints:
             _Listening(description, site).setServiceParent(top)  # type: ignore[no-untyped-call]
 
     observability.serve_metrics(config, site, top)
     processes = f", {workers} processes" if workers > 1 else ""
-    if config["demo"]:
-        url = _url_of(config["ports"][0])
+    if config.downstream.demo:
+        url = _url_of(endpoints[0])
         _log.info(
             "httpwasm demo: guest {guest!r} in front of the demo page on {where}{processes} \u2014 try: {try_it}",
             guest=DEMO_GUEST,
-            where=url or config["ports"][0],
+            where=url or endpoints[0],
             processes=processes,
             try_it=f"curl -i {url}hello" if url else "a request for /hello",
         )
         return top
+    settings = config.guest_settings
     _log.info(
         "httpwasm: {guests} in front of {downstream}, to serve on {endpoints}"
         " (execution {execution}, {calls}, {policy}, guest memory limit {memory}, time limit {timeout} s{processes});"
         " sha256 {digests}",
-        guests=("guest " if len(config["guests"]) == 1 else "guests ")
-        + " -> ".join(e["path"] for e in config["guests"]),
+        guests=("guest " if len(config.guests) == 1 else "guests ") + " -> ".join(e.path for e in config.guests),
         digests=" -> ".join(guest.sha256 for guest in reloading_guests(top)),
-        downstream=config["downstream"],
-        endpoints=", ".join(config["ports"]),
-        execution=config["execution"].value,
+        downstream=config.downstream.description,
+        endpoints=", ".join(endpoints),
+        execution=settings.execution.value,
         calls=accel.describe(),  # which guest-call path serves: the compiled accelerator or pure Python
-        policy=config["on-guest-error"],
-        memory=coercers.format_size(config["guest-memory-limit"]),
-        timeout=config["guest-timeout"],
+        policy=config.on_guest_error,
+        memory=coercers.format_size(settings.memory_limit),
+        timeout=settings.timeout,
         processes=processes,
     )
     return top

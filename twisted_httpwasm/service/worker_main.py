@@ -28,6 +28,7 @@ from twisted.logger import ILogObserver, LogEvent, Logger, globalLogBeginner, js
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from .config import HostConfig
 from .reload import RELOAD_SERVICE, WATCH_SERVICE
 from .stopping import stop_reactor
 from .workers import SPEC_VARIABLE
@@ -121,6 +122,20 @@ class _AdoptedPortsService(service.Service):
         return defer.gatherResults([d for d in stopping if isinstance(d, defer.Deferred)], consumeErrors=True)
 
 
+def worker_config(argv: Sequence[str]) -> HostConfig:
+    """The configuration of the main process, made again from its command line (run from its directory).
+
+    The same options give the same :class:`~twisted_httpwasm.service.config.HostConfig`
+    (the guests, their settings, the limits, the workers' own ``argv`` and ``cwd``);
+    raises ``usage.UsageError`` if they no longer parse (a configuration file went away, say).
+    """
+    from . import tap
+
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options.config()
+
+
 def main() -> None:
     """Run one worker process, as the main process's :class:`WorkersService` describes it in the environment."""
     spec = json.loads(os.environ.pop(SPEC_VARIABLE))
@@ -144,9 +159,8 @@ def main() -> None:
 
     from . import tap
 
-    config = tap.Options()
     try:
-        config.parseOptions(spec["argv"])
+        config = worker_config(spec["argv"])
     except usage.UsageError as error:
         _log.error("httpwasm worker {number}: {error}", number=spec["worker"], error=error)
         raise SystemExit(2) from None
@@ -159,7 +173,7 @@ def main() -> None:
     # SIGHUP from the main process: this worker reloads its guests and says how it went.
     reloading: Any = top.getServiceNamed(RELOAD_SERVICE)  # type: ignore[no-untyped-call]
     reloading.reloader.label = f"httpwasm worker {spec['worker']}"
-    if config["watch"]:
+    if config.reload.watch:
         # The main process watches the files and signals the workers: one reload each, not two.
         watching: Any = top.getServiceNamed(WATCH_SERVICE)  # type: ignore[no-untyped-call]
         watching.disownServiceParent()

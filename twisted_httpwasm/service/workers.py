@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT
+from .config import HostConfig
 from .twisted_internals import tcp_endpoint_address
 
 __all__ = ["TCPListen", "WorkersService"]
@@ -156,6 +157,24 @@ class WorkersService(service.Service):
         self._restarts: dict[int, Any] = {}  # IDelayedCall
         #: Reloads asked of the workers so far; a worker loads the sources of the generation it started at.
         self.generation = 0
+
+    @classmethod
+    def from_config(cls, site: Site, config: HostConfig, *, reactor: Any = None) -> WorkersService:
+        """The service of ``config.workers``: its ``tcp:``/``tcp6:`` endpoints, its command line, its shutdown timeout.
+
+        Each worker process re-runs ``config.workers.argv`` and so makes the same configuration
+        (:func:`~twisted_httpwasm.service.worker_main.worker_config`).
+        """
+        listen = [endpoint for endpoint in map(TCPListen.parse, config.listen.endpoints) if endpoint is not None]
+        return cls(
+            site,
+            listen,
+            config.workers.count,
+            argv=config.workers.argv,
+            cwd=config.workers.cwd,
+            reactor=reactor,
+            shutdown_timeout=config.shutdown_timeout,
+        )
 
     def _bind(self) -> None:
         if self.sockets:
