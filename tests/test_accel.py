@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from twisted_httpwasm.abi import LogLevel
-from twisted_httpwasm.runtime import accel
+from twisted_httpwasm.runtime import accel, engine, native
 from twisted_httpwasm.runtime.calllog import LogLimit
 from twisted_httpwasm.runtime.guest import Guest, GuestTrap
 
@@ -76,6 +76,49 @@ def outcome(
         state.response_headers.items(),
         [(event.get("text"), event["log_level"].name) for event in events if "text" in event],
         [event.get("summary") for event in events if "summary" in event],
+    )
+
+
+def session_outcome(path: Any, statements: list[str] = MIXED, **options: Any) -> tuple[Any, ...]:
+    """As :func:`outcome`, through the request's session (the compiled fast call when ``path`` is the accelerator).
+
+    Both calls run: ``handle_request`` runs ``statements`` and passes the request on, ``handle_response``
+    runs them again in the response phase.
+    """
+    saved = accel.module
+    accel.module = path
+    try:
+        loaded = guest(request=statements, response=statements, next=True, inputs=INPUTS, **options)
+    finally:
+        accel.module = saved
+    if not engine.serving:  # the fast call serves once the serving clock runs (the first call starts it)
+        engine.serve_time_limits()
+    events: list[dict[str, Any]] = []
+    loaded.log = Logger(namespace="httpwasm.test", observer=events.append)
+    instance = loaded.pool.acquire()
+    loaded.pool.release(instance)  # the session takes it again: the most recently returned is lent first
+    state = request_state(uri=b"/p?q=1", headers=[(b"User-Agent", b"ua/1"), (b"user-agent", b"ua/2")])
+    session = loaded.session(state, inline=True)
+    traps = []
+    try:
+        session.handle_request()
+        traps.append(None)
+        state.enter_response_phase(200)
+        session.handle_response()
+        traps.append(None)
+    except GuestTrap as error:
+        traps.append(error.reason)
+    return (
+        traps,
+        [stored(instance, slot) for slot in range(7)],
+        instance.memory.read(BUF, 320),
+        state.features,
+        state.response_headers.items(),
+        [(event.get("text"), event["log_level"].name) for event in events if "text" in event],
+        [event.get("summary") for event in events if "summary" in event],
+        instance.state,
+        native.current.target,
+        instance.trapped,
     )
 
 
@@ -135,6 +178,66 @@ class SamePathsTests(AcceleratedTestCase):
         )
         self.assertEqual(fast, pure)
         self.assertIn("add_header_value: headers of 24 bytes exceeds the limit of 20", fast[0])
+
+
+class FastCallTests(AcceleratedTestCase):
+    """The session's calls through the compiled fast call (``_accel.call_request``/``call_response``)."""
+
+    def test_the_same_as_the_pure_path(self) -> None:
+        """Both calls of a request, switching to Python midway, come out as on the pure path, and leave nothing set."""
+        limit = LogLimit(messages=2, bytes=1024)
+        for options in ({}, {"log_limit": limit}):
+            fast, pure = session_outcome(accel.compiled, **options), session_outcome(None, **options)
+            self.assertEqual(fast, pure)
+            self.assertEqual(fast[0], [None, None])
+            self.assertEqual(fast[7:9], (None, None))  # instance.state, native.current.target
+
+    def test_traps_give_the_same_reason(self) -> None:
+        """A trap in C's part, in Python's part, or at the time limit: the pure path's reason, the instance retired."""
+        for statements in (
+            [call("log", 0, NAME, 3), call("add_header_value", RESPONSE, NAME, 3, PAGE - 1, 2)],
+            [call("get_uri", PAGE - 2, 64)],
+            [call("get_protocol_version", PAGE - 2, 64)],
+            ["(unreachable)"],
+        ):
+            fast, pure = session_outcome(accel.compiled, statements), session_outcome(None, statements)
+            self.assertEqual(fast, pure, statements)
+            self.assertIsNotNone(fast[0][-1])
+            self.assertTrue(fast[-1])
+        fast = session_outcome(accel.compiled, ["(loop $spin (br $spin))"], timeout=0.05)
+        pure = session_outcome(None, ["(loop $spin (br $spin))"], timeout=0.05)
+        self.assertEqual(fast, pure)
+        self.assertEqual(fast[0], ["guest exceeded its time limit of 0.05 s"])
+
+    def test_a_call_python_need_not_see_makes_no_python_call(self) -> None:
+        """A guest whose host calls C answers without recording anything: no Python function runs in the calls."""
+        loaded = guest(
+            request=[call("get_uri", BUF, 64), call("log_enabled", 0, slot=0)],
+            response=[call("get_uri", BUF, 64)],
+            next=True,
+            inputs=INPUTS,
+        )
+        if not engine.serving:
+            engine.serve_time_limits()
+        state = request_state(uri=b"/p")
+        session = loaded.session(state, inline=True)
+        entered: list[str] = []
+
+        def profile(frame: Any, event: str, _arg: Any) -> None:
+            if event == "call":
+                entered.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
+
+        threading.setprofile(None)
+        sys.setprofile(profile)
+        try:
+            self.assertTrue(session.handle_request())
+            state.enter_response_phase(200)
+            session.handle_response()
+        finally:
+            sys.setprofile(None)
+        runtime = [name for name in entered if name.split(":")[0] in ("guest.py", "native.py", "hostfuncs.py")]
+        self.assertEqual(runtime, [])
+        self.assertIsNone(native.current.target)
 
 
 class NoPythonTests(AcceleratedTestCase):

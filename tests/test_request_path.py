@@ -8,10 +8,18 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from tests.support import NOOP_RESPONSE, ServerTestCase, execution_variants, make_guest, request_state
-from twisted_httpwasm import FailurePolicy, GuestResource
+from tests.support import (
+    NOOP_RESPONSE,
+    ServerTestCase,
+    execution_variants,
+    guest_path_variants,
+    make_guest,
+    request_state,
+)
+from twisted_httpwasm import Execution, FailurePolicy, GuestResource
 from twisted_httpwasm.runtime.guest import GuestTrap
 from twisted_httpwasm.runtime.observe import Outcome
+from twisted_httpwasm.runtime.state import BodyTooLarge
 
 PASS_ON = '(func (export "handle_request") (result i64) (i64.const 1))'
 ANSWER = '(func (export "handle_request") (result i64) (i64.const 0))'
@@ -62,6 +70,91 @@ class GuestSessionTests(SynchronousTestCase):
         session.close()
         stats = guest.pool.stats
         self.assertEqual((stats.in_use, stats.discarded), (0, 1))
+
+    def test_the_pool_s_bookkeeping(self) -> None:
+        """Sessions keep the pool's counts, and a release drops the instances idle past the timeout."""
+        guest = make_guest(PASS_ON, NOOP_RESPONSE)
+        now = [0.0]
+        guest.pool._clock = lambda: now[0]
+        sessions = [guest.session(request_state()) for _ in range(3)]
+        for session in sessions:
+            self.assertTrue(session.handle_request())
+        stats = guest.pool.stats
+        self.assertEqual((stats.created, stats.in_use, stats.peak_in_use, stats.idle), (3, 3, 3, 0))
+        for session in sessions:
+            session.state.enter_response_phase(200)
+            session.handle_response()
+        self.assertEqual((stats.in_use, stats.idle), (0, 3))
+        now[0] = 100.0  # the two instances below the top of the idle stack are past the idle timeout
+        session = guest.session(request_state())
+        session.handle_request()
+        self.assertEqual((stats.in_use, stats.idle), (1, 2))
+        session.state.enter_response_phase(200)
+        session.handle_response()
+        self.assertEqual((stats.in_use, stats.idle, stats.retired, stats.created), (0, 1, 2, 3))
+
+    def test_a_pool_method_of_its_own_is_called(self) -> None:
+        """A pool's acquire or release replaced on the pool itself (as tests do) is what the session calls."""
+        guest = make_guest(PASS_ON, NOOP_RESPONSE)
+        pool = guest.pool
+        calls: list[str] = []
+        acquire, release = pool.acquire, pool.release
+
+        def own_acquire() -> Any:
+            calls.append("acquire")
+            return acquire()
+
+        def own_release(instance: Any) -> None:
+            calls.append("release")
+            release(instance)
+
+        pool.acquire, pool.release = own_acquire, own_release  # type: ignore[method-assign]
+        session = guest.session(request_state())
+        session.handle_request()
+        session.state.enter_response_phase(200)
+        session.handle_response()
+        self.assertEqual(calls, ["acquire", "release"])
+
+    def test_handle_response_gets_what_handle_request_returned(self) -> None:
+        """The high 32 bits of handle_request's result reach handle_response as its req_ctx, with is_error."""
+        guest = make_guest(
+            '(func (export "handle_request") (result i64) (i64.const 0xfffffffe00000001))',
+            '(func (export "handle_response") (param $ctx i32) (param $error i32)'
+            " (i32.store (i32.const 0) (local.get $ctx)) (i32.store (i32.const 4) (local.get $error)))",
+        )
+        instance = guest.pool.acquire()
+        guest.pool.release(instance)  # lent again to the session: the most recently returned goes first
+        state = request_state()
+        session = guest.session(state)
+        self.assertTrue(session.handle_request())
+        self.assertEqual(session.req_ctx, 0xFFFFFFFE)
+        state.enter_response_phase(500, ())
+        state.is_error = True
+        session.handle_response()
+        self.assertEqual(instance.memory.read(0, 8), (-2).to_bytes(4, "little", signed=True) + b"\x01\0\0\0")
+        self.assertEqual(guest.pool.stats.in_use, 0)
+
+    def test_handle_response_without_a_pinned_instance(self) -> None:
+        """An answering guest's session has nothing left to call: handle_response says so."""
+        guest = make_guest(ANSWER, NOOP_RESPONSE)
+        session = guest.session(request_state())
+        self.assertFalse(session.handle_request())
+        error = self.assertRaises(RuntimeError, session.handle_response)
+        self.assertIn("without a pinned instance", str(error))
+
+    def test_a_body_over_the_limit_of_a_buffering_instance(self) -> None:
+        """An instance that buffers every request body refuses one over the limit uncalled, and is given back."""
+        guest = make_guest(
+            '(func (export "_initialize") (drop (call $enable_features (i32.const 1))))',
+            TRAP_IN_REQUEST,
+            NOOP_RESPONSE,
+        )
+        state = request_state(body=b"x" * 100)
+        state.max_buffer_bytes = 10
+        session = guest.session(state)
+        self.assertRaises(BodyTooLarge, session.handle_request)
+        stats = guest.pool.stats
+        self.assertEqual((stats.in_use, stats.idle, stats.discarded), (0, 1, 0))
 
 
 class FailurePolicyTests(SynchronousTestCase):
@@ -151,3 +244,66 @@ class RequestHeaderLookupTests(SynchronousTestCase):
         self.assertEqual(state.request_header_values(b"x-multi"), [b"c"])
         self.assertEqual(state.request_header_values(b"user-agent"), [b"ua"])
         self.assertTrue(state.touched())
+
+
+guest_path_variants(globals())
+
+
+class _Body(Resource):
+    isLeaf = True
+
+    def render_POST(self, request: Any) -> bytes:
+        return request.content.read()
+
+
+class RequestAttributesTests(SynchronousTestCase):
+    """What the adapter leaves on Twisted's request: as little as it can.
+
+    CPython (3.11+) keeps an object's attributes inline while its class has seen at most 30
+    attribute names; past that, each new request's attributes move into a dict, and every
+    access to them, Twisted's included, costs more (measured: ~3k instructions per request).
+    Twisted's own request uses about 25 of those names.
+    """
+
+    def serve(self, data: bytes) -> tuple[bytes, set[str]]:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from twisted_httpwasm import GuestSite
+
+        clock = MemoryReactorClock()
+        guest = make_guest(PASS_ON, NOOP_RESPONSE, execution=self.execution)
+        site = GuestSite(GuestResource(guest, _Body(), reactor=clock), reactor=clock, max_request_body=1024)
+        seen: list[Any] = []
+        factory = site.requestFactory
+
+        class Recording(factory):  # type: ignore[misc, valid-type]
+            def finish(self) -> None:
+                seen.append(self)
+                factory.finish(self)
+
+        site.requestFactory = Recording
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        channel = site.buildProtocol(transport.getPeer())
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+        return transport.value(), set(vars(seen[-1])) if seen else set()
+
+    execution = Execution.INLINE
+
+    def test_a_request_with_a_declared_length_keeps_one_name(self) -> None:
+        """A body of a declared length is not counted by GuestSite: the context is the only name added."""
+        response, names = self.serve(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertTrue(response.endswith(b"\r\n\r\nabc"), response)
+        self.assertIn("method", names)  # the request, read after it ended
+        self.assertEqual({name for name in names if "httpwasm" in name or name.startswith("_body")}, {"_httpwasm"})
+
+    def test_a_chunked_body_is_still_held_to_the_limit(self) -> None:
+        """A body without a declared length is counted as it comes, and refused past the limit (413)."""
+        response, _ = self.serve(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"400\r\n"
+            + b"x" * 1024
+            + b"\r\n1\r\nx\r\n0\r\n\r\n"
+        )
+        self.assertIn(b" 413 ", response.split(b"\r\n", 1)[0])

@@ -63,6 +63,12 @@ static PyObject *error_hook; /* error_hook(address) -> the exception for a wasmt
 static PyObject *trap_hook;  /* trap_hook(address) -> the exception for a wasm_trap_t */
 static PyObject *timeout_hook; /* timeout_hook() -> the exception for a call past its time limit */
 static PyObject *request_phase;
+/* The fast call (call_request/call_response): set by setup_calls(). */
+static PyObject *current_local; /* native.current: the thread's running target, for the pure host functions */
+static PyObject *engine_globals; /* engine's module dict: serving, calls_may_hold_gil */
+static PyObject *no_observer;    /* observe.NO_OBSERVER */
+static PyObject *s_accel, *s_guest, *s_observer, *s_state, *s_target, *s_serving, *s_calls_may_hold_gil,
+    *s_request_call, *s_handle_response, *s_end_fast_call;
 
 static PyObject *s_phase, *s_features, *s_method, *s_uri, *s_status, *s_max_buffer_bytes, *s_response_headers,
     *s_request_headers, *s_read_request_headers, *s_entries, *s_messages, *s_bytes, *s_dropped, *s_dropped_bytes,
@@ -167,6 +173,9 @@ typedef struct {
     PyThreadState *released;
     /* read by Python after a call: whether take() has anything */
     int pending;
+    /* the fast call (see call_request): its exports, and whether the call made sets the thread's target lazily */
+    PyObject *request_export, *response_export;
+    int fast_call, target_set;
 } Context;
 
 static _Thread_local Context *current_call = NULL;
@@ -424,11 +433,21 @@ typedef struct {
     PyObject *fallback_owner;
 } HostEnv;
 
+/* A fast call sets the thread's target (native.current.target) only when Python is about to run in it. */
+static void set_target(Context *c) {
+    if (!c->fast_call || c->target_set) return;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (PyObject_SetAttr(current_local, s_target, c->instance) < 0) PyErr_WriteUnraisable(current_local);
+    else c->target_set = 1;
+    PyGILState_Release(gil);
+}
+
 static int sync_call(Context *c) {
     /* Apply what was recorded so far to the Python objects, then let Python answer the rest of the call. */
     int ok = 1;
     c->python_mode = 1;
     if (!c->pending) return ok;
+    set_target(c);
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *result = PyObject_CallOneArg(sync_hook, c->instance);
     if (result == NULL) {
@@ -448,6 +467,7 @@ static wasm_trap_t *host_callback(void *env, wasmtime_caller_t *caller, raw_slot
         if (answered == DONE) return NULL;
         if (answered == SYNC_THEN_PYTHON) sync_call(c); /* a failed sync is reported; Python answers anyway */
     }
+    if (c != NULL) set_target(c);
     return (wasm_trap_t *)host->fallback(NULL, caller, slots, n);
 }
 
@@ -611,6 +631,8 @@ static void Context_dealloc(Context *self) {
     Py_XDECREF(self->memory_owner);
     Py_XDECREF(self->config);
     Py_XDECREF(self->call_log);
+    Py_XDECREF(self->request_export);
+    Py_XDECREF(self->response_export);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -786,6 +808,9 @@ static wasmtime_error_t *on_deadline(wasmtime_context_t *context, void *data, ui
 /* call(export, gil_mode, instance, state, *args) -> the first result slot as an int.
  * gil_mode 0: release the GIL for the whole call; 1: keep it (inline); 2: keep it until the call's
  * first epoch tick (thread mode).  1 and 2 only while the epoch clock ticks without the GIL. */
+static PyObject *call_export(Context *c, Export *export, long mode, PyObject *instance, PyObject *state);
+static PyTypeObject ContextType;
+
 static PyObject *Context_call(Context *c, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 4 || !PyObject_TypeCheck(args[0], &ExportType)) {
         PyErr_SetString(PyExc_TypeError, "call(export, gil_mode, instance, state, *args)");
@@ -807,7 +832,12 @@ static PyObject *Context_call(Context *c, PyObject *const *args, Py_ssize_t narg
         if (value == -1 && PyErr_Occurred()) return NULL;
         export->slots[i - 4].i64 = value;
     }
-    if (begin(c, args[2], args[3]) < 0) {
+    return call_export(c, export, mode, args[2], args[3]);
+}
+
+/* The call itself, its arguments already in the export's slots. */
+static PyObject *call_export(Context *c, Export *export, long mode, PyObject *instance, PyObject *state) {
+    if (begin(c, instance, state) < 0) {
         end_snapshot(c);
         return NULL;
     }
@@ -845,6 +875,381 @@ static PyObject *Context_call(Context *c, PyObject *const *args, Py_ssize_t narg
     if (error != NULL) return raise_from_hook(error_hook, error);
     if (trap != NULL) return raise_from_hook(trap_hook, trap);
     return PyLong_FromLongLong(export->slots[0].i64);
+}
+
+/*
+ * The fast call: what GuestInstance._call does around an accelerated call, done here for the common
+ * case (the serving clock runs, no observer, no captured output; prepare_fast() was called), so that
+ * a guest call makes no Python call at all unless the guest did something Python must see.  The
+ * thread's target (native.current.target) is set only if Python runs during the call (a host function
+ * C does not answer, or applying what C recorded); afterwards instance._end_fast_call(state, error)
+ * does what _call's except and finally blocks do, whenever there is anything for them to do: an
+ * error, something recorded, or Python having run.  Otherwise the call ends with instance.state = None.
+ * Any other case goes to the pure path's method (instance.request_call / instance.handle_response).
+ */
+static Context *fast_context(PyObject *instance, int *ok) {
+    *ok = 1;
+    PyObject *accel = PyObject_GetAttr(instance, s_accel);
+    if (accel == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) PyErr_Clear(); /* not a GuestInstance: its own method */
+        else *ok = 0;
+        return NULL;
+    }
+    Py_DECREF(accel); /* the instance keeps it */
+    if (!PyObject_TypeCheck(accel, &ContextType) || ((Context *)accel)->request_export == NULL) return NULL;
+    if (current_call != NULL) return NULL; /* the pure path's method says why */
+    PyObject *serving = PyDict_GetItemWithError(engine_globals, s_serving);
+    if (serving != Py_True) {
+        if (serving == NULL && PyErr_Occurred()) *ok = 0;
+        return NULL;
+    }
+    PyObject *guest = PyObject_GetAttr(instance, s_guest);
+    if (guest == NULL) {
+        *ok = 0;
+        return NULL;
+    }
+    PyObject *observer = PyObject_GetAttr(guest, s_observer);
+    Py_DECREF(guest);
+    if (observer == NULL) {
+        *ok = 0;
+        return NULL;
+    }
+    Py_DECREF(observer);
+    return observer == no_observer ? (Context *)accel : NULL;
+}
+
+static PyObject *fast_call(Context *c, Export *export, int inline_call, PyObject *instance, PyObject *state) {
+    PyObject *may_hold = PyDict_GetItemWithError(engine_globals, s_calls_may_hold_gil);
+    if (may_hold == NULL && PyErr_Occurred()) return NULL;
+    long mode = may_hold == Py_True ? (inline_call ? 1 : 2) : 0;
+    if (PyObject_SetAttr(instance, s_state, state) < 0) return NULL;
+    c->fast_call = 1;
+    c->target_set = 0;
+    PyObject *result = call_export(c, export, mode, instance, state);
+    c->fast_call = 0;
+    if (result != NULL && !c->pending && !c->target_set) {
+        if (PyObject_SetAttr(instance, s_state, Py_None) < 0) Py_CLEAR(result);
+        return result;
+    }
+    PyObject *error = Py_None;
+    if (result == NULL) {
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        PyErr_NormalizeException(&type, &value, &traceback);
+        if (value == NULL) return NULL;
+        if (traceback != NULL) PyException_SetTraceback(value, traceback);
+        Py_XDECREF(type);
+        Py_XDECREF(traceback);
+        error = value;
+    } else {
+        Py_INCREF(error);
+    }
+    PyObject *ended = PyObject_CallMethodObjArgs(instance, s_end_fast_call, state, error, NULL);
+    Py_DECREF(error);
+    if (ended == NULL) {
+        Py_XDECREF(result);
+        return NULL;
+    }
+    Py_DECREF(ended);
+    if (result == NULL) PyErr_SetString(PyExc_RuntimeError, "_end_fast_call did not raise the call's error");
+    return result;
+}
+
+/* call_request(instance, state, inline) -> handle_request's i64, as GuestInstance.request_call. */
+static PyObject *call_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "call_request(instance, state, inline)");
+        return NULL;
+    }
+    PyObject *instance = args[0], *state = args[1];
+    int ok;
+    Context *c = fast_context(instance, &ok);
+    if (!ok) return NULL;
+    if (c == NULL) return PyObject_CallMethodObjArgs(instance, s_request_call, state, args[2], NULL);
+    int inline_call = PyObject_IsTrue(args[2]);
+    if (inline_call < 0) return NULL;
+    /* state.features |= instance.features; state.phase = REQUEST_PHASE */
+    PyObject *features = PyObject_GetAttr(instance, s_features);
+    if (features == NULL) return NULL;
+    int has_features = PyObject_IsTrue(features);
+    if (has_features < 0) {
+        Py_DECREF(features);
+        return NULL;
+    }
+    if (has_features) {
+        PyObject *before = PyObject_GetAttr(state, s_features);
+        PyObject *after = before ? PyNumber_Or(before, features) : NULL;
+        Py_XDECREF(before);
+        int failed = after == NULL || PyObject_SetAttr(state, s_features, after) < 0;
+        Py_XDECREF(after);
+        if (failed) {
+            Py_DECREF(features);
+            return NULL;
+        }
+    }
+    Py_DECREF(features);
+    if (PyObject_SetAttr(state, s_phase, request_phase) < 0) return NULL;
+    return fast_call(c, (Export *)c->request_export, inline_call, instance, state);
+}
+
+/* call_response(instance, state, req_ctx, is_error, inline): handle_response, as GuestInstance.handle_response. */
+static PyObject *call_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "call_response(instance, state, req_ctx, is_error, inline)");
+        return NULL;
+    }
+    PyObject *instance = args[0], *state = args[1];
+    int ok;
+    Context *c = fast_context(instance, &ok);
+    if (!ok) return NULL;
+    if (c == NULL)
+        return PyObject_CallMethodObjArgs(instance, s_handle_response, state, args[2], args[3], args[4], NULL);
+    unsigned long long ctx = PyLong_AsUnsignedLongLongMask(args[2]);
+    if (ctx == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    int is_error = PyObject_IsTrue(args[3]);
+    int inline_call = PyObject_IsTrue(args[4]);
+    if (is_error < 0 || inline_call < 0) return NULL;
+    Export *export = (Export *)c->response_export;
+    export->slots[0].i64 = (int64_t)(int32_t)(uint32_t)ctx; /* as the pure path: the low 32 bits, signed */
+    export->slots[1].i64 = is_error;
+    PyObject *result = fast_call(c, export, inline_call, instance, state);
+    if (result == NULL) return NULL;
+    Py_DECREF(result);
+    Py_RETURN_NONE;
+}
+
+/* Context.prepare_fast(request_export, response_export): call_request/call_response may take this instance. */
+static PyObject *Context_prepare_fast(Context *c, PyObject *args) {
+    PyObject *request, *response;
+    if (!PyArg_ParseTuple(args, "O!O!", &ExportType, &request, &ExportType, &response)) return NULL;
+    if (((Export *)request)->n_params != 0 || ((Export *)response)->n_params != 2) {
+        PyErr_SetString(PyExc_ValueError, "handle_request takes no arguments, handle_response two");
+        return NULL;
+    }
+    if (current_local == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "setup_calls() first");
+        return NULL;
+    }
+    Py_INCREF(request);
+    Py_XSETREF(c->request_export, request);
+    Py_INCREF(response);
+    Py_XSETREF(c->response_export, response);
+    Py_RETURN_NONE;
+}
+
+/* setup_calls(current, engine_globals, no_observer): what the fast call reads. */
+static PyObject *setup_calls(PyObject *module, PyObject *args) {
+    PyObject *current, *globals, *nothing;
+    if (!PyArg_ParseTuple(args, "OO!O", &current, &PyDict_Type, &globals, &nothing)) return NULL;
+    Py_INCREF(current);
+    Py_XSETREF(current_local, current);
+    Py_INCREF(globals);
+    Py_XSETREF(engine_globals, globals);
+    Py_INCREF(nothing);
+    Py_XSETREF(no_observer, nothing);
+    Py_RETURN_NONE;
+}
+
+/* -- the session: one request's pinned instance (runtime/session.py's GuestSession, in C) ---------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *pool;
+    PyObject *instance; /* pinned from handle_request to handle_response, or NULL */
+    PyObject *state;
+    PyObject *req_ctx;
+    int inline_call;
+} Session;
+
+static PyObject *s_acquire, *s_release, *s_check_size, *s_body_length, *s_is_error;
+
+static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"pool", "state", "inline", NULL};
+    PyObject *pool, *state;
+    int inline_call = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|p", names, &pool, &state, &inline_call)) return NULL;
+    Session *self = (Session *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    Py_INCREF(pool);
+    self->pool = pool;
+    Py_INCREF(state);
+    self->state = state;
+    self->req_ctx = PyLong_FromLong(0);
+    self->inline_call = inline_call;
+    if (self->req_ctx == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int Session_traverse(Session *self, visitproc visit, void *arg) {
+    Py_VISIT(self->pool);
+    Py_VISIT(self->instance);
+    Py_VISIT(self->state);
+    return 0;
+}
+
+static int Session_clear(Session *self) {
+    Py_CLEAR(self->pool);
+    Py_CLEAR(self->instance);
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->req_ctx);
+    return 0;
+}
+
+static void Session_dealloc(Session *self) {
+    PyObject_GC_UnTrack(self);
+    Session_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Session_close(Session *self, PyObject *unused) {
+    PyObject *instance = self->instance;
+    self->instance = NULL;
+    if (instance == NULL) Py_RETURN_NONE;
+    PyObject *released = PyObject_CallMethodOneArg(self->pool, s_release, instance);
+    Py_DECREF(instance);
+    return released;
+}
+
+/* On an error: give the instance back (as `except BaseException: self.close(); raise`), keep the error. */
+static PyObject *close_and_fail(Session *self) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *closed = Session_close(self, NULL);
+    if (closed == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+        return NULL;
+    }
+    Py_DECREF(closed);
+    PyErr_Restore(type, value, traceback);
+    return NULL;
+}
+
+static PyObject *call_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *call_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+
+static PyObject *Session_handle_request(Session *self, PyObject *unused) {
+    PyObject *instance = PyObject_CallMethodNoArgs(self->pool, s_acquire);
+    if (instance == NULL) return NULL;
+    Py_XSETREF(self->instance, instance);
+    PyObject *features = PyObject_GetAttr(instance, s_features);
+    if (features == NULL) return close_and_fail(self);
+    long bits = PyLong_AsLong(features);
+    Py_DECREF(features);
+    if (bits == -1 && PyErr_Occurred()) return close_and_fail(self);
+    if (bits & 1) { /* buffer_request: a body over the limit is refused before the guest is called */
+        PyObject *length = PyObject_GetAttr(self->state, s_body_length);
+        if (length == NULL) return close_and_fail(self);
+        PyObject *checked = PyObject_CallMethodOneArg(self->state, s_check_size, length);
+        Py_DECREF(length);
+        if (checked == NULL) return close_and_fail(self);
+        Py_DECREF(checked);
+    }
+    PyObject *call_args[3] = {instance, self->state, self->inline_call ? Py_True : Py_False};
+    Py_INCREF(instance); /* pinned: close() may drop the session's reference meanwhile */
+    PyObject *result = call_request(NULL, call_args, 3);
+    Py_DECREF(instance);
+    if (result == NULL) return close_and_fail(self);
+    unsigned long long value = PyLong_AsUnsignedLongLongMask(result);
+    Py_DECREF(result);
+    if (value == (unsigned long long)-1 && PyErr_Occurred()) return close_and_fail(self);
+    /* As abi.unpack_ctx_next: the low 32 bits are next, the high req_ctx. */
+    PyObject *ctx = PyLong_FromUnsignedLongLong(value >> 32);
+    if (ctx == NULL) return close_and_fail(self);
+    Py_XSETREF(self->req_ctx, ctx);
+    if ((value & 0xFFFFFFFFULL) != 1) {
+        PyObject *closed = Session_close(self, NULL);
+        if (closed == NULL) return NULL;
+        Py_DECREF(closed);
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Session_handle_response(Session *self, PyObject *unused) {
+    PyObject *instance = self->instance;
+    if (instance == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "handle_response without a pinned instance (handle_request did not pass it on)");
+        return NULL;
+    }
+    PyObject *is_error = PyObject_GetAttr(self->state, s_is_error);
+    if (is_error == NULL) return close_and_fail(self);
+    Py_INCREF(instance);
+    PyObject *call_args[5] = {instance, self->state, self->req_ctx, is_error,
+                              self->inline_call ? Py_True : Py_False};
+    PyObject *result = call_response(NULL, call_args, 5);
+    Py_DECREF(instance);
+    Py_DECREF(is_error);
+    if (result == NULL) return close_and_fail(self);
+    Py_DECREF(result);
+    return Session_close(self, NULL);
+}
+
+static PyObject *Session_get_inline(Session *self, void *unused) { return PyBool_FromLong(self->inline_call); }
+
+static PyMethodDef Session_methods[] = {
+    {"handle_request", (PyCFunction)Session_handle_request, METH_NOARGS,
+     "Pin an instance and run handle_request; True if the guest passes the request on (next)."},
+    {"handle_response", (PyCFunction)Session_handle_response, METH_NOARGS,
+     "Run handle_response (state.is_error says how the next handler ended) and unpin."},
+    {"close", (PyCFunction)Session_close, METH_NOARGS,
+     "Give the pinned instance back to the pool (a trapped one is discarded); again: nothing."},
+    {NULL}};
+
+static PyMemberDef Session_members[] = {
+    {"state", T_OBJECT_EX, offsetof(Session, state), READONLY, "The request's state."},
+    {"req_ctx", T_OBJECT_EX, offsetof(Session, req_ctx), READONLY, "What handle_request returned for handle_response."},
+    {NULL}};
+
+static PyGetSetDef Session_getset[] = {
+    {"inline", (getter)Session_get_inline, NULL, "The calls are made on the reactor thread.", NULL}, {NULL}};
+
+static PyTypeObject SessionType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "twisted_httpwasm.runtime._accel.Session",
+    .tp_basicsize = sizeof(Session),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Session_new,
+    .tp_dealloc = (destructor)Session_dealloc,
+    .tp_traverse = (traverseproc)Session_traverse,
+    .tp_clear = (inquiry)Session_clear,
+    .tp_methods = Session_methods,
+    .tp_members = Session_members,
+    .tp_getset = Session_getset,
+    .tp_doc = "Session(pool, state, inline=False): the guest calls of one request, on one pinned instance "
+              "(runtime/session.py's GuestSession, for accelerated guests).",
+};
+
+/* -- the inline runner's run (web/runners.py), without a Python frame ------------------------- */
+
+/* run_inline(work, on_result, on_error, still_wanted=None): as InlineRunner.run. */
+static PyObject *run_inline(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 3 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "run_inline(work, on_result, on_error, still_wanted=None)");
+        return NULL;
+    }
+    PyObject *result = PyObject_CallNoArgs(args[0]);
+    if (result != NULL) {
+        PyObject *done = PyObject_CallOneArg(args[1], result);
+        Py_DECREF(result);
+        return done;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL; /* as `except Exception`: the rest goes on up */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) PyException_SetTraceback(value, traceback);
+    /* on_error runs as in an except block: the error is the one being handled. */
+    PyObject *saved_type, *saved_value, *saved_traceback;
+    PyErr_GetExcInfo(&saved_type, &saved_value, &saved_traceback);
+    PyErr_SetExcInfo(type, value, traceback); /* steals the three */
+    PyObject *handled = PyObject_CallOneArg(args[2], value);
+    PyErr_SetExcInfo(saved_type, saved_value, saved_traceback);
+    return handled;
 }
 
 /* install_time_limit(store): end calls past their limit through on_deadline, from now on. */
@@ -922,6 +1327,8 @@ static PyMethodDef Context_methods[] = {
     {"call", (PyCFunction)(void (*)(void))Context_call, METH_FASTCALL,
      "call(export, hold_gil, instance, state, *args): call a guest export; the first result slot."},
     {"take", (PyCFunction)Context_take, METH_NOARGS, "What the call recorded, to apply to the request; and forget it."},
+    {"prepare_fast", (PyCFunction)Context_prepare_fast, METH_VARARGS,
+     "prepare_fast(request_export, response_export): call_request/call_response may serve this instance."},
     {NULL}};
 
 static PyMemberDef Context_members[] = {
@@ -994,6 +1401,13 @@ static PyMethodDef module_methods[] = {
     {"setup", setup, METH_VARARGS, "setup(dl_handle, wasmtime_major, sync, on_error, on_trap, on_timeout, request_phase)"},
     {"callback_address", callback_address, METH_NOARGS, "The C callback every http_handler function is defined with."},
     {"install_time_limit", install_time_limit, METH_O, "install_time_limit(store): calls past their limit end."},
+    {"run_inline", (PyCFunction)(void (*)(void))run_inline, METH_FASTCALL,
+     "run_inline(work, on_result, on_error, still_wanted=None): web.runners.InlineRunner.run, in C."},
+    {"setup_calls", setup_calls, METH_VARARGS, "setup_calls(current, engine_globals, no_observer)"},
+    {"call_request", (PyCFunction)(void (*)(void))call_request, METH_FASTCALL,
+     "call_request(instance, state, inline): GuestInstance.request_call, without Python when nothing needs it."},
+    {"call_response", (PyCFunction)(void (*)(void))call_response, METH_FASTCALL,
+     "call_response(instance, state, req_ctx, is_error, inline): GuestInstance.handle_response, likewise."},
     {NULL}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_accel", "The compiled guest-call path.", -1,
@@ -1018,16 +1432,34 @@ PyMODINIT_FUNC PyInit__accel(void) {
     INTERN(s_dropped, "dropped");
     INTERN(s_dropped_bytes, "dropped_bytes");
     INTERN(s_log_level, "log_level");
-    if (PyType_Ready(&HostEnvType) < 0 || PyType_Ready(&ExportType) < 0 || PyType_Ready(&ContextType) < 0)
+    INTERN(s_accel, "accel");
+    INTERN(s_guest, "guest");
+    INTERN(s_observer, "observer");
+    INTERN(s_state, "state");
+    INTERN(s_target, "target");
+    INTERN(s_serving, "serving");
+    INTERN(s_calls_may_hold_gil, "calls_may_hold_gil");
+    INTERN(s_request_call, "request_call");
+    INTERN(s_handle_response, "handle_response");
+    INTERN(s_end_fast_call, "_end_fast_call");
+    INTERN(s_acquire, "acquire");
+    INTERN(s_release, "release");
+    INTERN(s_check_size, "check_size");
+    INTERN(s_body_length, "body_length");
+    INTERN(s_is_error, "is_error");
+    if (PyType_Ready(&HostEnvType) < 0 || PyType_Ready(&ExportType) < 0 || PyType_Ready(&ContextType) < 0 ||
+        PyType_Ready(&SessionType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) return NULL;
     Py_INCREF(&HostEnvType);
     Py_INCREF(&ExportType);
     Py_INCREF(&ContextType);
+    Py_INCREF(&SessionType);
     if (PyModule_AddObject(module, "HostEnv", (PyObject *)&HostEnvType) < 0 ||
         PyModule_AddObject(module, "Export", (PyObject *)&ExportType) < 0 ||
         PyModule_AddObject(module, "Context", (PyObject *)&ContextType) < 0 ||
+        PyModule_AddObject(module, "Session", (PyObject *)&SessionType) < 0 ||
         PyModule_AddIntConstant(module, "HOST_FUNCTIONS", H_COUNT) < 0) {
         Py_DECREF(module);
         return NULL;

@@ -24,7 +24,9 @@ from typing import Any
 from wasmtime import _ffi as ffi
 
 from ..abi import HOST_FUNCTIONS, LogLevel
+from . import engine as _engine
 from . import native as _native
+from .observe import NO_OBSERVER
 from .state import REQUEST_PHASE
 
 __all__ = ["ACCELERATED", "HOST_IDS", "REASON", "apply", "compiled", "describe", "module"]
@@ -103,6 +105,7 @@ def _load() -> tuple[Any, str]:
         major = int(metadata.version("wasmtime").split(".")[0])
         handle = ffi.dll._handle
         _accel.setup(handle, major, apply, _raise_error, _raise_trap, _timed_out, REQUEST_PHASE)
+        _accel.setup_calls(_native.current, vars(_engine), NO_OBSERVER)
     except Exception as error:  # noqa: BLE001 - any mismatch leaves the pure path, with one warning
         warnings.warn(f"twisted-httpwasm: compiled accelerator disabled: {error}", RuntimeWarning, stacklevel=2)
         return None, f"disabled: {error}"

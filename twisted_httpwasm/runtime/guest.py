@@ -337,6 +337,10 @@ class Guest:
         ``inline``: the calls are made on the reactor thread, which has nothing
         else to run meanwhile, so they may keep the GIL (see ``NativeFunc.call``).
         """
+        module = self.accelerated
+        if module is not None:  # the same session in C, whose calls go through the fast call (_accel.c)
+            session: GuestSession = module.Session(self.pool, state, inline)
+            return session
         return GuestSession(self.pool, state, inline)
 
     def idle_memory_bytes(self) -> int:
@@ -522,6 +526,8 @@ class GuestInstance:
         for native in (self._handle_request, self._handle_response):
             context, func, n_params, n_results, owner = native.accel_args()
             native.accelerated = module.Export(context, func, n_params, n_results, seconds, owner)
+        if not self._outputs:  # the session's calls may skip _call (see _end_fast_call)
+            self.accel.prepare_fast(self._handle_request.accelerated, self._handle_response.accelerated)
         # From now on the store's epoch deadlines go to the accelerator, which ends calls past their limit
         # and, in thread mode, releases the GIL at a call's first tick (see _accel.c, on_deadline).
         module.install_time_limit(ctypes.cast(store.ptr(), ctypes.c_void_p).value)
@@ -562,15 +568,9 @@ class GuestInstance:
                 return result
             return function.call(inline and _engine.calls_may_hold_gil, *args)
         except GuestCallError as error:
-            self.trapped = True
             failed = "timeout" if error.interrupted else "trap"
-            reason = state.trap_reason or str(error)
-            if error.interrupted:
-                reason = f"guest exceeded its time limit of {self.guest.timeout} s"
-            elif error.exit_code is not None:
-                reason = f"guest called proc_exit({error.exit_code}) during {state.phase.value}"
-            state.trap_reason = reason
-            raise GuestTrap(reason, timed_out=error.interrupted) from None
+            self._failed(error, state)
+            raise  # not reached: _failed raises the GuestTrap
         finally:
             if accel is not None and accel.pending:  # what the guest changed, recorded in C
                 _accel.apply(self)
@@ -582,6 +582,41 @@ class GuestInstance:
                 self._log_output()
             call_log = self.call_log
             if call_log.lines or call_log.messages or call_log.dropped:  # the call logged, or had lines dropped
+                self._hand_over_log(state)
+
+    def _failed(self, error: GuestCallError, state: RequestState) -> None:
+        """A call failed: the instance is never lent again, and the reason goes into a :class:`GuestTrap`."""
+        self.trapped = True
+        reason = state.trap_reason or str(error)
+        if error.interrupted:
+            reason = f"guest exceeded its time limit of {self.guest.timeout} s"
+        elif error.exit_code is not None:
+            reason = f"guest called proc_exit({error.exit_code}) during {state.phase.value}"
+        state.trap_reason = reason
+        raise GuestTrap(reason, timed_out=error.interrupted) from None
+
+    def _end_fast_call(self, state: RequestState, error: BaseException | None) -> None:
+        """What :meth:`_call` does after an accelerated call, for the compiled fast call (``_accel.call_request``).
+
+        The fast call made no Python call unless something needed it: it calls this when the guest
+        failed, when C recorded something to apply, or when Python answered a host function.  The
+        fast call only serves while nothing observes calls and the guest captures no output, so
+        neither has anything to do here.
+        """
+        current = _native.current
+        current.target = self  # as during the call: the lines applied now join the call's batch
+        try:
+            if isinstance(error, GuestCallError):
+                self._failed(error, state)
+            if error is not None:
+                raise error
+        finally:
+            if self.accel.pending:
+                _accel.apply(self)
+            self.state = None
+            current.target = None
+            call_log = self.call_log
+            if call_log.lines or call_log.messages or call_log.dropped:
                 self._hand_over_log(state)
 
     def _hand_over_log(self, state: RequestState) -> None:

@@ -7,6 +7,11 @@ in whichever thread that runs.  A :class:`GuestSession` is that pinning: the
 only place that takes instances from the pool and gives them back, exactly
 once (:meth:`GuestSession.close` is idempotent), so the twisted.web adapter
 never touches the pool or an instance.
+
+An accelerated guest's sessions are the compiled accelerator's ``Session``
+(``_accel.c``), which does the same in C and makes its guest calls through the
+accelerator's fast call: no Python runs between the filter and wasm unless
+the guest does something Python must see (see ``GuestInstance._end_fast_call``).
 """
 
 from __future__ import annotations

@@ -106,10 +106,14 @@ class _LimitedRequest(Request):
             Request.gotLength(self, 0)
             return
         if limit is not None:
-            self._body_limit = limit
             if length is not None and length > limit:
                 self._refuse_body(f"declares a {length}-byte body", limit)
                 return
+            if length is None or not isinstance(channel, HTTPChannel):
+                # Counted as it comes: chunked, or HTTP/2. An HTTP/1 body of a declared length never
+                # passes it (Twisted reads no further), so that request keeps one attribute fewer: a
+                # Request with more than 30 attribute names moves them into a dict (see request_context).
+                self._body_limit = limit
         Request.gotLength(self, length)
 
     def handleContentChunk(self, data: bytes) -> None:
