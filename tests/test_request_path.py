@@ -307,3 +307,34 @@ class RequestAttributesTests(SynchronousTestCase):
             + b"\r\n1\r\nx\r\n0\r\n\r\n"
         )
         self.assertIn(b" 413 ", response.split(b"\r\n", 1)[0])
+
+
+class Http1ReadsTests(SynchronousTestCase):
+    """Over HTTP/1 the site's HTTP/1-or-2 switch steps out after the first read: reads go to the channel."""
+
+    def connect(self) -> tuple[Any, Any]:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from twisted_httpwasm import GuestSite
+
+        clock = MemoryReactorClock()
+        guest = make_guest(PASS_ON, NOOP_RESPONSE, execution=Execution.INLINE)
+        site = GuestSite(GuestResource(guest, _Body(), reactor=clock), reactor=clock)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol = site.buildProtocol(transport.getPeer())
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_reads_after_the_first_go_straight_to_the_channel(self) -> None:
+        """After one read the protocol's dataReceived is the HTTP/1 channel's; requests split over reads,
+        and pipelined ones, are all answered in order."""
+        protocol, transport = self.connect()
+        self.assertNotEqual(protocol.dataReceived, protocol.current_channel.dataReceived)
+        protocol.dataReceived(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-")
+        self.assertEqual(protocol.dataReceived, protocol.current_channel.dataReceived)
+        protocol.dataReceived(b"Length: 1\r\n\r\n1POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n22")
+        responses = transport.value().split(b"HTTP/1.1 200 OK\r\n")
+        self.assertEqual(len(responses), 3, transport.value())
+        self.assertTrue(responses[1].endswith(b"\r\n\r\n1"), responses[1])
+        self.assertTrue(responses[2].endswith(b"\r\n\r\n22"), responses[2])
