@@ -256,6 +256,28 @@ class _Body(Resource):
         return request.content.read()
 
 
+def _echo_site(execution: Execution, **options: Any) -> Any:
+    """A ``GuestSite`` (``options``) on a memory clock: the pass-on guest in front of :class:`_Body`."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_httpwasm import GuestSite
+
+    clock = MemoryReactorClock()
+    guest = make_guest(PASS_ON, NOOP_RESPONSE, execution=execution)
+    return GuestSite(GuestResource(guest, _Body(), reactor=clock), reactor=clock, **options)
+
+
+def _connect(site: Any) -> tuple[Any, Any]:
+    """One connection to ``site`` over a StringTransport: (the protocol the site built, the transport)."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol = site.buildProtocol(transport.getPeer())
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
 class RequestAttributesTests(SynchronousTestCase):
     """What the adapter leaves on Twisted's request: as little as it can.
 
@@ -266,14 +288,7 @@ class RequestAttributesTests(SynchronousTestCase):
     """
 
     def serve(self, data: bytes) -> tuple[bytes, set[str]]:
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.testing import MemoryReactorClock, StringTransport
-
-        from twisted_httpwasm import GuestSite
-
-        clock = MemoryReactorClock()
-        guest = make_guest(PASS_ON, NOOP_RESPONSE, execution=self.execution)
-        site = GuestSite(GuestResource(guest, _Body(), reactor=clock), reactor=clock, max_request_body=1024)
+        site = _echo_site(self.execution, max_request_body=1024)
         seen: list[Any] = []
         factory = site.requestFactory
 
@@ -283,9 +298,7 @@ class RequestAttributesTests(SynchronousTestCase):
                 factory.finish(self)
 
         site.requestFactory = Recording
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        channel = site.buildProtocol(transport.getPeer())
-        channel.makeConnection(transport)
+        channel, transport = _connect(site)
         channel.dataReceived(data)
         return transport.value(), set(vars(seen[-1])) if seen else set()
 
@@ -312,24 +325,10 @@ class RequestAttributesTests(SynchronousTestCase):
 class Http1ReadsTests(SynchronousTestCase):
     """Over HTTP/1 the site's HTTP/1-or-2 switch steps out after the first read: reads go to the channel."""
 
-    def connect(self) -> tuple[Any, Any]:
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.testing import MemoryReactorClock, StringTransport
-
-        from twisted_httpwasm import GuestSite
-
-        clock = MemoryReactorClock()
-        guest = make_guest(PASS_ON, NOOP_RESPONSE, execution=Execution.INLINE)
-        site = GuestSite(GuestResource(guest, _Body(), reactor=clock), reactor=clock)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        protocol = site.buildProtocol(transport.getPeer())
-        protocol.makeConnection(transport)
-        return protocol, transport
-
     def test_reads_after_the_first_go_straight_to_the_channel(self) -> None:
         """After one read the protocol's dataReceived is the HTTP/1 channel's; requests split over reads,
         and pipelined ones, are all answered in order."""
-        protocol, transport = self.connect()
+        protocol, transport = _connect(_echo_site(Execution.INLINE))
         self.assertNotEqual(protocol.dataReceived, protocol.current_channel.dataReceived)
         protocol.dataReceived(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-")
         self.assertEqual(protocol.dataReceived, protocol.current_channel.dataReceived)
