@@ -24,6 +24,7 @@ from twisted_httpwasm.abi import LogLevel
 from twisted_httpwasm.runtime import accel, engine, native
 from twisted_httpwasm.runtime.calllog import LogLimit
 from twisted_httpwasm.runtime.guest import Guest, GuestTrap
+from twisted_httpwasm.runtime.state import RequestState
 
 from .support import ROOT, request_state
 from .test_hostfuncs import BUF, NAME, PAGE, REQUEST, RESPONSE, VALUE, call, guest, stored
@@ -240,6 +241,119 @@ class FastCallTests(AcceleratedTestCase):
         self.assertIsNone(native.current.target)
 
 
+class ReadByName(RequestState):
+    """A request state that answers a read of one request header as the twisted.web adapter does, and records reads."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]):
+        super().__init__(b"GET", b"/p", None, headers=headers)
+        self.reads: list[bytes | str] = []
+
+    def read_request_headers(self) -> list[tuple[bytes, bytes]]:
+        self.reads.append("all")
+        return list(self._headers)
+
+    def read_request_header_values(self, name: bytes) -> list[bytes] | None:
+        self.reads.append(name)
+        return [value for key, value in self._headers if key.lower() == name.lower()]
+
+
+def header_reads(path: Any, request: list[str], response: list[str]) -> tuple[Any, ...]:
+    """A request through a session on ``path``: traps, results, what was written, how the headers were read."""
+    saved = accel.module
+    accel.module = path
+    try:
+        loaded = guest(request=request, response=response, next=True, inputs=INPUTS)
+    finally:
+        accel.module = saved
+    if not engine.serving:
+        engine.serve_time_limits()
+    state = ReadByName([(b"User-Agent", b"ua/1"), (b"Host", b"h"), (b"user-agent", b"ua/2")])
+    instance = loaded.pool.acquire()
+    loaded.pool.release(instance)
+    session = loaded.session(state, inline=True)
+    traps = []
+    try:
+        session.handle_request()
+        state.enter_response_phase(200)
+        session.handle_response()
+        traps.append(None)
+    except GuestTrap as error:
+        traps.append(error.reason)
+    return (
+        traps,
+        [stored(instance, slot) for slot in range(4)],
+        instance.memory.read(BUF, 64),
+        state.reads,
+        state.touched(),
+        instance.state,
+        native.current.target,
+    )
+
+
+class RequestHeaderTests(AcceleratedTestCase):
+    """Request headers are read when the guest asks, one name at a time, as on the pure path."""
+
+    READS = [
+        call("get_header_values", REQUEST, NAME + 8, 10, BUF, 64, slot=0),  # User-Agent: two values
+        call("get_header_values", REQUEST, NAME, 3, BUF + 32, 16, slot=1),  # x-a: none
+        call("get_header_values", REQUEST, NAME + 8, 10, BUF + 32, 3, slot=2),  # too long for the buffer: length only
+    ]
+
+    def test_only_the_names_asked_for_are_read(self) -> None:
+        """No copy of all the request's headers, and none in a call that reads none; results as on the pure path."""
+        # handle_response is a call of the same guest (it imports get_header_values) that reads no header.
+        response: list[str] = []
+        fast, pure = header_reads(accel.compiled, self.READS, response), header_reads(None, self.READS, response)
+        self.assertEqual(fast, pure)
+        traps, results, memory, reads, touched, *left = fast
+        self.assertEqual(traps, [None])
+        self.assertEqual(reads, [b"User-Agent", b"x-a", b"User-Agent"])
+        self.assertEqual(results[:3], [(2 << 32) | 10, 0, (2 << 32) | 10])
+        self.assertEqual(memory[:10], b"ua/1\0ua/2\0")
+        self.assertEqual(memory[10:64], b"\xaa" * 54)  # nothing written for none, nor to a buffer too small
+        self.assertFalse(touched)  # reading a header by name leaves nothing to apply to the request
+        self.assertEqual(left, [None, None])
+
+    def test_failures_give_the_same_reason(self) -> None:
+        """A name or a buffer outside memory, an empty name: the pure path's trap, and the same state after it.
+
+        (A buffer outside memory is found once the values are read: Python reads them again to trap.)
+        """
+        for statements in (
+            [call("get_header_values", REQUEST, NAME + 8, 10, PAGE - 2, 64)],
+            [call("get_header_values", REQUEST, PAGE - 2, 10, BUF, 64)],
+            [call("get_header_values", REQUEST, NAME, 0, BUF, 64)],
+            [call("log", 0, NAME, 3), *self.READS, call("get_header_values", REQUEST, NAME + 8, 10, PAGE - 4, 64)],
+        ):
+            fast, pure = header_reads(accel.compiled, statements, []), header_reads(None, statements, [])
+            self.assertEqual(fast[:3] + fast[4:], pure[:3] + pure[4:], statements)
+            self.assertNotIn("all", fast[3])
+            self.assertIsNotNone(fast[0][-1])
+
+    def test_what_a_state_returns_that_c_cannot_copy(self) -> None:
+        """Values that are not a list of bytes are answered by Python, which reports them as the pure path does."""
+
+        class Odd(ReadByName):
+            def read_request_header_values(self, name: bytes) -> list[bytes] | None:
+                return ("not", "bytes")  # type: ignore[return-value]
+
+        saved = accel.module
+        results = []
+        for path in (accel.compiled, None):
+            accel.module = path
+            try:
+                loaded = guest(request=self.READS[:1], inputs=INPUTS)
+            finally:
+                accel.module = saved
+            instance = loaded.pool.acquire()
+            try:
+                instance.handle_request(Odd([]))
+                results.append(None)
+            except Exception as error:  # noqa: BLE001 - whatever the pure path raises, C's must be the same
+                results.append((type(error), str(error)))
+        self.assertEqual(results[0], results[1])
+
+
 class NoPythonTests(AcceleratedTestCase):
     def test_what_c_answers_never_enters_python(self) -> None:
         """log, get_uri, add_header_value, get_header_values: no Python function runs during the guest call."""
@@ -268,7 +382,7 @@ class NoPythonTests(AcceleratedTestCase):
             instance.accel.call(export, False, instance, state)
         finally:
             sys.setprofile(None)
-        # Before the call the request's headers are read for the snapshot (state.py); during it, nothing.
+        # The request header is read by name from the state (state.py); no host function runs in Python.
         host = [name for name in entered if name.split(":")[0] in ("hostfuncs.py", "native.py", "guest.py")]
         self.assertEqual(host, [])
         self.assertTrue(instance.accel.pending)  # the log line and the header, for Python to apply now

@@ -71,7 +71,7 @@ static PyObject *s_accel, *s_guest, *s_observer, *s_state, *s_target, *s_serving
     *s_request_call, *s_handle_response, *s_end_fast_call;
 
 static PyObject *s_phase, *s_features, *s_method, *s_uri, *s_status, *s_max_buffer_bytes, *s_response_headers,
-    *s_request_headers, *s_read_request_headers, *s_entries, *s_messages, *s_bytes, *s_dropped, *s_dropped_bytes,
+    *s_request_header_values, *s_messages, *s_bytes, *s_dropped, *s_dropped_bytes,
     *s_log_level;
 
 /* -- host function ids: the order of runtime/accel.py's HOST_IDS ----------------------- */
@@ -125,13 +125,6 @@ typedef struct {
     size_t value_len;
 } header;
 
-typedef struct {
-    const char *name;
-    Py_ssize_t name_len;
-    const char *value;
-    Py_ssize_t value_len;
-} header_view;
-
 /* -- the per-instance context ------------------------------------------------------------ */
 
 typedef struct {
@@ -146,11 +139,8 @@ typedef struct {
     unsigned long imports; /* bit H_x: the guest imports that function (what begin() snapshots follows) */
     /* the call in progress */
     PyObject *instance; /* borrowed, during a call */
-    PyObject *method, *uri, *request_headers; /* owned, during a call */
-    Py_ssize_t n_request_headers;
-    header_view *request_header_views;
-    Py_ssize_t request_header_capacity;
-    int has_request_headers;
+    PyObject *state;        /* borrowed, during a call: the request's state (request headers are read from it) */
+    PyObject *method, *uri; /* owned, during a call */
     int request_phase;
     int response_owned;
     int python_mode;
@@ -256,32 +246,63 @@ static int h_log(Context *c, raw_slot *slots) {
     return DONE;
 }
 
+/* Request header values: read from the request when the guest asks, one name at a time, through the same
+ * method the pure path's get_header_values reads them with (state.request_header_values), so that a
+ * guest that never reads a request header costs no copy of them, and one that reads one costs no copy
+ * of the rest.  The values are written to guest memory here, under the pure path's buf/buf_limit rule. */
+static int h_get_request_header_values(Context *c, raw_slot *slots) {
+    if (c->state == NULL) return READ_IN_PYTHON;
+    uint64_t name_len = U32(slots[2].i32);
+    uint8_t *name = memory_span(c, U32(slots[1].i32), name_len);
+    if (name == NULL || name_len == 0) return SYNC_THEN_PYTHON; /* Python traps with the reason */
+    int answered = READ_IN_PYTHON;
+    PyGILState_STATE gil = PyGILState_Ensure(); /* held already inline; taken back in thread mode */
+    PyObject *key = PyBytes_FromStringAndSize((const char *)name, (Py_ssize_t)name_len);
+    PyObject *values = key ? PyObject_CallMethodOneArg(c->state, s_request_header_values, key) : NULL;
+    Py_XDECREF(key);
+    if (values == NULL || !PyList_CheckExact(values)) {
+        PyErr_Clear(); /* Python answers again, and fails the same way */
+        goto done;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(values);
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *value = PyList_GET_ITEM(values, i);
+        if (!PyBytes_Check(value)) goto done;
+        total += (uint64_t)PyBytes_GET_SIZE(value) + 1;
+    }
+    if (count && total <= U32(slots[4].i32)) {
+        uint8_t *out = memory_span(c, U32(slots[3].i32), total);
+        if (out == NULL) goto done; /* Python traps with the reason */
+        for (Py_ssize_t i = 0; i < count; i++) {
+            PyObject *value = PyList_GET_ITEM(values, i);
+            size_t len = (size_t)PyBytes_GET_SIZE(value);
+            memcpy(out, PyBytes_AS_STRING(value), len);
+            out[len] = 0;
+            out += len + 1;
+        }
+    }
+    slots[0].i64 = count ? (int64_t)(((uint64_t)count << 32) | total) : 0;
+    answered = DONE;
+done:
+    Py_XDECREF(values);
+    PyGILState_Release(gil);
+    return answered;
+}
+
 static int h_get_header_values(Context *c, raw_slot *slots) {
     int32_t kind = slots[0].i32;
-    if (kind == KIND_REQUEST) {
-        if (!c->has_request_headers) return READ_IN_PYTHON;
-    } else if (kind != KIND_RESPONSE || !c->response_owned) {
-        return SYNC_THEN_PYTHON;
-    }
+    if (kind == KIND_REQUEST) return h_get_request_header_values(c, slots);
+    if (kind != KIND_RESPONSE || !c->response_owned) return SYNC_THEN_PYTHON;
     uint64_t name_len = U32(slots[2].i32);
     uint8_t *name = memory_span(c, U32(slots[1].i32), name_len);
     if (name == NULL || name_len == 0) return SYNC_THEN_PYTHON;
     uint64_t count = 0, total = 0;
-    if (kind == KIND_REQUEST) {
-        for (Py_ssize_t i = 0; i < c->n_request_headers; i++) {
-            header_view *h = &c->request_header_views[i];
-            if (same_name(h->name, (size_t)h->name_len, (const char *)name, name_len)) {
-                count++;
-                total += (uint64_t)h->value_len + 1;
-            }
-        }
-    } else {
-        for (size_t i = 0; i < c->n_headers; i++) {
-            header *h = &c->headers[i];
-            if (same_name(h->name, h->name_len, (const char *)name, name_len)) {
-                count++;
-                total += h->value_len + 1;
-            }
+    for (size_t i = 0; i < c->n_headers; i++) {
+        header *h = &c->headers[i];
+        if (same_name(h->name, h->name_len, (const char *)name, name_len)) {
+            count++;
+            total += h->value_len + 1;
         }
     }
     if (count == 0) {
@@ -290,34 +311,23 @@ static int h_get_header_values(Context *c, raw_slot *slots) {
     }
     if (total <= U32(slots[4].i32)) {
         uint8_t *out = memory_span(c, U32(slots[3].i32), total);
-        if (out == NULL) return kind == KIND_REQUEST ? READ_IN_PYTHON : SYNC_THEN_PYTHON;
+        if (out == NULL) return SYNC_THEN_PYTHON;
         /* the name was read from guest memory that the values may overlap: match first, then write */
         uint8_t *lowered = malloc(name_len);
-        if (lowered == NULL) return kind == KIND_REQUEST ? READ_IN_PYTHON : SYNC_THEN_PYTHON;
+        if (lowered == NULL) return SYNC_THEN_PYTHON;
         for (uint64_t i = 0; i < name_len; i++) lowered[i] = lower(name[i]);
         char *scratch = malloc(total);
         if (scratch == NULL) {
             free(lowered);
-            return kind == KIND_REQUEST ? READ_IN_PYTHON : SYNC_THEN_PYTHON;
+            return SYNC_THEN_PYTHON;
         }
         size_t at = 0;
-        if (kind == KIND_REQUEST) {
-            for (Py_ssize_t i = 0; i < c->n_request_headers; i++) {
-                header_view *h = &c->request_header_views[i];
-                if (same_name(h->name, (size_t)h->name_len, (const char *)lowered, name_len)) {
-                    memcpy(scratch + at, h->value, (size_t)h->value_len);
-                    at += (size_t)h->value_len;
-                    scratch[at++] = 0;
-                }
-            }
-        } else {
-            for (size_t i = 0; i < c->n_headers; i++) {
-                header *h = &c->headers[i];
-                if (same_name(h->name, h->name_len, (const char *)lowered, name_len)) {
-                    memcpy(scratch + at, h->value, h->value_len);
-                    at += h->value_len;
-                    scratch[at++] = 0;
-                }
+        for (size_t i = 0; i < c->n_headers; i++) {
+            header *h = &c->headers[i];
+            if (same_name(h->name, h->name_len, (const char *)lowered, name_len)) {
+                memcpy(scratch + at, h->value, h->value_len);
+                at += h->value_len;
+                scratch[at++] = 0;
             }
         }
         memcpy(out, scratch, total);
@@ -616,9 +626,7 @@ static void clear_headers(Context *c) {
 static void end_snapshot(Context *c) {
     Py_CLEAR(c->method);
     Py_CLEAR(c->uri);
-    Py_CLEAR(c->request_headers);
-    c->has_request_headers = 0;
-    c->n_request_headers = 0;
+    c->state = NULL;
 }
 
 static void Context_dealloc(Context *self) {
@@ -627,7 +635,6 @@ static void Context_dealloc(Context *self) {
     clear_headers(self);
     free(self->lines);
     free(self->headers);
-    free(self->request_header_views);
     Py_XDECREF(self->memory_owner);
     Py_XDECREF(self->config);
     Py_XDECREF(self->call_log);
@@ -652,54 +659,6 @@ static int get_long_long(PyObject *object, PyObject *name, long long *out) {
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
-/* The request headers as pointers into the (name, value) pairs of `headers`, which is kept. */
-static int snapshot_request_headers(Context *c, PyObject *state) {
-    PyObject *entries = NULL;
-    PyObject *held = PyObject_GetAttr(state, s_request_headers);
-    if (held == NULL) return -1;
-    if (held == Py_None) {
-        Py_DECREF(held);
-        PyObject *read = PyObject_CallMethodNoArgs(state, s_read_request_headers);
-        if (read == NULL) return -1;
-        entries = PySequence_Fast(read, "request headers");
-        Py_DECREF(read);
-    } else {
-        PyObject *list = PyObject_GetAttr(held, s_entries);
-        Py_DECREF(held);
-        if (list == NULL) return -1;
-        entries = PySequence_Fast(list, "request headers");
-        Py_DECREF(list);
-    }
-    if (entries == NULL) return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(entries);
-    if (n > c->request_header_capacity) {
-        header_view *grown = realloc(c->request_header_views, (size_t)n * sizeof(header_view));
-        if (grown == NULL) {
-            Py_DECREF(entries);
-            PyErr_NoMemory();
-            return -1;
-        }
-        c->request_header_views = grown;
-        c->request_header_capacity = n;
-    }
-    PyObject **items = PySequence_Fast_ITEMS(entries);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pair = items[i];
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0)) ||
-            !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
-            Py_DECREF(entries);
-            return 0; /* not plain pairs of bytes: Python answers */
-        }
-        PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
-        c->request_header_views[i] =
-            (header_view){PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value)};
-    }
-    c->request_headers = entries;
-    c->n_request_headers = n;
-    c->has_request_headers = 1;
-    return 0;
-}
-
 #define BIT(id) (1UL << (id))
 #define NEEDS_PHASE (BIT(H_ENABLE_FEATURES) | BIT(H_SET_HEADER_VALUE) | BIT(H_ADD_HEADER_VALUE) | BIT(H_GET_HEADER_VALUES))
 #define NEEDS_RESPONSE (BIT(H_SET_HEADER_VALUE) | BIT(H_ADD_HEADER_VALUE) | BIT(H_GET_HEADER_VALUES))
@@ -709,6 +668,7 @@ static int snapshot_request_headers(Context *c, PyObject *state) {
 static int begin(Context *c, PyObject *instance, PyObject *state) {
     unsigned long imports = c->imports;
     c->instance = instance;
+    c->state = state;
     c->python_mode = 0;
     c->pending = 0;
     c->request_phase = 0;
@@ -762,7 +722,6 @@ static int begin(Context *c, PyObject *instance, PyObject *state) {
     c->bytes_at_start = c->bytes;
     c->dropped_at_start = c->dropped;
     c->dropped_bytes_at_start = c->dropped_bytes;
-    if ((imports & BIT(H_GET_HEADER_VALUES)) && snapshot_request_headers(c, state) < 0) return -1;
     return 0;
 }
 
@@ -1424,9 +1383,7 @@ PyMODINIT_FUNC PyInit__accel(void) {
     INTERN(s_status, "status");
     INTERN(s_max_buffer_bytes, "max_buffer_bytes");
     INTERN(s_response_headers, "_response_headers");
-    INTERN(s_request_headers, "_request_headers");
-    INTERN(s_read_request_headers, "read_request_headers");
-    INTERN(s_entries, "_entries");
+    INTERN(s_request_header_values, "request_header_values");
     INTERN(s_messages, "messages");
     INTERN(s_bytes, "bytes");
     INTERN(s_dropped, "dropped");
