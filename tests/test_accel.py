@@ -24,7 +24,7 @@ from twisted_httpwasm.abi import LogLevel
 from twisted_httpwasm.runtime import accel, engine, native
 from twisted_httpwasm.runtime.calllog import LogLimit
 from twisted_httpwasm.runtime.guest import Guest, GuestTrap
-from twisted_httpwasm.runtime.state import RequestState
+from twisted_httpwasm.runtime.state import HeaderList, RequestState
 
 from .support import ROOT, request_state
 from .test_hostfuncs import BUF, NAME, PAGE, REQUEST, RESPONSE, VALUE, call, guest, stored
@@ -352,6 +352,74 @@ class RequestHeaderTests(AcceleratedTestCase):
             except Exception as error:  # noqa: BLE001 - whatever the pure path raises, C's must be the same
                 results.append((type(error), str(error)))
         self.assertEqual(results[0], results[1])
+
+
+class ApplyTests(AcceleratedTestCase):
+    """What C recorded is made on the request in C: the response headers become the state's HeaderList directly."""
+
+    ADDS = [
+        call("add_header_value", RESPONSE, NAME + 8, 10, VALUE, 2),  # User-Agent: lowercased
+        call("add_header_value", RESPONSE, NAME, 3, VALUE + 2, 3),
+        call("set_header_value", RESPONSE, NAME + 8, 10, VALUE + 1, 1),
+    ]
+
+    def header_list(self, path: Any) -> tuple[dict[str, Any], list[str]]:
+        """The HeaderList a request-phase call of ``path`` leaves, slot by slot, and the Python functions entered."""
+        saved = accel.module
+        accel.module = path
+        try:
+            loaded = guest(request=self.ADDS, next=True, inputs=INPUTS)
+        finally:
+            accel.module = saved
+        if not engine.serving:
+            engine.serve_time_limits()
+        instance = loaded.pool.acquire()
+        loaded.pool.release(instance)
+        state = request_state()
+        session = loaded.session(state, inline=True)
+        entered: list[str] = []
+
+        def profile(frame: Any, event: str, _arg: Any) -> None:
+            if event == "call":
+                entered.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
+
+        threading.setprofile(None)
+        sys.setprofile(profile)
+        try:
+            self.assertTrue(session.handle_request())
+        finally:
+            sys.setprofile(None)
+        session.close()
+        held = state._response_headers
+        assert held is not None
+        # Every slot, the size as counted (the pure path's set() leaves it to be counted on first use).
+        slots = {slot: getattr(held, slot) for slot in HeaderList.__slots__ if slot != "_size"}
+        return {**slots, "size": held.size}, entered
+
+    def test_the_header_list_python_would_make(self) -> None:
+        """The same entries, size and changed flag as on the pure path, with no Python function making them."""
+        (fast, entered), (pure, _) = self.header_list(accel.compiled), self.header_list(None)
+        self.assertEqual(fast, pure)
+        self.assertEqual(fast["_entries"], [(b"x-a", b"v22"), (b"user-agent", b"1")])
+        self.assertEqual(fast["size"], 3 + 3 + 10 + 1)
+        self.assertTrue(fast["changed"])
+        made = [name for name in entered if name.split(":")[0] in ("accel.py", "state.py")]
+        self.assertEqual(made, [])
+
+    def test_onto_headers_python_made_first(self) -> None:
+        """Response headers the state already holds (made in Python during the call) get C's added after theirs."""
+        loaded = guest(request=self.ADDS[:2], inputs=INPUTS)
+        instance = loaded.pool.acquire()
+        state = request_state()
+        instance.state = state
+        instance.accel.call(instance._handle_request.accelerated, 1, instance, state)
+        state.response_headers.add(b"X-Before", b"0")
+        accel.apply(instance)
+        self.assertEqual(
+            state.response_headers.items(), [(b"x-before", b"0"), (b"user-agent", b"v1"), (b"x-a", b"v22")]
+        )
+        self.assertEqual(state.response_headers.size, len(b"x-before0user-agentv1x-av22"))
+        self.assertFalse(instance.accel.pending)
 
 
 class NoPythonTests(AcceleratedTestCase):

@@ -1282,6 +1282,156 @@ done:
     return result;
 }
 
+/* -- apply: what a call recorded, made on its request and call log (runtime/accel.py's apply) ------- */
+
+static PyObject *header_list_type; /* runtime.state.HeaderList: the response headers C recorded become one */
+static PyObject *log_levels;       /* (LogLevel.DEBUG, INFO, WARN, ERROR): a recorded line's level + 1 */
+static PyObject *s_entries, *s_size, *s_changed, *s_response_headers_property, *s_add, *s_log;
+
+/* setup_apply(HeaderList, levels): what apply() makes. */
+static PyObject *setup_apply(PyObject *module, PyObject *args) {
+    PyObject *type, *levels;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &type, &PyTuple_Type, &levels)) return NULL;
+    if (PyTuple_GET_SIZE(levels) != 4) {
+        PyErr_SetString(PyExc_ValueError, "four log levels: debug, info, warn, error");
+        return NULL;
+    }
+    Py_INCREF(type);
+    Py_XSETREF(header_list_type, type);
+    Py_INCREF(levels);
+    Py_XSETREF(log_levels, levels);
+    Py_RETURN_NONE;
+}
+
+/* The response headers C recorded, as the HeaderList Python would have made by adding them one by one to
+ * the empty one a request-phase state starts with: the same entries (names already lowercase), the same
+ * size, changed. */
+static PyObject *recorded_header_list(Context *c) {
+    PyObject *entries = PyList_New((Py_ssize_t)c->n_headers);
+    if (entries == NULL) return NULL;
+    for (size_t i = 0; i < c->n_headers; i++) {
+        header *h = &c->headers[i];
+        PyObject *item = Py_BuildValue("(y#y#)", h->name, (Py_ssize_t)h->name_len, h->value, (Py_ssize_t)h->value_len);
+        if (item == NULL) {
+            Py_DECREF(entries);
+            return NULL;
+        }
+        PyList_SET_ITEM(entries, (Py_ssize_t)i, item);
+    }
+    PyTypeObject *type = (PyTypeObject *)header_list_type;
+    PyObject *headers = type->tp_alloc(type, 0); /* as HeaderList.__new__; its slots are set here */
+    PyObject *size = PyLong_FromLongLong(c->headers_size);
+    if (headers == NULL || size == NULL || PyObject_SetAttr(headers, s_entries, entries) < 0 ||
+        PyObject_SetAttr(headers, s_size, size) < 0 || PyObject_SetAttr(headers, s_changed, Py_True) < 0)
+        Py_CLEAR(headers);
+    Py_XDECREF(size);
+    Py_DECREF(entries);
+    return headers;
+}
+
+static int apply_headers(Context *c, PyObject *state) {
+    PyObject *held = PyObject_GetAttr(state, s_response_headers);
+    if (held == NULL) return -1;
+    int fresh = held == Py_None;
+    Py_DECREF(held);
+    if (fresh) {
+        PyObject *phase = PyObject_GetAttr(state, s_phase);
+        if (phase == NULL) return -1;
+        fresh = phase == request_phase;
+        Py_DECREF(phase);
+    }
+    if (fresh) { /* the common case: nothing but C touched the response headers in this call */
+        PyObject *headers = recorded_header_list(c);
+        if (headers == NULL) return -1;
+        int failed = PyObject_SetAttr(state, s_response_headers, headers);
+        Py_DECREF(headers);
+        return failed;
+    }
+    /* as Python would: state.response_headers.add(name, value), one by one */
+    PyObject *response = PyObject_GetAttr(state, s_response_headers_property);
+    if (response == NULL) return -1;
+    for (size_t i = 0; i < c->n_headers; i++) {
+        header *h = &c->headers[i];
+        PyObject *name = PyBytes_FromStringAndSize(h->name, (Py_ssize_t)h->name_len);
+        PyObject *value = name ? PyBytes_FromStringAndSize(h->value, (Py_ssize_t)h->value_len) : NULL;
+        PyObject *added = value ? PyObject_CallMethodObjArgs(response, s_add, name, value, NULL) : NULL;
+        Py_XDECREF(name);
+        Py_XDECREF(value);
+        if (added == NULL) {
+            Py_DECREF(response);
+            return -1;
+        }
+        Py_DECREF(added);
+    }
+    Py_DECREF(response);
+    return 0;
+}
+
+static int set_long(PyObject *object, PyObject *name, long long value) {
+    PyObject *number = PyLong_FromLongLong(value);
+    if (number == NULL) return -1;
+    int failed = PyObject_SetAttr(object, name, number);
+    Py_DECREF(number);
+    return failed;
+}
+
+/* apply(instance): make what the call in progress (or just ended) recorded in C on instance.state and
+ * instance.call_log, and forget it: the features, the log counts, the log lines (instance.log, in order),
+ * the response headers. */
+static PyObject *apply(PyObject *module, PyObject *instance) {
+    if (header_list_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "setup_apply() first");
+        return NULL;
+    }
+    PyObject *accel = PyObject_GetAttr(instance, s_accel);
+    if (accel == NULL) return NULL;
+    if (!PyObject_TypeCheck(accel, &ContextType)) {
+        Py_DECREF(accel);
+        PyErr_SetString(PyExc_TypeError, "apply(instance): instance.accel is not a Context");
+        return NULL;
+    }
+    Context *c = (Context *)accel;
+    PyObject *state = PyObject_GetAttr(instance, s_state);
+    int failed = state == NULL;
+    if (!failed && c->features != c->features_at_start) {
+        failed = set_long(state, s_features, c->features) < 0;
+        c->features_at_start = c->features;
+    }
+    if (!failed && (c->messages != c->messages_at_start || c->bytes != c->bytes_at_start ||
+                    c->dropped != c->dropped_at_start || c->dropped_bytes != c->dropped_bytes_at_start)) {
+        PyObject *log = c->call_log;
+        failed = set_long(log, s_messages, c->messages) < 0 || set_long(log, s_bytes, c->bytes) < 0 ||
+                 set_long(log, s_dropped, c->dropped) < 0 || set_long(log, s_dropped_bytes, c->dropped_bytes) < 0;
+        c->messages_at_start = c->messages;
+        c->bytes_at_start = c->bytes;
+        c->dropped_at_start = c->dropped;
+        c->dropped_bytes_at_start = c->dropped_bytes;
+    }
+    for (size_t i = 0; !failed && i < c->n_lines; i++) {
+        log_line *line = &c->lines[i];
+        PyObject *text = PyUnicode_DecodeUTF8(line->data, (Py_ssize_t)line->len, "replace");
+        if (text != NULL && line->more) {
+            PyObject *longer = PyUnicode_FromFormat("%U... [%zu more bytes not logged]", text, line->more);
+            Py_DECREF(text);
+            text = longer;
+        }
+        PyObject *logged = text ? PyObject_CallMethodObjArgs(instance, s_log, PyTuple_GET_ITEM(log_levels, line->level + 1),
+                                                             text, NULL)
+                                : NULL;
+        Py_XDECREF(text);
+        failed = logged == NULL;
+        Py_XDECREF(logged);
+    }
+    if (!failed && c->headers_changed) failed = apply_headers(c, state) < 0;
+    clear_lines(c);
+    clear_headers(c);
+    c->pending = 0;
+    Py_XDECREF(state);
+    Py_DECREF(accel);
+    if (failed) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Context_methods[] = {
     {"call", (PyCFunction)(void (*)(void))Context_call, METH_FASTCALL,
      "call(export, hold_gil, instance, state, *args): call a guest export; the first result slot."},
@@ -1363,6 +1513,8 @@ static PyMethodDef module_methods[] = {
     {"run_inline", (PyCFunction)(void (*)(void))run_inline, METH_FASTCALL,
      "run_inline(work, on_result, on_error, still_wanted=None): web.runners.InlineRunner.run, in C."},
     {"setup_calls", setup_calls, METH_VARARGS, "setup_calls(current, engine_globals, no_observer)"},
+    {"setup_apply", setup_apply, METH_VARARGS, "setup_apply(HeaderList, levels): what apply() makes."},
+    {"apply", apply, METH_O, "apply(instance): make what the call recorded in C on its request and call log."},
     {"call_request", (PyCFunction)(void (*)(void))call_request, METH_FASTCALL,
      "call_request(instance, state, inline): GuestInstance.request_call, without Python when nothing needs it."},
     {"call_response", (PyCFunction)(void (*)(void))call_response, METH_FASTCALL,
@@ -1404,6 +1556,12 @@ PyMODINIT_FUNC PyInit__accel(void) {
     INTERN(s_check_size, "check_size");
     INTERN(s_body_length, "body_length");
     INTERN(s_is_error, "is_error");
+    INTERN(s_entries, "_entries");
+    INTERN(s_size, "_size");
+    INTERN(s_changed, "changed");
+    INTERN(s_response_headers_property, "response_headers");
+    INTERN(s_add, "add");
+    INTERN(s_log, "log");
     if (PyType_Ready(&HostEnvType) < 0 || PyType_Ready(&ExportType) < 0 || PyType_Ready(&ContextType) < 0 ||
         PyType_Ready(&SessionType) < 0)
         return NULL;

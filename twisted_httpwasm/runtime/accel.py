@@ -6,7 +6,7 @@ and answers the common ``http_handler`` host functions in C, over a snapshot
 of the request taken before each call (request headers are read by name when
 the guest asks, through ``RequestState.request_header_values``, as the pure
 path reads them); it records what the guest changes, and
-:func:`apply` makes those changes on the Python objects after the call (or
+:data:`apply` makes those changes on the Python objects after the call (or
 before a host function only Python answers).  Whatever it does not answer
 itself, and every failure, is answered by the pure-Python implementation, so
 both paths behave the same, byte for byte (the suite runs against both).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -29,7 +30,7 @@ from ..abi import HOST_FUNCTIONS, LogLevel
 from . import engine as _engine
 from . import native as _native
 from .observe import NO_OBSERVER
-from .state import REQUEST_PHASE
+from .state import REQUEST_PHASE, HeaderList
 
 __all__ = ["ACCELERATED", "HOST_IDS", "REASON", "apply", "compiled", "describe", "module"]
 
@@ -61,24 +62,12 @@ HOST_IDS = {
     )
 }
 
-_LEVELS = {int(level): level for level in LogLevel}
+#: The levels a line recorded in C is logged at, by its level + 1 (debug, info, warn, error).
+_LEVELS = (LogLevel.DEBUG, LogLevel.INFO, LogLevel.WARN, LogLevel.ERROR)
 
 
-def apply(instance: Any) -> None:
-    """Make what the call in progress (or just ended) recorded in C on its request and call log."""
-    features, counts, lines, headers = instance.accel.take()
-    state = instance.state
-    if features is not None:
-        state.features = features
-    if counts is not None:
-        call_log = instance.call_log
-        call_log.messages, call_log.bytes, call_log.dropped, call_log.dropped_bytes = counts
-    for level, text in lines:
-        instance.log(_LEVELS[level], text)
-    if headers is not None:
-        response = state.response_headers  # made here: in the request phase it starts empty, as C's did
-        for name, value in headers:
-            response.add(name, value)
+def _nothing_recorded(instance: Any) -> None:
+    """:data:`apply` without the accelerator: nothing is recorded in C, so there is nothing to apply."""
 
 
 def _raise_error(address: int) -> BaseException:
@@ -106,7 +95,8 @@ def _load() -> tuple[Any, str]:
     try:
         major = int(metadata.version("wasmtime").split(".")[0])
         handle = ffi.dll._handle
-        _accel.setup(handle, major, apply, _raise_error, _raise_trap, _timed_out, REQUEST_PHASE)
+        _accel.setup(handle, major, _accel.apply, _raise_error, _raise_trap, _timed_out, REQUEST_PHASE)
+        _accel.setup_apply(HeaderList, _LEVELS)
         _accel.setup_calls(_native.current, vars(_engine), NO_OBSERVER)
     except Exception as error:  # noqa: BLE001 - any mismatch leaves the pure path, with one warning
         warnings.warn(f"twisted-httpwasm: compiled accelerator disabled: {error}", RuntimeWarning, stacklevel=2)
@@ -120,6 +110,11 @@ compiled, REASON = _load()
 module = compiled
 #: Whether the compiled accelerator serves guest calls in this process.
 ACCELERATED = compiled is not None
+#: apply(instance): make what the call in progress (or just ended) recorded in C on its request
+#: (``instance.state``: features, response headers) and call log (counts; lines through
+#: ``instance.log``, in order), and forget it.  In C: the recorded response headers become the
+#: state's ``HeaderList`` without Python building one entry by entry.
+apply: Callable[[Any], None] = compiled.apply if compiled is not None else _nothing_recorded
 
 
 def describe() -> str:
