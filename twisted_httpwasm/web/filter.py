@@ -56,7 +56,6 @@ from .policy import (
 )
 from .request_changes import (
     TwistedRequestState,
-    apply_request_changes,
     merge_guest_response_headers,
 )
 from .runners import InlineRunner, Runner
@@ -241,7 +240,7 @@ class RequestFilter:
                 return
         prefix = b""
         if state.touched():
-            apply_request_changes(request, state, self._note_dropped)
+            state.apply_changes(self._note_dropped)
             if state.response_body:
                 prefix = bytes(state.response_body)  # what the guest wrote before next: the response starts with it
                 budget = self.settings.buffer_budget

@@ -1,8 +1,8 @@
 """The guest's view of a Twisted request, and the guest's changes applied back to it.
 
 :class:`TwistedRequestState` reads the request on first use (nothing is
-copied for a guest that does not ask); :func:`apply_request_changes` makes the
-request what the guest changed it to before the downstream renders it.
+copied for a guest that does not ask), and its :meth:`~TwistedRequestState.apply_changes`
+makes the request what the guest changed it to before the downstream renders it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ __all__ = [
     "FRAMING_HEADERS",
     "NoteDropped",
     "TwistedRequestState",
-    "apply_request_changes",
     "merge_guest_response_headers",
     "raw_headers",
 ]
@@ -95,56 +94,66 @@ class TwistedRequestState(RequestState):
         request = self.request
         return raw_headers(request.responseHeaders) + [(b"set-cookie", cookie) for cookie in request.cookies]
 
+    def apply_changes(self, note_dropped: NoteDropped) -> None:
+        """Make the request what the guest changed it to (method, headers, body, URI), and the response
+        what it set before next (headers, status), for the downstream.
 
-def apply_request_changes(request: Request, state: RequestState, note_dropped: NoteDropped) -> None:
-    """Make the request what the guest changed it to (method, headers, body, URI), and the response
-    what it set before next (headers, status), for the downstream."""
-    if state.method_changed:
-        request.method = state.method
-    changed = state.changed_request_headers()
-    if changed is not None:
-        remember_client_headers(request)  # a proxy downstream tells the client's headers from a guest's
-        headers = Headers()
-        for name, value in changed.items():
-            headers.addRawHeader(name, value)
-        request.requestHeaders = headers
-    body: Any = None
-    length = 0
-    consumed = state.consumed_request_body()
-    if state.request_body is not None:
-        body = io.BytesIO(state.request_body)
-        length = len(state.request_body)
-    elif consumed and not state.features & _BUFFER_REQUEST and request.content is not None:
-        # What the guest read is gone; the rest is read from where Twisted spooled it, not copied.
-        length = max(0, state.body_length - consumed)
-        body = io.BufferedReader(BodyRemainder(request.content, consumed, length))
-    if body is not None:
-        request.content = body
-        if changed is None:  # the guest's view (and the client's) keeps the headers as they came
-            remember_client_headers(request)
-            request.requestHeaders = request.requestHeaders.copy()
-        request.requestHeaders.removeHeader(b"transfer-encoding")
-        request.requestHeaders.setRawHeaders(b"content-length", [b"%d" % length])
-    elif consumed and request.content is not None:
-        request.content.seek(0)
-    if state.uri_changed:
-        request.uri = state.uri
-        path, _, query = state.uri.partition(b"?")
-        request.path = path
-        request.args = parse_qs(query, 1)
-        segments = [unquote_to_bytes(segment) for segment in path[1:].split(b"/")]
-        mount = list(request.prepath or [])
-        if segments[: len(mount)] == mount:
-            segments = segments[len(mount) :]
-        request.prepath = mount
-        request.postpath = segments
-    # What the guest set on the response before next is part of the final response.
-    merge_guest_response_headers(request, state.changed_response_headers(), note_dropped)
-    if state.status_changed:
-        if state.status >= 200:
-            request.setResponseCode(state.status)
-        else:
-            note_dropped(b":status", f"set the interim status {state.status} on the response")
+        Read from the state's own fields rather than through :class:`RequestState`'s accessors
+        (``changed_request_headers`` and the like): one frame for the whole of it.
+        """
+        request = self.request
+        if self.method_changed:
+            request.method = self.method
+        changed = self._request_headers
+        if changed is not None and not changed.changed:
+            changed = None
+        if changed is not None:
+            remember_client_headers(request)  # a proxy downstream tells the client's headers from a guest's
+            headers = Headers()
+            for name, value in changed.items():
+                headers.addRawHeader(name, value)
+            request.requestHeaders = headers
+        body: Any = None
+        length = 0
+        reader = self._request_reader
+        consumed = reader.consumed if reader is not None else 0
+        if self.request_body is not None:
+            body = io.BytesIO(self.request_body)
+            length = len(self.request_body)
+        elif consumed and not self.features & _BUFFER_REQUEST and request.content is not None:
+            # What the guest read is gone; the rest is read from where Twisted spooled it, not copied.
+            length = max(0, self.body_length - consumed)
+            body = io.BufferedReader(BodyRemainder(request.content, consumed, length))
+        if body is not None:
+            request.content = body
+            if changed is None:  # the guest's view (and the client's) keeps the headers as they came
+                remember_client_headers(request)
+                request.requestHeaders = request.requestHeaders.copy()
+            request.requestHeaders.removeHeader(b"transfer-encoding")
+            request.requestHeaders.setRawHeaders(b"content-length", [b"%d" % length])
+        elif consumed and request.content is not None:
+            request.content.seek(0)
+        if self.uri_changed:
+            uri = self.uri
+            request.uri = uri
+            path, _, query = uri.partition(b"?")
+            request.path = path
+            request.args = parse_qs(query, 1)
+            segments = [unquote_to_bytes(segment) for segment in path[1:].split(b"/")]
+            mount = list(request.prepath or [])
+            if segments[: len(mount)] == mount:
+                segments = segments[len(mount) :]
+            request.prepath = mount
+            request.postpath = segments
+        # What the guest set on the response before next is part of the final response.
+        response = self._response_headers
+        if response is not None and response.changed:
+            merge_guest_response_headers(request, response, note_dropped)
+        if self.status_changed:
+            if self.status >= 200:
+                request.setResponseCode(self.status)
+            else:
+                note_dropped(b":status", f"set the interim status {self.status} on the response")
 
 
 def merge_guest_response_headers(request: Request, headers: HeaderList | None, note_dropped: NoteDropped) -> None:
