@@ -361,6 +361,7 @@ class ApplyTests(AcceleratedTestCase):
         call("add_header_value", RESPONSE, NAME + 8, 10, VALUE, 2),  # User-Agent: lowercased
         call("add_header_value", RESPONSE, NAME, 3, VALUE + 2, 3),
         call("set_header_value", RESPONSE, NAME + 8, 10, VALUE + 1, 1),
+        call("enable_features", 2, slot=0),
     ]
 
     def header_list(self, path: Any) -> tuple[dict[str, Any], list[str]]:
@@ -394,16 +395,19 @@ class ApplyTests(AcceleratedTestCase):
         assert held is not None
         # Every slot, the size as counted (the pure path's set() leaves it to be counted on first use).
         slots = {slot: getattr(held, slot) for slot in HeaderList.__slots__ if slot != "_size"}
-        return {**slots, "size": held.size}, entered
+        left = (state.features, instance.state, native.current.target, instance.call_log.messages)
+        return {**slots, "size": held.size, "left": left}, entered
 
     def test_the_header_list_python_would_make(self) -> None:
-        """The same entries, size and changed flag as on the pure path, with no Python function making them."""
+        """The same entries, size and changed flag as on the pure path, and the features, with no Python function
+        making them, nor ending the call (``_end_fast_call`` is C when the call leaves nothing else to do)."""
         (fast, entered), (pure, _) = self.header_list(accel.compiled), self.header_list(None)
         self.assertEqual(fast, pure)
         self.assertEqual(fast["_entries"], [(b"x-a", b"v22"), (b"user-agent", b"1")])
         self.assertEqual(fast["size"], 3 + 3 + 10 + 1)
         self.assertTrue(fast["changed"])
-        made = [name for name in entered if name.split(":")[0] in ("accel.py", "state.py")]
+        self.assertEqual(fast["left"], (2, None, None, 0))
+        made = [name for name in entered if name.split(":")[0] in ("accel.py", "state.py", "guest.py")]
         self.assertEqual(made, [])
 
     def test_onto_headers_python_made_first(self) -> None:

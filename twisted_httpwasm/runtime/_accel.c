@@ -1286,7 +1286,7 @@ done:
 
 static PyObject *header_list_type; /* runtime.state.HeaderList: the response headers C recorded become one */
 static PyObject *log_levels;       /* (LogLevel.DEBUG, INFO, WARN, ERROR): a recorded line's level + 1 */
-static PyObject *s_entries, *s_size, *s_changed, *s_response_headers_property, *s_add, *s_log;
+static PyObject *s_entries, *s_size, *s_changed, *s_response_headers_property, *s_add, *s_log, *s_call_log;
 
 /* setup_apply(HeaderList, levels): what apply() makes. */
 static PyObject *setup_apply(PyObject *module, PyObject *args) {
@@ -1432,6 +1432,71 @@ static PyObject *apply(PyObject *module, PyObject *instance) {
     Py_RETURN_NONE;
 }
 
+/* end_fast_call(instance, state, error): GuestInstance._end_fast_call, what the fast call has run after a call
+ * Python must see.  C does it when the call succeeded, no Python ran in it and nothing recorded needs Python
+ * to apply it (no log line, no log count): the features and response headers are applied here, and
+ * instance.state is cleared; the log is handed over (instance._hand_over_log) if the call log holds any.
+ * Otherwise, and for every failure, GuestInstance._finish_fast_call(state, error) does it all, in Python.
+ * Exposed as a method descriptor, so that the class can hold it as its _end_fast_call. */
+static PyObject *s_finish_fast_call, *s_hand_over_log, *s_lines;
+
+static int call_log_holds_any(PyObject *log) {
+    PyObject *names[3] = {s_lines, s_messages, s_dropped};
+    for (int i = 0; i < 3; i++) {
+        PyObject *value = PyObject_GetAttr(log, names[i]);
+        if (value == NULL) return -1;
+        int truth = PyObject_IsTrue(value);
+        Py_DECREF(value);
+        if (truth != 0) return truth;
+    }
+    return 0;
+}
+
+static PyObject *end_fast_call(PyObject *instance, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_end_fast_call(state, error)");
+        return NULL;
+    }
+    PyObject *state = args[0], *error = args[1];
+    PyObject *accel = PyObject_GetAttr(instance, s_accel);
+    if (accel == NULL) return NULL;
+    Context *c = PyObject_TypeCheck(accel, &ContextType) ? (Context *)accel : NULL;
+    if (c == NULL || error != Py_None || c->target_set || c->n_lines || header_list_type == NULL ||
+        c->messages != c->messages_at_start || c->bytes != c->bytes_at_start || c->dropped != c->dropped_at_start ||
+        c->dropped_bytes != c->dropped_bytes_at_start) {
+        Py_DECREF(accel);
+        return PyObject_CallMethodObjArgs(instance, s_finish_fast_call, state, error, NULL);
+    }
+    int failed = 0;
+    if (c->pending) { /* as apply(): only features and headers can be left to apply here */
+        if (c->features != c->features_at_start) {
+            failed = set_long(state, s_features, c->features) < 0;
+            c->features_at_start = c->features;
+        }
+        if (!failed && c->headers_changed) failed = apply_headers(c, state) < 0;
+        clear_headers(c);
+        c->pending = 0;
+    }
+    Py_DECREF(accel);
+    /* As _finish_fast_call's finally block, in order: a failure to apply ends it there. */
+    if (failed || PyObject_SetAttr(instance, s_state, Py_None) < 0) return NULL;
+    PyObject *log = PyObject_GetAttr(instance, s_call_log);
+    int holds = log == NULL ? -1 : call_log_holds_any(log);
+    Py_XDECREF(log);
+    if (holds < 0) return NULL;
+    if (holds) {
+        PyObject *handed = PyObject_CallMethodOneArg(instance, s_hand_over_log, state);
+        if (handed == NULL) return NULL;
+        Py_DECREF(handed);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef end_fast_call_def = {
+    "_end_fast_call", (PyCFunction)(void (*)(void))end_fast_call, METH_FASTCALL,
+    "_end_fast_call(state, error): after a fast call Python must see (GuestInstance._finish_fast_call, in C "
+    "for the common case)."};
+
 static PyMethodDef Context_methods[] = {
     {"call", (PyCFunction)(void (*)(void))Context_call, METH_FASTCALL,
      "call(export, hold_gil, instance, state, *args): call a guest export; the first result slot."},
@@ -1562,6 +1627,10 @@ PyMODINIT_FUNC PyInit__accel(void) {
     INTERN(s_response_headers_property, "response_headers");
     INTERN(s_add, "add");
     INTERN(s_log, "log");
+    INTERN(s_call_log, "call_log");
+    INTERN(s_lines, "lines");
+    INTERN(s_finish_fast_call, "_finish_fast_call");
+    INTERN(s_hand_over_log, "_hand_over_log");
     if (PyType_Ready(&HostEnvType) < 0 || PyType_Ready(&ExportType) < 0 || PyType_Ready(&ContextType) < 0 ||
         PyType_Ready(&SessionType) < 0)
         return NULL;
@@ -1575,7 +1644,8 @@ PyMODINIT_FUNC PyInit__accel(void) {
         PyModule_AddObject(module, "Export", (PyObject *)&ExportType) < 0 ||
         PyModule_AddObject(module, "Context", (PyObject *)&ContextType) < 0 ||
         PyModule_AddObject(module, "Session", (PyObject *)&SessionType) < 0 ||
-        PyModule_AddIntConstant(module, "HOST_FUNCTIONS", H_COUNT) < 0) {
+        PyModule_AddIntConstant(module, "HOST_FUNCTIONS", H_COUNT) < 0 ||
+        PyModule_AddObject(module, "end_fast_call", PyDescr_NewMethod(&PyBaseObject_Type, &end_fast_call_def)) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -115,6 +115,8 @@ ACCELERATED = compiled is not None
 #: ``instance.log``, in order), and forget it.  In C: the recorded response headers become the
 #: state's ``HeaderList`` without Python building one entry by entry.
 apply: Callable[[Any], None] = compiled.apply if compiled is not None else _nothing_recorded
+#: GuestInstance._end_fast_call where the accelerator is built (C for the common case); else None.
+end_fast_call: Any = compiled.end_fast_call if compiled is not None else None
 
 
 def describe() -> str:

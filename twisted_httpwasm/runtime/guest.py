@@ -526,7 +526,7 @@ class GuestInstance:
         for native in (self._handle_request, self._handle_response):
             context, func, n_params, n_results, owner = native.accel_args()
             native.accelerated = module.Export(context, func, n_params, n_results, seconds, owner)
-        if not self._outputs:  # the session's calls may skip _call (see _end_fast_call)
+        if not self._outputs:  # the session's calls may skip _call (see _finish_fast_call)
             self.accel.prepare_fast(self._handle_request.accelerated, self._handle_response.accelerated)
         # From now on the store's epoch deadlines go to the accelerator, which ends calls past their limit
         # and, in thread mode, releases the GIL at a call's first tick (see _accel.c, on_deadline).
@@ -595,13 +595,15 @@ class GuestInstance:
         state.trap_reason = reason
         raise GuestTrap(reason, timed_out=error.interrupted) from None
 
-    def _end_fast_call(self, state: RequestState, error: BaseException | None) -> None:
+    def _finish_fast_call(self, state: RequestState, error: BaseException | None) -> None:
         """What :meth:`_call` does after an accelerated call, for the compiled fast call (``_accel.call_request``).
 
-        The fast call made no Python call unless something needed it: it calls this when the guest
-        failed, when C recorded something to apply, or when Python answered a host function.  The
-        fast call only serves while nothing observes calls and the guest captures no output, so
-        neither has anything to do here.
+        The fast call made no Python call unless something needed it: it calls ``_end_fast_call``
+        when the guest failed, when C recorded something to apply, or when Python answered a host
+        function.  That is C (``_accel.end_fast_call``) for the common case, a call that succeeded
+        and left only features or response headers to apply, and this method otherwise.  The fast
+        call only serves while nothing observes calls and the guest captures no output, so neither
+        has anything to do here.
         """
         current = _native.current
         current.target = self  # as during the call: the lines applied now join the call's batch
@@ -618,6 +620,10 @@ class GuestInstance:
             call_log = self.call_log
             if call_log.lines or call_log.messages or call_log.dropped:
                 self._hand_over_log(state)
+
+    #: What the fast call calls after a call Python must see: :meth:`_finish_fast_call`, done in C for the
+    #: common case where the accelerator is built (a method descriptor, so that it binds like a method).
+    _end_fast_call = _accel.end_fast_call if _accel.end_fast_call is not None else _finish_fast_call
 
     def _hand_over_log(self, state: RequestState) -> None:
         """The call's log lines, and the count of those dropped, to the reactor in one go."""
