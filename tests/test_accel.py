@@ -86,41 +86,57 @@ def session_outcome(path: Any, statements: list[str] = MIXED, **options: Any) ->
     Both calls run: ``handle_request`` runs ``statements`` and passes the request on, ``handle_response``
     runs them again in the response phase.
     """
-    saved = accel.module
-    accel.module = path
-    try:
-        loaded = guest(request=statements, response=statements, next=True, inputs=INPUTS, **options)
-    finally:
-        accel.module = saved
-    if not engine.serving:  # the fast call serves once the serving clock runs (the first call starts it)
-        engine.serve_time_limits()
-    events: list[dict[str, Any]] = []
-    loaded.log = Logger(namespace="httpwasm.test", observer=events.append)
-    instance = loaded.pool.acquire()
-    loaded.pool.release(instance)  # the session takes it again: the most recently returned is lent first
-    state = request_state(uri=b"/p?q=1", headers=[(b"User-Agent", b"ua/1"), (b"user-agent", b"ua/2")])
-    session = loaded.session(state, inline=True)
+    case = SessionCase(path, statements, inline=True, **options)
     traps = []
     try:
-        session.handle_request()
+        case.session.handle_request()
         traps.append(None)
-        state.enter_response_phase(200)
-        session.handle_response()
+        case.state.enter_response_phase(200)
+        case.session.handle_response()
         traps.append(None)
     except GuestTrap as error:
         traps.append(error.reason)
-    return (
-        traps,
-        [stored(instance, slot) for slot in range(7)],
-        instance.memory.read(BUF, 320),
-        state.features,
-        state.response_headers.items(),
-        [(event.get("text"), event["log_level"].name) for event in events if "text" in event],
-        [event.get("summary") for event in events if "summary" in event],
-        instance.state,
-        native.current.target,
-        instance.trapped,
-    )
+    return case.outcome(traps)
+
+
+class SessionCase:
+    """A request's session on a guest running ``statements`` in both calls, and what came of it.
+
+    ``path``: ``accel.compiled`` or None (the pure path); ``inline``: as ``Guest.session`` takes it
+    (thread mode's calls go through the guest workers: ``tests/test_worker.py``).
+    """
+
+    def __init__(self, path: Any, statements: list[str] = MIXED, *, inline: bool, **options: Any) -> None:
+        saved = accel.module
+        accel.module = path
+        try:
+            self.guest = loaded = guest(request=statements, response=statements, next=True, inputs=INPUTS, **options)
+        finally:
+            accel.module = saved
+        if not engine.serving:  # the fast call serves once the serving clock runs (the first call starts it)
+            engine.serve_time_limits()
+        self.events: list[dict[str, Any]] = []
+        loaded.log = Logger(namespace="httpwasm.test", observer=self.events.append)
+        self.instance = loaded.pool.acquire()
+        loaded.pool.release(self.instance)  # the session takes it again: the most recently returned is lent first
+        self.state = request_state(uri=b"/p?q=1", headers=[(b"User-Agent", b"ua/1"), (b"user-agent", b"ua/2")])
+        self.session = loaded.session(self.state, inline=inline)
+
+    def outcome(self, traps: list[str | None]) -> tuple[Any, ...]:
+        """Everything the calls produced (``traps``: None for each call that passed, then a trap's reason)."""
+        instance, events = self.instance, self.events
+        return (
+            traps,
+            [stored(instance, slot) for slot in range(7)],
+            instance.memory.read(BUF, 320),
+            self.state.features,
+            self.state.response_headers.items(),
+            [(event.get("text"), event["log_level"].name) for event in events if "text" in event],
+            [event.get("summary") for event in events if "summary" in event],
+            instance.state,
+            native.current.target,
+            instance.trapped,
+        )
 
 
 class AcceleratedTestCase(SynchronousTestCase):
@@ -257,7 +273,7 @@ class ReadByName(RequestState):
         return [value for key, value in self._headers if key.lower() == name.lower()]
 
 
-def header_reads(path: Any, request: list[str], response: list[str]) -> tuple[Any, ...]:
+def header_reads(path: Any, request: list[str], response: list[str], inline: bool = True) -> tuple[Any, ...]:
     """A request through a session on ``path``: traps, results, what was written, how the headers were read."""
     saved = accel.module
     accel.module = path
@@ -270,7 +286,7 @@ def header_reads(path: Any, request: list[str], response: list[str]) -> tuple[An
     state = ReadByName([(b"User-Agent", b"ua/1"), (b"Host", b"h"), (b"user-agent", b"ua/2")])
     instance = loaded.pool.acquire()
     loaded.pool.release(instance)
-    session = loaded.session(state, inline=True)
+    session = loaded.session(state, inline=inline)
     traps = []
     try:
         session.handle_request()
@@ -314,6 +330,13 @@ class RequestHeaderTests(AcceleratedTestCase):
         self.assertFalse(touched)  # reading a header by name leaves nothing to apply to the request
         self.assertEqual(left, [None, None])
 
+    def test_calls_not_inline_get_a_copy(self) -> None:
+        """A call that may run where the GIL is not held (thread mode) gets a copy of them all: no Python in it."""
+        fast = header_reads(accel.compiled, self.READS, [], inline=False)
+        pure = header_reads(None, self.READS, [], inline=False)
+        self.assertEqual(fast[:3] + fast[4:], pure[:3] + pure[4:])
+        self.assertEqual(fast[3], ["all", "all"])  # once for each call: the copy is taken before it
+
     def test_failures_give_the_same_reason(self) -> None:
         """A name or a buffer outside memory, an empty name: the pure path's trap, and the same state after it.
 
@@ -346,8 +369,10 @@ class RequestHeaderTests(AcceleratedTestCase):
             finally:
                 accel.module = saved
             instance = loaded.pool.acquire()
+            state = Odd([])
+            state.inline = True  # read by name, as a session's inline calls do
             try:
-                instance.handle_request(Odd([]))
+                instance.handle_request(state)
                 results.append(None)
             except Exception as error:  # noqa: BLE001 - whatever the pure path raises, C's must be the same
                 results.append((type(error), str(error)))

@@ -10,10 +10,12 @@ Twisted as well as on the newest.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
@@ -25,6 +27,7 @@ from twisted.web.resource import EncodingResourceWrapper, Resource
 from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Request, Site
 from twisted.web.static import Data
 from twisted.web.test.requesthelper import DummyChannel
+from zope.interface import implementer
 
 from twisted_httpwasm.service import twisted_internals as service_internals
 from twisted_httpwasm.web import twisted_internals as web_internals
@@ -141,6 +144,39 @@ class WebInternalsTests(SynchronousTestCase):
         pool.getConnection(("http", b"backend", 80), Endpoint())
         [factory] = factories
         self.assertFalse(factory.noisy)
+
+
+class ReactorInternalsTests(SynchronousTestCase):
+    def test_internal_readers(self) -> None:
+        """A reader added as internal stays through removeAll (what trial and shutdown call) until removed."""
+        from twisted.internet.pollreactor import PollReactor
+
+        reactor = PollReactor()  # not installed: only its reader bookkeeping is used
+        self.addCleanup(reactor.removeReader, reactor.waker)
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+
+        @implementer(IReadDescriptor)
+        class Reader:
+            def fileno(self) -> int:
+                return read_end
+
+            def doRead(self) -> None: ...
+
+            def connectionLost(self, reason: object) -> None: ...
+
+            def logPrefix(self) -> str:
+                return "test"
+
+        reader = Reader()
+        self.assertTrue(web_internals.can_add_internal_reader(reactor))
+        self.assertFalse(web_internals.can_add_internal_reader(MemoryReactorClock()))
+        web_internals.add_internal_reader(reactor, reader)
+        self.assertNotIn(reader, reactor.removeAll())
+        self.assertIn(reader, reactor.getReaders())
+        web_internals.remove_internal_reader(reactor, reader)
+        self.assertNotIn(reader, reactor.getReaders())
 
 
 class ChannelSwitchTests(SynchronousTestCase):

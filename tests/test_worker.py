@@ -9,34 +9,54 @@ import queue
 import select
 import sys
 import threading
+import time
 from collections.abc import Callable
+from typing import Any
 from unittest import skipUnless
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.static import Data
 
-from twisted_httpwasm.web.guest_threads import FAST_THREADS, GuestWorkers
+from twisted_httpwasm.runtime import accel, engine
+from twisted_httpwasm.runtime.calllog import LogLimit
+from twisted_httpwasm.runtime.guest import GuestTrap
+from twisted_httpwasm.runtime.pool import GuestUnavailable
+from twisted_httpwasm.web.guest_threads import FAST_THREADS, STALL, GuestWorkers
 
-from .support import NOOP_RESPONSE, ServerTestCase, make_guest, poll
+from .support import NOOP_RESPONSE, ServerTestCase, make_guest, poll, request_state
+from .test_accel import MIXED, SessionCase, session_outcome
+from .test_hostfuncs import BUF, NOT_CALLED, PAGE, call, guest, stored
+
+
+def run_on(workers: GuestWorkers, work: object) -> Deferred[tuple[str, object, str]]:
+    """Run ``work``; fire with (outcome, value, name of the thread the continuation ran on)."""
+    done: Deferred[tuple[str, object, str]] = Deferred()
+    workers.run(
+        work,  # type: ignore[arg-type]
+        lambda value: done.callback(("result", value, threading.current_thread().name)),
+        lambda error: done.callback(("error", error, threading.current_thread().name)),
+    )
+    return done
 
 
 class GuestWorkersTests(TestCase):
+    """The workers' contract, on the accelerator's lane where it is built (see GuestWorkersPythonQueueTests)."""
+
+    python_queue = False
+
     def run_on(self, workers: GuestWorkers, work: object) -> Deferred[tuple[str, object, str]]:
-        """Run ``work``; fire with (outcome, value, name of the thread the continuation ran on)."""
-        done: Deferred[tuple[str, object, str]] = Deferred()
-        workers.run(
-            work,  # type: ignore[arg-type]
-            lambda value: done.callback(("result", value, threading.current_thread().name)),
-            lambda error: done.callback(("error", error, threading.current_thread().name)),
-        )
-        return done
+        return run_on(workers, work)
 
     def make_workers(self, **options: object) -> GuestWorkers:
+        if self.python_queue:
+            self.patch(accel, "module", None)
         workers = GuestWorkers(reactor, **options)  # type: ignore[arg-type]
         self.addCleanup(workers.stop)
+        self.assertEqual(workers._lane is None, self.python_queue or accel.module is None)
         return workers
 
     @inlineCallbacks
@@ -213,6 +233,180 @@ class GuestWorkersTests(TestCase):
         self.assertEqual(ran, [1, 4])
         self.assertEqual(len(continued), 2)
         self.assertEqual(workers.dropped, 4)
+
+
+class GuestWorkersPythonQueueTests(GuestWorkersTests):
+    """The same contract on the Python queue, which serves where the accelerator is not built."""
+
+    python_queue = True
+
+
+class LaneTests(TestCase):
+    """Thread mode's lane: a C session's call is prepared on the reactor thread, runs on a worker that
+    does not take the GIL, and is finished on the reactor thread, coming out as on the pure path."""
+
+    def setUp(self) -> None:
+        if accel.compiled is None:
+            raise SkipTest(f"compiled accelerator not in use: {accel.REASON}")
+        self.patch(accel, "module", accel.compiled)
+        if not engine.serving:  # the lane serves once the serving clock runs (the first call starts it)
+            engine.serve_time_limits()
+
+    @inlineCallbacks
+    def make_workers(self, **options: object) -> Any:
+        """Workers with their threads started and their lane's reader on the reactor."""
+        workers = GuestWorkers(reactor, **options)  # type: ignore[arg-type]
+        self.addCleanup(workers.stop)
+        self.assertIsNotNone(workers._lane)
+        yield run_on(workers, lambda: None)
+        return workers
+
+    @inlineCallbacks
+    def test_a_session_call_runs_while_the_reactor_thread_holds_the_gil(self):
+        """The guest runs and its result waits for the reactor while the reactor thread never lets the GIL go.
+
+        The switch interval is 30 s: a thread that needs the GIL (a Python worker picking the call
+        up) would wait that long for this loop, which never blocks, to give it up.
+        """
+        workers = yield self.make_workers()
+        loaded = guest(request=[call("get_uri", BUF, 64, slot=0)], next=True)
+        instance = loaded.pool.acquire()
+        loaded.pool.release(instance)  # the session takes it again: the most recently returned is lent first
+        session = loaded.session(request_state(uri=b"/p"))
+        done = run_on(workers, session.handle_request)
+        lane = workers._lane
+        self.assertEqual(lane.ready(), 0)
+        lane.flush()  # what the end of this reactor turn does
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(30)
+        try:
+            deadline = time.monotonic() + 10
+            while not lane.ready() and time.monotonic() < deadline:
+                pass
+            ready = lane.ready()
+        finally:
+            sys.setswitchinterval(interval)
+        self.assertEqual(ready, 1)
+        outcome, value, continued_on = yield done
+        self.assertEqual((outcome, value, continued_on), ("result", True, threading.main_thread().name))
+        self.assertEqual(stored(instance), len(b"/p"))  # get_uri's result
+
+    @inlineCallbacks
+    def test_calls_come_out_as_on_the_pure_path(self):
+        """Both calls of a request through the lane (C's answers, Python's, traps, the time limit): as inline, pure."""
+        workers = yield self.make_workers()
+        for statements, options in (
+            (MIXED, {}),
+            (MIXED, {"log_limit": LogLimit(messages=2, bytes=1024)}),
+            ([call("get_uri", PAGE - 2, 64)], {}),
+            (["(unreachable)"], {}),
+            (["(loop $spin (br $spin))"], {"timeout": 0.05}),
+        ):
+            case = SessionCase(accel.compiled, statements, inline=False, **options)
+            traps: list[str | None] = []
+            outcome, value, _ = yield run_on(workers, case.session.handle_request)
+            if outcome == "result":
+                traps.append(None)
+                case.state.enter_response_phase(200)
+                outcome, value, _ = yield run_on(workers, case.session.handle_response)
+                if outcome == "result":
+                    traps.append(None)
+            if outcome == "error":
+                self.assertIsInstance(value, GuestTrap)
+                traps.append(value.reason)  # type: ignore[attr-defined]
+            self.assertEqual(case.outcome(traps), session_outcome(None, statements, **options), statements)
+        self.assertEqual(workers._lane.dropped, 0)
+
+    @inlineCallbacks
+    def test_a_call_whose_client_left_is_dropped_and_its_instance_given_back(self):
+        """still_wanted is asked on the worker of a call that waited; a no: not run, no continuation, instance back."""
+        workers = yield self.make_workers(max_size=1)
+        loaded = guest(request=[call("get_uri", BUF, 64, slot=0)], next=True)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        blocked = run_on(workers, lambda: release.wait(30))
+        asked: list[str] = []
+        continued: list[object] = []
+
+        def still_wanted() -> bool:
+            asked.append(threading.current_thread().name)
+            return False
+
+        workers.run(loaded.session(request_state()).handle_request, continued.append, continued.append, still_wanted)
+        self.assertEqual(loaded.pool.stats.in_use, 1)  # pinned on the reactor thread, for the queued call
+        yield deferLater(reactor, STALL * 4, lambda: None)  # it waits: long enough to be asked
+        release.set()
+        yield blocked
+        self.assertTrue((yield poll(lambda: loaded.pool.stats.in_use == 0, timeout=10, interval=0.01)))
+        self.assertEqual((continued, workers.dropped, len(asked)), ([], 1, 1))
+        self.assertTrue(asked[0].startswith("httpwasm-guest"), asked)
+        instance = loaded.pool.acquire()
+        self.assertEqual(stored(instance), NOT_CALLED)  # the guest never ran
+        loaded.pool.release(instance)
+
+    @inlineCallbacks
+    def test_no_instance_is_made_on_the_reactor_thread(self):
+        """With no idle instance, the call goes to a worker, which makes one (running guest code there)."""
+        workers = yield self.make_workers()
+        loaded = guest(next=True)
+        held = []
+        while loaded.pool.stats.idle:
+            held.append(loaded.pool.acquire())
+        made_in: list[str] = []
+        factory = loaded.pool._factory
+
+        def recording() -> Any:
+            made_in.append(threading.current_thread().name)
+            return factory()
+
+        self.patch(loaded.pool, "_factory", recording)
+        outcome, value, _ = yield run_on(workers, loaded.session(request_state()).handle_request)
+        self.assertEqual((outcome, value), ("result", True))
+        self.assertEqual(len(made_in), 1)
+        self.assertTrue(made_in[0].startswith("httpwasm-guest"), made_in)
+        for instance in held:
+            loaded.pool.release(instance)
+
+    @inlineCallbacks
+    def test_a_failure_to_prepare_reaches_on_error_later(self):
+        """An error while the reactor thread prepares the call reaches on_error as a call's: later, not in run()."""
+        workers = yield self.make_workers()
+        loaded = guest(next=True)
+
+        def unavailable() -> None:
+            raise GuestUnavailable("guest instances cannot be created: test", retry_after=1.0)
+
+        self.patch(loaded.pool, "acquire_idle", unavailable)
+        errors: list[BaseException] = []
+        workers.run(loaded.session(request_state()).handle_request, errors.append, errors.append)
+        self.assertEqual(errors, [])
+        self.assertTrue((yield poll(lambda: errors, timeout=10, interval=0.01)))
+        self.assertIsInstance(errors[0], GuestUnavailable)
+
+    @inlineCallbacks
+    def test_a_failing_continuation_does_not_strand_the_others(self):
+        """A continuation that raises is logged; the other calls' continuations still run."""
+        workers = yield self.make_workers()
+        loaded = guest(next=True)
+        results: list[object] = []
+
+        def boom(_: object) -> None:
+            raise RuntimeError("continuation bug")
+
+        workers.run(loaded.session(request_state()).handle_request, boom, boom)
+        workers.run(loaded.session(request_state()).handle_request, results.append, results.append)
+        self.assertTrue((yield poll(lambda: results, timeout=10, interval=0.01)))
+        self.assertEqual(results, [True])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @inlineCallbacks
+    def test_the_lane_leaves_the_reactor_once_its_threads_end(self):
+        """After stop(), once the last thread has ended, the lane's reader is no longer on the reactor."""
+        workers = yield self.make_workers()
+        reader = workers._reader
+        self.assertIn(reader, reactor.getReaders())
+        workers.stop()
+        self.assertTrue((yield poll(lambda: reader not in reactor.getReaders(), timeout=10, interval=0.01)))
 
 
 class _QueueReactor:

@@ -71,7 +71,8 @@ static PyObject *s_accel, *s_guest, *s_observer, *s_state, *s_target, *s_serving
     *s_request_call, *s_handle_response, *s_end_fast_call;
 
 static PyObject *s_phase, *s_features, *s_method, *s_uri, *s_status, *s_max_buffer_bytes, *s_response_headers,
-    *s_request_header_values, *s_messages, *s_bytes, *s_dropped, *s_dropped_bytes,
+    *s_request_header_values, *s_request_headers, *s_read_request_headers, *s_entries, *s_inline, *s_messages,
+    *s_bytes, *s_dropped, *s_dropped_bytes,
     *s_log_level;
 
 /* -- host function ids: the order of runtime/accel.py's HOST_IDS ----------------------- */
@@ -125,6 +126,13 @@ typedef struct {
     size_t value_len;
 } header;
 
+typedef struct {
+    const char *name;
+    Py_ssize_t name_len;
+    const char *value;
+    Py_ssize_t value_len;
+} header_view;
+
 /* -- the per-instance context ------------------------------------------------------------ */
 
 typedef struct {
@@ -139,8 +147,13 @@ typedef struct {
     unsigned long imports; /* bit H_x: the guest imports that function (what begin() snapshots follows) */
     /* the call in progress */
     PyObject *instance; /* borrowed, during a call */
-    PyObject *state;        /* borrowed, during a call: the request's state (request headers are read from it) */
-    PyObject *method, *uri; /* owned, during a call */
+    PyObject *state; /* borrowed, during a call: the request's state (request headers may be read from it) */
+    PyObject *method, *uri, *request_headers; /* owned, during a call */
+    Py_ssize_t n_request_headers;
+    header_view *request_header_views;
+    Py_ssize_t request_header_capacity;
+    int has_request_headers;
+    int by_name; /* no snapshot of the request headers: read by name, under the GIL, when the guest asks */
     int request_phase;
     int response_owned;
     int python_mode;
@@ -246,10 +259,11 @@ static int h_log(Context *c, raw_slot *slots) {
     return DONE;
 }
 
-/* Request header values: read from the request when the guest asks, one name at a time, through the same
- * method the pure path's get_header_values reads them with (state.request_header_values), so that a
- * guest that never reads a request header costs no copy of them, and one that reads one costs no copy
- * of the rest.  The values are written to guest memory here, under the pure path's buf/buf_limit rule. */
+/* Request header values in a call that runs inline (begin() took no copy of them: see c->by_name): read
+ * from the request when the guest asks, one name at a time, through the same method the pure path's
+ * get_header_values reads them with (state.request_header_values), so that a guest that never reads a
+ * request header costs no copy of them, and one that reads one costs no copy of the rest.  The values
+ * are written to guest memory here, under the pure path's buf/buf_limit rule. */
 static int h_get_request_header_values(Context *c, raw_slot *slots) {
     if (c->state == NULL) return READ_IN_PYTHON;
     uint64_t name_len = U32(slots[2].i32);
@@ -292,17 +306,30 @@ done:
 
 static int h_get_header_values(Context *c, raw_slot *slots) {
     int32_t kind = slots[0].i32;
-    if (kind == KIND_REQUEST) return h_get_request_header_values(c, slots);
-    if (kind != KIND_RESPONSE || !c->response_owned) return SYNC_THEN_PYTHON;
+    if (kind == KIND_REQUEST) {
+        if (!c->has_request_headers) return c->by_name ? h_get_request_header_values(c, slots) : READ_IN_PYTHON;
+    } else if (kind != KIND_RESPONSE || !c->response_owned) {
+        return SYNC_THEN_PYTHON;
+    }
     uint64_t name_len = U32(slots[2].i32);
     uint8_t *name = memory_span(c, U32(slots[1].i32), name_len);
     if (name == NULL || name_len == 0) return SYNC_THEN_PYTHON;
     uint64_t count = 0, total = 0;
-    for (size_t i = 0; i < c->n_headers; i++) {
-        header *h = &c->headers[i];
-        if (same_name(h->name, h->name_len, (const char *)name, name_len)) {
-            count++;
-            total += h->value_len + 1;
+    if (kind == KIND_REQUEST) {
+        for (Py_ssize_t i = 0; i < c->n_request_headers; i++) {
+            header_view *h = &c->request_header_views[i];
+            if (same_name(h->name, (size_t)h->name_len, (const char *)name, name_len)) {
+                count++;
+                total += (uint64_t)h->value_len + 1;
+            }
+        }
+    } else {
+        for (size_t i = 0; i < c->n_headers; i++) {
+            header *h = &c->headers[i];
+            if (same_name(h->name, h->name_len, (const char *)name, name_len)) {
+                count++;
+                total += h->value_len + 1;
+            }
         }
     }
     if (count == 0) {
@@ -311,23 +338,34 @@ static int h_get_header_values(Context *c, raw_slot *slots) {
     }
     if (total <= U32(slots[4].i32)) {
         uint8_t *out = memory_span(c, U32(slots[3].i32), total);
-        if (out == NULL) return SYNC_THEN_PYTHON;
+        if (out == NULL) return kind == KIND_REQUEST ? READ_IN_PYTHON : SYNC_THEN_PYTHON;
         /* the name was read from guest memory that the values may overlap: match first, then write */
         uint8_t *lowered = malloc(name_len);
-        if (lowered == NULL) return SYNC_THEN_PYTHON;
+        if (lowered == NULL) return kind == KIND_REQUEST ? READ_IN_PYTHON : SYNC_THEN_PYTHON;
         for (uint64_t i = 0; i < name_len; i++) lowered[i] = lower(name[i]);
         char *scratch = malloc(total);
         if (scratch == NULL) {
             free(lowered);
-            return SYNC_THEN_PYTHON;
+            return kind == KIND_REQUEST ? READ_IN_PYTHON : SYNC_THEN_PYTHON;
         }
         size_t at = 0;
-        for (size_t i = 0; i < c->n_headers; i++) {
-            header *h = &c->headers[i];
-            if (same_name(h->name, h->name_len, (const char *)lowered, name_len)) {
-                memcpy(scratch + at, h->value, h->value_len);
-                at += h->value_len;
-                scratch[at++] = 0;
+        if (kind == KIND_REQUEST) {
+            for (Py_ssize_t i = 0; i < c->n_request_headers; i++) {
+                header_view *h = &c->request_header_views[i];
+                if (same_name(h->name, (size_t)h->name_len, (const char *)lowered, name_len)) {
+                    memcpy(scratch + at, h->value, (size_t)h->value_len);
+                    at += (size_t)h->value_len;
+                    scratch[at++] = 0;
+                }
+            }
+        } else {
+            for (size_t i = 0; i < c->n_headers; i++) {
+                header *h = &c->headers[i];
+                if (same_name(h->name, h->name_len, (const char *)lowered, name_len)) {
+                    memcpy(scratch + at, h->value, h->value_len);
+                    at += h->value_len;
+                    scratch[at++] = 0;
+                }
             }
         }
         memcpy(out, scratch, total);
@@ -626,6 +664,9 @@ static void clear_headers(Context *c) {
 static void end_snapshot(Context *c) {
     Py_CLEAR(c->method);
     Py_CLEAR(c->uri);
+    Py_CLEAR(c->request_headers);
+    c->has_request_headers = 0;
+    c->n_request_headers = 0;
     c->state = NULL;
 }
 
@@ -635,6 +676,7 @@ static void Context_dealloc(Context *self) {
     clear_headers(self);
     free(self->lines);
     free(self->headers);
+    free(self->request_header_views);
     Py_XDECREF(self->memory_owner);
     Py_XDECREF(self->config);
     Py_XDECREF(self->call_log);
@@ -657,6 +699,54 @@ static int get_long_long(PyObject *object, PyObject *name, long long *out) {
     *out = PyLong_AsLongLong(value);
     Py_DECREF(value);
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* The request headers as pointers into the (name, value) pairs of `headers`, which is kept. */
+static int snapshot_request_headers(Context *c, PyObject *state) {
+    PyObject *entries = NULL;
+    PyObject *held = PyObject_GetAttr(state, s_request_headers);
+    if (held == NULL) return -1;
+    if (held == Py_None) {
+        Py_DECREF(held);
+        PyObject *read = PyObject_CallMethodNoArgs(state, s_read_request_headers);
+        if (read == NULL) return -1;
+        entries = PySequence_Fast(read, "request headers");
+        Py_DECREF(read);
+    } else {
+        PyObject *list = PyObject_GetAttr(held, s_entries);
+        Py_DECREF(held);
+        if (list == NULL) return -1;
+        entries = PySequence_Fast(list, "request headers");
+        Py_DECREF(list);
+    }
+    if (entries == NULL) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(entries);
+    if (n > c->request_header_capacity) {
+        header_view *grown = realloc(c->request_header_views, (size_t)n * sizeof(header_view));
+        if (grown == NULL) {
+            Py_DECREF(entries);
+            PyErr_NoMemory();
+            return -1;
+        }
+        c->request_header_views = grown;
+        c->request_header_capacity = n;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(entries);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = items[i];
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            Py_DECREF(entries);
+            return 0; /* not plain pairs of bytes: Python answers */
+        }
+        PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
+        c->request_header_views[i] =
+            (header_view){PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value)};
+    }
+    c->request_headers = entries;
+    c->n_request_headers = n;
+    c->has_request_headers = 1;
+    return 0;
 }
 
 #define BIT(id) (1UL << (id))
@@ -722,6 +812,17 @@ static int begin(Context *c, PyObject *instance, PyObject *state) {
     c->bytes_at_start = c->bytes;
     c->dropped_at_start = c->dropped;
     c->dropped_bytes_at_start = c->dropped_bytes;
+    c->by_name = 0;
+    if (imports & BIT(H_GET_HEADER_VALUES)) {
+        /* A request whose calls run inline (state.inline: on the thread that holds the GIL) has its request
+         * headers read when the guest asks, by name; any other call may run where the GIL is not held (a
+         * lane worker), so it gets a copy of them all now, and never needs Python to read one. */
+        PyObject *is_inline = PyObject_GetAttr(state, s_inline);
+        if (is_inline == NULL) return -1;
+        c->by_name = is_inline == Py_True;
+        Py_DECREF(is_inline);
+        if (!c->by_name && snapshot_request_headers(c, state) < 0) return -1;
+    }
     return 0;
 }
 
@@ -794,33 +895,48 @@ static PyObject *Context_call(Context *c, PyObject *const *args, Py_ssize_t narg
     return call_export(c, export, mode, args[2], args[3]);
 }
 
-/* The call itself, its arguments already in the export's slots. */
-static PyObject *call_export(Context *c, Export *export, long mode, PyObject *instance, PyObject *state) {
+/*
+ * A call in three parts, so that thread mode's lane (below) can run the middle one on a worker
+ * without the GIL: call_enter takes the snapshot (GIL held), call_run calls the guest (the GIL as
+ * `mode` says), call_leave ends the snapshot and turns a failure into the pure path's exception
+ * (GIL held).  call_export is the three in a row.
+ */
+static int call_enter(Context *c, PyObject *instance, PyObject *state) {
     if (begin(c, instance, state) < 0) {
         end_snapshot(c);
-        return NULL;
+        return -1;
     }
+    return 0;
+}
+
+/* mode 0: release the GIL for the call; 1: keep it; 2: keep it until the first epoch tick; 3: the
+ * caller holds no GIL (a lane worker), and the call does not take it unless Python must answer. */
+static wasmtime_error_t *call_run(Context *c, Export *export, long mode, wasm_trap_t **trap) {
     c->call_started = monotonic();
     c->call_limit = export->limit;
     c->may_release_gil = mode == 2;
     c->timed_out = 0;
     c->released = NULL;
     w_set_epoch_deadline(export->context, 1); /* a C call: cheap enough to arm every call */
-    wasm_trap_t *trap = NULL;
     wasmtime_error_t *error;
+    *trap = NULL;
     current_call = c;
     if (mode == 0) {
         Py_BEGIN_ALLOW_THREADS
-        error = w_func_call_unchecked(export->context, export->func, export->slots, export->count, &trap);
+        error = w_func_call_unchecked(export->context, export->func, export->slots, export->count, trap);
         Py_END_ALLOW_THREADS
     } else {
-        error = w_func_call_unchecked(export->context, export->func, export->slots, export->count, &trap);
+        error = w_func_call_unchecked(export->context, export->func, export->slots, export->count, trap);
         if (c->released != NULL) {
             PyEval_RestoreThread(c->released);
             c->released = NULL;
         }
     }
     current_call = NULL;
+    return error;
+}
+
+static PyObject *call_leave(Context *c, Export *export, wasmtime_error_t *error, wasm_trap_t *trap) {
     end_snapshot(c);
     c->instance = NULL;
     if (error != NULL && c->timed_out) {
@@ -834,6 +950,14 @@ static PyObject *call_export(Context *c, Export *export, long mode, PyObject *in
     if (error != NULL) return raise_from_hook(error_hook, error);
     if (trap != NULL) return raise_from_hook(trap_hook, trap);
     return PyLong_FromLongLong(export->slots[0].i64);
+}
+
+/* The call itself, its arguments already in the export's slots. */
+static PyObject *call_export(Context *c, Export *export, long mode, PyObject *instance, PyObject *state) {
+    if (call_enter(c, instance, state) < 0) return NULL;
+    wasm_trap_t *trap;
+    wasmtime_error_t *error = call_run(c, export, mode, &trap);
+    return call_leave(c, export, error, trap);
 }
 
 /*
@@ -877,14 +1001,16 @@ static Context *fast_context(PyObject *instance, int *ok) {
     return observer == no_observer ? (Context *)accel : NULL;
 }
 
-static PyObject *fast_call(Context *c, Export *export, int inline_call, PyObject *instance, PyObject *state) {
-    PyObject *may_hold = PyDict_GetItemWithError(engine_globals, s_calls_may_hold_gil);
-    if (may_hold == NULL && PyErr_Occurred()) return NULL;
-    long mode = may_hold == Py_True ? (inline_call ? 1 : 2) : 0;
-    if (PyObject_SetAttr(instance, s_state, state) < 0) return NULL;
+/* The fast call's parts around call_enter/call_run/call_leave (see the lane, which splits them). */
+static int fast_enter(Context *c, PyObject *instance, PyObject *state) {
+    if (PyObject_SetAttr(instance, s_state, state) < 0) return -1;
     c->fast_call = 1;
     c->target_set = 0;
-    PyObject *result = call_export(c, export, mode, instance, state);
+    return 0;
+}
+
+/* `result`: the call's (NULL with the error set if it failed); returns it, or NULL with the call's error. */
+static PyObject *fast_leave(Context *c, PyObject *instance, PyObject *state, PyObject *result) {
     c->fast_call = 0;
     if (result != NULL && !c->pending && !c->target_set) {
         if (PyObject_SetAttr(instance, s_state, Py_None) < 0) Py_CLEAR(result);
@@ -914,26 +1040,28 @@ static PyObject *fast_call(Context *c, Export *export, int inline_call, PyObject
     return result;
 }
 
-/* call_request(instance, state, inline) -> handle_request's i64, as GuestInstance.request_call. */
-static PyObject *call_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "call_request(instance, state, inline)");
-        return NULL;
-    }
-    PyObject *instance = args[0], *state = args[1];
+static PyObject *fast_call(Context *c, Export *export, int inline_call, PyObject *instance, PyObject *state) {
+    PyObject *may_hold = PyDict_GetItemWithError(engine_globals, s_calls_may_hold_gil);
+    if (may_hold == NULL && PyErr_Occurred()) return NULL;
+    long mode = may_hold == Py_True ? (inline_call ? 1 : 2) : 0;
+    if (fast_enter(c, instance, state) < 0) return NULL;
+    return fast_leave(c, instance, state, call_export(c, export, mode, instance, state));
+}
+
+/* What call_request does before the call: 1 and *out set if the fast call takes it, 0 if the pure
+ * path's method must, -1 on an error. */
+static int request_enter(PyObject *instance, PyObject *state, Context **out) {
     int ok;
     Context *c = fast_context(instance, &ok);
-    if (!ok) return NULL;
-    if (c == NULL) return PyObject_CallMethodObjArgs(instance, s_request_call, state, args[2], NULL);
-    int inline_call = PyObject_IsTrue(args[2]);
-    if (inline_call < 0) return NULL;
+    if (!ok) return -1;
+    if (c == NULL) return 0;
     /* state.features |= instance.features; state.phase = REQUEST_PHASE */
     PyObject *features = PyObject_GetAttr(instance, s_features);
-    if (features == NULL) return NULL;
+    if (features == NULL) return -1;
     int has_features = PyObject_IsTrue(features);
     if (has_features < 0) {
         Py_DECREF(features);
-        return NULL;
+        return -1;
     }
     if (has_features) {
         PyObject *before = PyObject_GetAttr(state, s_features);
@@ -943,12 +1071,46 @@ static PyObject *call_request(PyObject *module, PyObject *const *args, Py_ssize_
         Py_XDECREF(after);
         if (failed) {
             Py_DECREF(features);
-            return NULL;
+            return -1;
         }
     }
     Py_DECREF(features);
-    if (PyObject_SetAttr(state, s_phase, request_phase) < 0) return NULL;
+    if (PyObject_SetAttr(state, s_phase, request_phase) < 0) return -1;
+    *out = c;
+    return 1;
+}
+
+/* call_request(instance, state, inline) -> handle_request's i64, as GuestInstance.request_call. */
+static PyObject *call_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "call_request(instance, state, inline)");
+        return NULL;
+    }
+    PyObject *instance = args[0], *state = args[1];
+    Context *c;
+    int fast = request_enter(instance, state, &c);
+    if (fast < 0) return NULL;
+    if (!fast) return PyObject_CallMethodObjArgs(instance, s_request_call, state, args[2], NULL);
+    int inline_call = PyObject_IsTrue(args[2]);
+    if (inline_call < 0) return NULL;
     return fast_call(c, (Export *)c->request_export, inline_call, instance, state);
+}
+
+/* What call_response does before the call (as request_enter): the export's arguments in its slots. */
+static int response_enter(PyObject *instance, PyObject *req_ctx, PyObject *is_error_object, Context **out) {
+    int ok;
+    Context *c = fast_context(instance, &ok);
+    if (!ok) return -1;
+    if (c == NULL) return 0;
+    unsigned long long ctx = PyLong_AsUnsignedLongLongMask(req_ctx);
+    if (ctx == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    int is_error = PyObject_IsTrue(is_error_object);
+    if (is_error < 0) return -1;
+    Export *export = (Export *)c->response_export;
+    export->slots[0].i64 = (int64_t)(int32_t)(uint32_t)ctx; /* as the pure path: the low 32 bits, signed */
+    export->slots[1].i64 = is_error;
+    *out = c;
+    return 1;
 }
 
 /* call_response(instance, state, req_ctx, is_error, inline): handle_response, as GuestInstance.handle_response. */
@@ -958,20 +1120,14 @@ static PyObject *call_response(PyObject *module, PyObject *const *args, Py_ssize
         return NULL;
     }
     PyObject *instance = args[0], *state = args[1];
-    int ok;
-    Context *c = fast_context(instance, &ok);
-    if (!ok) return NULL;
-    if (c == NULL)
+    Context *c;
+    int fast = response_enter(instance, args[2], args[3], &c);
+    if (fast < 0) return NULL;
+    if (!fast)
         return PyObject_CallMethodObjArgs(instance, s_handle_response, state, args[2], args[3], args[4], NULL);
-    unsigned long long ctx = PyLong_AsUnsignedLongLongMask(args[2]);
-    if (ctx == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
-    int is_error = PyObject_IsTrue(args[3]);
     int inline_call = PyObject_IsTrue(args[4]);
-    if (is_error < 0 || inline_call < 0) return NULL;
-    Export *export = (Export *)c->response_export;
-    export->slots[0].i64 = (int64_t)(int32_t)(uint32_t)ctx; /* as the pure path: the low 32 bits, signed */
-    export->slots[1].i64 = is_error;
-    PyObject *result = fast_call(c, export, inline_call, instance, state);
+    if (inline_call < 0) return NULL;
+    PyObject *result = fast_call(c, (Export *)c->response_export, inline_call, instance, state);
     if (result == NULL) return NULL;
     Py_DECREF(result);
     Py_RETURN_NONE;
@@ -1017,16 +1173,17 @@ typedef struct {
     PyObject *instance; /* pinned from handle_request to handle_response, or NULL */
     PyObject *state;
     PyObject *req_ctx;
+    PyObject *guest; /* or NULL: the lane checks its observer before pinning an instance */
     int inline_call;
 } Session;
 
 static PyObject *s_acquire, *s_release, *s_check_size, *s_body_length, *s_is_error;
 
 static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"pool", "state", "inline", NULL};
-    PyObject *pool, *state;
+    static char *names[] = {"pool", "state", "inline", "guest", NULL};
+    PyObject *pool, *state, *guest = NULL;
     int inline_call = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|p", names, &pool, &state, &inline_call)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|pO", names, &pool, &state, &inline_call, &guest)) return NULL;
     Session *self = (Session *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
     Py_INCREF(pool);
@@ -1035,6 +1192,8 @@ static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     self->state = state;
     self->req_ctx = PyLong_FromLong(0);
     self->inline_call = inline_call;
+    Py_XINCREF(guest);
+    self->guest = guest;
     if (self->req_ctx == NULL) {
         Py_DECREF(self);
         return NULL;
@@ -1046,6 +1205,7 @@ static int Session_traverse(Session *self, visitproc visit, void *arg) {
     Py_VISIT(self->pool);
     Py_VISIT(self->instance);
     Py_VISIT(self->state);
+    Py_VISIT(self->guest);
     return 0;
 }
 
@@ -1054,6 +1214,7 @@ static int Session_clear(Session *self) {
     Py_CLEAR(self->instance);
     Py_CLEAR(self->state);
     Py_CLEAR(self->req_ctx);
+    Py_CLEAR(self->guest);
     return 0;
 }
 
@@ -1091,27 +1252,26 @@ static PyObject *close_and_fail(Session *self) {
 static PyObject *call_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 static PyObject *call_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
-static PyObject *Session_handle_request(Session *self, PyObject *unused) {
-    PyObject *instance = PyObject_CallMethodNoArgs(self->pool, s_acquire);
-    if (instance == NULL) return NULL;
-    Py_XSETREF(self->instance, instance);
+/* What handle_request checks once the instance is pinned, before the guest is called. */
+static int session_check(Session *self, PyObject *instance) {
     PyObject *features = PyObject_GetAttr(instance, s_features);
-    if (features == NULL) return close_and_fail(self);
+    if (features == NULL) return -1;
     long bits = PyLong_AsLong(features);
     Py_DECREF(features);
-    if (bits == -1 && PyErr_Occurred()) return close_and_fail(self);
+    if (bits == -1 && PyErr_Occurred()) return -1;
     if (bits & 1) { /* buffer_request: a body over the limit is refused before the guest is called */
         PyObject *length = PyObject_GetAttr(self->state, s_body_length);
-        if (length == NULL) return close_and_fail(self);
+        if (length == NULL) return -1;
         PyObject *checked = PyObject_CallMethodOneArg(self->state, s_check_size, length);
         Py_DECREF(length);
-        if (checked == NULL) return close_and_fail(self);
+        if (checked == NULL) return -1;
         Py_DECREF(checked);
     }
-    PyObject *call_args[3] = {instance, self->state, self->inline_call ? Py_True : Py_False};
-    Py_INCREF(instance); /* pinned: close() may drop the session's reference meanwhile */
-    PyObject *result = call_request(NULL, call_args, 3);
-    Py_DECREF(instance);
+    return 0;
+}
+
+/* handle_request's end, from the call's result (NULL: it failed): True if the guest passed the request on. */
+static PyObject *session_request_done(Session *self, PyObject *result) {
     if (result == NULL) return close_and_fail(self);
     unsigned long long value = PyLong_AsUnsignedLongLongMask(result);
     Py_DECREF(result);
@@ -1129,6 +1289,25 @@ static PyObject *Session_handle_request(Session *self, PyObject *unused) {
     Py_RETURN_TRUE;
 }
 
+/* handle_response's end: unpin. */
+static PyObject *session_response_done(Session *self, PyObject *result) {
+    if (result == NULL) return close_and_fail(self);
+    Py_DECREF(result);
+    return Session_close(self, NULL);
+}
+
+static PyObject *Session_handle_request(Session *self, PyObject *unused) {
+    PyObject *instance = PyObject_CallMethodNoArgs(self->pool, s_acquire);
+    if (instance == NULL) return NULL;
+    Py_XSETREF(self->instance, instance);
+    if (session_check(self, instance) < 0) return close_and_fail(self);
+    PyObject *call_args[3] = {instance, self->state, self->inline_call ? Py_True : Py_False};
+    Py_INCREF(instance); /* pinned: close() may drop the session's reference meanwhile */
+    PyObject *result = call_request(NULL, call_args, 3);
+    Py_DECREF(instance);
+    return session_request_done(self, result);
+}
+
 static PyObject *Session_handle_response(Session *self, PyObject *unused) {
     PyObject *instance = self->instance;
     if (instance == NULL) {
@@ -1144,9 +1323,7 @@ static PyObject *Session_handle_response(Session *self, PyObject *unused) {
     PyObject *result = call_response(NULL, call_args, 5);
     Py_DECREF(instance);
     Py_DECREF(is_error);
-    if (result == NULL) return close_and_fail(self);
-    Py_DECREF(result);
-    return Session_close(self, NULL);
+    return session_response_done(self, result);
 }
 
 static PyObject *Session_get_inline(Session *self, void *unused) { return PyBool_FromLong(self->inline_call); }
@@ -1179,8 +1356,633 @@ static PyTypeObject SessionType = {
     .tp_methods = Session_methods,
     .tp_members = Session_members,
     .tp_getset = Session_getset,
-    .tp_doc = "Session(pool, state, inline=False): the guest calls of one request, on one pinned instance "
+    .tp_doc = "Session(pool, state, inline=False, guest=None): the guest calls of one request, on one pinned instance "
               "(runtime/session.py's GuestSession, for accelerated guests).",
+};
+
+/* -- thread mode's lane: guest calls on workers that do not wait for the GIL ---------------------
+ *
+ * web/guest_threads.py's GuestWorkers hands each guest call to a worker thread.  Through Python, a
+ * worker takes the GIL to pick the call up and again to hand its result back, and under load the
+ * reactor holds the GIL: each hand-off waits for it.  The lane is the same queue in C.  A session's
+ * call (a C Session's handle_request or handle_response) is prepared on the reactor thread, which
+ * holds the GIL anyway (pin an idle instance, take the snapshot: what the synchronous fast call does
+ * before calling the guest), run on a worker that holds no GIL (call_run, mode 3: the GIL is taken
+ * only if a host function needs Python), and finished on the reactor thread (call_leave and the
+ * session's end, then the continuation).  Workers wake the reactor through an eventfd, once for every
+ * batch of results.  Anything else put on the lane (a call the fast path does not take, the pool's
+ * stop markers) is handed back to the worker's Python loop as it was given.
+ */
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+enum { JOB_ITEM, JOB_FAST };
+
+typedef struct lane_job {
+    struct lane_job *next;
+    int kind;
+    PyObject *item;      /* JOB_ITEM: what put() was given */
+    Session *session;    /* JOB_FAST: the request's session, its pinned instance and the call */
+    PyObject *instance;
+    Context *context;
+    Export *export;
+    int response;        /* 0: handle_request, 1: handle_response */
+    PyObject *on_result, *on_error, *still_wanted;
+    double queued_at;
+    int dropped;         /* still_wanted said no: not run */
+    wasmtime_error_t *error;
+    wasm_trap_t *trap;
+    PyObject *failed;    /* preparing the call failed: on_error gets this */
+} lane_job;
+
+typedef struct {
+    PyObject_HEAD
+    volatile double since; /* NAN while the thread waits for work */
+    long long native_id;   /* -1: not known yet */
+    volatile int demoted;
+} Seat;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock;
+    pthread_cond_t ready;
+    lane_job *head, *tail;
+    Py_ssize_t queued;
+    Py_ssize_t held;     /* queued by run() since the last flush(): no worker was woken for them yet */
+    int waiting;         /* workers waiting for work */
+    lane_job *done_head, *done_tail;
+    int wake_pending;
+    int fd;
+    long dropped;
+    double ask_after;
+    PyObject *on_failure;
+} Lane;
+
+static PyObject *s_acquire_idle;
+
+static void free_job(lane_job *job) {
+    Py_XDECREF(job->item);
+    Py_XDECREF(job->session);
+    Py_XDECREF(job->instance);
+    Py_XDECREF(job->context);
+    Py_XDECREF(job->export);
+    Py_XDECREF(job->on_result);
+    Py_XDECREF(job->on_error);
+    Py_XDECREF(job->still_wanted);
+    Py_XDECREF(job->failed);
+    free(job);
+}
+
+static void wake_reactor(Lane *lane) { /* with the lock held */
+    if (lane->wake_pending) return;
+    lane->wake_pending = 1;
+    uint64_t one = 1;
+    ssize_t written = write(lane->fd, &one, sizeof one);
+    (void)written; /* EAGAIN: the counter is full, so a wake-up is pending anyway */
+}
+
+/* Queue a job; `hold`: wake no worker for it until flush() (returns whether flush() is due: the first held job). */
+static int push_job(Lane *lane, lane_job *job, int hold) {
+    int due = 0;
+    pthread_mutex_lock(&lane->lock);
+    job->next = NULL;
+    if (lane->tail) lane->tail->next = job;
+    else lane->head = job;
+    lane->tail = job;
+    lane->queued++;
+    if (hold) due = lane->held++ == 0;
+    else if (lane->waiting) pthread_cond_signal(&lane->ready);
+    pthread_mutex_unlock(&lane->lock);
+    return due;
+}
+
+static void push_done(Lane *lane, lane_job *job) { /* with the lock held */
+    job->next = NULL;
+    if (lane->done_tail) lane->done_tail->next = job;
+    else lane->done_head = job;
+    lane->done_tail = job;
+    wake_reactor(lane);
+}
+
+/* The pending exception, normalised and with its traceback, as the value an except block would see. */
+static PyObject *fetch_error(void) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != NULL && traceback != NULL) PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+
+/* Prepare a session's call on the reactor thread: 1 if the job holds a call ready to run, 0 if the
+ * fast path does not take it (nothing changed: the pure path's item serves it), -1 if preparing
+ * failed (job->failed is the error, as the call would have raised it). */
+static int lane_prepare(lane_job *job, Session *session, int response) {
+    PyObject *state = session->state, *instance;
+    Context *c;
+    Export *export;
+    int fast;
+    PyObject *serving = PyDict_GetItemWithError(engine_globals, s_serving);
+    if (serving != Py_True) {
+        if (serving == NULL && PyErr_Occurred()) goto failed;
+        return 0; /* the first call in a process starts the clock, in Python */
+    }
+    if (!response) {
+        if (session->guest != NULL) { /* an observed guest is served by the pure path's methods */
+            PyObject *observer = PyObject_GetAttr(session->guest, s_observer);
+            if (observer == NULL) goto failed;
+            Py_DECREF(observer);
+            if (observer != no_observer) return 0;
+        }
+        /* An idle instance only: making one runs guest code, which thread mode keeps off the reactor. */
+        instance = PyObject_CallMethodNoArgs(session->pool, s_acquire_idle);
+        if (instance == NULL) goto failed;
+        if (instance == Py_None) {
+            Py_DECREF(instance);
+            return 0;
+        }
+        Py_XSETREF(session->instance, instance);
+        if (session_check(session, instance) < 0) goto close_failed;
+        fast = request_enter(instance, state, &c);
+        if (fast < 0) goto close_failed;
+        if (!fast) { /* give it back: the worker's own call pins one */
+            PyObject *closed = Session_close(session, NULL);
+            if (closed == NULL) goto failed;
+            Py_DECREF(closed);
+            return 0;
+        }
+        export = (Export *)c->request_export;
+    } else {
+        instance = session->instance;
+        if (instance == NULL) return 0; /* the session's method says why */
+        PyObject *is_error = PyObject_GetAttr(state, s_is_error);
+        if (is_error == NULL) goto close_failed;
+        fast = response_enter(instance, session->req_ctx, is_error, &c);
+        Py_DECREF(is_error);
+        if (fast < 0) goto close_failed;
+        if (!fast) return 0;
+        export = (Export *)c->response_export;
+    }
+    if (fast_enter(c, instance, state) < 0) goto close_failed;
+    if (call_enter(c, instance, state) < 0) {
+        PyObject *result = fast_leave(c, instance, state, NULL);
+        result = response ? session_response_done(session, result) : session_request_done(session, result);
+        Py_XDECREF(result);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "a failed snapshot raised nothing");
+        goto failed;
+    }
+    Py_INCREF(instance);
+    job->instance = instance;
+    Py_INCREF(c);
+    job->context = c;
+    Py_INCREF(export);
+    job->export = export;
+    job->response = response;
+    return 1;
+close_failed:
+    Py_XDECREF(close_and_fail(session));
+failed:
+    job->failed = fetch_error();
+    return -1;
+}
+
+/* A dropped call is undone: as if it had never been prepared (its instance goes back to the pool). */
+static void lane_undo(lane_job *job) {
+    Context *c = job->context;
+    c->fast_call = 0;
+    end_snapshot(c);
+    c->instance = NULL;
+    if (PyObject_SetAttr(job->instance, s_state, Py_None) < 0) PyErr_WriteUnraisable(job->instance);
+    PyObject *closed = Session_close(job->session, NULL);
+    if (closed == NULL) PyErr_WriteUnraisable((PyObject *)job->session);
+    Py_XDECREF(closed);
+}
+
+static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    double ask_after;
+    PyObject *on_failure;
+    if (!PyArg_ParseTuple(args, "dO", &ask_after, &on_failure)) return NULL;
+    Lane *self = (Lane *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->fd = -1;
+    pthread_condattr_t attributes;
+    pthread_condattr_init(&attributes);
+    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC);
+    int failed = pthread_mutex_init(&self->lock, NULL) || pthread_cond_init(&self->ready, &attributes);
+    pthread_condattr_destroy(&attributes);
+    if (failed) {
+        Py_DECREF(self);
+        PyErr_SetString(PyExc_OSError, "cannot make the lane's lock");
+        return NULL;
+    }
+    self->fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (self->fd < 0) {
+        Py_DECREF(self);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    self->ask_after = ask_after;
+    Py_INCREF(on_failure);
+    self->on_failure = on_failure;
+    return (PyObject *)self;
+}
+
+static void Lane_dealloc(Lane *self) {
+    /* No lock: nothing else can hold a reference now (and in a forked child, a parent's thread may have held it). */
+    for (lane_job *job = self->head, *next; job != NULL; job = next) {
+        next = job->next;
+        free_job(job);
+    }
+    for (lane_job *job = self->done_head, *next; job != NULL; job = next) {
+        next = job->next;
+        free_job(job);
+    }
+    if (self->fd >= 0) close(self->fd);
+    Py_XDECREF(self->on_failure);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Whether `work` is a C session's handle_request or handle_response (a bound method of a Session). */
+static int session_call_of(PyObject *work, Session **session, int *response) {
+    if (!PyCFunction_Check(work)) return 0;
+    PyObject *self = PyCFunction_GET_SELF(work);
+    if (self == NULL || !PyObject_TypeCheck(self, &SessionType)) return 0;
+    PyCFunction function = PyCFunction_GET_FUNCTION(work);
+    if (function == (PyCFunction)Session_handle_request) *response = 0;
+    else if (function == (PyCFunction)Session_handle_response) *response = 1;
+    else return 0;
+    *session = (Session *)self;
+    return 1;
+}
+
+static lane_job *new_job(int kind) {
+    lane_job *job = calloc(1, sizeof(lane_job));
+    if (job == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    job->kind = kind;
+    job->queued_at = monotonic();
+    return job;
+}
+
+static PyObject *Lane_put(Lane *self, PyObject *item) {
+    lane_job *job = new_job(JOB_ITEM);
+    if (job == NULL) return NULL;
+    Py_INCREF(item);
+    job->item = item;
+    push_job(self, job, 0);
+    Py_RETURN_NONE;
+}
+
+/* flush(): wake workers for what run() queued since the last flush (one each, as many as wait). */
+static PyObject *Lane_flush(Lane *self, PyObject *unused) {
+    pthread_mutex_lock(&self->lock);
+    Py_ssize_t wake = self->held < self->waiting ? self->held : self->waiting;
+    self->held = 0;
+    for (Py_ssize_t i = 0; i < wake; i++) pthread_cond_signal(&self->ready);
+    pthread_mutex_unlock(&self->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *queue_item(Lane *self, PyObject *const *args, PyObject *still_wanted) {
+    PyObject *item = PyTuple_Pack(4, args[0], args[1], args[2], still_wanted);
+    if (item == NULL) return NULL;
+    lane_job *job = new_job(JOB_ITEM);
+    if (job == NULL) {
+        Py_DECREF(item);
+        return NULL;
+    }
+    job->item = item;
+    return PyBool_FromLong(push_job(self, job, 1));
+}
+
+/* run(work, on_result, on_error, still_wanted=None): GuestWorkers.run's queueing.  No worker is woken
+ * yet: the reactor thread calls flush() once its turn is over (True: this call made one due), so
+ * that the calls of one reactor turn go to the workers in one hand-off. */
+static PyObject *Lane_run(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 3 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "run(work, on_result, on_error, still_wanted=None)");
+        return NULL;
+    }
+    PyObject *work = args[0], *still_wanted = nargs == 4 ? args[3] : Py_None;
+    Session *session;
+    int response;
+    if (session_call_of(work, &session, &response)) {
+        lane_job *job = new_job(JOB_FAST);
+        if (job == NULL) return NULL;
+        int prepared = lane_prepare(job, session, response);
+        if (prepared != 0) {
+            Py_INCREF(session);
+            job->session = session;
+            Py_INCREF(args[1]);
+            job->on_result = args[1];
+            Py_INCREF(args[2]);
+            job->on_error = args[2];
+            if (still_wanted != Py_None) {
+                Py_INCREF(still_wanted);
+                job->still_wanted = still_wanted;
+            }
+            if (prepared > 0) return PyBool_FromLong(push_job(self, job, 1));
+            /* the error is delivered as a call's would be: later, on the reactor */
+            pthread_mutex_lock(&self->lock);
+            push_done(self, job);
+            pthread_mutex_unlock(&self->lock);
+            Py_RETURN_FALSE;
+        }
+        free_job(job);
+    }
+    return queue_item(self, args, still_wanted);
+}
+
+static void clear_thread_target(void) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (PyObject_SetAttr(current_local, s_target, Py_None) < 0) PyErr_WriteUnraisable(current_local);
+    PyGILState_Release(gil);
+}
+
+static PyTypeObject SeatType;
+
+/* get(seat, timeout): run sessions' calls until something else arrives (returned as it was put),
+ * `timeout` seconds pass with nothing to do (None), or the seat is demoted after a call (False). */
+static PyObject *Lane_get(Lane *self, PyObject *args) {
+    Seat *seat;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "O!d", &SeatType, &seat, &timeout)) return NULL;
+    PyObject *outcome = NULL;
+    PyThreadState *saved = PyEval_SaveThread();
+    double deadline = monotonic() + timeout;
+    pthread_mutex_lock(&self->lock);
+    for (;;) {
+        while (self->head == NULL) {
+            double whole;
+            double fraction = modf(deadline, &whole);
+            struct timespec until = {(time_t)whole, (long)(fraction * 1e9)};
+            self->waiting++;
+            int waited = pthread_cond_timedwait(&self->ready, &self->lock, &until);
+            self->waiting--;
+            if (waited == ETIMEDOUT && self->head == NULL) {
+                pthread_mutex_unlock(&self->lock);
+                PyEval_RestoreThread(saved);
+                Py_RETURN_NONE;
+            }
+        }
+        lane_job *job = self->head;
+        self->head = job->next;
+        if (self->head == NULL) self->tail = NULL;
+        self->queued--;
+        pthread_mutex_unlock(&self->lock);
+        if (job->kind == JOB_ITEM) {
+            PyEval_RestoreThread(saved);
+            outcome = job->item;
+            job->item = NULL;
+            free_job(job);
+            return outcome;
+        }
+        /* Asked only of a call that waited (a client can have left only if time passed); see GuestWorkers.run. */
+        if (job->still_wanted != NULL && monotonic() - job->queued_at >= self->ask_after) {
+            PyEval_RestoreThread(saved);
+            PyObject *wanted = PyObject_CallNoArgs(job->still_wanted);
+            int yes = wanted == NULL ? -1 : PyObject_IsTrue(wanted);
+            Py_XDECREF(wanted);
+            if (yes < 0) {
+                PyErr_WriteUnraisable(job->still_wanted);
+                yes = 1;
+            }
+            saved = PyEval_SaveThread();
+            job->dropped = !yes;
+        }
+        if (!job->dropped) {
+            seat->since = monotonic();
+            job->error = call_run(job->context, job->export, 3, &job->trap);
+            if (job->context->target_set) clear_thread_target(); /* Python ran here; its reference goes */
+            seat->since = NAN;
+        }
+        pthread_mutex_lock(&self->lock);
+        if (job->dropped) self->dropped++;
+        push_done(self, job);
+        if (seat->demoted) {
+            pthread_mutex_unlock(&self->lock);
+            PyEval_RestoreThread(saved);
+            Py_RETURN_FALSE;
+        }
+        deadline = monotonic() + timeout;
+    }
+}
+
+/* deliver(): on the reactor thread (the lane's file descriptor is readable): finish every call that
+ * ran and run its continuation.  A continuation's exception goes to on_failure, called as in an
+ * except block, and the others still run. */
+static PyObject *Lane_deliver(Lane *self, PyObject *unused) {
+    uint64_t count;
+    ssize_t got = read(self->fd, &count, sizeof count);
+    (void)got; /* EAGAIN: nothing was signalled, and what is done is taken anyway */
+    pthread_mutex_lock(&self->lock);
+    lane_job *jobs = self->done_head;
+    self->done_head = self->done_tail = NULL;
+    self->wake_pending = 0;
+    pthread_mutex_unlock(&self->lock);
+    while (jobs != NULL) {
+        lane_job *job = jobs;
+        jobs = job->next;
+        PyObject *callback, *value;
+        if (job->failed != NULL) {
+            callback = job->on_error;
+            value = job->failed;
+            job->failed = NULL;
+        } else if (job->dropped) {
+            lane_undo(job);
+            free_job(job);
+            continue;
+        } else {
+            Context *c = job->context;
+            PyObject *state = job->session->state;
+            PyObject *result = call_leave(c, job->export, job->error, job->trap);
+            job->error = NULL;
+            job->trap = NULL;
+            result = fast_leave(c, job->instance, state, result);
+            result = job->response ? session_response_done(job->session, result)
+                                   : session_request_done(job->session, result);
+            if (result != NULL) {
+                callback = job->on_result;
+                value = result;
+            } else {
+                callback = job->on_error;
+                value = fetch_error();
+                if (value == NULL) {
+                    value = Py_None;
+                    Py_INCREF(value);
+                }
+            }
+        }
+        PyObject *out = PyObject_CallOneArg(callback, value);
+        Py_DECREF(value);
+        free_job(job);
+        if (out != NULL) {
+            Py_DECREF(out);
+            continue;
+        }
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* as `except Exception`: the rest goes on up, later */
+            if (jobs != NULL) {
+                pthread_mutex_lock(&self->lock);
+                lane_job *last = jobs;
+                while (last->next != NULL) last = last->next;
+                last->next = self->done_head;
+                if (self->done_head == NULL) self->done_tail = last;
+                self->done_head = jobs;
+                self->wake_pending = 0;
+                wake_reactor(self);
+                pthread_mutex_unlock(&self->lock);
+            }
+            return NULL;
+        }
+        PyObject *error = fetch_error();
+        if (error == NULL) continue;
+        PyObject *saved_type, *saved_value, *saved_traceback;
+        PyErr_GetExcInfo(&saved_type, &saved_value, &saved_traceback);
+        PyObject *error_type = (PyObject *)Py_TYPE(error);
+        Py_INCREF(error_type);
+        Py_INCREF(error);
+        PyErr_SetExcInfo(error_type, error, PyException_GetTraceback(error)); /* steals the three */
+        PyObject *reported = PyObject_CallNoArgs(self->on_failure);
+        PyErr_SetExcInfo(saved_type, saved_value, saved_traceback);
+        Py_DECREF(error);
+        if (reported == NULL) PyErr_WriteUnraisable(self->on_failure);
+        Py_XDECREF(reported);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_fileno(Lane *self, PyObject *unused) { return PyLong_FromLong(self->fd); }
+
+static PyObject *Lane_qsize(Lane *self, PyObject *unused) {
+    pthread_mutex_lock(&self->lock);
+    Py_ssize_t queued = self->queued;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromSsize_t(queued);
+}
+
+static PyObject *Lane_empty(Lane *self, PyObject *unused) {
+    pthread_mutex_lock(&self->lock);
+    int empty = self->head == NULL;
+    pthread_mutex_unlock(&self->lock);
+    return PyBool_FromLong(empty);
+}
+
+static PyObject *Lane_ready(Lane *self, PyObject *unused) {
+    Py_ssize_t ready = 0;
+    pthread_mutex_lock(&self->lock);
+    for (lane_job *job = self->done_head; job != NULL; job = job->next) ready++;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromSsize_t(ready);
+}
+
+static PyObject *Lane_get_dropped(Lane *self, void *unused) {
+    pthread_mutex_lock(&self->lock);
+    long dropped = self->dropped;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromLong(dropped);
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))Lane_run, METH_FASTCALL,
+     "run(work, on_result, on_error, still_wanted=None): queue a call (a session's is prepared here)."},
+    {"put", (PyCFunction)Lane_put, METH_O, "put(item): queue an item for a worker's Python loop (a worker wakes now)."},
+    {"flush", (PyCFunction)Lane_flush, METH_NOARGS, "Wake workers for what run() queued since the last flush()."},
+    {"get", (PyCFunction)Lane_get, METH_VARARGS,
+     "get(seat, timeout): run sessions' calls; the next other item, None after timeout idle, False if demoted."},
+    {"deliver", (PyCFunction)Lane_deliver, METH_NOARGS, "Finish the calls that ran and run their continuations."},
+    {"fileno", (PyCFunction)Lane_fileno, METH_NOARGS, "The eventfd that is readable while results wait."},
+    {"qsize", (PyCFunction)Lane_qsize, METH_NOARGS, "How many calls and items wait for a worker."},
+    {"empty", (PyCFunction)Lane_empty, METH_NOARGS, "Whether nothing waits for a worker."},
+    {"ready", (PyCFunction)Lane_ready, METH_NOARGS, "How many calls have run and wait for deliver()."},
+    {NULL}};
+
+static PyGetSetDef Lane_getset[] = {
+    {"dropped", (getter)Lane_get_dropped, NULL, "Sessions' calls dropped unstarted (still_wanted said no).", NULL},
+    {NULL}};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "twisted_httpwasm.runtime._accel.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Lane_new,
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_methods = Lane_methods,
+    .tp_getset = Lane_getset,
+    .tp_doc = "Lane(ask_after, on_failure): thread mode's queue of guest calls (web/guest_threads.py).",
+};
+
+static PyObject *Seat_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    if (!PyArg_ParseTuple(args, ":Seat")) return NULL;
+    Seat *self = (Seat *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->since = NAN;
+    self->native_id = -1;
+    return (PyObject *)self;
+}
+
+static PyObject *Seat_get_since(Seat *self, void *unused) {
+    double since = self->since;
+    if (isnan(since)) Py_RETURN_NONE;
+    return PyFloat_FromDouble(since);
+}
+
+static int Seat_set_since(Seat *self, PyObject *value, void *unused) {
+    if (value == NULL || value == Py_None) {
+        self->since = NAN;
+        return 0;
+    }
+    double since = PyFloat_AsDouble(value);
+    if (since == -1.0 && PyErr_Occurred()) return -1;
+    self->since = since;
+    return 0;
+}
+
+static PyObject *Seat_get_native_id(Seat *self, void *unused) {
+    if (self->native_id < 0) Py_RETURN_NONE;
+    return PyLong_FromLongLong(self->native_id);
+}
+
+static int Seat_set_native_id(Seat *self, PyObject *value, void *unused) {
+    if (value == NULL || value == Py_None) {
+        self->native_id = -1;
+        return 0;
+    }
+    long long id = PyLong_AsLongLong(value);
+    if (id == -1 && PyErr_Occurred()) return -1;
+    self->native_id = id;
+    return 0;
+}
+
+static PyObject *Seat_get_demoted(Seat *self, void *unused) { return PyBool_FromLong(self->demoted); }
+
+static int Seat_set_demoted(Seat *self, PyObject *value, void *unused) {
+    int demoted = value == NULL ? 0 : PyObject_IsTrue(value);
+    if (demoted < 0) return -1;
+    self->demoted = demoted;
+    return 0;
+}
+
+static PyGetSetDef Seat_getset[] = {
+    {"since", (getter)Seat_get_since, (setter)Seat_set_since, "When the current call began; None while waiting.",
+     NULL},
+    {"native_id", (getter)Seat_get_native_id, (setter)Seat_set_native_id, "The thread's native id.", NULL},
+    {"demoted", (getter)Seat_get_demoted, (setter)Seat_set_demoted,
+     "Runs at the lowest CPU priority; ends after its call.", NULL},
+    {NULL}};
+
+static PyTypeObject SeatType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "twisted_httpwasm.runtime._accel.Seat",
+    .tp_basicsize = sizeof(Seat),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Seat_new,
+    .tp_getset = Seat_getset,
+    .tp_doc = "Seat(): one lane worker, as GuestWorkers' _Worker (since, native_id, demoted), readable without the GIL.",
 };
 
 /* -- the inline runner's run (web/runners.py), without a Python frame ------------------------- */
@@ -1286,7 +2088,7 @@ done:
 
 static PyObject *header_list_type; /* runtime.state.HeaderList: the response headers C recorded become one */
 static PyObject *log_levels;       /* (LogLevel.DEBUG, INFO, WARN, ERROR): a recorded line's level + 1 */
-static PyObject *s_entries, *s_size, *s_changed, *s_response_headers_property, *s_add, *s_log, *s_call_log;
+static PyObject *s_size, *s_changed, *s_response_headers_property, *s_add, *s_log, *s_call_log;
 
 /* setup_apply(HeaderList, levels): what apply() makes. */
 static PyObject *setup_apply(PyObject *module, PyObject *args) {
@@ -1601,6 +2403,9 @@ PyMODINIT_FUNC PyInit__accel(void) {
     INTERN(s_max_buffer_bytes, "max_buffer_bytes");
     INTERN(s_response_headers, "_response_headers");
     INTERN(s_request_header_values, "request_header_values");
+    INTERN(s_request_headers, "_request_headers");
+    INTERN(s_read_request_headers, "read_request_headers");
+    INTERN(s_inline, "inline");
     INTERN(s_messages, "messages");
     INTERN(s_bytes, "bytes");
     INTERN(s_dropped, "dropped");
@@ -1631,8 +2436,9 @@ PyMODINIT_FUNC PyInit__accel(void) {
     INTERN(s_lines, "lines");
     INTERN(s_finish_fast_call, "_finish_fast_call");
     INTERN(s_hand_over_log, "_hand_over_log");
+    INTERN(s_acquire_idle, "acquire_idle");
     if (PyType_Ready(&HostEnvType) < 0 || PyType_Ready(&ExportType) < 0 || PyType_Ready(&ContextType) < 0 ||
-        PyType_Ready(&SessionType) < 0)
+        PyType_Ready(&SessionType) < 0 || PyType_Ready(&LaneType) < 0 || PyType_Ready(&SeatType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) return NULL;
@@ -1640,10 +2446,14 @@ PyMODINIT_FUNC PyInit__accel(void) {
     Py_INCREF(&ExportType);
     Py_INCREF(&ContextType);
     Py_INCREF(&SessionType);
+    Py_INCREF(&LaneType);
+    Py_INCREF(&SeatType);
     if (PyModule_AddObject(module, "HostEnv", (PyObject *)&HostEnvType) < 0 ||
         PyModule_AddObject(module, "Export", (PyObject *)&ExportType) < 0 ||
         PyModule_AddObject(module, "Context", (PyObject *)&ContextType) < 0 ||
         PyModule_AddObject(module, "Session", (PyObject *)&SessionType) < 0 ||
+        PyModule_AddObject(module, "Lane", (PyObject *)&LaneType) < 0 ||
+        PyModule_AddObject(module, "Seat", (PyObject *)&SeatType) < 0 ||
         PyModule_AddIntConstant(module, "HOST_FUNCTIONS", H_COUNT) < 0 ||
         PyModule_AddObject(module, "end_fast_call", PyDescr_NewMethod(&PyBaseObject_Type, &end_fast_call_def)) < 0) {
         Py_DECREF(module);

@@ -339,7 +339,9 @@ class Guest:
         """
         module = self.accelerated
         if module is not None:  # the same session in C, whose calls go through the fast call (_accel.c)
-            session: GuestSession = module.Session(self.pool, state, inline)
+            if inline:
+                state.inline = True
+            session: GuestSession = module.Session(self.pool, state, inline, self)
             return session
         return GuestSession(self.pool, state, inline)
 

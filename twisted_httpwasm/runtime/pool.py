@@ -40,7 +40,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, overload
 
 __all__ = ["IDLE_TIMEOUT", "GuestPool", "GuestUnavailable", "PoolStats"]
 
@@ -128,8 +128,16 @@ class GuestPool(Generic[InstanceT]):
         self._failures = 0  # failed creations since the last success
         self.stats = PoolStats()
 
-    def acquire(self, *, for_request: bool = True) -> InstanceT:
+    @overload
+    def acquire(self, *, for_request: bool = True) -> InstanceT: ...
+
+    @overload
+    def acquire(self, *, for_request: bool = True, make: bool) -> InstanceT | None: ...
+
+    def acquire(self, *, for_request: bool = True, make: bool = True) -> InstanceT | None:
         """An idle instance, or a new one; raises :class:`GuestUnavailable` if none can be made.
+
+        ``make=False``: None rather than a new instance (see :meth:`acquire_idle`).
 
         During a back-off no creation is attempted; once it is over, one caller
         tries while the others are still refused.  ``for_request=False``: a
@@ -161,6 +169,8 @@ class GuestPool(Generic[InstanceT]):
                 return instance
             stats = self.stats
             stats.idle = 0
+            if not make:
+                return None
             if self._backoff:
                 now = self._clock()
                 if self._probing or now < self._retry_at:
@@ -209,6 +219,14 @@ class GuestPool(Generic[InstanceT]):
         if failures:
             self._tell(INFO, f"recovered: a new instance initialised after {failures} failed attempt(s)")
         return instance
+
+    def acquire_idle(self) -> InstanceT | None:
+        """An idle instance, lent as :meth:`acquire` lends it, or None when none is idle.
+
+        Nothing is made: making an instance runs guest code (``_start``), which
+        thread mode keeps off the reactor thread, where its lane pins instances.
+        """
+        return self.acquire(make=False)
 
     def _tell(self, level: str, message: str) -> None:
         if self._on_event is not None:

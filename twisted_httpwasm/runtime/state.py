@@ -165,6 +165,10 @@ class RequestState:
     apply to the real request at all.
     """
 
+    #: True when this request's guest calls run inline, on the thread serving it, which holds the GIL
+    #: (set by ``Guest.session``): the compiled accelerator then reads a request header when the guest
+    #: asks for it, where a call on another thread gets a copy of them all before it starts.
+    inline = False
     # Defaults for the many requests that never change them (set per instance on first change).
     method_changed = False
     uri_changed = False

@@ -24,10 +24,24 @@ get the CPU first, and ends after that call.  The pool never exceeds
 once, further calls wait their turn in order.  A thread idle for
 ``idle_exit`` seconds ends (the last one stays).
 
+**With the compiled accelerator, a session's call never waits for the GIL.**
+The queue is then the accelerator's lane (:class:`_accel.Lane`): the call of
+a C session (an accelerated guest that nothing observes) is prepared on the
+reactor thread, which holds the GIL anyway (an idle instance pinned, the
+request's snapshot taken; a call that would have to make an instance, which
+runs guest code, goes the Python way), the guest runs on a worker that does
+not hold the GIL, and the worker wakes the reactor through the lane's
+eventfd, registered as an internal reader, once per batch; the reactor
+finishes each call and runs its continuation.  Everything else goes through
+the same queue and the Python loop below, as without the accelerator.
+
 **Calls for clients that left are not started.**  :meth:`GuestWorkers.run`
 takes an optional ``still_wanted`` predicate, asked on the worker right before
 the call would start; a call no longer wanted is dropped without running
 (counted in :attr:`GuestWorkers.dropped`), and its continuations never run.
+On the lane, a session's call is asked only once it has waited :data:`STALL`
+for a thread (the client can only have left if time passed; asking means
+taking the GIL, which the lane's calls otherwise never do).
 
 No thread starts before the first call: ``twistd`` (without ``-n``) loads the
 guests and then forks to daemonize, and threads do not survive a fork.  The
@@ -49,8 +63,12 @@ from collections.abc import Callable
 from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
-from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads, IReadDescriptor
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..runtime import accel as _accel
+from .twisted_internals import add_internal_reader, can_add_internal_reader, remove_internal_reader
 
 __all__ = ["FAST_THREADS", "IDLE_EXIT", "MAX_THREADS", "SLOW", "STALL", "GuestWorkers", "workers_for"]
 
@@ -112,7 +130,9 @@ class GuestWorkers:
     def _reset(self) -> None:
         """No thread, nothing queued: the state before the first call (and in a forked child)."""
         self._started = False
-        self._calls: SimpleQueue[_Item] = SimpleQueue()
+        self._lane = lane = self._make_lane()
+        self._reader: _LaneReader | None = None
+        self._calls: Any = SimpleQueue() if lane is None else lane
         self._done: deque[tuple[Callable[[Any], None], Any]] = deque()
         self._wake_scheduled = False
         self._workers: list[_Worker] = []
@@ -120,8 +140,25 @@ class GuestWorkers:
         self._lock = threading.Lock()  # guards _workers and dropped
         self._stopping = threading.Event()
         self._queued = threading.Event()  # set while work may be waiting: the monitor watches
-        #: Calls dropped because their ``still_wanted`` said no.
-        self.dropped = 0
+        self._dropped = 0
+
+    def _make_lane(self) -> Any:
+        """The accelerator's lane, where it can serve: the accelerator is built, the reactor has internal readers.
+
+        The calls the lane runs in C are timed with the monotonic clock (``time.monotonic``'s), whatever
+        ``clock`` is; ``clock`` times the calls the Python loop runs.
+        """
+        module = _accel.module
+        if module is None or not can_add_internal_reader(self._reactor):
+            return None
+        self._seat = module.Seat  # the lane's workers (kept: the lane serves on if the module is swapped later)
+        return module.Lane(STALL, _continuation_failed)
+
+    @property
+    def dropped(self) -> int:
+        """Calls dropped because their ``still_wanted`` said no."""
+        lane = self._lane
+        return self._dropped + (0 if lane is None else lane.dropped)
 
     def _start(self) -> None:
         """Start the first thread and the monitor (once per process, on the first call)."""
@@ -129,6 +166,9 @@ class GuestWorkers:
             if self._started or self._stopping.is_set():
                 return
             self._started = True
+            if self._lane is not None:
+                self._reader = _LaneReader(self._lane)
+                add_internal_reader(self._reactor, self._reader)
             threading.Thread(target=self._monitor, name=f"{self._name}-monitor", daemon=True).start()
             self._add_thread()
 
@@ -139,10 +179,12 @@ class GuestWorkers:
 
     def _add_thread(self) -> None:
         """Start one more thread; the caller holds the lock."""
-        worker = _Worker()
+        lane = self._lane
+        worker: Any = _Worker() if lane is None else self._seat()
         self._workers.append(worker)
         name = f"{self._name}-{next(self._numbers)}"
-        threading.Thread(target=self._serve, args=(worker,), name=name, daemon=True).start()
+        serve = self._serve if lane is None else self._serve_lane
+        threading.Thread(target=serve, args=(worker,), name=name, daemon=True).start()
 
     def _demote_stuck(self) -> None:
         """Lowest CPU priority for threads stuck past SLOW, so the reactor and fast calls run first.
@@ -216,7 +258,14 @@ class GuestWorkers:
         """
         if not self._started:
             self._start()
-        self._calls.put((work, on_result, on_error, still_wanted))
+        lane = self._lane
+        if lane is not None:
+            # Workers are woken once the reactor's turn is over, for every call of the turn at once:
+            # one hand-off per turn, as the GIL batched them on the Python path.
+            if lane.run(work, on_result, on_error, still_wanted):
+                self._reactor.callFromThread(lane.flush)
+        else:
+            self._calls.put((work, on_result, on_error, still_wanted))
         if not self._queued.is_set():
             self._queued.set()
 
@@ -228,15 +277,50 @@ class GuestWorkers:
             for _ in self._workers:
                 self._calls.put(_STOP)
 
-    def _leave(self, worker: _Worker, idle: bool) -> bool:
+    def _leave(self, worker: Any, idle: bool) -> bool:
         """Take ``worker`` out of the pool; an idle one only if another thread stays."""
         with self._lock:
             if idle and (len(self._workers) <= 1 or self._stopping.is_set()):
                 return False
             self._workers.remove(worker)
+            if self._stopping.is_set() and not self._workers and self._reader is not None:
+                self._reactor.callFromThread(self._close_lane, self._reader)
+                self._reader = None
             return True
 
-    def _serve(self, worker: _Worker) -> None:
+    def _close_lane(self, reader: _LaneReader) -> None:
+        """Reactor side, once the last thread has stopped: the last results, and the lane's reader goes."""
+        reader.doRead()
+        remove_internal_reader(self._reactor, reader)
+
+    def _serve_lane(self, worker: Any) -> None:
+        """A worker on the lane: sessions' calls run inside ``lane.get``; what it hands back runs as in _serve."""
+        lane = self._lane
+        done = self._done
+        clock = self._clock
+        idle_exit = self._idle_exit
+        worker.native_id = threading.get_native_id()
+        while True:
+            item = lane.get(worker, idle_exit)
+            if item is None:  # idle for idle_exit seconds
+                if self._leave(worker, idle=True):
+                    return
+                continue
+            if item is False or item is _STOP:  # demoted after a call, or stopped
+                self._leave(worker, idle=False)
+                return
+            ran = self._run_one(worker, item, done, clock)
+            del item  # as in _serve
+            if not ran:
+                continue
+            if not self._wake_scheduled:
+                self._wake_scheduled = True
+                self._reactor.callFromThread(self._deliver)
+            if worker.demoted:
+                self._leave(worker, idle=False)
+                return
+
+    def _serve(self, worker: Any) -> None:
         calls = self._calls
         done = self._done
         clock = self._clock
@@ -267,12 +351,12 @@ class GuestWorkers:
                 self._leave(worker, idle=False)
                 return
 
-    def _run_one(self, worker: _Worker, item: _Item, done: Any, clock: Callable[[], float]) -> bool:
+    def _run_one(self, worker: Any, item: _Item, done: Any, clock: Callable[[], float]) -> bool:
         """Run one queued call, its result going to ``done``; False if it was dropped unstarted."""
         work, on_result, on_error, still_wanted = item
         if still_wanted is not None and not still_wanted():
             with self._lock:
-                self.dropped += 1
+                self._dropped += 1
             return False
         worker.since = clock()
         try:
@@ -292,6 +376,26 @@ class GuestWorkers:
                 continuation(value)
             except Exception:  # noqa: BLE001 - one request's bug must not strand the others' results
                 _log.failure("continuation of a guest call failed")
+
+
+def _continuation_failed() -> None:
+    """The lane's report of a continuation that raised (called as in an ``except`` block)."""
+    _log.failure("continuation of a guest call failed")
+
+
+@implementer(IReadDescriptor)
+class _LaneReader:
+    """The lane's eventfd on the reactor: readable while calls that ran wait to be finished."""
+
+    def __init__(self, lane: Any) -> None:
+        self.fileno = lane.fileno
+        self.doRead = lane.deliver
+
+    def logPrefix(self) -> str:
+        return "httpwasm-guest-lane"
+
+    def connectionLost(self, reason: object) -> None:
+        """Nothing to close: the lane owns its file descriptor."""
 
 
 _every_workers: weakref.WeakSet[GuestWorkers] = weakref.WeakSet()

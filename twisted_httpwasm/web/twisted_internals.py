@@ -21,6 +21,7 @@ import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from twisted.internet.interfaces import IReactorFDSet
 from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, _IEncodingResource
@@ -28,6 +29,8 @@ from twisted.web.resource import IResource, _IEncodingResource
 __all__ = [
     "ChannelSwitch",
     "ContinueVetoChannel",
+    "add_internal_reader",
+    "can_add_internal_reader",
     "channel_of",
     "escape_log_field",
     "flush_h2_control_data",
@@ -39,6 +42,7 @@ __all__ = [
     "is_encoding_resource",
     "quiet_connection_pool",
     "receiving_headers",
+    "remove_internal_reader",
     "request_disconnected",
     "reset_h2_stream_after_cleanup",
     "stream_requests",
@@ -54,6 +58,32 @@ def escape_log_field(text: bytes | str) -> str:
     """
     escaped: str = http._escape(text)
     return escaped
+
+
+# -- the reactor -------------------------------------------------------------------
+
+
+def can_add_internal_reader(reactor: Any) -> bool:
+    """Whether :func:`add_internal_reader` works on ``reactor`` (a POSIX reactor's ``_internalReaders``)."""
+    return IReactorFDSet.providedBy(reactor) and isinstance(getattr(reactor, "_internalReaders", None), set)
+
+
+def add_internal_reader(reactor: Any, reader: Any) -> None:
+    """Watch ``reader`` as the reactor watches its own waker.
+
+    Relies on ``PosixReactorBase._internalReaders``: ``removeAll`` (trial's
+    clean-up between tests, ``disconnectAll`` at shutdown) leaves such readers
+    in place, so a process-wide reader (the guest workers' lane) is not taken
+    for a test's leftover and removed while calls still need it.
+    """
+    reactor._internalReaders.add(reader)
+    reactor.addReader(reader)
+
+
+def remove_internal_reader(reactor: Any, reader: Any) -> None:
+    """Stop watching a reader added with :func:`add_internal_reader`."""
+    reactor.removeReader(reader)
+    reactor._internalReaders.discard(reader)
 
 
 # -- requests --------------------------------------------------------------------
