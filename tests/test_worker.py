@@ -332,7 +332,8 @@ class LaneTests(TestCase):
             asked.append(threading.current_thread().name)
             return False
 
-        workers.run(loaded.session(request_state()).handle_request, continued.append, continued.append, still_wanted)
+        session = loaded.session(request_state())
+        workers.run(session.handle_request, continued.append, continued.append, still_wanted=still_wanted)
         self.assertEqual(loaded.pool.stats.in_use, 1)  # pinned on the reactor thread, for the queued call
         yield deferLater(reactor, STALL * 4, lambda: None)  # it waits: long enough to be asked
         release.set()

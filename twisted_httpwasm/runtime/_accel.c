@@ -1420,6 +1420,7 @@ typedef struct {
     long dropped;
     double ask_after;
     PyObject *on_failure;
+    PyObject *on_due; /* or NULL: called (on the reactor thread) when run() makes a flush() due */
 } Lane;
 
 static PyObject *s_acquire_idle;
@@ -1603,6 +1604,7 @@ static void Lane_dealloc(Lane *self) {
     }
     if (self->fd >= 0) close(self->fd);
     Py_XDECREF(self->on_failure);
+    Py_XDECREF(self->on_due);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1649,6 +1651,16 @@ static PyObject *Lane_flush(Lane *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* run()'s answer: whether a flush() is due; on_due, if set, is called for it. */
+static PyObject *due(Lane *self, int is_due) {
+    if (is_due && self->on_due != NULL) {
+        PyObject *called = PyObject_CallNoArgs(self->on_due);
+        if (called == NULL) return NULL;
+        Py_DECREF(called);
+    }
+    return PyBool_FromLong(is_due);
+}
+
 static PyObject *queue_item(Lane *self, PyObject *const *args, PyObject *still_wanted) {
     PyObject *item = PyTuple_Pack(4, args[0], args[1], args[2], still_wanted);
     if (item == NULL) return NULL;
@@ -1658,18 +1670,23 @@ static PyObject *queue_item(Lane *self, PyObject *const *args, PyObject *still_w
         return NULL;
     }
     job->item = item;
-    return PyBool_FromLong(push_job(self, job, 1));
+    return due(self, push_job(self, job, 1));
 }
 
 /* run(work, on_result, on_error, still_wanted=None): GuestWorkers.run's queueing.  No worker is woken
  * yet: the reactor thread calls flush() once its turn is over (True: this call made one due), so
  * that the calls of one reactor turn go to the workers in one hand-off. */
-static PyObject *Lane_run(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs < 3 || nargs > 4) {
+static PyObject *Lane_run(Lane *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *still_wanted = nargs == 4 ? args[3] : Py_None;
+    if (nkw == 1 && nargs == 3 && PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0)) &&
+        PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "still_wanted") == 0)
+        still_wanted = args[3];
+    else if (nkw != 0 || nargs < 3 || nargs > 4) {
         PyErr_SetString(PyExc_TypeError, "run(work, on_result, on_error, still_wanted=None)");
         return NULL;
     }
-    PyObject *work = args[0], *still_wanted = nargs == 4 ? args[3] : Py_None;
+    PyObject *work = args[0];
     Session *session;
     int response;
     if (session_call_of(work, &session, &response)) {
@@ -1687,7 +1704,7 @@ static PyObject *Lane_run(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
                 Py_INCREF(still_wanted);
                 job->still_wanted = still_wanted;
             }
-            if (prepared > 0) return PyBool_FromLong(push_job(self, job, 1));
+            if (prepared > 0) return due(self, push_job(self, job, 1));
             /* the error is delivered as a call's would be: later, on the reactor */
             pthread_mutex_lock(&self->lock);
             push_done(self, job);
@@ -1889,7 +1906,7 @@ static PyObject *Lane_get_dropped(Lane *self, void *unused) {
 }
 
 static PyMethodDef Lane_methods[] = {
-    {"run", (PyCFunction)(void (*)(void))Lane_run, METH_FASTCALL,
+    {"run", (PyCFunction)(void (*)(void))Lane_run, METH_FASTCALL | METH_KEYWORDS,
      "run(work, on_result, on_error, still_wanted=None): queue a call (a session's is prepared here)."},
     {"put", (PyCFunction)Lane_put, METH_O, "put(item): queue an item for a worker's Python loop (a worker wakes now)."},
     {"flush", (PyCFunction)Lane_flush, METH_NOARGS, "Wake workers for what run() queued since the last flush()."},
@@ -1900,6 +1917,10 @@ static PyMethodDef Lane_methods[] = {
     {"qsize", (PyCFunction)Lane_qsize, METH_NOARGS, "How many calls and items wait for a worker."},
     {"empty", (PyCFunction)Lane_empty, METH_NOARGS, "Whether nothing waits for a worker."},
     {"ready", (PyCFunction)Lane_ready, METH_NOARGS, "How many calls have run and wait for deliver()."},
+    {NULL}};
+
+static PyMemberDef Lane_members[] = {
+    {"on_due", T_OBJECT, offsetof(Lane, on_due), 0, "Called when run() makes a flush() due (None: run() only says so)."},
     {NULL}};
 
 static PyGetSetDef Lane_getset[] = {
@@ -1913,6 +1934,7 @@ static PyTypeObject LaneType = {
     .tp_new = Lane_new,
     .tp_dealloc = (destructor)Lane_dealloc,
     .tp_methods = Lane_methods,
+    .tp_members = Lane_members,
     .tp_getset = Lane_getset,
     .tp_doc = "Lane(ask_after, on_failure): thread mode's queue of guest calls (web/guest_threads.py).",
 };

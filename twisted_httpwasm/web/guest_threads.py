@@ -129,6 +129,7 @@ class GuestWorkers:
 
     def _reset(self) -> None:
         """No thread, nothing queued: the state before the first call (and in a forked child)."""
+        self.__dict__.pop("run", None)  # the lane's run, set by _start: the next call starts afresh
         self._started = False
         self._lane = lane = self._make_lane()
         self._reader: _LaneReader | None = None
@@ -166,9 +167,14 @@ class GuestWorkers:
             if self._started or self._stopping.is_set():
                 return
             self._started = True
-            if self._lane is not None:
-                self._reader = _LaneReader(self._lane)
+            lane = self._lane
+            if lane is not None:
+                self._reader = _LaneReader(lane)
                 add_internal_reader(self._reactor, self._reader)
+                # From now on run() is the lane's, without a Python frame; it calls _flush_soon for the
+                # first call of each reactor turn.
+                lane.on_due = self._flush_soon
+                self.run = lane.run  # type: ignore[method-assign]
             threading.Thread(target=self._monitor, name=f"{self._name}-monitor", daemon=True).start()
             self._add_thread()
 
@@ -258,14 +264,23 @@ class GuestWorkers:
         """
         if not self._started:
             self._start()
+        if self._lane is not None:
+            self._lane.run(work, on_result, on_error, still_wanted)  # as the lane's run is, once started
+            return
+        self._calls.put((work, on_result, on_error, still_wanted))
+        if not self._queued.is_set():
+            self._queued.set()
+
+    def _flush_soon(self) -> None:
+        """The lane's first call of a reactor turn: workers are woken once the turn is over.
+
+        Every call of the turn reaches the workers in that one hand-off, as the GIL batched
+        them on the Python queue; the monitor is told work waits (for every later call of
+        the turn, this one told it).
+        """
         lane = self._lane
-        if lane is not None:
-            # Workers are woken once the reactor's turn is over, for every call of the turn at once:
-            # one hand-off per turn, as the GIL batched them on the Python path.
-            if lane.run(work, on_result, on_error, still_wanted):
-                self._reactor.callFromThread(lane.flush)
-        else:
-            self._calls.put((work, on_result, on_error, still_wanted))
+        assert lane is not None
+        self._reactor.callFromThread(lane.flush)
         if not self._queued.is_set():
             self._queued.set()
 
@@ -405,6 +420,9 @@ def _forget_threads_after_fork() -> None:
     """In a forked child: the parent's threads are gone; start afresh on the next call."""
     global _shared_lock
     _shared_lock = threading.Lock()  # a parent's thread may have held it at the fork
+    # A lane whose reader a parent's reactor was watching stays watched in the child's copy of
+    # that reactor: taking it off would take it off the parent's epoll set too (an epoll instance
+    # is shared across fork). twistd forks before any call, so there is none then.
     for workers in list(_every_workers):
         workers._reset()
 
