@@ -3,9 +3,9 @@
 The accelerator (``_accel``, a C extension built at install when a C compiler
 and Python's headers are there) calls guest exports through wasmtime's C API
 and answers the common ``http_handler`` host functions in C, over a snapshot
-of the request taken before each call (request headers are read by name when
-the guest asks, through ``RequestState.request_header_values``, as the pure
-path reads them); it records what the guest changes, and
+of the request taken before each call (in an inline call, request headers are
+read by name when the guest asks, through ``RequestState.request_header_values``,
+as the pure path reads them); it records what the guest changes, and
 :data:`apply` makes those changes on the Python objects after the call (or
 before a host function only Python answers).  Whatever it does not answer
 itself, and every failure, is answered by the pure-Python implementation, so
