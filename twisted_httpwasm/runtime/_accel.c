@@ -1549,7 +1549,9 @@ close_failed:
     Py_XDECREF(close_and_fail(session));
 failed:
     job->failed = fetch_error();
-    return -1;
+    if (job->failed == NULL) /* never left without an error for on_error: deliver() must not take it for a call */
+        job->failed = PyObject_CallFunction(PyExc_RuntimeError, "s", "preparing a guest call failed without an error");
+    return -1; /* job->failed NULL: not even that could be made, and its error is set */
 }
 
 /* A dropped call is undone: as if it had never been prepared (its instance goes back to the pool). */
@@ -1693,6 +1695,10 @@ static PyObject *Lane_run(Lane *self, PyObject *const *args, Py_ssize_t nargs, P
         lane_job *job = new_job(JOB_FAST);
         if (job == NULL) return NULL;
         int prepared = lane_prepare(job, session, response);
+        if (prepared < 0 && job->failed == NULL) {
+            free_job(job);
+            return NULL;
+        }
         if (prepared != 0) {
             Py_INCREF(session);
             job->session = session;
