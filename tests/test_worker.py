@@ -56,6 +56,7 @@ class GuestWorkersTests(TestCase):
             self.patch(accel, "module", None)
         workers = GuestWorkers(reactor, **options)  # type: ignore[arg-type]
         self.addCleanup(workers.stop)
+        workers._start()  # what the first call does: the lane is made then
         self.assertEqual(workers._lane is None, self.python_queue or accel.module is None)
         return workers
 
@@ -257,8 +258,8 @@ class LaneTests(TestCase):
         """Workers with their threads started and their lane's reader on the reactor."""
         workers = GuestWorkers(reactor, **options)  # type: ignore[arg-type]
         self.addCleanup(workers.stop)
-        self.assertIsNotNone(workers._lane)
         yield run_on(workers, lambda: None)
+        self.assertIsNotNone(workers._lane)
         return workers
 
     @inlineCallbacks
@@ -402,12 +403,21 @@ class LaneTests(TestCase):
 
     @inlineCallbacks
     def test_the_lane_leaves_the_reactor_once_its_threads_end(self):
-        """After stop(), once the last thread has ended, the lane's reader is no longer on the reactor."""
+        """After stop(), once the last thread has ended, the lane's reader is off the reactor, its eventfd closed."""
         workers = yield self.make_workers()
-        reader = workers._reader
+        reader, lane = workers._reader, workers._lane
         self.assertIn(reader, reactor.getReaders())
         workers.stop()
         self.assertTrue((yield poll(lambda: reader not in reactor.getReaders(), timeout=10, interval=0.01)))
+        self.assertEqual(lane.fileno(), -1)
+
+    def test_workers_not_used_hold_no_file_descriptor(self):
+        """The lane (and its eventfd) is made by the first call: workers made and never used open nothing."""
+        before = len(os.listdir("/proc/self/fd"))
+        made = [GuestWorkers(reactor) for _ in range(20)]
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        for workers in made:
+            workers.stop()
 
 
 class _QueueReactor:
@@ -444,9 +454,11 @@ def _serve_one_call_in_a_forked_child(workers: GuestWorkers, reactor: _QueueReac
         finally:
             os._exit(status)
     os.close(write_end)
+    report = b""
     try:
-        readable, _, _ = select.select([read_end], [], [], 10)
-        report = os.read(read_end, 200) if readable else b""
+        watch = select.poll()  # not select(): the test process may hold more than 1024 descriptors
+        watch.register(read_end, select.POLLIN)
+        report = os.read(read_end, 200) if watch.poll(10_000) else b""
     finally:
         os.close(read_end)
         if not report:

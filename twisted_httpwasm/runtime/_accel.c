@@ -1439,7 +1439,7 @@ static void free_job(lane_job *job) {
 }
 
 static void wake_reactor(Lane *lane) { /* with the lock held */
-    if (lane->wake_pending) return;
+    if (lane->wake_pending || lane->fd < 0) return;
     lane->wake_pending = 1;
     uint64_t one = 1;
     ssize_t written = write(lane->fd, &one, sizeof one);
@@ -1802,9 +1802,11 @@ static PyObject *Lane_get(Lane *self, PyObject *args) {
  * except block, and the others still run. */
 static PyObject *Lane_deliver(Lane *self, PyObject *unused) {
     uint64_t count;
-    ssize_t got = read(self->fd, &count, sizeof count);
-    (void)got; /* EAGAIN: nothing was signalled, and what is done is taken anyway */
     pthread_mutex_lock(&self->lock);
+    if (self->fd >= 0) {
+        ssize_t got = read(self->fd, &count, sizeof count);
+        (void)got; /* EAGAIN: nothing was signalled, and what is done is taken anyway */
+    }
     lane_job *jobs = self->done_head;
     self->done_head = self->done_tail = NULL;
     self->wake_pending = 0;
@@ -1882,6 +1884,16 @@ static PyObject *Lane_deliver(Lane *self, PyObject *unused) {
 
 static PyObject *Lane_fileno(Lane *self, PyObject *unused) { return PyLong_FromLong(self->fd); }
 
+/* close(): the eventfd goes (once no worker is left: results are no longer signalled). */
+static PyObject *Lane_close(Lane *self, PyObject *unused) {
+    pthread_mutex_lock(&self->lock);
+    int fd = self->fd;
+    self->fd = -1;
+    pthread_mutex_unlock(&self->lock);
+    if (fd >= 0) close(fd);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Lane_qsize(Lane *self, PyObject *unused) {
     pthread_mutex_lock(&self->lock);
     Py_ssize_t queued = self->queued;
@@ -1920,6 +1932,7 @@ static PyMethodDef Lane_methods[] = {
      "get(seat, timeout): run sessions' calls; the next other item, None after timeout idle, False if demoted."},
     {"deliver", (PyCFunction)Lane_deliver, METH_NOARGS, "Finish the calls that ran and run their continuations."},
     {"fileno", (PyCFunction)Lane_fileno, METH_NOARGS, "The eventfd that is readable while results wait."},
+    {"close", (PyCFunction)Lane_close, METH_NOARGS, "Close the eventfd (the workers have ended)."},
     {"qsize", (PyCFunction)Lane_qsize, METH_NOARGS, "How many calls and items wait for a worker."},
     {"empty", (PyCFunction)Lane_empty, METH_NOARGS, "Whether nothing waits for a worker."},
     {"ready", (PyCFunction)Lane_ready, METH_NOARGS, "How many calls have run and wait for deliver()."},

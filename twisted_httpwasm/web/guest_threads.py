@@ -131,9 +131,9 @@ class GuestWorkers:
         """No thread, nothing queued: the state before the first call (and in a forked child)."""
         self.__dict__.pop("run", None)  # the lane's run, set by _start: the next call starts afresh
         self._started = False
-        self._lane = lane = self._make_lane()
+        self._lane: Any = None  # the accelerator's lane, made by _start (its eventfd only while it serves)
         self._reader: _LaneReader | None = None
-        self._calls: Any = SimpleQueue() if lane is None else lane
+        self._calls: Any = SimpleQueue()
         self._done: deque[tuple[Callable[[Any], None], Any]] = deque()
         self._wake_scheduled = False
         self._workers: list[_Worker] = []
@@ -167,8 +167,9 @@ class GuestWorkers:
             if self._started or self._stopping.is_set():
                 return
             self._started = True
-            lane = self._lane
+            lane = self._lane = self._make_lane()
             if lane is not None:
+                self._calls = lane  # nothing is queued before the first call
                 self._reader = _LaneReader(lane)
                 add_internal_reader(self._reactor, self._reader)
                 # From now on run() is the lane's, without a Python frame; it calls _flush_soon for the
@@ -304,9 +305,10 @@ class GuestWorkers:
             return True
 
     def _close_lane(self, reader: _LaneReader) -> None:
-        """Reactor side, once the last thread has stopped: the last results, and the lane's reader goes."""
+        """Reactor side, once the last thread has stopped: the last results, then the lane's reader and eventfd go."""
         reader.doRead()
         remove_internal_reader(self._reactor, reader)
+        reader.close()
 
     def _serve_lane(self, worker: Any) -> None:
         """A worker on the lane: sessions' calls run inside ``lane.get``; what it hands back runs as in _serve."""
@@ -405,6 +407,7 @@ class _LaneReader:
     def __init__(self, lane: Any) -> None:
         self.fileno = lane.fileno
         self.doRead = lane.deliver
+        self.close = lane.close
 
     def logPrefix(self) -> str:
         return "httpwasm-guest-lane"
