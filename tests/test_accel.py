@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +49,38 @@ MIXED = [
 INPUTS = {NAME: b"x-a", NAME + 8: b"User-Agent", VALUE: b"v1v22"}
 
 
+def guest_on(path: Any, **options: Any) -> Guest:
+    """``test_hostfuncs.guest(**options)``, loaded on ``path`` (``accel.compiled``, or None: the pure path)."""
+    saved = accel.module
+    accel.module = path
+    try:
+        return guest(**options)
+    finally:
+        accel.module = saved
+
+
+def functions_entered(run: Callable[[], object]) -> list[str]:
+    """``file:function`` of every Python function entered on this thread while ``run()`` runs."""
+    entered: list[str] = []
+
+    def profile(frame: Any, event: str, _arg: Any) -> None:
+        if event == "call":
+            entered.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
+
+    threading.setprofile(None)
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return entered
+
+
 def outcome(
     path: Any, statements: list[str] = MIXED, max_buffer_bytes: int | None = None, **options: Any
 ) -> tuple[Any, ...]:
     """Run ``statements`` in handle_request on ``path`` (``accel.compiled`` or None); everything it produced."""
-    saved = accel.module
-    accel.module = path
-    try:
-        loaded = guest(request=statements, inputs=INPUTS, **options)
-    finally:
-        accel.module = saved
+    loaded = guest_on(path, request=statements, inputs=INPUTS, **options)
     events: list[dict[str, Any]] = []
     loaded.log = Logger(namespace="httpwasm.test", observer=events.append)
     instance = loaded.pool.acquire()
@@ -107,12 +130,9 @@ class SessionCase:
     """
 
     def __init__(self, path: Any, statements: list[str] = MIXED, *, inline: bool, **options: Any) -> None:
-        saved = accel.module
-        accel.module = path
-        try:
-            self.guest = loaded = guest(request=statements, response=statements, next=True, inputs=INPUTS, **options)
-        finally:
-            accel.module = saved
+        self.guest = loaded = guest_on(
+            path, request=statements, response=statements, next=True, inputs=INPUTS, **options
+        )
         if not engine.serving:  # the fast call serves once the serving clock runs (the first call starts it)
             engine.serve_time_limits()
         self.events: list[dict[str, Any]] = []
@@ -238,20 +258,15 @@ class FastCallTests(AcceleratedTestCase):
             engine.serve_time_limits()
         state = request_state(uri=b"/p")
         session = loaded.session(state, inline=True)
-        entered: list[str] = []
+        passed_on: list[bool] = []
 
-        def profile(frame: Any, event: str, _arg: Any) -> None:
-            if event == "call":
-                entered.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
-
-        threading.setprofile(None)
-        sys.setprofile(profile)
-        try:
-            self.assertTrue(session.handle_request())
+        def both_calls() -> None:
+            passed_on.append(session.handle_request())
             state.enter_response_phase(200)
             session.handle_response()
-        finally:
-            sys.setprofile(None)
+
+        entered = functions_entered(both_calls)
+        self.assertEqual(passed_on, [True])
         runtime = [name for name in entered if name.split(":")[0] in ("guest.py", "native.py", "hostfuncs.py")]
         self.assertEqual(runtime, [])
         self.assertIsNone(native.current.target)
@@ -275,12 +290,7 @@ class ReadByName(RequestState):
 
 def header_reads(path: Any, request: list[str], response: list[str], inline: bool = True) -> tuple[Any, ...]:
     """A request through a session on ``path``: traps, results, what was written, how the headers were read."""
-    saved = accel.module
-    accel.module = path
-    try:
-        loaded = guest(request=request, response=response, next=True, inputs=INPUTS)
-    finally:
-        accel.module = saved
+    loaded = guest_on(path, request=request, response=response, next=True, inputs=INPUTS)
     if not engine.serving:
         engine.serve_time_limits()
     state = ReadByName([(b"User-Agent", b"ua/1"), (b"Host", b"h"), (b"user-agent", b"ua/2")])
@@ -360,14 +370,9 @@ class RequestHeaderTests(AcceleratedTestCase):
             def read_request_header_values(self, name: bytes) -> list[bytes] | None:
                 return ("not", "bytes")  # type: ignore[return-value]
 
-        saved = accel.module
         results = []
         for path in (accel.compiled, None):
-            accel.module = path
-            try:
-                loaded = guest(request=self.READS[:1], inputs=INPUTS)
-            finally:
-                accel.module = saved
+            loaded = guest_on(path, request=self.READS[:1], inputs=INPUTS)
             instance = loaded.pool.acquire()
             state = Odd([])
             state.inline = True  # read by name, as a session's inline calls do
@@ -391,30 +396,16 @@ class ApplyTests(AcceleratedTestCase):
 
     def header_list(self, path: Any) -> tuple[dict[str, Any], list[str]]:
         """The HeaderList a request-phase call of ``path`` leaves, slot by slot, and the Python functions entered."""
-        saved = accel.module
-        accel.module = path
-        try:
-            loaded = guest(request=self.ADDS, next=True, inputs=INPUTS)
-        finally:
-            accel.module = saved
+        loaded = guest_on(path, request=self.ADDS, next=True, inputs=INPUTS)
         if not engine.serving:
             engine.serve_time_limits()
         instance = loaded.pool.acquire()
         loaded.pool.release(instance)
         state = request_state()
         session = loaded.session(state, inline=True)
-        entered: list[str] = []
-
-        def profile(frame: Any, event: str, _arg: Any) -> None:
-            if event == "call":
-                entered.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
-
-        threading.setprofile(None)
-        sys.setprofile(profile)
-        try:
-            self.assertTrue(session.handle_request())
-        finally:
-            sys.setprofile(None)
+        passed_on: list[bool] = []
+        entered = functions_entered(lambda: passed_on.append(session.handle_request()))
+        self.assertEqual(passed_on, [True])
         session.close()
         held = state._response_headers
         assert held is not None
@@ -466,19 +457,8 @@ class NoPythonTests(AcceleratedTestCase):
         instance = loaded.pool.acquire()
         export = instance._handle_request.accelerated
         state = request_state(headers=[(b"user-agent", b"x")])
-        entered: list[str] = []
-
-        def profile(frame: Any, event: str, _arg: Any) -> None:
-            if event == "call":
-                entered.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
-
         instance.state = state
-        threading.setprofile(None)
-        sys.setprofile(profile)
-        try:
-            instance.accel.call(export, False, instance, state)
-        finally:
-            sys.setprofile(None)
+        entered = functions_entered(lambda: instance.accel.call(export, False, instance, state))
         # The request header is read by name from the state (state.py); no host function runs in Python.
         host = [name for name in entered if name.split(":")[0] in ("hostfuncs.py", "native.py", "guest.py")]
         self.assertEqual(host, [])
@@ -486,19 +466,10 @@ class NoPythonTests(AcceleratedTestCase):
 
     def test_the_pure_path_does(self) -> None:
         """The same guest on the pure path runs the host functions in Python (what the test above rules out)."""
-        saved, accel.module = accel.module, None
-        try:
-            loaded = guest(request=[call("get_uri", BUF, 64)])
-        finally:
-            accel.module = saved
+        loaded = guest_on(None, request=[call("get_uri", BUF, 64)])
         instance = loaded.pool.acquire()
-        entered: list[str] = []
-        sys.setprofile(lambda frame, event, _: entered.append(frame.f_code.co_name) if event == "call" else None)
-        try:
-            instance.handle_request(request_state())
-        finally:
-            sys.setprofile(None)
-        self.assertIn("get_uri", entered)
+        entered = functions_entered(lambda: instance.handle_request(request_state()))
+        self.assertIn("hostfuncs.py:get_uri", entered)
 
 
 class MemoryBoundsTests(AcceleratedTestCase):
