@@ -1732,10 +1732,11 @@ static PyTypeObject SeatType;
 
 /* get(seat, timeout): run sessions' calls until something else arrives (returned as it was put),
  * `timeout` seconds pass with nothing to do (None), or the seat is demoted after a call (False). */
-static PyObject *Lane_get(Lane *self, PyObject *args) {
+static PyObject *Lane_get(Lane *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"seat", "timeout", NULL};
     Seat *seat;
     double timeout;
-    if (!PyArg_ParseTuple(args, "O!d", &SeatType, &seat, &timeout)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!d", names, &SeatType, &seat, &timeout)) return NULL;
     PyObject *outcome = NULL;
     PyThreadState *saved = PyEval_SaveThread();
     double deadline = monotonic() + timeout;
@@ -1928,7 +1929,7 @@ static PyMethodDef Lane_methods[] = {
      "run(work, on_result, on_error, still_wanted=None): queue a call (a session's is prepared here)."},
     {"put", (PyCFunction)Lane_put, METH_O, "put(item): queue an item for a worker's Python loop (a worker wakes now)."},
     {"flush", (PyCFunction)Lane_flush, METH_NOARGS, "Wake workers for what run() queued since the last flush()."},
-    {"get", (PyCFunction)Lane_get, METH_VARARGS,
+    {"get", (PyCFunction)(void (*)(void))Lane_get, METH_VARARGS | METH_KEYWORDS,
      "get(seat, timeout): run sessions' calls; the next other item, None after timeout idle, False if demoted."},
     {"deliver", (PyCFunction)Lane_deliver, METH_NOARGS, "Finish the calls that ran and run their continuations."},
     {"fileno", (PyCFunction)Lane_fileno, METH_NOARGS, "The eventfd that is readable while results wait."},

@@ -52,6 +52,7 @@ forgets the parent's threads and queued work (``os.register_at_fork``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import sys
@@ -190,8 +191,7 @@ class GuestWorkers:
         worker: Any = _Worker() if lane is None else self._seat()
         self._workers.append(worker)
         name = f"{self._name}-{next(self._numbers)}"
-        serve = self._serve if lane is None else self._serve_lane
-        threading.Thread(target=serve, args=(worker,), name=name, daemon=True).start()
+        threading.Thread(target=self._serve, args=(worker,), name=name, daemon=True).start()
 
     def _demote_stuck(self) -> None:
         """Lowest CPU priority for threads stuck past SLOW, so the reactor and fast calls run first.
@@ -310,47 +310,29 @@ class GuestWorkers:
         remove_internal_reader(self._reactor, reader)
         reader.close()
 
-    def _serve_lane(self, worker: Any) -> None:
-        """A worker on the lane: sessions' calls run inside ``lane.get``; what it hands back runs as in _serve."""
-        lane = self._lane
-        done = self._done
-        clock = self._clock
-        idle_exit = self._idle_exit
-        worker.native_id = threading.get_native_id()
-        while True:
-            item = lane.get(worker, idle_exit)
-            if item is None:  # idle for idle_exit seconds
-                if self._leave(worker, idle=True):
-                    return
-                continue
-            if item is False or item is _STOP:  # demoted after a call, or stopped
-                self._leave(worker, idle=False)
-                return
-            ran = self._run_one(worker, item, done, clock)
-            del item  # as in _serve
-            if not ran:
-                continue
-            if not self._wake_scheduled:
-                self._wake_scheduled = True
-                self._reactor.callFromThread(self._deliver)
-            if worker.demoted:
-                self._leave(worker, idle=False)
-                return
-
     def _serve(self, worker: Any) -> None:
-        calls = self._calls
+        """One worker: take calls until stopped, idle for ``idle_exit`` seconds (and not the last), or demoted.
+
+        On the lane, ``get`` runs the sessions' calls itself, in C, and hands back only
+        the other items, None when idle, or False when the worker was demoted after a
+        call it ran.
+        """
+        lane = self._lane
+        get = self._calls.get if lane is None else functools.partial(lane.get, worker)
         done = self._done
         clock = self._clock
         idle_exit = self._idle_exit
         worker.native_id = threading.get_native_id()
         while True:
             try:
-                item = calls.get(timeout=idle_exit)
+                item = get(timeout=idle_exit)
             except Empty:
+                item = None
+            if item is None:
                 if self._leave(worker, idle=True):
                     return
                 continue
-            if item is _STOP:
+            if item is _STOP or item is False:
                 self._leave(worker, idle=False)
                 return
             ran = self._run_one(worker, item, done, clock)
