@@ -1001,6 +1001,31 @@ static Context *fast_context(PyObject *instance, int *ok) {
     return observer == no_observer ? (Context *)accel : NULL;
 }
 
+/* The pending exception, normalised and with its traceback, as the value an except block would see
+ * (a new reference; NULL if there was none). */
+static PyObject *fetch_error(void) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != NULL && traceback != NULL) PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+
+/* callable(arg), or callable() if arg is NULL, run as in an except block handling `error`. */
+static PyObject *call_while_handling(PyObject *error, PyObject *callable, PyObject *arg) {
+    PyObject *saved_type, *saved_value, *saved_traceback;
+    PyErr_GetExcInfo(&saved_type, &saved_value, &saved_traceback);
+    PyObject *error_type = (PyObject *)Py_TYPE(error);
+    Py_INCREF(error_type);
+    Py_INCREF(error);
+    PyErr_SetExcInfo(error_type, error, PyException_GetTraceback(error)); /* steals the three */
+    PyObject *result = arg != NULL ? PyObject_CallOneArg(callable, arg) : PyObject_CallNoArgs(callable);
+    PyErr_SetExcInfo(saved_type, saved_value, saved_traceback);
+    return result;
+}
+
 /* The fast call's parts around call_enter/call_run/call_leave (see the lane, which splits them). */
 static int fast_enter(Context *c, PyObject *instance, PyObject *state) {
     if (PyObject_SetAttr(instance, s_state, state) < 0) return -1;
@@ -1018,14 +1043,8 @@ static PyObject *fast_leave(Context *c, PyObject *instance, PyObject *state, PyO
     }
     PyObject *error = Py_None;
     if (result == NULL) {
-        PyObject *type, *value, *traceback;
-        PyErr_Fetch(&type, &value, &traceback);
-        PyErr_NormalizeException(&type, &value, &traceback);
-        if (value == NULL) return NULL;
-        if (traceback != NULL) PyException_SetTraceback(value, traceback);
-        Py_XDECREF(type);
-        Py_XDECREF(traceback);
-        error = value;
+        error = fetch_error();
+        if (error == NULL) return NULL;
     } else {
         Py_INCREF(error);
     }
@@ -1469,17 +1488,6 @@ static void push_done(Lane *lane, lane_job *job) { /* with the lock held */
     wake_reactor(lane);
 }
 
-/* The pending exception, normalised and with its traceback, as the value an except block would see. */
-static PyObject *fetch_error(void) {
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (value != NULL && traceback != NULL) PyException_SetTraceback(value, traceback);
-    Py_XDECREF(type);
-    Py_XDECREF(traceback);
-    return value;
-}
-
 /* Prepare a session's call on the reactor thread: 1 if the job holds a call ready to run, 0 if the
  * fast path does not take it (nothing changed: the pure path's item serves it), -1 if preparing
  * failed (job->failed is the error, as the call would have raised it). */
@@ -1868,14 +1876,7 @@ static PyObject *Lane_deliver(Lane *self, PyObject *unused) {
         }
         PyObject *error = fetch_error();
         if (error == NULL) continue;
-        PyObject *saved_type, *saved_value, *saved_traceback;
-        PyErr_GetExcInfo(&saved_type, &saved_value, &saved_traceback);
-        PyObject *error_type = (PyObject *)Py_TYPE(error);
-        Py_INCREF(error_type);
-        Py_INCREF(error);
-        PyErr_SetExcInfo(error_type, error, PyException_GetTraceback(error)); /* steals the three */
-        PyObject *reported = PyObject_CallNoArgs(self->on_failure);
-        PyErr_SetExcInfo(saved_type, saved_value, saved_traceback);
+        PyObject *reported = call_while_handling(error, self->on_failure, NULL);
         Py_DECREF(error);
         if (reported == NULL) PyErr_WriteUnraisable(self->on_failure);
         Py_XDECREF(reported);
@@ -2042,16 +2043,11 @@ static PyObject *run_inline(PyObject *module, PyObject *const *args, Py_ssize_t 
         return done;
     }
     if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL; /* as `except Exception`: the rest goes on up */
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (traceback != NULL) PyException_SetTraceback(value, traceback);
+    PyObject *error = fetch_error();
+    if (error == NULL) return NULL;
     /* on_error runs as in an except block: the error is the one being handled. */
-    PyObject *saved_type, *saved_value, *saved_traceback;
-    PyErr_GetExcInfo(&saved_type, &saved_value, &saved_traceback);
-    PyErr_SetExcInfo(type, value, traceback); /* steals the three */
-    PyObject *handled = PyObject_CallOneArg(args[2], value);
-    PyErr_SetExcInfo(saved_type, saved_value, saved_traceback);
+    PyObject *handled = call_while_handling(error, args[2], error);
+    Py_DECREF(error);
     return handled;
 }
 
