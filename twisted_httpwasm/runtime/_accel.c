@@ -970,6 +970,17 @@ static PyObject *call_export(Context *c, Export *export, long mode, PyObject *in
  * error, something recorded, or Python having run.  Otherwise the call ends with instance.state = None.
  * Any other case goes to the pure path's method (instance.request_call / instance.handle_response).
  */
+/* Whether the fast call serves `guest`'s calls now (1): the serving clock runs and nothing observes the
+ * guest; 0 if not, -1 on an error. */
+static int serves_fast(PyObject *guest) {
+    PyObject *serving = PyDict_GetItemWithError(engine_globals, s_serving);
+    if (serving != Py_True) return serving == NULL && PyErr_Occurred() ? -1 : 0;
+    PyObject *observer = PyObject_GetAttr(guest, s_observer);
+    if (observer == NULL) return -1;
+    Py_DECREF(observer);
+    return observer == no_observer;
+}
+
 static Context *fast_context(PyObject *instance, int *ok) {
     *ok = 1;
     PyObject *accel = PyObject_GetAttr(instance, s_accel);
@@ -981,24 +992,15 @@ static Context *fast_context(PyObject *instance, int *ok) {
     Py_DECREF(accel); /* the instance keeps it */
     if (!PyObject_TypeCheck(accel, &ContextType) || ((Context *)accel)->request_export == NULL) return NULL;
     if (current_call != NULL) return NULL; /* the pure path's method says why */
-    PyObject *serving = PyDict_GetItemWithError(engine_globals, s_serving);
-    if (serving != Py_True) {
-        if (serving == NULL && PyErr_Occurred()) *ok = 0;
-        return NULL;
-    }
     PyObject *guest = PyObject_GetAttr(instance, s_guest);
     if (guest == NULL) {
         *ok = 0;
         return NULL;
     }
-    PyObject *observer = PyObject_GetAttr(guest, s_observer);
+    int serves = serves_fast(guest);
     Py_DECREF(guest);
-    if (observer == NULL) {
-        *ok = 0;
-        return NULL;
-    }
-    Py_DECREF(observer);
-    return observer == no_observer ? (Context *)accel : NULL;
+    if (serves < 0) *ok = 0;
+    return serves > 0 ? (Context *)accel : NULL;
 }
 
 /* The pending exception, normalised and with its traceback, as the value an except block would see
@@ -1496,17 +1498,13 @@ static int lane_prepare(lane_job *job, Session *session, int response) {
     Context *c;
     Export *export;
     int fast;
-    PyObject *serving = PyDict_GetItemWithError(engine_globals, s_serving);
-    if (serving != Py_True) {
-        if (serving == NULL && PyErr_Occurred()) goto failed;
-        return 0; /* the first call in a process starts the clock, in Python */
-    }
     if (!response) {
-        if (session->guest != NULL) { /* an observed guest is served by the pure path's methods */
-            PyObject *observer = PyObject_GetAttr(session->guest, s_observer);
-            if (observer == NULL) goto failed;
-            Py_DECREF(observer);
-            if (observer != no_observer) return 0;
+        /* Asked before an instance is pinned (request_enter asks again, of the instance's guest): the first
+         * call in a process (it starts the serving clock) and an observed guest's go the Python way. */
+        if (session->guest != NULL) {
+            int serves = serves_fast(session->guest);
+            if (serves < 0) goto failed;
+            if (!serves) return 0;
         }
         /* An idle instance only: making one runs guest code, which thread mode keeps off the reactor. */
         instance = PyObject_CallMethodNoArgs(session->pool, s_acquire_idle);
