@@ -1194,7 +1194,7 @@ typedef struct {
     PyObject *instance; /* pinned from handle_request to handle_response, or NULL */
     PyObject *state;
     PyObject *req_ctx;
-    PyObject *guest; /* or NULL: the lane checks its observer before pinning an instance */
+    PyObject *guest; /* or NULL: the lane asks serves_fast(guest) before pinning an instance */
     int inline_call;
 } Session;
 

@@ -318,20 +318,10 @@ class RequestState:
 
     # -- what the adapter asks after a call ------------------------------------------
 
-    def changed_request_headers(self) -> HeaderList | None:
-        """The request headers, if the guest changed them."""
-        headers = self._request_headers
-        return headers if headers is not None and headers.changed else None
-
     def changed_response_headers(self) -> HeaderList | None:
         """The response headers as the guest left them, if it changed them in this phase."""
         headers = self._response_headers
         return headers if headers is not None and headers.changed else None
-
-    def consumed_request_body(self) -> int:
-        """How many bytes of the request body the guest read."""
-        reader = self._request_reader
-        return reader.consumed if reader is not None else 0
 
     # -- phases ------------------------------------------------------------------------
 

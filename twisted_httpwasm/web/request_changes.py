@@ -98,8 +98,8 @@ class TwistedRequestState(RequestState):
         """Make the request what the guest changed it to (method, headers, body, URI), and the response
         what it set before next (headers, status), for the downstream.
 
-        Read from the state's own fields rather than through :class:`RequestState`'s accessors
-        (``changed_request_headers`` and the like): one frame for the whole of it.
+        Read from the state's own fields (the request headers if the guest changed them, how much of
+        the body it read): one frame for the whole of it.
         """
         request = self.request
         if self.method_changed:
