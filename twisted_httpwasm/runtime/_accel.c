@@ -670,6 +670,19 @@ static void end_snapshot(Context *c) {
     c->state = NULL;
 }
 
+/* Whether the call changed its log counts since they were last taken or applied. */
+static int counts_changed(Context *c) {
+    return c->messages != c->messages_at_start || c->bytes != c->bytes_at_start || c->dropped != c->dropped_at_start ||
+           c->dropped_bytes != c->dropped_bytes_at_start;
+}
+
+static void counts_taken(Context *c) {
+    c->messages_at_start = c->messages;
+    c->bytes_at_start = c->bytes;
+    c->dropped_at_start = c->dropped;
+    c->dropped_bytes_at_start = c->dropped_bytes;
+}
+
 static void Context_dealloc(Context *self) {
     end_snapshot(self);
     clear_lines(self);
@@ -808,10 +821,7 @@ static int begin(Context *c, PyObject *instance, PyObject *state) {
         c->messages = 0;
         c->bytes = c->dropped = c->dropped_bytes = 0;
     }
-    c->messages_at_start = c->messages;
-    c->bytes_at_start = c->bytes;
-    c->dropped_at_start = c->dropped;
-    c->dropped_bytes_at_start = c->dropped_bytes;
+    counts_taken(c);
     c->by_name = 0;
     if (imports & BIT(H_GET_HEADER_VALUES)) {
         /* A request whose calls run inline (state.inline: on the thread that holds the GIL) has its request
@@ -2060,6 +2070,17 @@ static PyObject *install_time_limit(PyObject *module, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* A recorded log line's text, as it is logged (undecodable bytes replaced, a cut line says by how much). */
+static PyObject *line_text(log_line *line) {
+    PyObject *text = PyUnicode_DecodeUTF8(line->data, (Py_ssize_t)line->len, "replace");
+    if (text != NULL && line->more) {
+        PyObject *longer = PyUnicode_FromFormat("%U... [%zu more bytes not logged]", text, line->more);
+        Py_DECREF(text);
+        text = longer;
+    }
+    return text;
+}
+
 /* take() -> (features | None, (messages, bytes, dropped, dropped_bytes) | None, [(level, text)], [(name, value)] | None) */
 static PyObject *Context_take(Context *c, PyObject *unused) {
     PyObject *features = Py_None, *counts = Py_None, *headers = Py_None, *lines = NULL, *result = NULL;
@@ -2072,26 +2093,17 @@ static PyObject *Context_take(Context *c, PyObject *unused) {
         if (features == NULL) goto done;
         c->features_at_start = c->features;
     }
-    if (c->messages != c->messages_at_start || c->bytes != c->bytes_at_start || c->dropped != c->dropped_at_start ||
-        c->dropped_bytes != c->dropped_bytes_at_start) {
+    if (counts_changed(c)) {
         Py_DECREF(counts);
         counts = Py_BuildValue("(lLlL)", c->messages, c->bytes, c->dropped, c->dropped_bytes);
         if (counts == NULL) goto done;
-        c->messages_at_start = c->messages;
-        c->bytes_at_start = c->bytes;
-        c->dropped_at_start = c->dropped;
-        c->dropped_bytes_at_start = c->dropped_bytes;
+        counts_taken(c);
     }
     lines = PyList_New((Py_ssize_t)c->n_lines);
     if (lines == NULL) goto done;
     for (size_t i = 0; i < c->n_lines; i++) {
         log_line *line = &c->lines[i];
-        PyObject *text = PyUnicode_DecodeUTF8(line->data, (Py_ssize_t)line->len, "replace");
-        if (text != NULL && line->more) {
-            PyObject *longer = PyUnicode_FromFormat("%U... [%zu more bytes not logged]", text, line->more);
-            Py_DECREF(text);
-            text = longer;
-        }
+        PyObject *text = line_text(line);
         PyObject *item = text ? Py_BuildValue("(iN)", line->level, text) : NULL;
         if (item == NULL) goto done;
         PyList_SET_ITEM(lines, (Py_ssize_t)i, item);
@@ -2235,24 +2247,15 @@ static PyObject *apply(PyObject *module, PyObject *instance) {
         failed = set_long(state, s_features, c->features) < 0;
         c->features_at_start = c->features;
     }
-    if (!failed && (c->messages != c->messages_at_start || c->bytes != c->bytes_at_start ||
-                    c->dropped != c->dropped_at_start || c->dropped_bytes != c->dropped_bytes_at_start)) {
+    if (!failed && counts_changed(c)) {
         PyObject *log = c->call_log;
         failed = set_long(log, s_messages, c->messages) < 0 || set_long(log, s_bytes, c->bytes) < 0 ||
                  set_long(log, s_dropped, c->dropped) < 0 || set_long(log, s_dropped_bytes, c->dropped_bytes) < 0;
-        c->messages_at_start = c->messages;
-        c->bytes_at_start = c->bytes;
-        c->dropped_at_start = c->dropped;
-        c->dropped_bytes_at_start = c->dropped_bytes;
+        counts_taken(c);
     }
     for (size_t i = 0; !failed && i < c->n_lines; i++) {
         log_line *line = &c->lines[i];
-        PyObject *text = PyUnicode_DecodeUTF8(line->data, (Py_ssize_t)line->len, "replace");
-        if (text != NULL && line->more) {
-            PyObject *longer = PyUnicode_FromFormat("%U... [%zu more bytes not logged]", text, line->more);
-            Py_DECREF(text);
-            text = longer;
-        }
+        PyObject *text = line_text(line);
         PyObject *logged = text ? PyObject_CallMethodObjArgs(instance, s_log, PyTuple_GET_ITEM(log_levels, line->level + 1),
                                                              text, NULL)
                                 : NULL;
@@ -2300,8 +2303,7 @@ static PyObject *end_fast_call(PyObject *instance, PyObject *const *args, Py_ssi
     if (accel == NULL) return NULL;
     Context *c = PyObject_TypeCheck(accel, &ContextType) ? (Context *)accel : NULL;
     if (c == NULL || error != Py_None || c->target_set || c->n_lines || header_list_type == NULL ||
-        c->messages != c->messages_at_start || c->bytes != c->bytes_at_start || c->dropped != c->dropped_at_start ||
-        c->dropped_bytes != c->dropped_bytes_at_start) {
+        counts_changed(c)) {
         Py_DECREF(accel);
         return PyObject_CallMethodObjArgs(instance, s_finish_fast_call, state, error, NULL);
     }
