@@ -328,6 +328,30 @@ class DisconnectDuringGuestCallTests(GuestTestMixin, ServerTestCase):
         self.assertEqual((stats.in_use, stats.discarded, stats.idle), (0, 0, stats.created))
 
 
+    @inlineCallbacks
+    def test_a_failure_on_hearing_the_client_left_is_logged_and_spares_the_other_watchers(self):
+        """The filter hears a lost client among the request's finish notifications (not through a
+        Deferred of its own): if that fails, the failure is logged and the notifications after it
+        still fire, as they would after a failing Deferred."""
+        from twisted_httpwasm import GuestResource
+        from twisted_httpwasm.web.filter import RequestFilter
+
+        def fails(self: Any, reason: Any) -> None:
+            raise RuntimeError("ending failed")
+
+        self.patch(RequestFilter, "_connection_lost", fails)
+        events = self.capture_log()
+        threads = ManualThreadPool()
+        url = self.serve(GuestResource(self.guest(READ_BODY_THEN_NEXT), hello(), threadpool=threads))  # type: ignore[arg-type]
+        client = yield raw_connect(url, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        work = yield threads.queued
+        gone = work.__self__.state.request.notifyFinish()  # after the filter's
+        client.transport.abortConnection()
+        yield self.assertFailure(gone, Exception)
+        self.assertIn("ending the request of a client that left failed", log_text(events))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class WithHttpStatus(Exception):
     http_status = 503
 

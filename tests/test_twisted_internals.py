@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel
@@ -71,6 +72,38 @@ class WebInternalsTests(SynchronousTestCase):
         request.connectionLost(Exception("gone"))
         self.assertTrue(web_internals.request_disconnected(request))
         self.assertFalse(web_internals.request_disconnected(object()))
+
+    def test_watch_finish(self) -> None:
+        """``Request.notifications``: a watcher hears callback(None) on finish, errback(reason) on a lost connection."""
+
+        class Watcher:
+            def __init__(self) -> None:
+                self.told: list[tuple[str, Any]] = []
+
+            def callback(self, result: None) -> None:
+                self.told.append(("callback", result))
+
+            def errback(self, reason: Any) -> None:
+                self.told.append(("errback", reason))
+
+        channel, _, resource = _channel()
+        channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        finished, finished_watcher = resource.requests[0], Watcher()
+        web_internals.watch_finish(finished, finished_watcher)
+        also = finished.notifyFinish()  # alongside notifyFinish's own Deferreds
+        finished.write(b"ok")
+        finished.finish()
+        self.assertEqual(finished_watcher.told, [("callback", None)])
+        self.assertIsNone(self.successResultOf(also))
+
+        channel.dataReceived(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        lost, lost_watcher = resource.requests[1], Watcher()
+        web_internals.watch_finish(lost, lost_watcher)
+        channel.connectionLost(Failure(ConnectionError("gone")))
+        self.assertEqual([what for what, _ in lost_watcher.told], ["errback"])
+        reason = lost_watcher.told[0][1]
+        self.assertIsInstance(reason, Failure)
+        self.assertIsInstance(reason.value, ConnectionError)
 
     def test_response_encoder(self) -> None:
         """``_IEncodingResource`` and ``request._encoder``: gzip is installed when the client accepts it."""

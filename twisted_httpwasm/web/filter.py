@@ -60,7 +60,7 @@ from .request_changes import (
 )
 from .runners import InlineRunner, Runner
 from .sinks import BufferedSink, StreamedSink, abort
-from .twisted_internals import install_response_encoder, is_encoding_resource, request_disconnected
+from .twisted_internals import install_response_encoder, is_encoding_resource, request_disconnected, watch_finish
 
 __all__ = ["FilterSettings", "RequestFilter"]
 
@@ -172,7 +172,19 @@ class RequestFilter:
         return NOT_DONE_YET
 
     def _watch_client(self) -> None:
-        self.request.notifyFinish().addErrback(self._connection_lost)
+        watch_finish(self.request, self)  # callback or errback, below
+
+    # The request's end, told as to notifyFinish's Deferred (see twisted_internals.watch_finish).
+
+    def callback(self, _: None) -> None:
+        """The response was finished: nothing to do."""
+
+    def errback(self, reason: Failure) -> None:
+        """The client went away first."""
+        try:
+            self._connection_lost(reason)
+        except Exception:  # noqa: BLE001 - as a Deferred would: the request's other notifications still run
+            _log.failure("guest {guest}: ending the request of a client that left failed", guest=self.guest.name)
 
     def _client_there(self) -> bool:
         """Asked before a queued handle_request starts: a call for a client that left is dropped."""

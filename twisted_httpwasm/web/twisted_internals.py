@@ -19,9 +19,10 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorFDSet
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, _IEncodingResource
@@ -47,6 +48,7 @@ __all__ = [
     "reset_h2_stream_after_cleanup",
     "stream_requests",
     "transport_aborted",
+    "watch_finish",
 ]
 
 
@@ -97,6 +99,30 @@ def request_disconnected(request: Any) -> bool:
     object without the attribute (a test double) counts as connected.
     """
     return bool(getattr(request, "_disconnected", False))
+
+
+class FinishWatcher(Protocol):
+    """What :func:`watch_finish` tells of a request's end: ``notifyFinish``'s Deferred's two methods."""
+
+    def callback(self, result: None) -> object: ...
+
+    def errback(self, reason: Failure) -> object: ...
+
+
+def watch_finish(request: Any, watcher: FinishWatcher) -> None:
+    """Have ``watcher`` told of ``request``'s end, as the Deferred of ``notifyFinish`` would be.
+
+    ``callback(None)`` once the response is finished, ``errback(reason)`` if
+    the connection is lost first; nothing if the request has ended already.
+    ``notifyFinish`` makes a Deferred for this, whose callbacks cost a request
+    ~10k instructions (thread mode watches every request).  Relies on
+    ``Request.notifications``, the list ``notifyFinish`` appends its Deferred
+    to, and on ``Request._cleanup`` and ``connectionLost`` calling only
+    ``callback(None)`` or ``errback(reason)`` on its items, once each, and
+    nothing else.  ``watcher`` must not raise: that would stop the request's
+    other notifications.
+    """
+    request.notifications.append(watcher)
 
 
 #: Whether a resource may encode its responses (gzip): ``twisted.web.resource._IEncodingResource``'s
