@@ -180,18 +180,19 @@ class GuestWorkersTests(TestCase):
         release = threading.Event()
         self.addCleanup(release.set)
 
-        def stuck() -> tuple[int, str]:
+        def stuck() -> tuple[int, threading.Thread]:
             release.wait(30)
-            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), threading.current_thread().name
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), threading.current_thread()
 
         call = self.run_on(workers, stuck)
         self.assertTrue((yield poll(lambda: workers.size == 1 and workers._workers[0].since is not None, 20, 0.01)))
         now[0] += 1  # the call has now run for a second
         self.assertTrue((yield poll(lambda: any(w.demoted for w in list(workers._workers)), timeout=20, interval=0.01)))
         release.set()
-        outcome, (priority, thread_name), _ = yield call
+        outcome, (priority, thread), _ = yield call
         self.assertEqual((outcome, priority), ("result", 19))
-        self.assertTrue((yield poll(lambda: thread_name not in {t.name for t in threading.enumerate()}, 20, 0.01)))
+        # The thread itself, not its name: other tests' workers may still run threads of the same names.
+        self.assertTrue((yield poll(lambda: not thread.is_alive(), 20, 0.01)))
         # A fresh thread, at normal priority, serves the next call (the clock stands still: it is not stuck).
         _, (priority, _), _ = yield self.run_on(
             workers, lambda: (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), "")
