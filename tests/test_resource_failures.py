@@ -11,7 +11,7 @@ from twisted.web.client import ResponseFailed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from twisted_httpwasm import Execution
+from twisted_httpwasm import Execution, Guest
 
 from .support import ServerTestCase, execution_variants
 from .test_resource import GuestTestMixin, Strings, log_text, raw_connect, released
@@ -295,6 +295,16 @@ READ_BODY_THEN_NEXT = S.wrap(f"""
 """)
 
 
+#: Logs handle_response's is_error only; imports nothing else (so it cannot read the request body).
+LOG_ONLY = b"""(module
+  (import "http_handler" "log" (func $log (param i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "handle_response is_error=1")
+  (func (export "handle_request") (result i64) (i64.const 1))
+  (func (export "handle_response") (param $ctx i32) (param $is_error i32)
+    (if (local.get $is_error) (then (call $log (i32.const 0) (i32.const 16) (i32.const 26))))))"""
+
+
 class DisconnectDuringGuestCallTests(GuestTestMixin, ServerTestCase):
     execution = Execution.THREAD
 
@@ -312,6 +322,7 @@ class DisconnectDuringGuestCallTests(GuestTestMixin, ServerTestCase):
         client = yield raw_connect(url, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
         work = yield threads.queued
         request = work.__self__.state.request  # the queued call is a method of the request's guest session
+        self.assertIsNone(request.content)  # kept from Twisted, which closes it when the client leaves
         gone = request.notifyFinish()
         client.transport.abortConnection()
         yield self.assertFailure(gone, Exception)
@@ -327,6 +338,34 @@ class DisconnectDuringGuestCallTests(GuestTestMixin, ServerTestCase):
         stats = guest.pool.stats
         self.assertEqual((stats.in_use, stats.discarded, stats.idle), (0, 0, stats.created))
 
+
+    @inlineCallbacks
+    def test_a_guest_that_cannot_read_the_body_leaves_it_on_the_request(self):
+        """A guest that imports neither read_body nor enable_features never reads the request body, so
+        its call does not take the body off the request: Twisted closes it when the client leaves, and
+        the request ends as for any client that left (handle_response with is_error=1)."""
+        from twisted_httpwasm import GuestResource
+
+        events = self.capture_log()
+        guest = Guest(LOG_ONLY, execution=self.execution)
+        self.assertFalse(guest.may_read_request_body)
+        threads = ManualThreadPool()
+        url = self.serve(GuestResource(guest, hello(), threadpool=threads))  # type: ignore[arg-type]
+        client = yield raw_connect(url, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        work = yield threads.queued
+        request = work.__self__.state.request
+        body = request.content
+        self.assertIsNotNone(body)
+        gone = request.notifyFinish()
+        client.transport.abortConnection()
+        yield self.assertFailure(gone, Exception)
+        self.assertTrue(body.closed)
+        threads.run_next()  # handle_request
+        yield deferLater(reactor, 0, lambda: None)
+        threads.run_next()  # handle_response
+        self.assertIn("handle_response is_error=1", log_text(events))
+        stats = guest.pool.stats
+        self.assertEqual((stats.in_use, stats.discarded, stats.idle), (0, 0, stats.created))
 
     @inlineCallbacks
     def test_a_failure_on_hearing_the_client_left_is_logged_and_spares_the_other_watchers(self):

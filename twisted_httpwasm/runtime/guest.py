@@ -257,6 +257,9 @@ class Guest:
         self.host_imports: frozenset[str] = frozenset(
             item.name or "" for item in self.module.imports if item.module == HOST_MODULE
         )
+        #: Whether a guest call may read the request body: through read_body, or to check its size once
+        #: enable_features asked for buffer_request (a guest without either never touches it).
+        self.may_read_request_body = not self.host_imports.isdisjoint(("read_body", "enable_features"))
         for item in self.module.imports:
             where = f"{item.module}.{item.name}"
             if item.module == WASI_MODULE:

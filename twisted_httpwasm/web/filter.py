@@ -163,8 +163,9 @@ class RequestFilter:
             return NOT_DONE_YET
         # Twisted closes request.content when the client goes away, which must not happen
         # under a guest reading it in a worker: the request has no body until the call is over.
-        request = self.request
-        self._detached_body, request.content = request.content, None
+        if self.guest.may_read_request_body:
+            request = self.request
+            self._detached_body, request.content = request.content, None
         self._watch_client()
         self.settings.runner.run(
             self.session.handle_request, self._after_handle_request, self._handle_request_failed, self._client_there
