@@ -105,6 +105,21 @@ class WebInternalsTests(SynchronousTestCase):
         self.assertIsInstance(reason, Failure)
         self.assertIsInstance(reason.value, ConnectionError)
 
+    def test_raw_header_map(self) -> None:
+        """``Headers._rawHeaders``: looked up by the stored name, it holds what getRawHeaders returns."""
+        for name in (b"connection", b"content-length", b"x-custom"):
+            stored = web_internals.stored_header_name(name)
+            self.assertEqual(stored.lower(), name)
+            for spelled in (name, name.upper(), name.title()):
+                headers = Headers()
+                self.assertFalse(web_internals.raw_header_map(headers).get(stored))
+                headers.setRawHeaders(spelled, [b"a", b"b"])
+                self.assertEqual(web_internals.raw_header_map(headers).get(stored), headers.getRawHeaders(name))
+                headers.addRawHeader(spelled, b"c")
+                self.assertEqual(web_internals.raw_header_map(headers).get(stored), [b"a", b"b", b"c"])
+                headers.removeHeader(name)
+                self.assertFalse(web_internals.raw_header_map(headers).get(stored))
+
     def test_response_encoder(self) -> None:
         """``_IEncodingResource`` and ``request._encoder``: gzip is installed when the client accepts it."""
         resource = EncodingResourceWrapper(Data(b"x" * 100, "text/plain"), [GzipEncoderFactory()])

@@ -60,7 +60,14 @@ from .request_changes import (
 )
 from .runners import InlineRunner, Runner
 from .sinks import BufferedSink, StreamedSink, abort
-from .twisted_internals import install_response_encoder, is_encoding_resource, request_disconnected, watch_finish
+from .twisted_internals import (
+    install_response_encoder,
+    is_encoding_resource,
+    raw_header_map,
+    request_disconnected,
+    stored_header_name,
+    watch_finish,
+)
 
 __all__ = ["FilterSettings", "RequestFilter"]
 
@@ -82,6 +89,7 @@ _log = Logger(namespace="httpwasm")
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
 _BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
 _NOT_READ: Any = object()
+_CONNECTION = stored_header_name(b"connection")
 
 
 class _Stage(enum.Enum):
@@ -354,7 +362,7 @@ class RequestFilter:
         """Traverse and render the downstream as ``Request.process`` would have."""
         request = self.request
         # Twisted's own Connection header (close, when the client asked for it), before the downstream's.
-        self._host_connection = request.responseHeaders.getRawHeaders(b"connection")
+        self._host_connection = raw_header_map(request.responseHeaders).get(_CONNECTION) or None
         try:
             refusal = unusable_path(request)
             if refusal is not None:

@@ -27,11 +27,12 @@ from twisted.web.server import Request
 
 from ..runtime.budget import BufferBudget
 from .access_log import printable
-from .twisted_internals import has_response_encoder
+from .twisted_internals import has_response_encoder, raw_header_map, stored_header_name
 
 __all__ = ["BufferedSink", "StreamedSink", "abort", "is_bodiless"]
 
 _log = Logger(namespace="httpwasm")
+_CONTENT_LENGTH = stored_header_name(b"content-length")
 
 
 def abort(request: Request) -> None:
@@ -105,7 +106,7 @@ class StreamedSink:
             # The Content-Length the body will be sent with, if it is sent as is
             # (an encoder, gzip, drops Content-Length and changes the length).
             encoded = has_response_encoder(request)
-            length = None if encoded else request.responseHeaders.getRawHeaders(b"content-length")
+            length = None if encoded else raw_header_map(request.responseHeaders).get(_CONTENT_LENGTH)
             declared = self._declared = int(length[0]) if length and length[0].isdigit() else None
             if declared == 0:
                 return  # likewise; bytes past a length of 0 would desync the connection
