@@ -157,6 +157,20 @@ class RequestBodyLimitTests(LimitsTestCase):
         self.assertEqual(runs, [])
 
     @inlineCallbacks
+    def test_a_refused_body_that_arrives_whole_is_never_processed(self):
+        """A chunked body over the limit that arrives whole, its last chunk in the same read, still gets
+        the 413 alone: the request is not processed once its body was refused (no guest, no second answer)."""
+        url, _, runs = self.serve_limited(max_request_body=1024)
+        chunk = b"200\r\n" + b"x" * 0x200 + b"\r\n"
+        client: RawClient = yield raw_connect(
+            url, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 3 + b"0\r\n\r\n"
+        )
+        received = yield client.closed.addTimeout(20, reactor)
+        self.assertTrue(received.startswith(b"HTTP/1.1 413 "), received)
+        self.assertEqual(received.count(b"HTTP/1.1 "), 1, received)
+        self.assertEqual(runs, [])
+
+    @inlineCallbacks
     def test_no_100_continue_for_a_refused_body(self):
         """With Expect: 100-continue, a body over the limit gets the 413 only: no 100 asks for the body."""
         url, _, _ = self.serve_limited(max_request_body=1024)

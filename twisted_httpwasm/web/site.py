@@ -29,10 +29,11 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from .. import _optional
-from .access_log import access_log_formatter, address_text, printable, remember_client_uri
+from .access_log import access_log_formatter, address_text, printable
 from .backend_request import NotOriginForm, origin_form
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
 from .http2 import DEFAULT_MAX_STREAMS_PER_CONNECTION, GuardedChannelProtocol, refuse_stream, too_many_streams
+from .request_context import CONTEXT_ATTRIBUTE, RequestContext
 from .twisted_internals import (
     ContinueVetoChannel,
     channel_of,
@@ -75,6 +76,10 @@ _HTTP1_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnecti
 _BAD_REQUEST = b"Bad Request\n"
 
 
+def _not_processed(command: bytes, path: bytes, version: bytes) -> None:
+    """A refused request's ``requestReceived``: it was answered (413) or reset, and goes no further."""
+
+
 # Declared here so that the class has its own ``__provides__``: without it, the
 # ``INonQueuedRequestFactory.providedBy(requestFactory)`` HTTPChannel asks on
 # every request line takes zope.interface's slow path (about 3k instructions).
@@ -93,28 +98,37 @@ class _LimitedRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
-        try:
-            limit = channel.site.max_request_body
-            max_streams = channel.site.max_streams_per_connection
-        except AttributeError:  # a channel without a GuestSite (as Request.gotLength allows)
-            limit = max_streams = None
-        if max_streams is not None and not isinstance(channel, HTTPChannel) and too_many_streams(channel, max_streams):
-            # An HTTP/2 stream past --max-streams-per-connection (opened before the client took the
-            # setting, or ignoring it): reset unprocessed (REFUSED_STREAM), once the stream is made.
-            self._refused = True
-            channel.site.reactor.callLater(0, self._refuse_stream)
-            Request.gotLength(self, 0)
-            return
+        site = getattr(channel, "site", None)  # a channel without a GuestSite (as Request.gotLength allows)
+        limit = getattr(site, "max_request_body", None)
+        http1 = isinstance(channel, HTTPChannel)
+        if not http1:
+            max_streams = getattr(site, "max_streams_per_connection", None)
+            if max_streams is not None and too_many_streams(channel, max_streams):
+                # An HTTP/2 stream past --max-streams-per-connection (opened before the client took the
+                # setting, or ignoring it): reset unprocessed (REFUSED_STREAM), once the stream is made.
+                self._refuse()
+                channel.site.reactor.callLater(0, self._refuse_stream)
+                Request.gotLength(self, 0)
+                return
         if limit is not None:
             if length is not None and length > limit:
                 self._refuse_body(f"declares a {length}-byte body", limit)
                 return
-            if length is None or not isinstance(channel, HTTPChannel):
+            if length is None or not http1:
                 # Counted as it comes: chunked, or HTTP/2. An HTTP/1 body of a declared length never
                 # passes it (Twisted reads no further), so that request keeps one attribute fewer: a
                 # Request with more than 30 attribute names moves them into a dict (see request_context).
                 self._body_limit = limit
         Request.gotLength(self, length)
+
+    def _refuse(self) -> None:
+        """This request gets no further: its body is dropped, and it is never processed.
+
+        The request's own ``requestReceived`` is replaced, on this request alone:
+        an override on the class would be one more Python frame for every request.
+        """
+        self._refused = True
+        self.requestReceived = _not_processed  # type: ignore[method-assign]
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -127,13 +141,12 @@ class _LimitedRequest(Request):
                 return
         Request.handleContentChunk(self, data)
 
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self._refused:
-            Request.requestReceived(self, command, path, version)
-
     def process(self) -> None:
-        # Before any guest runs: the access log's client URI, and the site's hooks (a trace's server span).
-        remember_client_uri(self)
+        # Before any guest runs: the access log's client URI (what remember_client_uri does, in line: the
+        # context is made here, for every request), and the site's hooks (a trace's server span).
+        context = RequestContext()
+        context.client_uri = self.uri
+        setattr(self, CONTEXT_ATTRIBUTE, context)
         channel: Any = self.channel
         hooks = getattr(channel.site, "request_hooks", None)  # Request.process needs channel.site too
         if hooks:
@@ -183,7 +196,7 @@ class _LimitedRequest(Request):
 
     def _refuse_body(self, what: str, limit: int) -> None:
         """Answer 413 now; HTTP/1 closes the connection, HTTP/2 ends the stream."""
-        self._refused = True
+        self._refuse()
         if self.content is not None:
             self.content.close()
         self.content = io.BytesIO()
