@@ -41,7 +41,7 @@ real run; read them as the user-space work of a request, not its latency.  The
 guest threads' monitor, which wakes every ``STALL`` of real time while calls run,
 has its periods stretched by ``VALGRIND_SLOWDOWN`` too, for the same reason as
 the epoch clock: unstretched, it woke ~30 times more often per request than in a
-real run (~3k instructions per request).
+real run (~6k instructions per no-op request).
 """
 
 from __future__ import annotations
