@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import EncodingResourceWrapper, Resource
 from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Request, Site
 from twisted.web.static import Data
-from twisted.web.test.requesthelper import DummyChannel
+from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 from zope.interface import implementer
 
 from twisted_httpwasm.service import twisted_internals as service_internals
@@ -104,6 +104,17 @@ class WebInternalsTests(SynchronousTestCase):
         reason = lost_watcher.told[0][1]
         self.assertIsInstance(reason, Failure)
         self.assertIsInstance(reason.value, ConnectionError)
+
+        # twisted.web's DummyRequest has no notifications list: watched through notifyFinish.
+        for ending in ("finish", "lost"):
+            dummy, watcher = DummyRequest([b"x"]), Watcher()
+            web_internals.watch_finish(dummy, watcher)
+            if ending == "finish":
+                dummy.finish()
+                self.assertEqual(watcher.told, [("callback", None)])
+            else:
+                dummy.processingFailed(Failure(ConnectionError("gone")))
+                self.assertEqual([what for what, _ in watcher.told], ["errback"])
 
     def test_raw_header_map(self) -> None:
         """``Headers._rawHeaders``: looked up by the stored name, it holds what getRawHeaders returns."""

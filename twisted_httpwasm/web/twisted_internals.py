@@ -142,9 +142,14 @@ def watch_finish(request: Any, watcher: FinishWatcher) -> None:
     to, and on ``Request._cleanup`` and ``connectionLost`` calling only
     ``callback(None)`` or ``errback(reason)`` on its items, once each, and
     nothing else.  ``watcher`` must not raise: that would stop the request's
-    other notifications.
+    other notifications.  A request without that list (twisted.web's
+    ``DummyRequest`` of unit tests) is watched through ``notifyFinish``.
     """
-    request.notifications.append(watcher)
+    notifications = getattr(request, "notifications", None)
+    if notifications is None:
+        request.notifyFinish().addCallbacks(watcher.callback, watcher.errback)
+        return
+    notifications.append(watcher)
 
 
 #: Whether a resource may encode its responses (gzip): ``twisted.web.resource._IEncodingResource``'s
