@@ -29,11 +29,10 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from .. import _optional
-from .access_log import access_log_formatter, address_text, printable
+from .access_log import access_log_formatter, address_text, printable, remember_client_uri
 from .backend_request import NotOriginForm, origin_form
 from .drain import DEFAULT_SHUTDOWN_TIMEOUT, InFlight
 from .http2 import DEFAULT_MAX_STREAMS_PER_CONNECTION, GuardedChannelProtocol, refuse_stream, too_many_streams
-from .request_context import CONTEXT_ATTRIBUTE, RequestContext
 from .twisted_internals import (
     ContinueVetoChannel,
     channel_of,
@@ -142,11 +141,8 @@ class _LimitedRequest(Request):
         Request.handleContentChunk(self, data)
 
     def process(self) -> None:
-        # Before any guest runs: the access log's client URI (what remember_client_uri does, in line: the
-        # context is made here, for every request), and the site's hooks (a trace's server span).
-        context = RequestContext()
-        context.client_uri = self.uri
-        setattr(self, CONTEXT_ATTRIBUTE, context)
+        # Before any guest runs: the access log's client URI, and the site's hooks (a trace's server span).
+        remember_client_uri(self)
         channel: Any = self.channel
         hooks = getattr(channel.site, "request_hooks", None)  # Request.process needs channel.site too
         if hooks:
