@@ -565,7 +565,7 @@ class RequestFilter:
         """Twisted's own Connection header, as it was before the downstream ran."""
         connection = self._host_connection
         if connection is _NOT_READ:  # the downstream has not run: the request's own is Twisted's
-            connection = self.request.responseHeaders.getRawHeaders(b"connection")
+            connection = raw_header_map(self.request.responseHeaders).get(_CONNECTION) or None
         return connection
 
     def _response_started(self) -> bool:
