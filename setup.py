@@ -1,6 +1,7 @@
-"""Build the optional compiled accelerator of the guest-call path (``twisted_httpwasm.runtime._accel``).
+"""Build the optional compiled accelerator: the guest-call path (``twisted_httpwasm.runtime._accel``) and
+the twisted.web side's fast path (``twisted_httpwasm.web._fast``).
 
-Everything else is in ``setup.cfg``.  The extension is optional, as aiohttp's and PyYAML's are:
+Everything else is in ``setup.cfg``.  The extensions are optional, as aiohttp's and PyYAML's are:
 without a C compiler or Python's headers the build prints one line and the package installs
 without it (the pure-Python path serves; ``TWISTED_HTTPWASM_PURE=1`` forces that path anyway).
 """
@@ -29,8 +30,12 @@ class OptionalBuildExt(build_ext):
         except Exception as error:  # noqa: BLE001 - CompileError, LinkError, a missing compiler
             self._skipped(error)
 
-    @staticmethod
-    def _skipped(error: BaseException) -> None:
+    _said = False
+
+    def _skipped(self, error: BaseException) -> None:
+        if OptionalBuildExt._said:  # one line for the accelerator, whichever of its two extensions failed first
+            return
+        OptionalBuildExt._said = True
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"twisted-httpwasm: compiled accelerator not built ({reason}); the pure-Python path will serve")
 
@@ -43,6 +48,14 @@ if not os.environ.get("TWISTED_HTTPWASM_PURE") and sys.platform != "win32":
             ["twisted_httpwasm/runtime/_accel.c"],
             extra_compile_args=["-std=c11", "-O2"],
             libraries=["dl"],
+            optional=True,
+        )
+    )
+    extensions.append(
+        Extension(
+            "twisted_httpwasm.web._fast",
+            ["twisted_httpwasm/web/_fast.c"],
+            extra_compile_args=["-std=c11", "-O2"],
             optional=True,
         )
     )

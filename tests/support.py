@@ -311,6 +311,9 @@ _PATH_SUFFIX = {"accelerated": "", "pure": "Pure"}
 class GuestPathMixin:
     """Makes the guests a test loads use one guest-call path (``guest_path``: see ``runtime/accel.py``).
 
+    The resources it makes follow: the compiled filter of ``web/fast.py`` with the accelerator, the
+    pure-Python one without it.
+
     ``accelerated`` is skipped, with the reason, where the compiled accelerator is not built
     (no C compiler at install) or ``TWISTED_HTTPWASM_PURE`` is set.
     """

@@ -517,7 +517,7 @@ class ChoosingTests(SynchronousTestCase):
             self.assertEqual(accel.describe(), "guest calls: compiled accelerator")
 
     def test_the_build_succeeds_without_a_compiler(self) -> None:
-        """No C compiler: building the extension prints one line and succeeds (the pure path will serve)."""
+        """No C compiler: building the extensions prints one line and succeeds (the pure path will serve)."""
         build = self.mktemp()
         env = dict(os.environ, CC="no-such-cc", LDSHARED="no-such-cc -shared")
         env.pop("TWISTED_HTTPWASM_PURE", None)
@@ -534,6 +534,7 @@ class ChoosingTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1, done.stdout)
         self.assertIn("the pure-Python path will serve", lines[0])
         self.assertFalse(list(Path(build).rglob("_accel*.so")))
+        self.assertFalse(list(Path(build).rglob("_fast*.so")))  # the twisted.web side's part (web/_fast.c)
 
 
 class WasiOutputTests(SynchronousTestCase):

@@ -34,7 +34,6 @@ from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 
 from ..abi import Feature, LogLevel
-from ..runtime import accel
 from ..runtime.budget import DEFAULT_MAX_BUFFERED_TOTAL, BufferBudget
 from ..runtime.guest import (
     DEFAULT_MAX_BUFFER_BYTES,
@@ -45,6 +44,7 @@ from ..runtime.guest import (
     LogLimit,
     Mount,
 )
+from ..web import fast
 from ..web.access_log import address_text
 from ..web.demo import DEMO_GUEST, DemoPage, bundled_guest
 from ..web.drain import DEFAULT_SHUTDOWN_TIMEOUT
@@ -701,7 +701,7 @@ def makeService(config: Options | HostConfig) -> service.MultiService:
         downstream=config.downstream.description,
         endpoints=", ".join(endpoints),
         execution=settings.execution.value,
-        calls=accel.describe(),  # which guest-call path serves: the compiled accelerator or pure Python
+        calls=fast.describe(),  # which paths serve: the compiled accelerator or pure Python
         policy=config.on_guest_error,
         memory=coercers.format_size(settings.memory_limit),
         timeout=settings.timeout,

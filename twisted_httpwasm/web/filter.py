@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,7 +39,7 @@ from ..runtime.state import BodyTooLarge, HeaderList
 from .access_log import printable
 from .answers import send_buffered, send_error, send_guest_answer
 from .downstream import BadRequest, unusable_path
-from .interception import Interception
+from .interception import Interception, PureInterception
 from .policy import (
     BODY_TOO_LARGE,
     BUFFER_OVER_LIMIT,
@@ -59,7 +59,7 @@ from .request_changes import (
     merge_guest_response_headers,
 )
 from .runners import InlineRunner, Runner
-from .sinks import BufferedSink, StreamedSink, abort
+from .sinks import BufferedSink, PureStreamedSink, StreamedSink, abort
 from .twisted_internals import (
     install_response_encoder,
     is_encoding_resource,
@@ -69,7 +69,7 @@ from .twisted_internals import (
     watch_finish,
 )
 
-__all__ = ["FilterSettings", "RequestFilter"]
+__all__ = ["FilterSettings", "PureRequestFilter", "RequestFilter"]
 
 
 class FilterSettings(Protocol):
@@ -88,7 +88,8 @@ _log = Logger(namespace="httpwasm")
 
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
 _BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
-_NOT_READ: Any = object()
+_NOT_READ: Any = object()  # _host_connection before the downstream ran
+NOT_READ = _NOT_READ
 _CONNECTION = stored_header_name(b"connection")
 
 
@@ -106,33 +107,21 @@ _GUEST_REQUEST, _DOWNSTREAM, _GUEST_RESPONSE, _DONE = (
     _Stage.GUEST_RESPONSE,
     _Stage.DONE,
 )
+#: The stages in order, for the compiled fast path (web/fast.py).
+STAGES = (_GUEST_REQUEST, _DOWNSTREAM, _GUEST_RESPONSE, _DONE)
 
 
 class RequestFilter:
     """One request's passage through one guest."""
 
-    __slots__ = (
-        "_detached_body",
-        "_downstream_code",
-        "_guest_body_reserved",
-        "_host_connection",
-        "_original_body",
-        "_reported",
-        "client_gone",
-        "downstream_failure",
-        "guest",
-        "inline",
-        "interception",
-        "observer",
-        "request",
-        "session",
-        "settings",
-        "sink",
-        "stage",
-        "started",
-        "state",
-        "then",
-    )
+    # Its storage is a subclass's: :class:`PureRequestFilter` here, or the compiled fast path's
+    # (web/fast.py), which also does the hot methods in C for the common case.
+    if not TYPE_CHECKING:
+        __slots__ = ()
+
+    #: What the downstream's response goes to without buffer_response, and what takes over its calls.
+    sink_type: type[StreamedSink] = PureStreamedSink
+    interception_type: type[Interception] = PureInterception
 
     def __init__(self, settings: FilterSettings, request: Request):
         self.settings = settings
@@ -281,9 +270,9 @@ class RequestFilter:
                 self._buffer_full,
             )
         else:
-            self.sink = StreamedSink(request, prefix, self.guest.name)
+            self.sink = self.sink_type(request, prefix, self.guest.name)
         self.stage = _DOWNSTREAM
-        self.interception = Interception(request, self.sink, self._downstream_finish, self._downstream_failed)
+        self.interception = self.interception_type(request, self.sink, self._downstream_finish, self._downstream_failed)
         self._render_downstream()
 
     def _reserve_answer(self) -> tuple[bool, Any]:
@@ -651,3 +640,30 @@ class RequestFilter:
         elif sink is not None:
             sink.stop_producer()
         # GUEST_REQUEST / GUEST_RESPONSE: the running call sees client_gone when it returns.
+
+
+class PureRequestFilter(RequestFilter):
+    """A :class:`RequestFilter` with its storage in slots: the pure-Python path's."""
+
+    __slots__ = (
+        "_detached_body",
+        "_downstream_code",
+        "_guest_body_reserved",
+        "_host_connection",
+        "_original_body",
+        "_reported",
+        "client_gone",
+        "downstream_failure",
+        "guest",
+        "inline",
+        "interception",
+        "observer",
+        "request",
+        "session",
+        "settings",
+        "sink",
+        "stage",
+        "started",
+        "state",
+        "then",
+    )

@@ -16,17 +16,17 @@ innermost one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .request_context import CONTEXT_ATTRIBUTE, context_of
 from .sinks import BufferedSink, StreamedSink
 
-__all__ = ["Interception"]
+__all__ = ["METHODS", "STREAMED_METHODS", "Interception", "PureInterception"]
 
 #: The request methods an interception may replace.
-_METHODS = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
+METHODS = ("write", "finish", "processingFailed", "registerProducer", "unregisterProducer")
 #: What it replaces with a streaming sink (the producer goes to the transport as usual), and with a buffering one.
-_STREAMED = ("write", "finish", "processingFailed")
+STREAMED_METHODS = ("write", "finish", "processingFailed")
 
 
 def _ignore(*args: object) -> None:
@@ -53,7 +53,16 @@ class Interception:
     ``request.__dict__`` (see :mod:`.request_context`).
     """
 
-    __slots__ = ("context", "installed", "outer", "request", "saved", "sink")
+    # Its storage is a subclass's: :class:`PureInterception` here, or the compiled fast path's (web/fast.py).
+    if not TYPE_CHECKING:
+        __slots__ = ()
+
+    context: Any
+    installed: bool
+    outer: Interception | None
+    request: Any
+    saved: dict[str, Any] | None
+    sink: StreamedSink | BufferedSink
 
     def __init__(
         self,
@@ -69,10 +78,10 @@ class Interception:
         self.context = context = getattr(request, CONTEXT_ATTRIBUTE, None) or context_of(request)
         outer = self.outer = context.interception
         # An outer guest's interception is kept, and put back on removal.
-        self.saved: dict[str, Any] | None = (
+        self.saved = (
             None
             if outer is None
-            else {name: hook for name in _METHODS if (hook := _own_hook(request, name)) is not None}
+            else {name: hook for name in METHODS if (hook := _own_hook(request, name)) is not None}
         )
         context.interception = self
         self.installed = True
@@ -94,10 +103,10 @@ class Interception:
         self.context.interception = self.outer
         saved = self.saved
         if saved is None:  # exactly what install set
-            for name in _METHODS if self.sink.buffered else _STREAMED:
+            for name in METHODS if self.sink.buffered else STREAMED_METHODS:
                 delattr(request, name)
             return
-        for name in _METHODS:
+        for name in METHODS:
             if name in saved:
                 setattr(request, name, saved[name])
             else:
@@ -117,7 +126,7 @@ class Interception:
             return
         self.installed = False
         request = self.request
-        for name in _METHODS:
+        for name in METHODS:
             setattr(request, name, _ignore)
         self.context.interception = None
         sink: Any = self.sink
@@ -129,3 +138,9 @@ class Interception:
         """After a refusal cut the downstream off (its response too large, the buffers full): its calls go nowhere."""
         request = self.request
         request.write = request.finish = request.unregisterProducer = _ignore
+
+
+class PureInterception(Interception):
+    """An :class:`Interception` with its storage in slots: the pure-Python path's."""
+
+    __slots__ = ("context", "installed", "outer", "request", "saved", "sink")

@@ -14,7 +14,7 @@ from zope.interface import implementer
 from ..runtime.budget import PROCESS_BUDGET, BufferBudget
 from ..runtime.guest import Execution, Guest
 from ..runtime.observe import NO_OBSERVER
-from .filter import RequestFilter
+from .fast import filter_type
 from .guest_threads import workers_for
 from .policy import FailurePolicy
 from .runners import InlineRunner, Runner, ThreadRunner
@@ -28,7 +28,7 @@ class GuestResource(Resource):
 
     The guest sees each request first; what it changes (method, URI, headers,
     body) is what ``downstream`` sees, and traversal is redone on the new path.
-    Each request is a :class:`RequestFilter`, whose guest session pins one
+    Each request is a :class:`~.filter.RequestFilter`, whose guest session pins one
     instance from ``handle_request`` to ``handle_response``.
     ``on_guest_error`` is a :class:`FailurePolicy` (or its name, ``"fail-open"``).
 
@@ -73,6 +73,8 @@ class GuestResource(Resource):
         self.noted_framing_headers: set[bytes] = set()
         #: Bytes all buffered responses may hold together (shared by every resource of the process by default).
         self.buffer_budget = buffer_budget
+        #: The request's filter: the compiled fast path's when it serves (see :mod:`.fast`), else the pure one.
+        self.filter_type = filter_type()
         self.runner: Runner
         if guest.execution is Execution.INLINE:
             self.runner = InlineRunner()
@@ -102,7 +104,7 @@ class GuestResource(Resource):
     def render(self, request: Request) -> Any:
         if not hasattr(request, "content"):
             _complete_dummy_request(request)
-        return RequestFilter(self, request).start()
+        return self.filter_type(self, request).start()
 
     def __repr__(self) -> str:
         return f"<GuestResource {self.guest!r} in front of {self.downstream!r}>"

@@ -18,7 +18,7 @@ over, and later writes go nowhere.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.logger import Logger
@@ -29,7 +29,7 @@ from ..runtime.budget import BufferBudget
 from .access_log import printable
 from .twisted_internals import has_response_encoder, raw_header_map, stored_header_name
 
-__all__ = ["BufferedSink", "StreamedSink", "abort", "is_bodiless"]
+__all__ = ["BufferedSink", "PureStreamedSink", "StreamedSink", "abort", "is_bodiless"]
 
 _log = Logger(namespace="httpwasm")
 _CONTENT_LENGTH = stored_header_name(b"content-length")
@@ -63,17 +63,19 @@ class StreamedSink:
     the connection: the excess is not sent, a short body cuts the connection.
     """
 
-    __slots__ = (
-        "_accepted",
-        "_declared",
-        "_held",
-        "_mismatch_logged",
-        "forward",
-        "guest_name",
-        "open",
-        "prefix",
-        "request",
-    )
+    # Its storage is a subclass's: :class:`PureStreamedSink` here, or the compiled fast path's (web/fast.py).
+    if not TYPE_CHECKING:
+        __slots__ = ()
+
+    request: Request
+    prefix: bytes
+    guest_name: str
+    open: bool
+    forward: Callable[[bytes], None]
+    _held: bytes
+    _declared: int | None
+    _accepted: int
+    _mismatch_logged: bool
 
     buffered = False
 
@@ -83,7 +85,7 @@ class StreamedSink:
         self.prefix = prefix
         self.guest_name = guest_name
         self.open = True
-        self.forward: Callable[[bytes], None] = request.write  # the request's own write, or an outer guest's sink
+        self.forward = request.write  # the request's own write, or an outer guest's sink
         self._held = b""
         self._declared: int | None = None
         self._accepted = 0  # body bytes the downstream wrote, sent or held
@@ -184,6 +186,22 @@ class StreamedSink:
 
     def stop_producer(self) -> None:
         """Streamed, the downstream's producer is the transport's business."""
+
+
+class PureStreamedSink(StreamedSink):
+    """A :class:`StreamedSink` with its storage in slots: the pure-Python path's."""
+
+    __slots__ = (
+        "_accepted",
+        "_declared",
+        "_held",
+        "_mismatch_logged",
+        "forward",
+        "guest_name",
+        "open",
+        "prefix",
+        "request",
+    )
 
 
 class BufferedSink:

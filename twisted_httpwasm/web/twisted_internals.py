@@ -171,9 +171,13 @@ def install_response_encoder(resource: IResource, request: Any) -> None:
             request._encoder = encoder
 
 
+#: The attribute of a request that holds its response encoder (gzip), if any (``Request._encoder``).
+RESPONSE_ENCODER_ATTRIBUTE = "_encoder"
+
+
 def has_response_encoder(request: Any) -> bool:
     """Whether an encoder (gzip) sits on ``request``: the body sent is not the one written (``_encoder``)."""
-    return getattr(request, "_encoder", None) is not None
+    return getattr(request, RESPONSE_ENCODER_ATTRIBUTE, None) is not None
 
 
 # -- HTTP/1 channels ---------------------------------------------------------------
