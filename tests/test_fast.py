@@ -283,14 +283,43 @@ BUFFERS = (
 PASSES = ('(func (export "handle_request") (result i64) (i64.const 1))', NOOP_RESPONSE)
 
 
+class _Queued:
+    """A thread pool and a reactor that queue what they are given, for the test to run in order."""
+
+    def __init__(self, queue: list[Any]):
+        self._queue = queue
+
+    def callInThreadWithCallback(self, on_result: Any, work: Any) -> None:
+        def run() -> None:
+            try:
+                result = work()
+            except Exception as error:  # noqa: BLE001 - handed on, as the thread pool does
+                on_result(False, Failure(error))
+            else:
+                on_result(True, result)
+
+        self._queue.append(run)
+
+    def callFromThread(self, function: Any, *args: Any) -> None:
+        self._queue.append(lambda: function(*args))
+
+
 class FilterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.fast_filter = _compiled()
         self.patch(accel, "module", accel.compiled)
 
-    def _serve(self, guest_parts: tuple[str, ...]) -> tuple[bytes, set[str]]:
-        """One request through a real ``Site`` (inline), and the Python methods of the filter's classes it ran."""
-        resource = GuestResource(make_guest(*guest_parts, execution=Execution.INLINE), _Hello())
+    def _serve(self, guest_parts: tuple[str, ...], execution: Execution = Execution.INLINE) -> tuple[bytes, set[str]]:
+        """One request through a real ``Site``, and the Python methods of the filter's classes it ran.
+
+        Thread mode runs on a thread pool and a reactor that only queue what they are given; the
+        test runs each hop itself, in order, on this thread.
+        """
+        queue: list[Any] = []
+        threaded: dict[str, Any] = {}
+        if execution is Execution.THREAD:
+            threaded = {"reactor": _Queued(queue), "threadpool": _Queued(queue)}
+        resource = GuestResource(make_guest(*guest_parts, execution=execution), _Hello(), **threaded)
         self.assertIs(resource.filter_type, self.fast_filter)
         # No idle timeout: nothing is left on the global reactor for the tests that run after this one.
         channel = Site(resource, timeout=None).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
@@ -311,6 +340,8 @@ class FilterTests(SynchronousTestCase):
         sys.setprofile(profile)
         try:
             channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            while queue:
+                queue.pop(0)()
         finally:
             sys.setprofile(None)
             channel.connectionLost(Failure(ConnectionDone()))
@@ -320,6 +351,12 @@ class FilterTests(SynchronousTestCase):
         """A guest that passes the request on: the C side does the hot methods itself."""
         response, ran = self._serve(PASSES)
         self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response)
+        self.assertTrue(response.endswith(b"\r\n\r\nhello"), response)
+        self.assertEqual(ran, set())
+
+    def test_the_common_request_in_thread_mode(self) -> None:
+        """Thread mode too: its start (the body left or detached, the client watched) is in C."""
+        response, ran = self._serve(PASSES, Execution.THREAD)
         self.assertTrue(response.endswith(b"\r\n\r\nhello"), response)
         self.assertEqual(ran, set())
 

@@ -31,7 +31,7 @@ static int ready = 0;
 static PyObject *state_type, *inline_runner_type, *no_observer, *not_read, *monotonic, *passed, *not_done_yet;
 static PyObject *stage_guest_request, *stage_downstream, *stage_guest_response, *stage_done;
 static long buffer_request, buffer_response;
-static PyObject *py_filter_init, *py_start, *py_after_handle_request, *py_downstream_finish, *py_after_handle_response;
+static PyObject *py_filter_init, *py_after_handle_request, *py_downstream_finish, *py_after_handle_response;
 static PyTypeObject *fast_sink_type, *fast_interception_type;
 /* sink */
 static PyObject *py_sink_init, *py_write, *py_complete, *no_body_codes, *encoder_attribute, *raw_header_map,
@@ -46,7 +46,7 @@ static PyObject *s_settings, *s_guest, *s_runner, *s_run, *s_method, *s_uri, *s_
     *s_render_downstream, *s_report, *s_code, *s_started_writing, *s_response_headers, *s_remove_header,
     *s_finish, *s_write, *s_processing_failed, *s_register_producer, *s_unregister_producer,
     *s_register_producer_sink, *s_unregister_producer_sink, *s_buffered, *s_interception, *s_log_length_mismatch,
-    *s_get, *s_response_body, *s_note_dropped, *s_apply_changes, *s_forward, *s_remove, *s_complete, *s_head, *s_wrote_more, *s_excess_not_sent, *kw_inline;
+    *s_get, *s_may_read_request_body, *s_watch_client, *s_client_there, *s_response_body, *s_note_dropped, *s_apply_changes, *s_forward, *s_remove, *s_complete, *s_head, *s_wrote_more, *s_excess_not_sent, *kw_inline;
 static PyObject *empty_bytes, *zero, *float_zero, *int_100, *int_200, *int_204;
 
 static int truth(PyObject *value) {
@@ -675,29 +675,52 @@ static int Filter_init(Filter *self, PyObject *args, PyObject *kwargs) {
     return 0;
 }
 
-/* runner.run(work, self.<on_result>, self.<on_error>) */
-static PyObject *run_call(Filter *self, PyObject *work_name, PyObject *on_result_name, PyObject *on_error_name) {
-    PyObject *runner = NULL, *work = NULL, *on_result = NULL, *on_error = NULL, *done = NULL;
+/* runner.run(work, self.<on_result>, self.<on_error>[, self.<still_wanted>]) */
+static PyObject *run_call(Filter *self, PyObject *work_name, PyObject *on_result_name, PyObject *on_error_name,
+                          PyObject *still_wanted_name) {
+    PyObject *runner = NULL, *work = NULL, *on_result = NULL, *on_error = NULL, *still_wanted = NULL, *done = NULL;
     if ((runner = PyObject_GetAttr(self->settings, s_runner)) != NULL &&
         (work = PyObject_GetAttr(self->session, work_name)) != NULL &&
         (on_result = PyObject_GetAttr((PyObject *)self, on_result_name)) != NULL &&
-        (on_error = PyObject_GetAttr((PyObject *)self, on_error_name)) != NULL) {
-        PyObject *args[4] = {runner, work, on_result, on_error};
-        done = PyObject_VectorcallMethod(s_run, args, 4, NULL);
+        (on_error = PyObject_GetAttr((PyObject *)self, on_error_name)) != NULL &&
+        (still_wanted_name == NULL || (still_wanted = PyObject_GetAttr((PyObject *)self, still_wanted_name)) != NULL)) {
+        PyObject *args[5] = {runner, work, on_result, on_error, still_wanted};
+        done = PyObject_VectorcallMethod(s_run, args, still_wanted == NULL ? 4 : 5, NULL);
     }
     Py_XDECREF(runner);
     Py_XDECREF(work);
     Py_XDECREF(on_result);
     Py_XDECREF(on_error);
+    Py_XDECREF(still_wanted);
     return done;
 }
 
 static PyObject *Filter_start(Filter *self, PyObject *unused) {
     if (not_ready()) return NULL;
     int is_inline = truth(self->inline_);
-    if (is_inline <= 0) return is_inline < 0 ? NULL : call_python(py_start, (PyObject *)self, NULL);
-    /* the call starts now, for a client that was there a moment ago */
-    PyObject *done = run_call(self, s_handle_request, s_after_handle_request, s_handle_request_failed);
+    if (is_inline < 0) return NULL;
+    PyObject *done;
+    if (is_inline) { /* the call starts now, for a client that was there a moment ago */
+        done = run_call(self, s_handle_request, s_after_handle_request, s_handle_request_failed, NULL);
+    } else {
+        /* Twisted closes request.content when the client goes away, which must not happen under a guest
+         * reading it in a worker: the request has no body until the call is over (see RequestFilter.start). */
+        PyObject *may_read = PyObject_GetAttr(self->guest, s_may_read_request_body);
+        if (may_read == NULL) return NULL;
+        int detach = truth(may_read);
+        Py_DECREF(may_read);
+        if (detach < 0) return NULL;
+        if (detach) {
+            PyObject *body = PyObject_GetAttr(self->request, s_content);
+            if (body == NULL) return NULL;
+            Py_SETREF(self->detached_body, body);
+            if (set_attr(self->request, s_content, Py_None) < 0) return NULL;
+        }
+        done = PyObject_CallMethodNoArgs((PyObject *)self, s_watch_client);
+        if (done == NULL) return NULL;
+        Py_DECREF(done);
+        done = run_call(self, s_handle_request, s_after_handle_request, s_handle_request_failed, s_client_there);
+    }
     if (done == NULL) return NULL;
     Py_DECREF(done);
     return Py_NewRef(not_done_yet);
@@ -723,14 +746,18 @@ static long features_of(PyObject *state, int *slow) {
 
 static PyObject *Filter_after_handle_request(Filter *self, PyObject *next) {
     if (not_ready()) return NULL;
+    int gone = truth(self->client_gone);
+    if (gone < 0) return NULL;
+    if (self->detached_body != Py_None && !gone) {
+        /* What the Python method does first (_reattach_body): the request gets its body back. */
+        if (set_attr(self->request, s_content, self->detached_body) < 0) return NULL;
+        set_field(&self->detached_body, Py_None);
+    }
     /* The common case only: the guest passed the request on, wrote no body before next, buffers nothing. */
-    int fast = self->detached_body == Py_None;
+    int fast = !gone;
     if (fast) {
         fast = truth(next);
         if (fast < 0) return NULL;
-    }
-    if (fast) {
-        fast = !truth(self->client_gone);
     }
     if (fast) {
         int slow = 0;
@@ -805,7 +832,7 @@ static PyObject *Filter_downstream_finish(Filter *self, PyObject *unused) {
     PyObject *done = PyObject_CallMethodOneArg(self->state, s_enter_response_phase, code);
     if (done == NULL) return NULL;
     Py_DECREF(done);
-    done = run_call(self, s_handle_response, s_after_handle_response, s_handle_response_failed);
+    done = run_call(self, s_handle_response, s_after_handle_response, s_handle_response_failed, NULL);
     if (done == NULL) return NULL;
     Py_DECREF(done);
     Py_RETURN_NONE;
@@ -919,7 +946,7 @@ static PyObject *setup(PyObject *module, PyObject *config) {
         take(config, "monotonic", &monotonic) < 0 || take(config, "passed", &passed) < 0 ||
         take(config, "not_done_yet", &not_done_yet) < 0 || take(config, "stages", &stages) < 0 ||
         take(config, "buffer_request", &request_bit) < 0 || take(config, "buffer_response", &response_bit) < 0 ||
-        take(config, "filter_init", &py_filter_init) < 0 || take(config, "start", &py_start) < 0 ||
+        take(config, "filter_init", &py_filter_init) < 0 ||
         take(config, "after_handle_request", &py_after_handle_request) < 0 ||
         take(config, "downstream_finish", &py_downstream_finish) < 0 ||
         take(config, "after_handle_response", &py_after_handle_response) < 0 ||
@@ -1013,6 +1040,9 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(s_interception, "interception");
     INTERN(s_log_length_mismatch, "_log_length_mismatch");
     INTERN(s_get, "get");
+    INTERN(s_may_read_request_body, "may_read_request_body");
+    INTERN(s_watch_client, "_watch_client");
+    INTERN(s_client_there, "_client_there");
     INTERN(s_response_body, "response_body");
     INTERN(s_note_dropped, "_note_dropped");
     INTERN(s_apply_changes, "apply_changes");
