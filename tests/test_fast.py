@@ -11,6 +11,7 @@ the C side stands in for, and the other requests run them.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -183,6 +184,26 @@ class SinkTests(SynchronousTestCase):
             self.assertEqual(calls, [("write", b"abc"), ("write", b"de"), ("finish",)], sink_type)
             self.assertEqual(fields[4], 5)
             self.assertEqual([event[2] for event in events], ["wrote more than"])
+
+    def test_a_field_deleted_from_python(self) -> None:
+        """What Python would raise, never a crash: the C side hands such an object to the Python method."""
+        for name in ("_held", "_declared", "_accepted", "open", "request", "forward", "prefix"):
+            outcomes = []
+            for sink_type in (PureStreamedSink, self.fast_sink):
+                sink = sink_type(_Request(b"GET", 200, [b"3"], False, 0), b"", "g")
+                delattr(sink, name)
+                outcome = []
+                for call in (functools.partial(sink.write, b"abc"), sink.complete):
+                    try:
+                        call()
+                    except AttributeError as error:
+                        outcome.append(str(error).split("'")[-2])  # the attribute named
+                    else:
+                        outcome.append(None)
+                outcomes.append(outcome)
+            self.assertEqual(outcomes[1], outcomes[0], name)
+            if name not in ("_declared", "forward"):  # written before read, or not read by this response
+                self.assertIn(name, outcomes[0])
 
     def test_is_a_streamed_sink(self) -> None:
         self.assertTrue(issubclass(self.fast_sink, StreamedSink))

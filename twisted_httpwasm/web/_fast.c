@@ -31,7 +31,7 @@ static int ready = 0;
 static PyObject *state_type, *inline_runner_type, *no_observer, *not_read, *monotonic, *passed, *not_done_yet;
 static PyObject *stage_guest_request, *stage_downstream, *stage_guest_response, *stage_done;
 static long buffer_request, buffer_response;
-static PyObject *py_filter_init, *py_after_handle_request, *py_downstream_finish, *py_after_handle_response;
+static PyObject *py_filter_init, *py_start, *py_after_handle_request, *py_downstream_finish, *py_after_handle_response;
 static PyTypeObject *fast_sink_type, *fast_interception_type;
 /* sink */
 static PyObject *py_sink_init, *py_write, *py_complete, *no_body_codes, *encoder_attribute, *raw_header_map,
@@ -139,6 +139,13 @@ static int Sink_init(Sink *self, PyObject *args, PyObject *kwargs) {
     return 0;
 }
 
+/* Whether every field is set: one deleted from Python (``del sink._held``) sends the call to the
+ * Python method, which raises the AttributeError that Python would. */
+static int sink_whole(Sink *self) {
+    return self->request && self->prefix && self->guest_name && self->open && self->forward && self->held &&
+           self->declared && self->accepted && self->mismatch_logged;
+}
+
 static PyObject *call_python(PyObject *function, PyObject *self, PyObject *arg) {
     PyObject *args[2] = {self, arg};
     return PyObject_Vectorcall(function, args, arg == NULL ? 1 : 2, NULL);
@@ -223,6 +230,7 @@ static PyObject *declared_length(PyObject *request, int *slow) {
 
 static PyObject *Sink_write(Sink *self, PyObject *data) {
     if (not_ready()) return NULL;
+    if (!sink_whole(self)) return call_python(py_write, (PyObject *)self, data);
     int open = truth(self->open);
     if (open <= 0) {
         if (open < 0) return NULL;
@@ -288,7 +296,7 @@ static PyObject *Sink_write(Sink *self, PyObject *data) {
         Py_DECREF(chunk);
         return NULL;
     }
-    Py_SETREF(self->accepted, number);
+    Py_XSETREF(self->accepted, number);
     if (over) {
         PyObject *done = PyObject_CallMethodObjArgs((PyObject *)self, s_log_length_mismatch, s_wrote_more,
                                                     s_excess_not_sent, NULL);
@@ -304,7 +312,7 @@ static PyObject *Sink_write(Sink *self, PyObject *data) {
             PyObject *held = PyNumber_InPlaceAdd(self->held, chunk);
             Py_DECREF(chunk);
             if (held == NULL) return NULL;
-            Py_SETREF(self->held, held);
+            Py_XSETREF(self->held, held);
             Py_RETURN_NONE;
         }
         Py_DECREF(chunk);
@@ -333,6 +341,7 @@ static PyObject *Sink_write(Sink *self, PyObject *data) {
 
 static PyObject *Sink_complete(Sink *self, PyObject *unused) {
     if (not_ready()) return NULL;
+    if (!sink_whole(self)) return call_python(py_complete, (PyObject *)self, NULL);
     PyObject *request = self->request;
     if (self->declared != Py_None) {
         /* A body short of its Content-Length is Python's to log and cut. */
@@ -526,6 +535,8 @@ static int Interception_init(Interception *self, PyObject *args, PyObject *kwarg
 
 static PyObject *Interception_remove(Interception *self, PyObject *unused) {
     if (not_ready()) return NULL;
+    if (!(self->context && self->installed && self->outer && self->request && self->saved && self->sink))
+        return call_python(py_remove, (PyObject *)self, NULL); /* a field deleted from Python: as Python fails */
     int installed = truth(self->installed);
     if (installed <= 0) {
         if (installed < 0) return NULL;
@@ -675,6 +686,13 @@ static int Filter_init(Filter *self, PyObject *args, PyObject *kwargs) {
     return 0;
 }
 
+/* Whether every field is set (see sink_whole). */
+static int filter_whole(Filter *self) {
+#define SET(field) &&self->field
+    return 1 FILTER_FIELDS(SET);
+#undef SET
+}
+
 /* runner.run(work, self.<on_result>, self.<on_error>[, self.<still_wanted>]) */
 static PyObject *run_call(Filter *self, PyObject *work_name, PyObject *on_result_name, PyObject *on_error_name,
                           PyObject *still_wanted_name) {
@@ -697,6 +715,7 @@ static PyObject *run_call(Filter *self, PyObject *work_name, PyObject *on_result
 
 static PyObject *Filter_start(Filter *self, PyObject *unused) {
     if (not_ready()) return NULL;
+    if (!filter_whole(self)) return call_python(py_start, (PyObject *)self, NULL);
     int is_inline = truth(self->inline_);
     if (is_inline < 0) return NULL;
     PyObject *done;
@@ -713,7 +732,7 @@ static PyObject *Filter_start(Filter *self, PyObject *unused) {
         if (detach) {
             PyObject *body = PyObject_GetAttr(self->request, s_content);
             if (body == NULL) return NULL;
-            Py_SETREF(self->detached_body, body);
+            Py_XSETREF(self->detached_body, body);
             if (set_attr(self->request, s_content, Py_None) < 0) return NULL;
         }
         done = PyObject_CallMethodNoArgs((PyObject *)self, s_watch_client);
@@ -737,15 +756,17 @@ static long features_of(PyObject *state, int *slow) {
     }
     long value = PyLong_AsLong(features);
     Py_DECREF(features);
-    if (value == -1 && PyErr_Occurred()) {
+    if (value < 0) { /* past a C long, or negative: Python's to judge */
         PyErr_Clear();
         *slow = 1;
+        return -1;
     }
     return value;
 }
 
 static PyObject *Filter_after_handle_request(Filter *self, PyObject *next) {
     if (not_ready()) return NULL;
+    if (!filter_whole(self)) return call_python(py_after_handle_request, (PyObject *)self, next);
     int gone = truth(self->client_gone);
     if (gone < 0) return NULL;
     if (self->detached_body != Py_None && !gone) {
@@ -762,7 +783,7 @@ static PyObject *Filter_after_handle_request(Filter *self, PyObject *next) {
     if (fast) {
         int slow = 0;
         long features = features_of(self->state, &slow);
-        if (features == -1 && !slow) return NULL;
+        if (features == -1 && !slow) return NULL; /* the attribute could not be read */
         fast = !slow && !(features & (buffer_request | buffer_response));
     }
     int changed = 0;
@@ -797,7 +818,7 @@ static PyObject *Filter_after_handle_request(Filter *self, PyObject *next) {
     PyObject *sink = PyObject_Vectorcall((PyObject *)fast_sink_type, sink_args, 3, NULL);
     Py_DECREF(name);
     if (sink == NULL) return NULL;
-    Py_SETREF(self->sink, sink);
+    Py_XSETREF(self->sink, sink);
     set_field(&self->stage, stage_downstream);
     PyObject *finish = NULL, *failed = NULL, *interception = NULL;
     if ((finish = PyObject_GetAttr((PyObject *)self, s_downstream_finish)) != NULL &&
@@ -808,12 +829,13 @@ static PyObject *Filter_after_handle_request(Filter *self, PyObject *next) {
     Py_XDECREF(finish);
     Py_XDECREF(failed);
     if (interception == NULL) return NULL;
-    Py_SETREF(self->interception, interception);
+    Py_XSETREF(self->interception, interception);
     return PyObject_CallMethodNoArgs((PyObject *)self, s_render_downstream);
 }
 
 static PyObject *Filter_downstream_finish(Filter *self, PyObject *unused) {
     if (not_ready()) return NULL;
+    if (!filter_whole(self)) return call_python(py_downstream_finish, (PyObject *)self, NULL);
     if (self->stage != stage_downstream) Py_RETURN_NONE;
     int gone = truth(self->client_gone);
     if (gone != 0) {
@@ -826,7 +848,7 @@ static PyObject *Filter_downstream_finish(Filter *self, PyObject *unused) {
     if (prefixed != 0) return prefixed < 0 ? NULL : call_python(py_downstream_finish, (PyObject *)self, NULL);
     PyObject *code = PyObject_GetAttr(self->request, s_code);
     if (code == NULL) return NULL;
-    Py_SETREF(self->downstream_code, code);
+    Py_XSETREF(self->downstream_code, code);
     set_field(&sink->open, Py_False);
     set_field(&self->stage, stage_guest_response);
     PyObject *done = PyObject_CallMethodOneArg(self->state, s_enter_response_phase, code);
@@ -840,6 +862,7 @@ static PyObject *Filter_downstream_finish(Filter *self, PyObject *unused) {
 
 static PyObject *Filter_after_handle_response(Filter *self, PyObject *result) {
     if (not_ready()) return NULL;
+    if (!filter_whole(self)) return call_python(py_after_handle_response, (PyObject *)self, result);
     int gone = truth(self->client_gone);
     if (gone < 0) return NULL;
     if (gone || self->then != Py_None || self->downstream_failure != Py_None || Py_TYPE(self->sink) != fast_sink_type)
@@ -946,7 +969,7 @@ static PyObject *setup(PyObject *module, PyObject *config) {
         take(config, "monotonic", &monotonic) < 0 || take(config, "passed", &passed) < 0 ||
         take(config, "not_done_yet", &not_done_yet) < 0 || take(config, "stages", &stages) < 0 ||
         take(config, "buffer_request", &request_bit) < 0 || take(config, "buffer_response", &response_bit) < 0 ||
-        take(config, "filter_init", &py_filter_init) < 0 ||
+        take(config, "filter_init", &py_filter_init) < 0 || take(config, "start", &py_start) < 0 ||
         take(config, "after_handle_request", &py_after_handle_request) < 0 ||
         take(config, "downstream_finish", &py_downstream_finish) < 0 ||
         take(config, "after_handle_response", &py_after_handle_response) < 0 ||

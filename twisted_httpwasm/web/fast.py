@@ -86,6 +86,7 @@ if _fast is not None:
                 "buffer_request": int(Feature.BUFFER_REQUEST),
                 "buffer_response": int(Feature.BUFFER_RESPONSE),
                 "filter_init": _python.__init__,
+                "start": _python.start,
                 "after_handle_request": _python._after_handle_request,
                 "downstream_finish": _python._downstream_finish,
                 "after_handle_response": _python._after_handle_response,
