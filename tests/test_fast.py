@@ -12,6 +12,7 @@ the C side stands in for, and the other requests run them.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import subprocess
 import sys
@@ -205,6 +206,18 @@ class SinkTests(SynchronousTestCase):
             if name not in ("_declared", "forward"):  # written before read, or not read by this response
                 self.assertIn(name, outcomes[0])
 
+    def test_a_cycle_through_it_is_collected(self) -> None:
+        """The request holds the sink's write and the sink holds the request: the collector frees both."""
+        gc.collect()
+        before = sum(type(o) is self.fast_sink for o in gc.get_objects())
+        for _ in range(100):
+            request = _Request(b"GET", 200, None, False, 0)
+            sink = self.fast_sink(request, b"", "g")
+            request.write = sink.write  # type: ignore[method-assign]
+        del request, sink
+        gc.collect()
+        self.assertEqual(sum(type(o) is self.fast_sink for o in gc.get_objects()), before)
+
     def test_is_a_streamed_sink(self) -> None:
         self.assertTrue(issubclass(self.fast_sink, StreamedSink))
         self.assertFalse(self.fast_sink.buffered)
@@ -282,6 +295,15 @@ class InterceptionTests(SynchronousTestCase):
                         again = _hooks(request, sink, outer, interception)
                         results.append((installed, removed, again))
                     self.assertEqual(results[1], results[0], (buffered, chained, context_made))
+
+    def test_a_cycle_through_it_is_collected(self) -> None:
+        """Installed and never removed (the request, its context and the interception hold each other)."""
+        gc.collect()
+        before = sum(type(o) is self.fast_interception for o in gc.get_objects())
+        for _ in range(100):
+            _install(self.fast_interception, False, False, True)
+        gc.collect()
+        self.assertEqual(sum(type(o) is self.fast_interception for o in gc.get_objects()), before)
 
     def test_is_an_interception(self) -> None:
         self.assertTrue(issubclass(self.fast_interception, Interception))
@@ -380,6 +402,16 @@ class FilterTests(SynchronousTestCase):
         response, ran = self._serve(PASSES, Execution.THREAD)
         self.assertTrue(response.endswith(b"\r\n\r\nhello"), response)
         self.assertEqual(ran, set())
+
+    def test_nothing_of_a_request_stays(self) -> None:
+        """Once the response is out, its filter, sink and interception are freed (by the collector if need be)."""
+        gc.collect()
+        types = (self.fast_filter, self.fast_filter.sink_type, self.fast_filter.interception_type)
+        before = [sum(type(o) is t for o in gc.get_objects()) for t in types]
+        for parts, execution in [(PASSES, Execution.INLINE), (BUFFERS, Execution.INLINE), (PASSES, Execution.THREAD)]:
+            self._serve(parts, execution)
+        gc.collect()
+        self.assertEqual([sum(type(o) is t for o in gc.get_objects()) for t in types], before)
 
     def test_another_request_runs_them(self) -> None:
         """A guest that buffers the response: the C side hands the request to the Python methods."""

@@ -15,6 +15,10 @@
  * method of the same name: the C side decides before it changes anything, so
  * the Python method runs from the same state it would have run from alone.
  * The Python classes are the pure path and stay complete on their own.
+ *
+ * The types are static and collected by the cycle collector; their instances are those of the
+ * Python subclasses (web/fast.py), whose own traverse visits the (heap) subclass, so the
+ * traverse functions here visit the fields only.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -87,7 +91,6 @@ typedef struct {
 } Sink;
 
 static int Sink_traverse(Sink *self, visitproc visit, void *arg) {
-    Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->request);
     Py_VISIT(self->prefix);
     Py_VISIT(self->guest_name);
@@ -441,7 +444,6 @@ typedef struct {
 } Interception;
 
 static int Interception_traverse(Interception *self, visitproc visit, void *arg) {
-    Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->context);
     Py_VISIT(self->installed);
     Py_VISIT(self->outer);
@@ -604,7 +606,6 @@ typedef struct {
             X(guest_body_reserved) X(reported) X(observer) X(started)
 
 static int Filter_traverse(Filter *self, visitproc visit, void *arg) {
-    Py_VISIT(Py_TYPE(self));
 #define VISIT(field) Py_VISIT(self->field);
     FILTER_FIELDS(VISIT)
 #undef VISIT
