@@ -43,7 +43,7 @@ static PyObject *py_sink_init, *py_write, *py_complete, *no_body_codes, *encoder
 /* interception */
 static PyObject *context_attribute, *context_of, *py_interception_init, *py_remove, *all_methods, *streamed_methods;
 
-static PyObject *s_settings, *s_guest, *s_runner, *s_run, *s_method, *s_uri, *s_content, *s_max_buffer_bytes,
+static PyObject *s_guest, *s_runner, *s_run, *s_method, *s_uri, *s_content, *s_max_buffer_bytes,
     *s_request, *s_client_headers, *s_request_headers, *s_session, *s_observer, *s_handle_request, *s_handle_response,
     *s_after_handle_request, *s_handle_request_failed, *s_after_handle_response, *s_handle_response_failed,
     *s_downstream_finish, *s_downstream_failed, *s_features, *s_touched, *s_name, *s_enter_response_phase,
@@ -470,8 +470,6 @@ static void Interception_dealloc(Interception *self) {
     type->tp_free((PyObject *)self);
 }
 
-static int set_attr(PyObject *target, PyObject *name, PyObject *value) { return PyObject_SetAttr(target, name, value); }
-
 static int set_method_of(PyObject *target, PyObject *name, PyObject *owner, PyObject *method_name) {
     PyObject *method = PyObject_GetAttr(owner, method_name);
     if (method == NULL) return -1;
@@ -513,7 +511,7 @@ static int Interception_init(Interception *self, PyObject *args, PyObject *kwarg
     Py_XSETREF(self->context, context);
     set_field(&self->outer, Py_None);
     set_field(&self->saved, Py_None);
-    if (set_attr(context, s_interception, (PyObject *)self) < 0) return -1;
+    if (PyObject_SetAttr(context, s_interception, (PyObject *)self) < 0) return -1;
     set_field(&self->installed, Py_True);
     PyObject *write = PyObject_GetAttr(request, s_write);
     if (write == NULL) return -1;
@@ -521,8 +519,8 @@ static int Interception_init(Interception *self, PyObject *args, PyObject *kwarg
     Py_DECREF(write);
     if (failed_set < 0) return -1;
     if (set_method_of(request, s_write, sink, s_write) < 0) return -1;
-    if (set_attr(request, s_finish, finish) < 0) return -1;
-    if (set_attr(request, s_processing_failed, failed) < 0) return -1;
+    if (PyObject_SetAttr(request, s_finish, finish) < 0) return -1;
+    if (PyObject_SetAttr(request, s_processing_failed, failed) < 0) return -1;
     PyObject *buffered = PyObject_GetAttr(sink, s_buffered);
     if (buffered == NULL) return -1;
     int is_buffered = truth(buffered);
@@ -552,7 +550,7 @@ static PyObject *Interception_remove(Interception *self, PyObject *unused) {
     if (is_buffered < 0) return NULL;
     set_field(&self->installed, Py_False);
     PyObject *request = self->request;
-    if (set_attr(self->context, s_interception, self->outer) < 0) return NULL;
+    if (PyObject_SetAttr(self->context, s_interception, self->outer) < 0) return NULL;
     PyObject *names = is_buffered ? all_methods : streamed_methods;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
         if (PyObject_DelAttr(request, PyTuple_GET_ITEM(names, i)) < 0) return NULL;
@@ -646,10 +644,10 @@ static int Filter_init(Filter *self, PyObject *args, PyObject *kwargs) {
     for (int i = 0; i < 4; i++) Py_XDECREF(state_args[i]);
     if (state == NULL) return -1;
     Py_XSETREF(self->state, state);
-    if (set_attr(state, s_request, request) < 0) return -1;
+    if (PyObject_SetAttr(state, s_request, request) < 0) return -1;
     PyObject *headers = PyObject_GetAttr(request, s_request_headers);
     if (headers == NULL) return -1;
-    int failed = set_attr(state, s_client_headers, headers);
+    int failed = PyObject_SetAttr(state, s_client_headers, headers);
     Py_DECREF(headers);
     if (failed < 0) return -1;
     PyObject *runner = PyObject_GetAttr(settings, s_runner);
@@ -734,7 +732,7 @@ static PyObject *Filter_start(Filter *self, PyObject *unused) {
             PyObject *body = PyObject_GetAttr(self->request, s_content);
             if (body == NULL) return NULL;
             Py_XSETREF(self->detached_body, body);
-            if (set_attr(self->request, s_content, Py_None) < 0) return NULL;
+            if (PyObject_SetAttr(self->request, s_content, Py_None) < 0) return NULL;
         }
         done = PyObject_CallMethodNoArgs((PyObject *)self, s_watch_client);
         if (done == NULL) return NULL;
@@ -772,7 +770,7 @@ static PyObject *Filter_after_handle_request(Filter *self, PyObject *next) {
     if (gone < 0) return NULL;
     if (self->detached_body != Py_None && !gone) {
         /* What the Python method does first (_reattach_body): the request gets its body back. */
-        if (set_attr(self->request, s_content, self->detached_body) < 0) return NULL;
+        if (PyObject_SetAttr(self->request, s_content, self->detached_body) < 0) return NULL;
         set_field(&self->detached_body, Py_None);
     }
     /* The common case only: the guest passed the request on, wrote no body before next, buffers nothing. */
@@ -1022,7 +1020,6 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_fast", "The com
     if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
 
 PyMODINIT_FUNC PyInit__fast(void) {
-    INTERN(s_settings, "settings");
     INTERN(s_guest, "guest");
     INTERN(s_runner, "runner");
     INTERN(s_run, "run");

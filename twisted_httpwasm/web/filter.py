@@ -88,8 +88,8 @@ _log = Logger(namespace="httpwasm")
 
 _BUFFER_REQUEST = int(Feature.BUFFER_REQUEST)
 _BUFFER_RESPONSE = int(Feature.BUFFER_RESPONSE)
-_NOT_READ: Any = object()  # _host_connection before the downstream ran
-NOT_READ = _NOT_READ
+#: What ``_host_connection`` holds before the downstream ran (read by the compiled fast path too).
+NOT_READ: Any = object()
 _CONNECTION = stored_header_name(b"connection")
 
 
@@ -140,7 +140,7 @@ class RequestFilter:
         self.downstream_failure: Failure | None = None
         self.then: Refusal | None = None  # what answers the request once handle_response ran (413, 502, 503)
         self._detached_body: Any = None
-        self._host_connection: Any = _NOT_READ
+        self._host_connection: Any = NOT_READ
         self._original_body: bytearray | None = None
         self._downstream_code = 0
         self._guest_body_reserved = 0  # bytes of a body the guest wrote before next, counted in the budget
@@ -553,7 +553,7 @@ class RequestFilter:
     def _connection(self) -> Any:
         """Twisted's own Connection header, as it was before the downstream ran."""
         connection = self._host_connection
-        if connection is _NOT_READ:  # the downstream has not run: the request's own is Twisted's
+        if connection is NOT_READ:  # the downstream has not run: the request's own is Twisted's
             connection = raw_header_map(self.request.responseHeaders).get(_CONNECTION) or None
         return connection
 
