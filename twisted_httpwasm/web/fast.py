@@ -17,7 +17,6 @@ off.  :func:`filter_type` is asked when a resource is made.
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from typing import Any
@@ -40,8 +39,8 @@ __all__ = ["FAST", "REASON", "describe", "filter_type"]
 
 
 def _import() -> tuple[Any, str]:
-    if os.environ.get("TWISTED_HTTPWASM_PURE"):
-        return None, "TWISTED_HTTPWASM_PURE is set"
+    if accel.compiled is None:  # both or neither: why the accelerator does not serve is this path's reason too
+        return None, accel.REASON
     try:
         from . import _fast  # type: ignore[attr-defined]
     except ImportError:
