@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -107,8 +108,9 @@ class Big(Resource):
     isLeaf = True
 
     def render(self, request: Request) -> object:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as global_reactor
 
+        reactor: Any = global_reactor  # zope's interfaces carry no annotations mypy reads
         request.setHeader(b"content-length", b"%d" % (len(BIG_PIECE) * BIG_PIECES))
 
         def piece(left: int) -> None:
@@ -130,7 +132,9 @@ class Slow(Resource):
     isLeaf = True
 
     def render(self, request: Request) -> object:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as global_reactor
+
+        reactor: Any = global_reactor
 
         def answer() -> None:
             if not request.finished and not request._disconnected:

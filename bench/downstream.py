@@ -18,6 +18,9 @@ class Hello(Resource):
 
     isLeaf = True
 
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
     def render_GET(self, request: Request) -> bytes:
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain"])
         return HELLO

@@ -104,7 +104,8 @@ def run_sync(case: Case, site: Site, requests: int) -> float:
     data = request_bytes(case.scenario)
     connection.send(data)
     _check(case, connection.take_response())
-    send, clear = connection.send, connection.transport.clear
+    send = connection.send
+    clear: Callable[[], None] = connection.transport.clear
     gc.collect()
     start = time.perf_counter()
     for _ in range(requests):
@@ -134,14 +135,15 @@ def _finishing(base: type[Request]) -> Any:
 
 def run_threaded(case: Case, site: Site, requests: int, concurrency: int) -> float:
     """µs per request with ``concurrency`` connections in flight on a running reactor."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
 
+    reactor: Any = global_reactor  # zope's interfaces carry no annotations mypy reads
     finishing = site.requestFactory = _finishing(site.requestFactory)
     data = request_bytes(case.scenario)
     connections = [_Connection(site, number) for number in range(concurrency)]
     by_channel = {id(c.channel): c for c in connections}
     by_channel.update({id(getattr(c.channel, "_channel", None)): c for c in connections})
-    state = {"sent": 0, "done": 0, "start": 0.0, "end": 0.0, "error": ""}
+    state: dict[str, Any] = {"sent": 0, "done": 0, "start": 0.0, "end": 0.0, "error": ""}
 
     def next_request(connection: _Connection) -> None:
         if state["sent"] >= requests:
