@@ -33,7 +33,6 @@ from twisted.web.server import Site
 
 from twisted_httpwasm import Execution, GuestResource
 from twisted_httpwasm.runtime import accel
-from twisted_httpwasm.runtime.pool import GuestPool
 from twisted_httpwasm.web import fast
 from twisted_httpwasm.web.filter import PureRequestFilter, RequestFilter
 from twisted_httpwasm.web.interception import Interception, PureInterception
@@ -371,11 +370,9 @@ class FilterTests(SynchronousTestCase):
         channel.makeConnection(transport)
         methods = ("__init__", "start", "_after_handle_request", "_downstream_finish", "_after_handle_response")
         watched = {getattr(RequestFilter, name).__code__: f"RequestFilter.{name}" for name in methods}
-        for owner, name in (
-            [(StreamedSink, n) for n in ("__init__", "write", "complete")]
-            + [(Interception, n) for n in ("__init__", "remove")]
-            + [(GuestPool, n) for n in ("acquire", "release")]  # the accelerator lends and takes back itself
-        ):
+        for owner, name in [(StreamedSink, n) for n in ("__init__", "write", "complete")] + [
+            (Interception, n) for n in ("__init__", "remove")
+        ]:
             watched[getattr(owner, name).__code__] = f"{owner.__name__}.{name}"
         ran: set[str] = set()
 
@@ -394,7 +391,7 @@ class FilterTests(SynchronousTestCase):
         return transport.value(), ran
 
     def test_the_common_request_runs_none_of_the_python_methods(self) -> None:
-        """A guest that passes the request on: the C side does the hot methods itself (the pool's too)."""
+        """A guest that passes the request on: the C side does the hot methods itself."""
         response, ran = self._serve(PASSES)
         self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response)
         self.assertTrue(response.endswith(b"\r\n\r\nhello"), response)

@@ -1210,232 +1210,6 @@ typedef struct {
 
 static PyObject *s_acquire, *s_release, *s_check_size, *s_body_length, *s_is_error;
 
-/* -- the pool's common lend and give-back (runtime/pool.py's GuestPool) -----------------------------
- *
- * GuestPool.acquire and .release for the common case only, reading the pool's and its PoolStats's
- * slots at their offsets (taken from the classes' member descriptors by setup_pool): a pool of exactly
- * GuestPool's class with nothing in its __dict__ (a method replaced there is called as Python would),
- * not retired, without recycling (max_requests and max_age None), whose lock is free; lending from its
- * idle stack, or taking back an instance that did not trap, with its clock time.monotonic and no idle
- * instance due for retirement.  Each decides before it changes anything; in any other case it returns
- * 0 with nothing changed, and the caller calls the Python method, which keeps every rule (and is the
- * pure path).  The lock is taken as the Python methods take it, so the two never overlap. */
-
-static PyTypeObject *pool_type, *stats_type;
-static PyObject *pool_clock;
-static Py_ssize_t off_lock = -1, off_idle, off_since, off_max_requests, off_max_age, off_retired, off_clock,
-                  off_idle_timeout, off_min_idle, off_stats, off_in_use, off_idle_count, off_peak;
-static PyObject *s_pop, *s_append, *s_trapped;
-
-#define SLOT(object, offset) (*(PyObject **)((char *)(object) + (offset)))
-
-/* The slot's offset in `type`, from its member descriptor (-1 with an error if it is not a slot). */
-static Py_ssize_t slot_offset(PyTypeObject *type, const char *name) {
-    PyObject *descriptor = PyDict_GetItemString(type->tp_dict, name); /* borrowed */
-    if (descriptor == NULL || !PyObject_TypeCheck(descriptor, &PyMemberDescr_Type) ||
-        ((PyMemberDescrObject *)descriptor)->d_member->type != T_OBJECT_EX) {
-        PyErr_Format(PyExc_RuntimeError, "%s.%s is not a slot", type->tp_name, name);
-        return -1;
-    }
-    return ((PyMemberDescrObject *)descriptor)->d_member->offset;
-}
-
-/* Whether the pool is one the fast path serves: GuestPool itself, nothing in its __dict__, every slot
- * it reads set, PoolStats as its stats, not retired, no recycling. */
-static int pool_plain(PyObject *pool) {
-    if (off_lock < 0 || Py_TYPE(pool) != pool_type) return 0;
-    PyObject **dict = _PyObject_GetDictPtr(pool);
-    if (dict != NULL && *dict != NULL && PyDict_GET_SIZE(*dict) != 0) return 0;
-    PyObject *stats = SLOT(pool, off_stats);
-    if (SLOT(pool, off_lock) == NULL || SLOT(pool, off_idle) == NULL || SLOT(pool, off_since) == NULL ||
-        stats == NULL || Py_TYPE(stats) != stats_type || SLOT(stats, off_in_use) == NULL ||
-        SLOT(stats, off_peak) == NULL || SLOT(pool, off_clock) == NULL || SLOT(pool, off_idle_timeout) == NULL ||
-        SLOT(pool, off_min_idle) == NULL)
-        return 0;
-    return SLOT(pool, off_max_requests) == Py_None && SLOT(pool, off_max_age) == Py_None &&
-           SLOT(pool, off_retired) == Py_False && PyLong_CheckExact(SLOT(stats, off_in_use)) &&
-           PyLong_CheckExact(SLOT(stats, off_peak));
-}
-
-/* Take the pool's lock if it is free: 1 taken, 0 busy, -1 error. */
-static int pool_lock(PyObject *lock) {
-    PyObject *taken = PyObject_CallMethodOneArg(lock, s_acquire, Py_False);
-    if (taken == NULL) return -1;
-    Py_DECREF(taken);
-    return taken == Py_True;
-}
-
-static int pool_unlock(PyObject *lock, int result) {
-    PyObject *released = PyObject_CallMethodNoArgs(lock, s_release);
-    if (released == NULL) return -1;
-    Py_DECREF(released);
-    return result;
-}
-
-/* slot = value (a new reference, or NULL: an error), as a T_OBJECT_EX member's setter does. */
-static int set_slot(PyObject *object, Py_ssize_t offset, PyObject *value) {
-    if (value == NULL) return -1;
-    Py_XSETREF(SLOT(object, offset), value);
-    return 0;
-}
-
-/* GuestPool.acquire's common case: 1 with *instance set, 0 with nothing changed (call the method), -1. */
-static int pool_fast_lend(PyObject *pool, PyObject **instance) {
-    *instance = NULL;
-    if (!pool_plain(pool)) return 0;
-    PyObject *lock = Py_NewRef(SLOT(pool, off_lock)), *idle = Py_NewRef(SLOT(pool, off_idle));
-    PyObject *since = Py_NewRef(SLOT(pool, off_since)), *stats = Py_NewRef(SLOT(pool, off_stats));
-    int result = pool_lock(lock);
-    if (result <= 0) goto out;
-    result = -1;
-    Py_ssize_t count = PyObject_Size(idle);
-    if (count < 0) goto unlock;
-    if (count == 0) { /* none idle: the method makes one (or refuses) */
-        result = 0;
-        goto unlock;
-    }
-    PyObject *popped = PyObject_CallMethodNoArgs(idle, s_pop);
-    if (popped == NULL) goto unlock;
-    *instance = popped;
-    if ((popped = PyObject_CallMethodNoArgs(since, s_pop)) == NULL) goto unlock;
-    Py_DECREF(popped);
-    long in_use = PyLong_AsLong(SLOT(stats, off_in_use)) + 1, peak = PyLong_AsLong(SLOT(stats, off_peak));
-    if (PyErr_Occurred() || set_slot(stats, off_in_use, PyLong_FromLong(in_use)) < 0 ||
-        set_slot(stats, off_idle_count, PyLong_FromSsize_t(count - 1)) < 0 ||
-        (in_use > peak && set_slot(stats, off_peak, PyLong_FromLong(in_use)) < 0))
-        goto unlock;
-    result = 1;
-unlock:
-    result = pool_unlock(lock, result);
-out:
-    if (result < 0) Py_CLEAR(*instance);
-    Py_DECREF(lock);
-    Py_DECREF(idle);
-    Py_DECREF(since);
-    Py_DECREF(stats);
-    return result;
-}
-
-/* GuestPool.release's common case: 1 given back, 0 with nothing changed (call the method), or -1. */
-static int pool_fast_give(PyObject *pool, PyObject *instance) {
-    if (!pool_plain(pool) || SLOT(pool, off_clock) != pool_clock) return 0; /* another clock may run Python */
-    PyObject *trapped = PyObject_GetAttr(instance, s_trapped);
-    if (trapped == NULL) return -1;
-    Py_DECREF(trapped);
-    if (trapped != Py_False) return 0; /* discarded, by the method */
-    PyObject *lock = Py_NewRef(SLOT(pool, off_lock)), *idle = Py_NewRef(SLOT(pool, off_idle));
-    PyObject *since = Py_NewRef(SLOT(pool, off_since)), *stats = Py_NewRef(SLOT(pool, off_stats));
-    PyObject *timeout = Py_NewRef(SLOT(pool, off_idle_timeout)), *minimum = Py_NewRef(SLOT(pool, off_min_idle));
-    PyObject *now = NULL, *oldest = NULL;
-    int result = pool_lock(lock);
-    if (result <= 0) goto out;
-    result = -1;
-    Py_ssize_t count = PyObject_Size(idle);
-    if (count < 0 || (now = PyObject_CallNoArgs(pool_clock)) == NULL) goto unlock;
-    if (timeout != Py_None) { /* with this one idle too: is the oldest due for retirement? the method retires */
-        Py_ssize_t min_idle = PyLong_AsSsize_t(minimum);
-        if (min_idle == -1 && PyErr_Occurred()) goto unlock;
-        if (count + 1 > min_idle) {
-            double limit = PyFloat_AsDouble(timeout), at = PyFloat_AsDouble(now), born = at;
-            if (PyErr_Occurred()) goto unlock;
-            if (count > 0) { /* else the oldest is this one, given back now */
-                if ((oldest = PySequence_GetItem(since, 0)) == NULL) goto unlock;
-                born = PyFloat_AsDouble(oldest);
-                if (born == -1.0 && PyErr_Occurred()) goto unlock;
-            }
-            if (at - born > limit) {
-                result = 0;
-                goto unlock;
-            }
-        }
-    }
-    long in_use = PyLong_AsLong(SLOT(stats, off_in_use)) - 1;
-    if (PyErr_Occurred()) goto unlock;
-    PyObject *appended = PyObject_CallMethodOneArg(idle, s_append, instance);
-    if (appended == NULL) goto unlock;
-    Py_DECREF(appended);
-    if ((appended = PyObject_CallMethodOneArg(since, s_append, now)) == NULL) goto unlock;
-    Py_DECREF(appended);
-    if (set_slot(stats, off_in_use, PyLong_FromLong(in_use)) < 0 ||
-        set_slot(stats, off_idle_count, PyLong_FromSsize_t(count + 1)) < 0)
-        goto unlock;
-    result = 1;
-unlock:
-    result = pool_unlock(lock, result);
-out:
-    Py_DECREF(lock);
-    Py_DECREF(idle);
-    Py_DECREF(since);
-    Py_DECREF(stats);
-    Py_DECREF(timeout);
-    Py_DECREF(minimum);
-    Py_XDECREF(now);
-    Py_XDECREF(oldest);
-    return result;
-}
-
-/* pool_lend(pool): the instance GuestPool.acquire would lend, or None where the method must decide. */
-static PyObject *pool_lend(PyObject *module, PyObject *pool) {
-    PyObject *instance;
-    int lent = pool_fast_lend(pool, &instance);
-    if (lent < 0) return NULL;
-    if (!lent) Py_RETURN_NONE;
-    return instance;
-}
-
-/* pool_give(pool, instance): True if given back as GuestPool.release would, False where the method must. */
-static PyObject *pool_give(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "pool_give(pool, instance)");
-        return NULL;
-    }
-    int given = pool_fast_give(args[0], args[1]);
-    if (given < 0) return NULL;
-    return PyBool_FromLong(given);
-}
-
-/* setup_pool(GuestPool, PoolStats, time.monotonic): the classes (their slots' offsets) and the clock. */
-static PyObject *setup_pool(PyObject *module, PyObject *args) {
-    PyTypeObject *pool, *stats;
-    PyObject *clock;
-    if (!PyArg_ParseTuple(args, "O!O!O", &PyType_Type, &pool, &PyType_Type, &stats, &clock)) return NULL;
-    struct {
-        Py_ssize_t *offset;
-        PyTypeObject *type;
-        const char *name;
-    } slots[] = {
-        {&off_idle, pool, "_idle"},
-        {&off_since, pool, "_idle_since"},
-        {&off_max_requests, pool, "max_requests"},
-        {&off_max_age, pool, "max_age"},
-        {&off_retired, pool, "retired"},
-        {&off_clock, pool, "_clock"},
-        {&off_idle_timeout, pool, "idle_timeout"},
-        {&off_min_idle, pool, "min_idle"},
-        {&off_stats, pool, "stats"},
-        {&off_in_use, stats, "in_use"},
-        {&off_idle_count, stats, "idle"},
-        {&off_peak, stats, "peak_in_use"},
-        {&off_lock, pool, "_lock"}, /* last: off_lock >= 0 says every offset is known */
-    };
-    off_lock = -1;
-    for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++) {
-        Py_ssize_t offset = slot_offset(slots[i].type, slots[i].name);
-        if (offset < 0) {
-            off_lock = -1;
-            return NULL;
-        }
-        *slots[i].offset = offset;
-    }
-    Py_INCREF(pool);
-    Py_XSETREF(pool_type, pool);
-    Py_INCREF(stats);
-    Py_XSETREF(stats_type, stats);
-    Py_INCREF(clock);
-    Py_XSETREF(pool_clock, clock);
-    Py_RETURN_NONE;
-}
-
 static PyObject *Session_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     static char *names[] = {"pool", "state", "inline", "guest", NULL};
     PyObject *pool, *state, *guest = NULL;
@@ -1485,10 +1259,7 @@ static PyObject *Session_close(Session *self, PyObject *unused) {
     PyObject *instance = self->instance;
     self->instance = NULL;
     if (instance == NULL) Py_RETURN_NONE;
-    int given = pool_fast_give(self->pool, instance);
-    PyObject *released = given < 0 ? NULL
-                         : given  ? Py_NewRef(Py_None)
-                                  : PyObject_CallMethodOneArg(self->pool, s_release, instance);
+    PyObject *released = PyObject_CallMethodOneArg(self->pool, s_release, instance);
     Py_DECREF(instance);
     return released;
 }
@@ -1557,10 +1328,8 @@ static PyObject *session_response_done(Session *self, PyObject *result) {
 }
 
 static PyObject *Session_handle_request(Session *self, PyObject *unused) {
-    PyObject *instance;
-    int lent = pool_fast_lend(self->pool, &instance);
-    if (lent < 0) return NULL;
-    if (!lent && (instance = PyObject_CallMethodNoArgs(self->pool, s_acquire)) == NULL) return NULL;
+    PyObject *instance = PyObject_CallMethodNoArgs(self->pool, s_acquire);
+    if (instance == NULL) return NULL;
     Py_XSETREF(self->instance, instance);
     if (session_check(self, instance) < 0) return close_and_fail(self);
     PyObject *call_args[3] = {instance, self->state, self->inline_call ? Py_True : Py_False};
@@ -1748,9 +1517,8 @@ static int lane_prepare(lane_job *job, Session *session, int response) {
             if (!serves) return 0;
         }
         /* An idle instance only: making one runs guest code, which thread mode keeps off the reactor. */
-        int lent = pool_fast_lend(session->pool, &instance);
-        if (lent < 0) goto failed;
-        if (!lent && (instance = PyObject_CallMethodNoArgs(session->pool, s_acquire_idle)) == NULL) goto failed;
+        instance = PyObject_CallMethodNoArgs(session->pool, s_acquire_idle);
+        if (instance == NULL) goto failed;
         if (instance == Py_None) {
             Py_DECREF(instance);
             return 0;
@@ -2650,10 +2418,6 @@ static PyMethodDef module_methods[] = {
     {"run_inline", (PyCFunction)(void (*)(void))run_inline, METH_FASTCALL,
      "run_inline(work, on_result, on_error, still_wanted=None): web.runners.InlineRunner.run, in C."},
     {"setup_calls", setup_calls, METH_VARARGS, "setup_calls(current, engine_globals, no_observer)"},
-    {"setup_pool", setup_pool, METH_VARARGS, "setup_pool(GuestPool, PoolStats, time.monotonic): what the pool's fast path reads."},
-    {"pool_lend", pool_lend, METH_O, "pool_lend(pool): GuestPool.acquire's common case, or None: call the method."},
-    {"pool_give", (PyCFunction)(void (*)(void))pool_give, METH_FASTCALL,
-     "pool_give(pool, instance): GuestPool.release's common case; False: call the method."},
     {"setup_apply", setup_apply, METH_VARARGS, "setup_apply(HeaderList, levels): what apply() makes."},
     {"apply", apply, METH_O, "apply(instance): make what the call recorded in C on its request and call log."},
     {"call_request", (PyCFunction)(void (*)(void))call_request, METH_FASTCALL,
@@ -2711,9 +2475,6 @@ PyMODINIT_FUNC PyInit__accel(void) {
     INTERN(s_finish_fast_call, "_finish_fast_call");
     INTERN(s_hand_over_log, "_hand_over_log");
     INTERN(s_acquire_idle, "acquire_idle");
-    INTERN(s_pop, "pop");
-    INTERN(s_append, "append");
-    INTERN(s_trapped, "trapped");
     if (PyType_Ready(&HostEnvType) < 0 || PyType_Ready(&ExportType) < 0 || PyType_Ready(&ContextType) < 0 ||
         PyType_Ready(&SessionType) < 0 || PyType_Ready(&LaneType) < 0 || PyType_Ready(&SeatType) < 0)
         return NULL;

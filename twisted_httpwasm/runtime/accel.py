@@ -19,7 +19,6 @@ serves, with one warning when the reason is a mismatch.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from collections.abc import Callable
 from importlib import metadata
@@ -31,7 +30,6 @@ from ..abi import HOST_FUNCTIONS, LogLevel
 from . import engine as _engine
 from . import native as _native
 from .observe import NO_OBSERVER
-from .pool import GuestPool, PoolStats
 from .state import REQUEST_PHASE, HeaderList
 
 __all__ = ["ACCELERATED", "HOST_IDS", "REASON", "apply", "compiled", "describe", "module"]
@@ -100,7 +98,6 @@ def _load() -> tuple[Any, str]:
         _accel.setup(handle, major, _accel.apply, _raise_error, _raise_trap, _timed_out, REQUEST_PHASE)
         _accel.setup_apply(HeaderList, _LEVELS)
         _accel.setup_calls(_native.current, vars(_engine), NO_OBSERVER)
-        _accel.setup_pool(GuestPool, PoolStats, time.monotonic)
     except Exception as error:  # noqa: BLE001 - any mismatch leaves the pure path, with one warning
         warnings.warn(f"twisted-httpwasm: compiled accelerator disabled: {error}", RuntimeWarning, stacklevel=2)
         return None, f"disabled: {error}"

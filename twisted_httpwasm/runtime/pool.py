@@ -27,11 +27,6 @@ A pool whose guest was replaced (hot reload) is *retired*
 instance still lent out is dropped when its request gives it back, so the
 memory of the old guest returns once its last request ended.
 
-With the compiled accelerator, an accelerated guest's sessions lend and take
-back instances in C for the common case (a plain pool, an idle instance, one
-that did not trap, no recycling, no retirement due; see ``_accel.c``), reading
-this class's slots; every other case, and the pure path, is these methods.
-
 ``on_event(level, message)`` hears what an operator must know about the pool:
 each failed creation (one per back-off step, since only one caller tries per
 step) and the first success after failures ("recovered").  It may be called
@@ -99,31 +94,6 @@ class PoolStats:
 
 class GuestPool(Generic[InstanceT]):
     """Lends instances one request at a time and takes back the healthy ones."""
-
-    # Slots, so that the compiled accelerator's fast lend and give-back (``_accel.c``) read the fields at
-    # fixed offsets; ``__dict__`` stays for what tests (and callers) set on a pool of their own, such as
-    # a spy on ``release``: a pool with anything in it is left to these methods.
-    __slots__ = (
-        "__dict__",
-        "_backoff",
-        "_clock",
-        "_factory",
-        "_failures",
-        "_idle",
-        "_idle_since",
-        "_last_error",
-        "_lock",
-        "_on_event",
-        "_probing",
-        "_retry_at",
-        "_usage",
-        "idle_timeout",
-        "max_age",
-        "max_requests",
-        "min_idle",
-        "retired",
-        "stats",
-    )
 
     def __init__(
         self,
