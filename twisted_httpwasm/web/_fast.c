@@ -61,6 +61,13 @@ static int truth(PyObject *value) {
 
 static void set_field(PyObject **field, PyObject *value) { Py_XSETREF(*field, Py_NewRef(value)); }
 
+/* Each core type lists its fields once (an X-macro); its struct, traverse, clear and "every field is
+ * set" check are made from that list, so that none of them can miss a field. */
+#define DECLARE_FIELD(field) PyObject *field;
+#define VISIT_FIELD(field) Py_VISIT(self->field);
+#define CLEAR_FIELD(field) Py_CLEAR(self->field);
+#define FIELD_IS_SET(field) &&self->field
+
 static int not_ready(void) {
     if (ready) return 0;
     PyErr_SetString(PyExc_RuntimeError, "twisted_httpwasm.web._fast: setup() was not called");
@@ -85,34 +92,21 @@ static int call_init(PyObject *function, PyObject *self, PyObject *args, PyObjec
 /* StreamedSinkCore                                                                        */
 /* ====================================================================================== */
 
+#define SINK_FIELDS(X)                                                                                                 \
+    X(request) X(prefix) X(guest_name) X(open) X(forward) X(held) X(declared) X(accepted) X(mismatch_logged)
+
 typedef struct {
     PyObject_HEAD
-    PyObject *request, *prefix, *guest_name, *open, *forward, *held, *declared, *accepted, *mismatch_logged;
+    SINK_FIELDS(DECLARE_FIELD)
 } Sink;
 
 static int Sink_traverse(Sink *self, visitproc visit, void *arg) {
-    Py_VISIT(self->request);
-    Py_VISIT(self->prefix);
-    Py_VISIT(self->guest_name);
-    Py_VISIT(self->open);
-    Py_VISIT(self->forward);
-    Py_VISIT(self->held);
-    Py_VISIT(self->declared);
-    Py_VISIT(self->accepted);
-    Py_VISIT(self->mismatch_logged);
+    SINK_FIELDS(VISIT_FIELD)
     return 0;
 }
 
 static int Sink_clear(Sink *self) {
-    Py_CLEAR(self->request);
-    Py_CLEAR(self->prefix);
-    Py_CLEAR(self->guest_name);
-    Py_CLEAR(self->open);
-    Py_CLEAR(self->forward);
-    Py_CLEAR(self->held);
-    Py_CLEAR(self->declared);
-    Py_CLEAR(self->accepted);
-    Py_CLEAR(self->mismatch_logged);
+    SINK_FIELDS(CLEAR_FIELD)
     return 0;
 }
 
@@ -144,10 +138,7 @@ static int Sink_init(Sink *self, PyObject *args, PyObject *kwargs) {
 
 /* Whether every field is set: one deleted from Python (``del sink._held``) sends the call to the
  * Python method, which raises the AttributeError that Python would. */
-static int sink_whole(Sink *self) {
-    return self->request && self->prefix && self->guest_name && self->open && self->forward && self->held &&
-           self->declared && self->accepted && self->mismatch_logged;
-}
+static int sink_whole(Sink *self) { return 1 SINK_FIELDS(FIELD_IS_SET); }
 
 static PyObject *call_python(PyObject *function, PyObject *self, PyObject *arg) {
     PyObject *args[2] = {self, arg};
@@ -438,30 +429,25 @@ static PyTypeObject SinkType = {
 /* InterceptionCore                                                                        */
 /* ====================================================================================== */
 
+#define INTERCEPTION_FIELDS(X) X(context) X(installed) X(outer) X(request) X(saved) X(sink)
+
 typedef struct {
     PyObject_HEAD
-    PyObject *context, *installed, *outer, *request, *saved, *sink;
+    INTERCEPTION_FIELDS(DECLARE_FIELD)
 } Interception;
 
 static int Interception_traverse(Interception *self, visitproc visit, void *arg) {
-    Py_VISIT(self->context);
-    Py_VISIT(self->installed);
-    Py_VISIT(self->outer);
-    Py_VISIT(self->request);
-    Py_VISIT(self->saved);
-    Py_VISIT(self->sink);
+    INTERCEPTION_FIELDS(VISIT_FIELD)
     return 0;
 }
 
 static int Interception_clear(Interception *self) {
-    Py_CLEAR(self->context);
-    Py_CLEAR(self->installed);
-    Py_CLEAR(self->outer);
-    Py_CLEAR(self->request);
-    Py_CLEAR(self->saved);
-    Py_CLEAR(self->sink);
+    INTERCEPTION_FIELDS(CLEAR_FIELD)
     return 0;
 }
+
+/* Whether every field is set (see sink_whole). */
+static int interception_whole(Interception *self) { return 1 INTERCEPTION_FIELDS(FIELD_IS_SET); }
 
 static void Interception_dealloc(Interception *self) {
     PyTypeObject *type = Py_TYPE(self);
@@ -535,7 +521,7 @@ static int Interception_init(Interception *self, PyObject *args, PyObject *kwarg
 
 static PyObject *Interception_remove(Interception *self, PyObject *unused) {
     if (not_ready()) return NULL;
-    if (!(self->context && self->installed && self->outer && self->request && self->saved && self->sink))
+    if (!interception_whole(self))
         return call_python(py_remove, (PyObject *)self, NULL); /* a field deleted from Python: as Python fails */
     int installed = truth(self->installed);
     if (installed <= 0) {
@@ -591,29 +577,23 @@ static PyTypeObject InterceptionType = {
 /* FilterCore                                                                              */
 /* ====================================================================================== */
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *settings, *guest, *request, *state, *inline_, *session, *stage, *client_gone, *sink, *interception,
-        *downstream_failure, *then, *detached_body, *host_connection, *original_body, *downstream_code,
-        *guest_body_reserved, *reported, *observer, *started;
-} Filter;
-
 #define FILTER_FIELDS(X)                                                                                               \
     X(settings) X(guest) X(request) X(state) X(inline_) X(session) X(stage) X(client_gone) X(sink) X(interception)    \
         X(downstream_failure) X(then) X(detached_body) X(host_connection) X(original_body) X(downstream_code)          \
             X(guest_body_reserved) X(reported) X(observer) X(started)
 
+typedef struct {
+    PyObject_HEAD
+    FILTER_FIELDS(DECLARE_FIELD)
+} Filter;
+
 static int Filter_traverse(Filter *self, visitproc visit, void *arg) {
-#define VISIT(field) Py_VISIT(self->field);
-    FILTER_FIELDS(VISIT)
-#undef VISIT
+    FILTER_FIELDS(VISIT_FIELD)
     return 0;
 }
 
 static int Filter_clear(Filter *self) {
-#define CLEAR(field) Py_CLEAR(self->field);
-    FILTER_FIELDS(CLEAR)
-#undef CLEAR
+    FILTER_FIELDS(CLEAR_FIELD)
     return 0;
 }
 
@@ -686,11 +666,7 @@ static int Filter_init(Filter *self, PyObject *args, PyObject *kwargs) {
 }
 
 /* Whether every field is set (see sink_whole). */
-static int filter_whole(Filter *self) {
-#define SET(field) &&self->field
-    return 1 FILTER_FIELDS(SET);
-#undef SET
-}
+static int filter_whole(Filter *self) { return 1 FILTER_FIELDS(FIELD_IS_SET); }
 
 /* runner.run(work, self.<on_result>, self.<on_error>[, self.<still_wanted>]) */
 static PyObject *run_call(Filter *self, PyObject *work_name, PyObject *on_result_name, PyObject *on_error_name,
